@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+# a local wheel folder (present on the project's CI machines); a user's machine downloads the CUDA build
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PHANTOMS ?= data/phantoms
+
+.PHONY: install test demo bench clean phantoms
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(FIND_LINKS) torch==$(TORCH_VERSION)
+	$(PIP) install -q $(FIND_LINKS) -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+phantoms: $(STAMP)
+	$(PY) scripts/make_phantoms.py --out $(PHANTOMS)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py --out demo_output --phantoms $(PHANTOMS)
+
+bench: $(STAMP)
+	$(PY) scripts/benchmark.py --out benchmark.md
+
+clean:
+	rm -rf $(VENV) demo_output data/phantoms benchmark.md .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

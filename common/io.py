@@ -1,0 +1,105 @@
+"""Atomic, geometry-preserving file output.
+
+Every file the project writes goes to a temporary file in the destination folder first and is then
+renamed into place (``os.replace`` is atomic on POSIX), so an interrupted run never leaves a
+half-written NIfTI, JSON or PNG behind, and an existing input is never overwritten by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, on error remove it.
+
+    Args:
+        path: final destination.
+        protect: input files that must never be overwritten; naming one of them as ``path`` raises
+            ``FileExistsError`` before anything is written.
+    """
+    path = Path(path)
+    for p in protect:
+        if Path(p).exists() and path.exists() and os.path.samefile(p, path):
+            raise FileExistsError(f"refusing to overwrite input file {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)  # keep .nii.gz so writers pick the format from the name
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_nifti(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    dtype: Any = np.float32,
+    header: nib.Nifti1Header | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Write ``array`` (x, y, z[, t]) with exactly ``affine`` (4x4, RAS+ mm) to ``path``, atomically.
+
+    Both the qform and the sform are set to ``affine`` (code 1, scanner), so every reader, ITK and
+    nibabel alike, sees the same oblique geometry.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), affine, header=header)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path, protect) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file as ``(float32 array, 4x4 affine)``; a missing or unreadable file names itself."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        return np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine)
+    except Exception as e:  # nibabel raises many types for a truncated or foreign file
+        raise ValueError(f"{path}: cannot read NIfTI ({e})") from e
+
+
+def save_json(obj: Any, path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Write ``obj`` as indented JSON atomically (numpy scalars and arrays are converted)."""
+
+    def default(o):
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o)}")
+
+    with atomic_path(path, protect) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=default) + "\n")
+    return Path(path)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(str(tmp), dpi=dpi, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
