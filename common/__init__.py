@@ -2,7 +2,38 @@
 
 Sub-packages: ``phantoms`` (physics-based digital reference objects), ``ingest`` (DICOM study
 ingest, registration, cropping), ``metrics``, ``transforms`` (MONAI dictionary transforms),
-``schedulers`` and ``networks`` (what MONAI lacks), ``engines`` (bundle plumbing).
+``schedulers`` and ``networks`` (what MONAI lacks), ``engines`` (bundle plumbing), and the modules
+``io``, ``dce``, ``layout``, ``device``, ``losses``.
+
+Sub-modules load on first attribute access (``common.engines``), so a bundle config needs only
+``"$import common"`` and a light import (e.g. the ingest's worker processes) stays light.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+_SUBMODULES = (
+    "dce",
+    "device",
+    "engines",
+    "ingest",
+    "io",
+    "layout",
+    "losses",
+    "metrics",
+    "networks",
+    "phantoms",
+    "schedulers",
+    "transforms",
+)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SUBMODULES))

@@ -39,18 +39,42 @@ class Arrival:
     peak: float
 
 
+def foreground_mask(dce: np.ndarray) -> np.ndarray:
+    """Voxels of the first frame above 10% of its 99th percentile (the body, not the air)."""
+    first = np.asarray(dce)[..., 0]
+    fg = first > 0.1 * np.percentile(first, 99)
+    return fg if fg.any() else np.ones(first.shape, bool)
+
+
+def enhancing_mask(dce: np.ndarray, top_fraction: float = 0.1, n_baseline: int = 3) -> np.ndarray:
+    """Foreground voxels whose enhancement (mean of the last third of the series minus the mean of
+    the first ``n_baseline`` frames) is in the top ``top_fraction`` of the foreground.
+
+    On real studies the mean curve over the whole foreground barely moves (ProstateX-0218: +2%,
+    arrival misplaced at 177 s); over the enhancing voxels it leaves the baseline at ~42-46 s.
+    """
+    dce = np.asarray(dce, dtype=np.float32)
+    n = dce.shape[-1]
+    base = dce[..., : max(1, min(n_baseline, n - 1))].mean(-1)
+    late = dce[..., max(1, n - max(1, n // 3)) :].mean(-1)
+    fg = foreground_mask(dce)
+    enh = late - base
+    thr = np.percentile(enh[fg], 100.0 * (1.0 - top_fraction))
+    m = fg & (enh >= thr) & (enh > 0)  # enh > 0: ties at zero (flat tissue) never count as enhancing
+    return m if m.any() else fg
+
+
 def mean_curve(dce: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Mean signal per time point of a 4D ``(x, y, z, t)`` array, over ``mask`` (3D) if given.
 
-    Without a mask the mean is taken over voxels above 10% of the 99th percentile of the first
-    frame, so background air does not dilute the curve.
+    Without a mask the mean is taken over :func:`enhancing_mask` (the 10% of the body that
+    enhances most), so neither background air nor the many non-enhancing voxels flatten the curve.
     """
     dce = np.asarray(dce, dtype=np.float64)
     if dce.ndim != 4:
         raise ValueError(f"DCE must be 4D (x, y, z, t), got shape {dce.shape}")
     if mask is None:
-        first = dce[..., 0]
-        mask = first > 0.1 * np.percentile(first, 99)
+        mask = enhancing_mask(dce)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != dce.shape[:3]:
         raise ValueError(f"mask shape {mask.shape} does not match DCE grid {dce.shape[:3]}")

@@ -35,6 +35,9 @@ def atomic_path(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] 
     suffix = "".join(path.suffixes)  # keep .nii.gz so writers pick the format from the name
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
     tmp = Path(tmp)
     try:
         yield tmp

@@ -1,0 +1,166 @@
+"""Evaluation of synthesised volumes next to their trivial baselines, whole image and inside masks.
+
+:class:`SynthesisMetrics` is an ignite handler for an inference evaluator. For every case with a
+target it scores the model and each trivial baseline (e.g. the pre-contrast frame copied through,
+or the paired input channel) per output channel (phase) and per region (whole image and each
+non-empty mask), and at the end writes a per-case CSV (long format), a summary (mean +- std), a
+paired Wilcoxon test of the model against each baseline, and prints the table.
+
+Intensity normalisation for scoring: target, prediction and baselines are divided by the same
+case-level range of the target (its ``percentiles`` over all output channels jointly, mapped to
+[0, 1]), and PSNR/SSIM use ``data_range = 1``. So figures are comparable between cases and
+methods, and relative enhancement between phases is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from ignite.engine import Engine, Events
+
+from common.engines.writer import as_numpy, case_id
+from common.io import save_json
+from common.metrics import format_table, mae, paired_wilcoxon, psnr, ssim, summarize, write_case_csv
+
+logger = logging.getLogger(__name__)
+
+
+def score_case(
+    pred: np.ndarray,
+    target: np.ndarray,
+    masks: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    reference: np.ndarray | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> list[dict]:
+    """Metrics of one prediction against its target.
+
+    Args:
+        pred, target: (C, H, W, D) in the same (original) units.
+        masks: region name -> (H, W, D) boolean mask; empty masks are skipped.
+        names: one name per channel.
+        reference: optional (C, H, W, D) pre-contrast image; adds ``enh_mae``, the mean absolute
+            error of the enhancement (image - reference) in normalised units.
+
+    Returns:
+        rows ``{"phase", "region", "psnr", "ssim", "mae"[, "enh_mae"]}``.
+    """
+    lo, hi = np.percentile(target, percentiles)
+    scale = float(hi - lo) if hi > lo else 1.0
+    t = (target - lo) / scale
+    p = (pred - lo) / scale
+    r = None if reference is None else (reference - lo) / scale
+    regions: dict[str, np.ndarray | None] = {"whole": None}
+    regions.update({k: m.astype(bool) for k, m in masks.items() if m is not None and np.any(m)})
+    rows = []
+    for c, name in enumerate(names):
+        for region, mask in regions.items():
+            row = {
+                "phase": name,
+                "region": region,
+                "psnr": float(psnr(p[c], t[c], data_range=1.0, mask=mask)),
+                "ssim": float(ssim(p[c], t[c], data_range=1.0, mask=mask)),
+                "mae": float(mae(p[c], t[c], mask=mask)),
+            }
+            if r is not None:
+                row["enh_mae"] = float(mae(p[c] - r[c], t[c] - r[c], mask=mask))
+            rows.append(row)
+    return rows
+
+
+class SynthesisMetrics:
+    """Score each case's ``pred`` and ``baseline_<name>`` outputs against ``label``; report at the end.
+
+    Args:
+        output_dir: where ``metrics.csv``, ``summary.csv``, ``summary.md`` and ``summary.json`` go.
+        output_names: one name per output channel.
+        baselines: names of the trivial baselines present as ``baseline_<name>`` in the outputs.
+        mask_keys: datalist keys of masks to score inside (skipped when absent or empty).
+        enhancement_reference: output key holding the pre-contrast image per channel (e.g.
+            ``"baseline_copy_pre"``) for the enhancement error; ``None`` disables it.
+        method: the model's name in the tables.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        output_names: Sequence[str],
+        baselines: Sequence[str] = (),
+        mask_keys: Sequence[str] = ("organ_mask", "lesion_mask"),
+        enhancement_reference: str | None = None,
+        method: str = "model",
+        id_key: str = "id",
+        geometry_key: str = "image",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_names = list(output_names)
+        self.baselines = list(baselines)
+        self.mask_keys = list(mask_keys)
+        self.enhancement_reference = enhancement_reference
+        self.method = method
+        self.id_key = id_key
+        self.geometry_key = geometry_key
+        self.rows: list[dict] = []
+        self.summary: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration)
+        engine.add_event_handler(Events.COMPLETED, self.on_completed)
+
+    def on_iteration(self, engine: Engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            if out.get("label") is None:
+                continue
+            cid = case_id(item, self.id_key, self.geometry_key)
+            target = as_numpy(out["label"])
+            masks = {k: as_numpy(item[k])[0] > 0.5 for k in self.mask_keys if item.get(k) is not None}
+            ref = as_numpy(out[self.enhancement_reference]) if self.enhancement_reference in out else None
+            methods = {self.method: out["pred"], **{b: out[f"baseline_{b}"] for b in self.baselines}}
+            for name, pred in methods.items():
+                for row in score_case(as_numpy(pred), target, masks, self.output_names, ref):
+                    self.rows.append({"case": cid, "method": name, **row})
+
+    def on_completed(self, engine: Engine) -> None:
+        if not self.rows:
+            logger.warning("no case had a target: nothing to evaluate")
+            return
+        self.summary = report(self.rows, self.output_dir, self.method, self.baselines)
+
+
+def report(rows: list[dict], output_dir: str | os.PathLike, method: str, baselines: Sequence[str]) -> dict:
+    """Write metrics.csv / summary.{csv,md,json} and print the model-vs-baseline table; return the summary."""
+    output_dir = Path(output_dir)
+    metric_names = [k for k in ("psnr", "ssim", "mae", "enh_mae") if k in rows[0]]
+    write_case_csv(rows, output_dir / "metrics.csv")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["phase"], r["region"]), []).append(r)
+    table, summary = [], {}
+    for (m, phase, region), rs in groups.items():
+        stats = summarize(rs, metric_names)
+        summary[f"{m}/{phase}/{region}"] = stats
+        table.append({"method": m, "phase": phase, "region": region, "n": len(rs),
+                      **{k: f"{stats[k]['mean']:.4g} ± {stats[k]['std']:.2g}" for k in metric_names}})
+    tests = {}
+    for b in baselines:
+        for phase, region in {(r["phase"], r["region"]) for r in rows}:
+            a = sorted((r for r in rows if r["method"] == method and r["phase"] == phase and r["region"] == region), key=lambda r: r["case"])
+            c = sorted((r for r in rows if r["method"] == b and r["phase"] == phase and r["region"] == region), key=lambda r: r["case"])
+            if len(a) == len(c) and a:
+                tests[f"{method} vs {b}/{phase}/{region}"] = paired_wilcoxon(a, c, metric_names)
+    table.sort(key=lambda r: (r["phase"], r["region"], r["method"] != method, r["method"]))
+    md = format_table(table)
+    (output_dir).mkdir(parents=True, exist_ok=True)
+    write_case_csv(table, output_dir / "summary.csv")
+    from common.io import atomic_path
+
+    with atomic_path(output_dir / "summary.md") as tmp:
+        tmp.write_text(md + "\n")
+    save_json({"summary": summary, "wilcoxon": tests}, output_dir / "summary.json")
+    print(md)
+    print(f"\nper-case metrics: {output_dir / 'metrics.csv'}\nsummary: {output_dir / 'summary.md'}")
+    return {"summary": summary, "wilcoxon": tests, "table": table}

@@ -1,0 +1,91 @@
+"""Post-processing dictionary transforms for synthesis outputs (applied per decollated case)."""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from common.transforms import InverseScalePercentilesd
+
+
+class SplitSamplesd(MapTransform):
+    """Split a prediction of 2 * C channels (mean, then pixel-wise std, from repeated sampling) into
+    ``key`` (C channels) and ``f"{key}_std"``; a prediction of C channels is left alone."""
+
+    def __init__(self, keys: KeysCollection, out_channels: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.out_channels = int(out_channels)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            if x.shape[0] == 2 * self.out_channels:
+                d[key], d[f"{key}_std"] = x[: self.out_channels], x[self.out_channels :]
+            elif x.shape[0] != self.out_channels:
+                raise ValueError(f"{key}: {x.shape[0]} channels, expected {self.out_channels} or {2 * self.out_channels}")
+        return d
+
+
+class CopyChannelsd(MapTransform):
+    """Trivial baselines: copy named channels of a stacked input into new keys.
+
+    Args:
+        source_key: the stacked input, (C_in, ...).
+        channel_names: the name of each of its channels, e.g. ``["t2w", "adc", "dce_pre"]``.
+        outputs: new key -> list of channel names to stack, e.g.
+            ``{"baseline_copy_pre": ["dce_pre", "dce_pre", "dce_pre"]}``.
+    """
+
+    def __init__(self, source_key: str, channel_names: Sequence[str], outputs: Mapping[str, Sequence[str]]) -> None:
+        super().__init__([source_key])
+        self.source_key = source_key
+        self.channel_names = list(channel_names)
+        for out, names in outputs.items():
+            missing = [n for n in names if n not in self.channel_names]
+            if missing:
+                raise ValueError(f"{out}: channels {missing} are not among the inputs {self.channel_names}")
+        self.outputs = {k: [self.channel_names.index(n) for n in v] for k, v in outputs.items()}
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        src = d[self.source_key]
+        for out, idx in self.outputs.items():
+            d[out] = src[idx].clone()
+        return d
+
+
+class InvertScalingd(MapTransform):
+    """Map network-space values back to the original intensity units of ``data[scaling_key]``.
+
+    ``keys`` get the full inverse of the affine intensity map (MONAI-style
+    :class:`common.transforms.InverseScalePercentilesd`); ``std_keys`` (pixel-wise standard
+    deviations of repeated samples) get only its slope, ``(a_max - a_min) / (b_max - b_min)``.
+    The scaling record is the one :class:`common.transforms.ScalePercentilesd` stored.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        scaling_key: str,
+        std_keys: KeysCollection = (),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scaling_key = scaling_key
+        self.std_keys = [std_keys] if isinstance(std_keys, str) else list(std_keys)
+        self.inverse = InverseScalePercentilesd(keys, scaling_key, allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = self.inverse({k: v for k, v in data.items() if v is not None or k not in self.keys})
+        record = d[self.scaling_key]
+        slope = (record["a_max"] - record["a_min"]) / (record["b_max"] - record["b_min"])
+        if slope.numel() != 1:
+            raise ValueError(f"{self.scaling_key}: channel-wise scaling cannot be applied to a standard deviation")
+        for key in self.std_keys:
+            if d.get(key) is not None:
+                d[key] = d[key] * float(slope)
+        return d

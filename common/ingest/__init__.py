@@ -1,0 +1,60 @@
+"""DICOM study ingest: TCIA-style folders -> registered, cropped prepared cases (:mod:`common.layout`).
+
+Public API::
+
+    from common.ingest import ingest_study, prepare_dataset, time_ingest, IngestConfig, IngestError
+
+- :func:`ingest_study` (one patient folder -> ``<out>/<case_id>/``),
+- :func:`prepare_dataset` (every patient below a folder, in parallel; ``datalist.json`` and
+  ``skipped.json``), CLI: ``scripts/prepare_prostatex.py``,
+- :func:`time_ingest` (seconds per stage, for ``scripts/benchmark.py``),
+- lower level: :func:`scan_study`, :func:`classify_study`, :func:`load_rules`,
+  :func:`register_rigid`, :func:`read_frame`.
+"""
+
+from common.ingest.errors import IngestError
+from common.ingest.pipeline import (
+    IngestConfig,
+    find_patients,
+    ingest_study,
+    prepare_dataset,
+    time_ingest,
+)
+from common.ingest.register import RegistrationSettings, RigidResult, register_rigid, resample_to
+from common.ingest.rules import DEFAULT_RULES_PATH, Rules, load_rules
+from common.ingest.series import (
+    DicomSeries,
+    array_to_sitk,
+    check_series,
+    read_frame,
+    scan_study,
+    sitk_affine,
+    sitk_to_array,
+)
+from common.ingest.study import StudySelection, classify_study, parse_tt
+
+__all__ = [
+    "DEFAULT_RULES_PATH",
+    "DicomSeries",
+    "IngestConfig",
+    "IngestError",
+    "RegistrationSettings",
+    "RigidResult",
+    "Rules",
+    "StudySelection",
+    "array_to_sitk",
+    "check_series",
+    "classify_study",
+    "find_patients",
+    "ingest_study",
+    "load_rules",
+    "parse_tt",
+    "prepare_dataset",
+    "read_frame",
+    "register_rigid",
+    "resample_to",
+    "scan_study",
+    "sitk_affine",
+    "sitk_to_array",
+    "time_ingest",
+]

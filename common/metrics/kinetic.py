@@ -1,0 +1,117 @@
+"""Lesion enhancement and kinetic-curve metrics for synthesised DCE-MRI.
+
+* :func:`enhancement_error` -- iterU-Net's lesion enhancement error: the squared difference between the
+  mean intensity inside a lesion mask in the prediction and in the target (image units squared).
+* :func:`kinetic_curve` -- the mean intensity inside a mask at every time point of a DCE series.
+* :func:`curve_spearman` -- Spearman rank correlation between a predicted and a true kinetic curve.
+* :func:`dtw_distance` -- classic dynamic time warping distance between two curves.
+
+Inputs may be numpy arrays or torch tensors; everything is computed in float64 numpy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.stats import spearmanr
+
+__all__ = ["mean_in_mask", "enhancement_error", "enhancement_errors", "kinetic_curve", "curve_spearman", "dtw_distance"]
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def mean_in_mask(image: Any, mask: Any) -> float:
+    """Mean of ``image`` over the voxels where ``mask`` is non-zero (same shape); ``nan`` if the mask is empty."""
+    img, m = _np(image), _np(mask) != 0
+    if img.shape != m.shape:
+        raise ValueError(f"image shape {img.shape} and mask shape {m.shape} differ")
+    return float(img[m].mean()) if m.any() else float("nan")
+
+
+def enhancement_error(pred: Any, target: Any, mask: Any) -> float:
+    """Squared error of the mean lesion intensity: ``(mean(pred[mask]) - mean(target[mask]))**2``.
+
+    Args:
+        pred, target: one (post-contrast) image each, same shape, e.g. (H, W, D); same intensity scale.
+        mask: binary lesion mask of the same shape.
+
+    Returns:
+        The error in image units squared (``nan`` for an empty mask).
+    """
+    return (mean_in_mask(pred, mask) - mean_in_mask(target, mask)) ** 2
+
+
+def enhancement_errors(pred: Any, target: Any, lesions: Any) -> dict[int, float]:
+    """:func:`enhancement_error` for every lesion.
+
+    Args:
+        pred, target: images of the same shape.
+        lesions: either an integer label map of that shape (each label > 0 is one lesion; use
+            ``scipy.ndimage.label`` on a binary mask to split connected components) or a sequence of
+            binary masks (lesion ``k`` is the ``k``-th mask, numbered from 1).
+
+    Returns:
+        ``{label: squared error}``, labels in increasing order.
+    """
+    if isinstance(lesions, (list, tuple)):
+        return {k + 1: enhancement_error(pred, target, m) for k, m in enumerate(lesions)}
+    lab = _np(lesions)
+    labels = [int(v) for v in np.unique(lab) if v > 0]
+    return {k: enhancement_error(pred, target, lab == k) for k in labels}
+
+
+def kinetic_curve(series: Any, mask: Any, time_axis: int = 0) -> np.ndarray:
+    """Mean intensity inside ``mask`` at each time point.
+
+    Args:
+        series: DCE series with time along ``time_axis``, e.g. (T, H, W, D).
+        mask: region with the shape of one time point, e.g. (H, W, D).
+        time_axis: the time axis of ``series``.
+
+    Returns:
+        (T,) float64 curve.
+    """
+    s = np.moveaxis(_np(series), time_axis, 0)
+    m = _np(mask) != 0
+    if s.shape[1:] != m.shape:
+        raise ValueError(f"mask shape {m.shape} does not match one time point {s.shape[1:]}")
+    if not m.any():
+        raise ValueError("kinetic_curve: the mask is empty")
+    return s[:, m].mean(axis=1)
+
+
+def curve_spearman(pred_curve: Sequence[float], true_curve: Sequence[float]) -> float:
+    """Spearman rank correlation (``scipy.stats.spearmanr``) between two curves of equal length.
+
+    Returns ``nan`` when either curve is constant (the rank correlation is undefined).
+    """
+    a, b = _np(pred_curve).ravel(), _np(true_curve).ravel()
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"curves must have the same length >= 2, got {a.size} and {b.size}")
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def dtw_distance(x: Sequence[float], y: Sequence[float]) -> float:
+    """Dynamic time warping distance, O(n m), absolute-difference cost, steps (1,0), (0,1), (1,1).
+
+    ``D[i, j] = |x_i - y_j| + min(D[i-1, j], D[i, j-1], D[i-1, j-1])`` with ``D[0, 0] = |x_0 - y_0|``;
+    the result is ``D[n-1, m-1]`` (no normalisation, no window), in the curves' intensity units.
+    """
+    a, b = _np(x).ravel(), _np(y).ravel()
+    if a.size == 0 or b.size == 0:
+        raise ValueError("dtw_distance: empty curve")
+    cost = np.abs(a[:, None] - b[None, :])
+    n, m = cost.shape
+    d = np.full((n + 1, m + 1), np.inf)
+    d[0, 0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            d[i, j] = cost[i - 1, j - 1] + min(d[i - 1, j], d[i, j - 1], d[i - 1, j - 1])
+    return float(d[n, m])

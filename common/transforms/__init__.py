@@ -1,0 +1,30 @@
+"""MONAI dictionary transforms that MONAI lacks: invertible percentile scaling and TI-norm, crops
+around a mask. Input checks live in ``common.transforms.checks``."""
+
+from .checks import CheckImaged
+from .crop import CropAroundMaskd, box_start, crop_or_pad, mask_centroid
+from .intensity import (
+    InverseScalePercentilesd,
+    InverseTINormd,
+    ScalePercentilesd,
+    TINormd,
+    invert_scaling,
+    invert_tinorm,
+)
+
+from .reference import ScaleLikeReferenced
+
+__all__ = [
+    "CheckImaged",
+    "ScaleLikeReferenced",
+    "ScalePercentilesd",
+    "InverseScalePercentilesd",
+    "invert_scaling",
+    "TINormd",
+    "InverseTINormd",
+    "invert_tinorm",
+    "crop_or_pad",
+    "mask_centroid",
+    "box_start",
+    "CropAroundMaskd",
+]

@@ -1,0 +1,160 @@
+"""Bundle plumbing: batch preparation, volume inferer, writers, data lists, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from common.engines import (
+    ConditionalDiffusionPrepareBatch,
+    ConditionPrepareBatch,
+    CopyChannelsd,
+    DiffusionVolumeInferer,
+    SplitSamplesd,
+    SynthesisWriter,
+    bundle_root,
+    case_or_datalist,
+    latest_checkpoint,
+    load_datalist,
+    score_case,
+)
+from common.io import save_nifti
+
+
+class EchoSampler:
+    """A stand-in 2D sampler: output = 2 * first condition channels + noise_scale * noise."""
+
+    def __init__(self, noise_scale=0.0):
+        self.noise_scale = noise_scale
+        self.batch_sizes = []
+
+    def sample(self, input_noise, diffusion_model, conditioning, mode, verbose):
+        self.batch_sizes.append(conditioning.shape[0])
+        return 2 * conditioning[:, : input_noise.shape[1]] + self.noise_scale * input_noise
+
+
+def oblique_affine():
+    a = np.eye(4)
+    th = np.deg2rad(10)
+    rot = np.array([[1, 0, 0], [0, np.cos(th), -np.sin(th)], [0, np.sin(th), np.cos(th)]])
+    a[:3, :3] = rot @ np.diag([1.6, 1.6, 3.6])
+    a[:3, 3] = [-120.5, -80.25, 30.0]
+    return a
+
+
+def test_prepare_batch_targets():
+    batch = {"image": torch.randn(2, 3, 8, 8), "label": torch.randn(2, 2, 8, 8)}
+    torch.manual_seed(0)
+    x0, target, args, kw = ConditionalDiffusionPrepareBatch(15, predict="x0")(batch)
+    assert torch.equal(x0, batch["label"]) and torch.equal(target, batch["label"])
+    assert torch.equal(kw["condition"], batch["image"]) and kw["noise"].shape == (2, 2, 8, 8)
+    assert kw["timesteps"].min() >= 0 and kw["timesteps"].max() < 15
+    _, target, _, kw = ConditionalDiffusionPrepareBatch(1000, predict="noise")(batch)
+    assert torch.equal(target, kw["noise"])
+    cond, tgt = ConditionPrepareBatch()({"image": batch["image"]})
+    assert tgt is None and torch.equal(cond, batch["image"])
+    with pytest.raises(KeyError, match="label"):
+        ConditionalDiffusionPrepareBatch(15)({"image": batch["image"]})
+
+
+def test_volume_inferer_slices_padding_and_geometry():
+    vol = torch.arange(2 * 3 * 20 * 18 * 5, dtype=torch.float32).reshape(2, 3, 20, 18, 5)
+    aff = torch.as_tensor(oblique_affine())
+    inputs = MetaTensor(vol, affine=aff)
+    sampler = EchoSampler()
+    inf = DiffusionVolumeInferer(sampler, out_channels=2, spatial_divisor=16, progress=False)
+    out = inf(inputs, network=None)
+    assert out.shape == (2, 2, 20, 18, 5)
+    assert torch.allclose(out, 2 * vol[:, :2])  # each slice mapped to itself, padding cropped back
+    assert torch.allclose(out.affine, aff.to(out.affine.dtype))
+    assert sampler.batch_sizes == [10]  # all slices of both volumes in one batch per step
+    sampler2 = EchoSampler()
+    out2 = DiffusionVolumeInferer(sampler2, out_channels=2, slice_batch_size=4, progress=False)(inputs, None)
+    assert torch.equal(out, out2) and sampler2.batch_sizes == [4, 4, 2]
+    with pytest.raises(ValueError, match="NaN"):
+        inf(torch.full((1, 3, 8, 8, 2), float("nan")), None)
+
+
+def test_volume_inferer_repeated_sampling_mean_std():
+    vol = torch.zeros(1, 1, 16, 16, 4)
+    inf = DiffusionVolumeInferer(EchoSampler(noise_scale=1.0), out_channels=1, num_samples=64, seed=3, progress=False)
+    out = inf(vol, None)
+    assert out.shape == (1, 2, 16, 16, 4)
+    mean, std = out[:, 0], out[:, 1]
+    assert abs(float(mean.mean())) < 0.05 and abs(float(std.mean()) - 1.0) < 0.05
+    assert torch.equal(out, DiffusionVolumeInferer(EchoSampler(1.0), 1, num_samples=64, seed=3, progress=False)(vol, None))
+    d = SplitSamplesd("pred", out_channels=1)({"pred": out[0]})
+    assert torch.equal(d["pred"], out[0, :1]) and torch.equal(d["pred_std"], out[0, 1:])
+
+
+def test_copy_channels_baseline():
+    img = torch.stack([torch.full((2, 2, 1), float(i)) for i in range(3)])
+    d = CopyChannelsd("image", ["t2w", "adc", "dce_pre"], {"baseline_copy_pre": ["dce_pre"] * 3})({"image": img})
+    assert torch.equal(d["baseline_copy_pre"], torch.full((3, 2, 2, 1), 2.0))
+    with pytest.raises(ValueError, match="pd"):
+        CopyChannelsd("image", ["t2w"], {"b": ["pd"]})
+
+
+def test_writer_exact_geometry_and_no_overwrite(tmp_path):
+    aff = oblique_affine()
+    src = save_nifti(np.random.rand(12, 10, 4), aff, tmp_path / "in" / "c1" / "dce_pre.nii.gz")
+    item = {"id": "c1", "dce_pre": MetaTensor(torch.rand(1, 12, 10, 4), meta={"filename_or_obj": str(src)})}
+    pred = torch.rand(2, 12, 10, 4)
+    writer = SynthesisWriter(tmp_path / "out", ["dce_early", "dce_late"], geometry_key="dce_pre", input_keys=["dce_pre"])
+    written = writer.write_case(item, {"pred": pred, "label": pred + 0.1})
+    img = nib.load(written["dce_late"])
+    assert np.array_equal(img.affine, nib.load(src).affine)
+    assert np.allclose(img.get_fdata(), pred[1].numpy(), atol=1e-6)
+    assert (tmp_path / "out" / "c1" / "panel.png").stat().st_size > 1000
+    assert not list((tmp_path / "out").rglob("*.tmp*"))
+    bad = SynthesisWriter(tmp_path / "in", ["dce_pre"], geometry_key="dce_pre", input_keys=["dce_pre"], panel=False)
+    with pytest.raises(FileExistsError):
+        bad.write_case(item, {"pred": pred[:1]})
+
+
+def test_score_case_known_values():
+    target = np.zeros((1, 16, 12, 2), np.float32)
+    target[0, 2:14, 2:6] = 1.0
+    pred = target.copy()
+    pred[0, 0, 0, 0] = 0.5  # one voxel off by 0.5 of the range, outside the mask
+    mask = {"organ_mask": target[0] > 0}
+    rows = {r["region"]: r for r in score_case(pred, target, mask, ["late"], reference=np.zeros_like(target))}
+    mse = 0.25 / 384
+    assert rows["whole"]["psnr"] == pytest.approx(10 * np.log10(1 / mse), rel=1e-4)
+    assert rows["whole"]["mae"] == pytest.approx(0.5 / 384, rel=1e-5)
+    assert rows["organ_mask"]["mae"] == 0.0 and rows["organ_mask"]["enh_mae"] == 0.0
+
+
+def test_datalist_errors_and_case_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make_phantoms"):
+        load_datalist(tmp_path, "training")
+    case = tmp_path / "p1"
+    save_nifti(np.ones((4, 4, 2)), np.eye(4), case / "t2w.nii.gz")
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [{"id": "p1", "t2w": "p1/t2w.nii.gz"}]}))
+    items = load_datalist(tmp_path, "training", ["t2w"])
+    assert items[0]["t2w"] == str(case / "t2w.nii.gz")
+    with pytest.raises(KeyError, match="p1 has no 'adc'"):
+        load_datalist(tmp_path, "training", ["t2w", "adc"])
+    with pytest.raises(FileNotFoundError, match="adc.nii.gz"):
+        case_or_datalist(case, tmp_path, "test", ["t2w", "adc"])
+    assert case_or_datalist(case, tmp_path, "test", ["t2w"])[0]["t2w"] == str(case / "t2w.nii.gz")
+
+
+def test_bundle_root_and_latest_checkpoint(tmp_path, monkeypatch):
+    b = tmp_path / "copied_bundle"
+    (b / "configs").mkdir(parents=True)
+    (b / "configs" / "metadata.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", "--config_file", f"['{b}/configs/inference.json','x']"])
+    assert bundle_root("resdce") == str(b)
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert bundle_root("resdce").endswith("bundles/resdce")
+    assert latest_checkpoint(tmp_path / "none") == ""
+    for n in (2, 10, 3):
+        (tmp_path / f"checkpoint_epoch={n}.pt").write_bytes(b"x")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
