@@ -23,17 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.device import get_device  # noqa: E402
+from scripts.benchmarks.common import timed  # noqa: E402
 
 SHARED_STUDY = ROOT.parent / "shared" / "data" / "prostatex" / "ProstateX-0218"
-
-
-def _timeit(fn: Callable[[], object], repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bench_phantoms(tmp: Path) -> list[dict]:
@@ -42,7 +34,7 @@ def bench_phantoms(tmp: Path) -> list[dict]:
     rows = []
     for kind in ("prostate", "brain", "breast"):
         n = 2
-        t = _timeit(lambda: write_phantoms(tmp / f"ph_{kind}", kinds=(kind,), **{f"n_{kind}": n}))
+        t = timed(lambda: write_phantoms(tmp / f"ph_{kind}", kinds=(kind,), **{f"n_{kind}": n}))
         rows.append({"what": f"phantom generation: {kind} (NIfTI{' + DICOM' if kind == 'prostate' else ''})",
                      "value": f"{t / n:.2f} s / subject", "device": "cpu", "note": f"{n} subjects, default sizes"})
     return rows
@@ -55,22 +47,36 @@ def bench_ingest(tmp: Path) -> list[dict]:
     from common.ingest import time_ingest
 
     t = time_ingest(SHARED_STUDY)
-    parts = ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k != "total")
+    parts = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in t.items() if k.endswith("_s") and k != "total_s")
     return [{"what": "DICOM ingest + registration + crop, one real study (ProstateX-0218)",
-             "value": f"{t['total']:.1f} s", "device": "cpu", "note": parts}]
+             "value": f"{t['total_s']:.1f} s", "device": "cpu", "note": f"{t.get('n_dce', '?')} DCE time points; {parts}"}]
 
 
-SECTIONS: dict[str, Callable[[Path], list[dict]]] = {"phantoms": bench_phantoms, "ingest": bench_ingest}
+def discover() -> dict[str, Callable[[Path], list[dict]]]:
+    """The built-in sections, then ``rows`` of every module in ``scripts/benchmarks/`` (one per bundle)."""
+    import importlib
+    import pkgutil
+
+    sections: dict[str, Callable[[Path], list[dict]]] = {"phantoms": bench_phantoms, "ingest": bench_ingest}
+    for mod in pkgutil.iter_modules([str(ROOT / "scripts" / "benchmarks")]):
+        module = importlib.import_module(f"scripts.benchmarks.{mod.name}")
+        if hasattr(module, "rows"):
+            sections[mod.name] = module.rows
+    return sections
 
 
 def main(out: str = "benchmark.md", only: str | tuple = "") -> None:
     """Run the benchmark sections (all by default) and write the markdown table to ``out``."""
-    names = [s for s in (only.split(",") if isinstance(only, str) else only) if s] or list(SECTIONS)
+    sections = discover()
+    names = [s for s in (only.split(",") if isinstance(only, str) else only) if s] or list(sections)
+    unknown = [n for n in names if n not in sections]
+    if unknown:
+        raise ValueError(f"unknown benchmark section(s) {unknown}; choose from {sorted(sections)}")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             print(f"[bench] {name} ...", flush=True)
-            rows += SECTIONS[name](Path(tmp))
+            rows += sections[name](Path(tmp))
     dev = get_device()
     header = (
         f"# Benchmark\n\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "

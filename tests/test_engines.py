@@ -24,6 +24,7 @@ from common.engines import (
     load_datalist,
     score_case,
 )
+from common.engines.evaluate import enhancement_scores
 from common.io import save_nifti
 
 
@@ -116,6 +117,14 @@ def test_writer_exact_geometry_and_no_overwrite(tmp_path):
     bad = SynthesisWriter(tmp_path / "in", ["dce_pre"], geometry_key="dce_pre", input_keys=["dce_pre"], panel=False)
     with pytest.raises(FileExistsError):
         bad.write_case(item, {"pred": pred[:1]})
+    # a target file loaded with the case is protected too, and an id that is a path stays a name
+    tgt = save_nifti(np.zeros((12, 10, 4)), aff, tmp_path / "in" / "c1" / "dce_late.nii.gz")
+    item2 = dict(item, id=str(tmp_path / "in" / "c1"), dce_late=MetaTensor(torch.zeros(1, 12, 10, 4), meta={"filename_or_obj": str(tgt)}))
+    with pytest.raises(FileExistsError):
+        SynthesisWriter(tmp_path / "in", ["dce_late"], geometry_key="dce_pre", panel=False).write_case(item2, {"pred": pred[:1]})
+    assert np.all(nib.load(tgt).get_fdata() == 0)
+    w = SynthesisWriter(tmp_path / "elsewhere", ["dce_late"], geometry_key="dce_pre", panel=False).write_case(item2, {"pred": pred[:1]})
+    assert w["dce_late"] == str(tmp_path / "elsewhere" / "c1" / "dce_late.nii.gz")
 
 
 def test_score_case_known_values():
@@ -128,7 +137,19 @@ def test_score_case_known_values():
     mse = 0.25 / 384
     assert rows["whole"]["psnr"] == pytest.approx(10 * np.log10(1 / mse), rel=1e-4)
     assert rows["whole"]["mae"] == pytest.approx(0.5 / 384, rel=1e-5)
-    assert rows["organ_mask"]["mae"] == 0.0 and rows["organ_mask"]["enh_mae"] == 0.0
+    assert rows["organ_mask"]["mae"] == 0.0 and rows["organ_mask"]["enh_rel_err"] == 0.0
+
+
+def test_enhancement_scores_baseline_and_perfect():
+    rng = np.random.default_rng(0)
+    pre = rng.random((8, 8, 2))
+    post = pre + rng.random((8, 8, 2))  # some enhancement everywhere
+    copy_pre = enhancement_scores(pre - pre, post - pre)
+    assert copy_pre["enh_rel_err"] == 1.0 and np.isnan(copy_pre["enh_corr"])
+    perfect = enhancement_scores(post - pre, post - pre)
+    assert perfect["enh_rel_err"] == 0.0 and perfect["enh_corr"] == pytest.approx(1.0)
+    half = enhancement_scores(0.5 * (post - pre), post - pre)
+    assert half["enh_rel_err"] == pytest.approx(0.5) and half["enh_corr"] == pytest.approx(1.0)
 
 
 def test_datalist_errors_and_case_folder(tmp_path):
@@ -138,7 +159,7 @@ def test_datalist_errors_and_case_folder(tmp_path):
     save_nifti(np.ones((4, 4, 2)), np.eye(4), case / "t2w.nii.gz")
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [{"id": "p1", "t2w": "p1/t2w.nii.gz"}]}))
     items = load_datalist(tmp_path, "training", ["t2w"])
-    assert items[0]["t2w"] == str(case / "t2w.nii.gz")
+    assert items[0]["t2w"] == str(case / "t2w.nii.gz") and items[0]["id"] == "p1"  # the id stays an id
     with pytest.raises(KeyError, match="p1 has no 'adc'"):
         load_datalist(tmp_path, "training", ["t2w", "adc"])
     with pytest.raises(FileNotFoundError, match="adc.nii.gz"):

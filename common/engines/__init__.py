@@ -11,6 +11,7 @@ from common.engines.data import (
 from common.engines.evaluate import SynthesisMetrics, score_case
 from common.engines.inferers import DiffusionVolumeInferer, ResidualShiftInferer
 from common.engines.prepare import ConditionalDiffusionPrepareBatch, ConditionPrepareBatch
+from common.engines.noise_level import NoiseLevelInferer, NoiseLevelPrepareBatch
 from common.engines.post import CopyChannelsd, InvertScalingd, SplitSamplesd
 from common.engines.writer import SynthesisWriter
 
@@ -19,6 +20,8 @@ __all__ = [
     "ConditionPrepareBatch",
     "CopyChannelsd",
     "InvertScalingd",
+    "NoiseLevelInferer",
+    "NoiseLevelPrepareBatch",
     "SplitSamplesd",
     "SynthesisMetrics",
     "case_or_datalist",

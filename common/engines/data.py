@@ -40,6 +40,11 @@ def load_datalist(
     if section not in sections:
         raise KeyError(f"{path}: no section {section!r}; sections are {sorted(k for k in sections if isinstance(sections[k], list))}")
     items = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=section, base_dir=str(dataset_dir))
+    # MONAI turns any value naming an existing path into an absolute path, a case id included
+    # (its folder exists): keep ids verbatim
+    for item, raw in zip(items, sections[section]):
+        if "id" in raw:
+            item["id"] = raw["id"]
     for item in items:
         cid = item.get("id", "?")
         for key in required_keys:

@@ -24,9 +24,12 @@ from ignite.engine import Engine, Events
 
 from common.engines.writer import as_numpy, case_id
 from common.io import save_json
-from common.metrics import format_table, mae, paired_wilcoxon, psnr, ssim, summarize, write_case_csv
+from common.metrics import format_table, gmsd, mae, paired_wilcoxon, psnr, ssim, summarize, write_case_csv
 
 logger = logging.getLogger(__name__)
+
+
+METRICS = {"psnr": psnr, "ssim": ssim, "mae": mae, "gmsd": gmsd}
 
 
 def score_case(
@@ -36,6 +39,7 @@ def score_case(
     names: Sequence[str],
     reference: np.ndarray | None = None,
     percentiles: tuple[float, float] = (0.5, 99.5),
+    metrics: Sequence[str] = ("psnr", "ssim", "mae"),
 ) -> list[dict]:
     """Metrics of one prediction against its target.
 
@@ -43,11 +47,16 @@ def score_case(
         pred, target: (C, H, W, D) in the same (original) units.
         masks: region name -> (H, W, D) boolean mask; empty masks are skipped.
         names: one name per channel.
-        reference: optional (C, H, W, D) pre-contrast image; adds ``enh_mae``, the mean absolute
-            error of the enhancement (image - reference) in normalised units.
+        metrics: any of ``psnr``, ``ssim``, ``mae``, ``gmsd`` (all with ``data_range = 1`` on the
+            normalised images).
+        reference: optional (C, H, W, D) pre-contrast image; adds two enhancement metrics on
+            ``E = image - reference``: ``enh_rel_err = sum|E_pred - E_true| / sum|E_true|`` (1.0
+            exactly for the pre-contrast copied through, 0 for a perfect prediction; the share of
+            the true enhancement the prediction misses) and ``enh_corr``, the Pearson correlation
+            of predicted and true enhancement (nan when the prediction has no enhancement).
 
     Returns:
-        rows ``{"phase", "region", "psnr", "ssim", "mae"[, "enh_mae"]}``.
+        rows ``{"phase", "region", "psnr", "ssim", "mae"[, "enh_rel_err", "enh_corr"]}``.
     """
     lo, hi = np.percentile(target, percentiles)
     scale = float(hi - lo) if hi > lo else 1.0
@@ -59,17 +68,23 @@ def score_case(
     rows = []
     for c, name in enumerate(names):
         for region, mask in regions.items():
-            row = {
-                "phase": name,
-                "region": region,
-                "psnr": float(psnr(p[c], t[c], data_range=1.0, mask=mask)),
-                "ssim": float(ssim(p[c], t[c], data_range=1.0, mask=mask)),
-                "mae": float(mae(p[c], t[c], mask=mask)),
-            }
+            row = {"phase": name, "region": region}
+            for m in metrics:
+                row[m] = float(METRICS[m](p[c], t[c], data_range=1.0, mask=mask))
             if r is not None:
-                row["enh_mae"] = float(mae(p[c] - r[c], t[c] - r[c], mask=mask))
+                row.update(enhancement_scores(p[c] - r[c], t[c] - r[c], mask))
             rows.append(row)
     return rows
+
+
+def enhancement_scores(e_pred: np.ndarray, e_true: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """``enh_rel_err`` and ``enh_corr`` of a predicted vs. true enhancement map, inside ``mask``."""
+    ep, et = (e_pred, e_true) if mask is None else (e_pred[mask], e_true[mask])
+    ep, et = ep.astype(np.float64).ravel(), et.astype(np.float64).ravel()
+    denom = np.abs(et).sum()
+    rel = float(np.abs(ep - et).sum() / denom) if denom > 0 else float("nan")
+    corr = float(np.corrcoef(ep, et)[0, 1]) if ep.std() > 0 and et.std() > 0 else float("nan")
+    return {"enh_rel_err": rel, "enh_corr": corr}
 
 
 class SynthesisMetrics:
@@ -83,6 +98,7 @@ class SynthesisMetrics:
         enhancement_reference: output key holding the pre-contrast image per channel (e.g.
             ``"baseline_copy_pre"``) for the enhancement error; ``None`` disables it.
         method: the model's name in the tables.
+        metrics: image metrics to compute (see :func:`score_case`).
     """
 
     def __init__(
@@ -95,7 +111,12 @@ class SynthesisMetrics:
         method: str = "model",
         id_key: str = "id",
         geometry_key: str = "image",
+        metrics: Sequence[str] = ("psnr", "ssim", "mae"),
     ) -> None:
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; choose from {sorted(METRICS)}")
+        self.metrics = list(metrics)
         self.output_dir = Path(output_dir)
         self.output_names = list(output_names)
         self.baselines = list(baselines)
@@ -118,11 +139,19 @@ class SynthesisMetrics:
             cid = case_id(item, self.id_key, self.geometry_key)
             target = as_numpy(out["label"])
             masks = {k: as_numpy(item[k])[0] > 0.5 for k in self.mask_keys if item.get(k) is not None}
-            ref = as_numpy(out[self.enhancement_reference]) if self.enhancement_reference in out else None
-            methods = {self.method: out["pred"], **{b: out[f"baseline_{b}"] for b in self.baselines}}
+            ref = self._lookup(out, item, self.enhancement_reference) if self.enhancement_reference else None
+            ref = None if ref is None else as_numpy(ref)
+            methods = {self.method: out["pred"], **{b: self._lookup(out, item, f"baseline_{b}") for b in self.baselines}}
             for name, pred in methods.items():
-                for row in score_case(as_numpy(pred), target, masks, self.output_names, ref):
+                if pred is None:
+                    raise KeyError(f"{cid}: baseline {name!r} (key 'baseline_{name}') is in neither the output nor the batch")
+                for row in score_case(as_numpy(pred), target, masks, self.output_names, ref, metrics=self.metrics):
                     self.rows.append({"case": cid, "method": name, **row})
+
+    @staticmethod
+    def _lookup(out: dict, item: dict, key: str):
+        """A post-processed output key, else the same key of the batch (e.g. a baseline a transform made)."""
+        return out[key] if out.get(key) is not None else item.get(key)
 
     def on_completed(self, engine: Engine) -> None:
         if not self.rows:
@@ -134,7 +163,7 @@ class SynthesisMetrics:
 def report(rows: list[dict], output_dir: str | os.PathLike, method: str, baselines: Sequence[str]) -> dict:
     """Write metrics.csv / summary.{csv,md,json} and print the model-vs-baseline table; return the summary."""
     output_dir = Path(output_dir)
-    metric_names = [k for k in ("psnr", "ssim", "mae", "enh_mae") if k in rows[0]]
+    metric_names = [k for k in ("psnr", "ssim", "mae", "gmsd", "enh_rel_err", "enh_corr") if k in rows[0]]
     write_case_csv(rows, output_dir / "metrics.csv")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:

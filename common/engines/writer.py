@@ -40,9 +40,21 @@ def case_id(item: dict, id_key: str, geometry_key: str) -> str:
     cid = item.get(id_key)
     if isinstance(cid, (list, tuple)):
         cid = cid[0]
-    if cid:
-        return str(cid)
-    return Path(source_file(item, geometry_key)).parent.name
+    if not cid:
+        cid = Path(source_file(item, geometry_key)).parent.name
+    # an id is a folder name below the output root, never a path that could lead elsewhere
+    return Path(str(cid)).name
+
+
+def loaded_files(item: dict) -> tuple[str, ...]:
+    """Every file the case's data were loaded from (inputs, targets, masks): none may be overwritten."""
+    files = []
+    for key, value in item.items():
+        meta = getattr(value, "meta", None)
+        name = meta.get("filename_or_obj") if isinstance(meta, dict) else None
+        if isinstance(name, str) and name:
+            files.append(name)
+    return tuple(dict.fromkeys(files))
 
 
 class SynthesisWriter:
@@ -106,7 +118,10 @@ class SynthesisWriter:
         if tuple(pred.shape[1:]) != tuple(ref.shape[:3]):
             raise ValueError(f"{cid}: prediction grid {pred.shape[1:]} differs from {src} grid {ref.shape[:3]}")
         written: dict[str, str] = {"id": cid}
-        protect = tuple(source_file(item, k) for k in self.input_keys) + (src,)
+        protect = loaded_files(item) + (src,)
+        for f in protect:
+            if Path(f).resolve().parent == case_dir.resolve():
+                raise FileExistsError(f"{cid}: output folder {case_dir} holds the input {f}; choose another output_dir")
         for c, name in enumerate(self.output_names):
             written[name] = str(save_nifti(pred[c], ref.affine, case_dir / f"{name}.nii.gz", protect=protect))
         if "pred_std" in out and out["pred_std"] is not None:

@@ -12,11 +12,15 @@ from .intensity import (
     invert_tinorm,
 )
 
+from .degrade import ResampleToReferenced, SimulateLowResolutiond, simulate_low_resolution
 from .reference import ScaleLikeReferenced
 
 __all__ = [
     "CheckImaged",
     "ScaleLikeReferenced",
+    "SimulateLowResolutiond",
+    "ResampleToReferenced",
+    "simulate_low_resolution",
     "ScalePercentilesd",
     "InverseScalePercentilesd",
     "invert_scaling",

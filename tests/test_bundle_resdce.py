@@ -1,0 +1,111 @@
+"""The resdce bundle end to end on tiny phantoms, through the command line a user types."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundles" / "resdce" / "configs"
+TINY = ["--network_size", "small", "--num_workers", "0", "--val_num_inference_steps", "2", "--val_max_cases", "1"]
+
+
+def bundle(*args: str, cwd: Path = ROOT, module: str = "monai.bundle") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", module, *args] if module else [sys.executable, *args]
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from common.phantoms import write_phantoms
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(out, kinds=("prostate",), n_prostate=4, dicom=False, small=True, progress=False)
+    return out / "prostate" / "prepared"
+
+
+def test_configs_parse_with_the_documented_ids():
+    for files, ids in (
+        ([CONFIGS / "train.json"], ["training", "run", "train#trainer", "validate#evaluator", "scheduler", "network_def"]),
+        ([CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"], ["training", "network", "train#sampler"]),
+        ([CONFIGS / "inference.json", CONFIGS / "evaluate.json"], ["evaluating", "run", "evaluator", "inferer"]),
+    ):
+        p = ConfigParser()
+        p.read_config([str(f) for f in files])
+        for i in ids:
+            assert i in p, f"{i} missing from {files}"
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    p = ConfigParser()
+    p.read_config(str(CONFIGS / "train.json"))
+    p["network_size"] = "small"
+    assert p.get_parsed_content("residual_channels") == [0, 1, 2]  # onset<-T2w, early<-ADC, late<-pre
+    assert p.get_parsed_content("bundle_root") == str(ROOT / "bundles" / "resdce")
+
+
+def test_train_resume_infer_evaluate(phantoms, tmp_path):
+    models, out = tmp_path / "models", tmp_path / "eval"
+    common = ["--dataset_dir", str(phantoms), "--output_dir", str(models)] + TINY
+    bundle("run", "training", "--config_file", str(CONFIGS / "train.json"), "--num_iterations", "2", "--epoch_length", "1",
+           "--val_interval", "2", *common)
+    assert (models / "model.pt").exists() and (models / "checkpoints" / "checkpoint_final.pt").exists()
+    state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2
+    # resume: same folder, more iterations -> continues from iteration 2, not from 0; run from another folder
+    res = bundle("run", "training", "--config_file", str(CONFIGS / "train.json"), "--num_iterations", "3", "--epoch_length", "1",
+                 "--val_interval", "5", *common, cwd=tmp_path)
+    assert "Restored all variables" in res.stdout + res.stderr
+    state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 3
+    configs = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']"
+    bundle("run", "evaluating", "--config_file", configs, "--dataset_dir", str(phantoms), "--ckpt_path",
+           str(models / "model.pt"), "--output_dir", str(out), "--network_size", "small", "--num_inference_steps", "4")
+    test_ids = [e["id"] for e in json.loads((phantoms / "datalist.json").read_text())["test"]]
+    for cid in test_ids:
+        src = nib.load(phantoms / cid / "dce_pre.nii.gz")
+        for name in ("dce_onset", "dce_early", "dce_late"):
+            img = nib.load(out / cid / f"{name}.nii.gz")
+            assert img.shape == src.shape and np.array_equal(img.affine, src.affine)
+            assert np.isfinite(img.get_fdata()).all()
+        assert (out / cid / "panel.png").exists()
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert {r["method"] for r in rows} == {"resdce", "copy_pre", "paired_input"}
+    assert {r["region"] for r in rows} >= {"whole", "organ_mask"}
+    copy_pre = [r for r in rows if r["method"] == "copy_pre" and r["region"] == "organ_mask"]
+    assert all(float(r["enh_rel_err"]) == pytest.approx(1.0) for r in copy_pre)  # copying pre misses all uptake
+    # the inputs were not touched
+    assert not (phantoms / test_ids[0] / "panel.png").exists()
+
+
+def test_inference_without_weights_or_data_says_what_to_do(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", str(CONFIGS / "inference.json"),
+           "--dataset_dir", str(tmp_path), "--ckpt_path", str(tmp_path / "none.pt"), "--network_size", "small"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "no trained weights" in res.stderr
+    (tmp_path / "none.pt").write_bytes(b"")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "make_phantoms.py" in res.stderr
+
+
+def test_multi_gpu_config_trains_with_two_processes_on_cpu(phantoms, tmp_path):
+    models = tmp_path / "ddp"
+    bundle("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "monai.bundle", "run",
+           "training", "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+           "--dataset_dir", str(phantoms), "--output_dir", str(models), "--num_iterations", "2", "--epoch_length", "1",
+           "--val_interval", "2", *TINY, module="")
+    assert (models / "model.pt").exists()
+    assert torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)["trainer"]["iteration"] == 2
