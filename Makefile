@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 phantoms: $(STAMP)
-	$(PY) scripts/make_phantoms.py --out $(PHANTOMS)
+	$(PY) scripts/make_phantoms.py --out $(PHANTOMS) --n_prostate 16
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py --out demo_output --phantoms $(PHANTOMS)

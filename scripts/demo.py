@@ -8,7 +8,6 @@ when available. Usage (``make demo`` runs it with the defaults)::
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,18 +27,21 @@ BUNDLE = ROOT / "bundles" / "resdce" / "configs"
 def main(
     out: str = "demo_output",
     phantoms: str = "data/phantoms",
-    iterations: int = 400,
+    iterations: int = 300,
     network_size: str = "small",
+    patch_size: tuple[int, int] = (96, 96),
+    lr: float = 5e-4,
     num_inference_steps: int = 15,
+    n_prostate: int = 16,
     seed: int = 0,
-) -> dict:
+) -> None:
     """Make (or reuse) the phantom data, train ResDCE-diff briefly, synthesise the test subjects and score them."""
     t0 = time.time()
     out_dir, data_dir = (ROOT / out).resolve(), (ROOT / phantoms).resolve()
     prepared = data_dir / "prostate" / "prepared"
     if not (prepared / "datalist.json").exists():
-        print(f"[demo] writing phantoms to {data_dir}")
-        write_phantoms(data_dir, seed=seed)
+        print(f"[demo] writing phantoms (prostate, brain, breast) to {data_dir}")
+        write_phantoms(data_dir, seed=seed, n_prostate=n_prostate)
     else:
         print(f"[demo] reusing phantoms in {data_dir}")
     models = out_dir / "resdce" / "models"
@@ -55,6 +57,9 @@ def main(
         val_interval=4,
         val_num_inference_steps=4,
         val_max_cases=1,
+        patch_size=list(patch_size),
+        lr=lr,
+        num_workers=0,
         resume=False,
         **common,
     )
@@ -69,13 +74,13 @@ def main(
         num_inference_steps=num_inference_steps,
         **common,
     )
-    summary = json.loads((eval_dir / "summary.json").read_text())
     print(f"\n[demo] done in {time.time() - t0:.0f} s")
     print(f"[demo] NIfTI outputs and PNG panels: {eval_dir}/<case>/(dce_onset|dce_early|dce_late).nii.gz, panel.png")
     for panel in sorted(eval_dir.glob("*/panel.png")):
         print(f"        {panel}")
     print(f"[demo] metrics: {eval_dir / 'metrics.csv'}, {eval_dir / 'summary.md'}")
-    return summary
+    print("[demo] the table above compares the model with the trivial baselines (pre-contrast copied through,")
+    print("       paired input copied through); enh_rel_err = 1 means no contrast uptake was learned.")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 Usage::
 
     python scripts/make_phantoms.py --out data/phantoms [--n_prostate 10] [--n_brain 4] [--n_breast 4]
-        [--seed 0] [--kinds prostate,brain] [--dicom False] [--small] [--prostate_grid_shape "(96,96,20)"]
+        [--seed 0] [--kinds prostate,brain] [--dicom False] [--small] [--workers 4]
+        [--prostate_grid_shape "(96,96,20)"] [--brain_shape "(64,64,48)"] [--breast_shape "(96,96,24)"]
+
+``--small`` uses coarse grids (same fields of view) for quick runs; ``--workers`` makes subjects in
+parallel processes (same output for any value).
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ def main(
     seed: int = 0,
     dicom: bool = True,
     small: bool = False,
+    workers: int = 1,
     **overrides,
 ) -> None:
     """Write the phantoms below ``out`` and print where each kind went."""
+    if overrides.pop("help", False) or overrides.pop("h", False):  # **overrides swallows fire's --help
+        print(__doc__)
+        return
     if isinstance(kinds, str):
         kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
     written = write_phantoms(out, kinds=kinds, n_prostate=n_prostate, n_brain=n_brain, n_breast=n_breast, seed=seed,
-                             dicom=dicom, small=small, **overrides)
+                             dicom=dicom, small=small, workers=workers, **overrides)
     for kind, res in written.items():
         print(f"[phantoms] {kind}: {len(res['subjects'])} subjects in {res['root']} ({res['seconds']:.1f} s); "
               f"datalist {res['datalist']}")

@@ -25,14 +25,7 @@ from common.phantoms.dicom import (
     sitk_to_ras,
     write_series,
 )
-from common.phantoms.pk import (
-    parker_aif,
-    plasma_from_blood,
-    spgr_signal,
-    tissue_curves,
-    tofts_concentration,
-    TissuePK,
-)
+from common.phantoms.pk import TissuePK, parker_aif, plasma_from_blood, spgr_signal, tissue_curves, tofts_concentration
 from common.phantoms.prostate import AXIAL_DICOM, make_prostate_phantom
 from common.phantoms.shapes import grid_affine, rotation_matrix, world_points
 
@@ -456,11 +449,18 @@ def test_breast_all_three_types():
 # entry points
 
 
-def test_cli_and_options(tmp_path, capsys):
+def test_cli_and_options(tmp_path, capsys, phantom_set):
     mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "make_phantoms.py"), run_name="not_main")
     mod["main"](out=str(tmp_path), kinds="breast", n_breast=1, small=True)
     assert "breast: 1 subjects" in capsys.readouterr().out
     assert (tmp_path / "breast" / "breast-000" / "dce.nii.gz").exists()
+    # parallel workers give the same data as the sequential module fixture (same seed)
+    out, _ = phantom_set
+    write_phantoms(tmp_path / "par", kinds="breast", n_breast=2, small=True, progress=False, workers=2)
+    for sid in ("breast-000", "breast-001"):
+        a, _ = _nii(tmp_path / "par" / "breast" / sid / "dce.nii.gz")
+        b, _ = _nii(out / "breast" / sid / "dce.nii.gz")
+        assert a.tobytes() == b.tobytes()
     with pytest.raises(TypeError):
         write_phantoms(tmp_path, kinds="breast", n_breast=1, small=True, nonsense_option=1)
     with pytest.raises(ValueError):

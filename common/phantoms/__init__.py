@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 KINDS = ("prostate", "brain", "breast")
 
@@ -28,6 +28,22 @@ SMALL: dict[str, dict[str, Any]] = {
     "brain": {"shape": (48, 56, 44)},
     "breast": {"shape": (80, 80, 20), "spacing": (2.4, 2.4, 4.8)},
 }
+
+
+def map_subjects(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int = 1, desc: str = "", progress: bool = True) -> list[Any]:
+    """``[fn(*job) for job in jobs]``, in order, with a tqdm bar; in ``workers`` processes when > 1.
+
+    Each subject has its own seed, so the output does not depend on ``workers``.
+    """
+    from tqdm.auto import tqdm
+
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in tqdm(jobs, desc=desc, disable=not progress)]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        return [f.result() for f in tqdm(futures, desc=desc, disable=not progress)]
 
 
 def _split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -51,6 +67,7 @@ def write_phantoms(
     dicom: bool = True,
     small: bool = False,
     progress: bool = True,
+    workers: int = 1,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Write the phantom data sets below ``out`` and return what was written.
@@ -67,6 +84,7 @@ def write_phantoms(
         dicom: also write the prostate DICOM studies.
         small: coarse grids (:data:`SMALL`) for quick runs.
         progress: tqdm progress bars.
+        workers: subjects made in parallel processes (the output is the same for any value).
         overrides: ``<kind>_<parameter>=value`` passed to the kind's ``make_*_phantom`` (e.g.
             ``prostate_grid_shape=(96, 96, 20)``, ``brain_shape=(64, 64, 48)``); they win over ``small``.
 
@@ -89,18 +107,19 @@ def write_phantoms(
         if kind == "prostate":
             from common.phantoms.prostate import write_prostate_phantoms
 
-            res = write_prostate_phantoms(out, n=n_prostate, seed=seed, dicom=dicom, progress=progress, **params[kind])
+            res = write_prostate_phantoms(out, n=n_prostate, seed=seed, dicom=dicom, progress=progress, workers=workers,
+                                          **params[kind])
         elif kind == "brain":
             from common.phantoms.brain import write_brain_phantoms
 
-            res = write_brain_phantoms(out, n=n_brain, seed=seed, progress=progress, **params[kind])
+            res = write_brain_phantoms(out, n=n_brain, seed=seed, progress=progress, workers=workers, **params[kind])
         else:
             from common.phantoms.breast import write_breast_phantoms
 
-            res = write_breast_phantoms(out, n=n_breast, seed=seed, progress=progress, **params[kind])
+            res = write_breast_phantoms(out, n=n_breast, seed=seed, progress=progress, workers=workers, **params[kind])
         res["seconds"] = time.perf_counter() - t0
         written[kind] = res
     return written
 
 
-__all__ = ["write_phantoms", "KINDS", "SMALL"]
+__all__ = ["write_phantoms", "map_subjects", "KINDS", "SMALL"]

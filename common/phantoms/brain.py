@@ -271,7 +271,7 @@ def make_brain_phantom(
         table[i, 2] = spin_echo_signal(PD * P["t2w"]["scale"], T1, T2, P["t2w"]["TR_s"], P["t2w"]["TE_s"])
         table[i, 3] = inversion_recovery_signal(PD * P["t2f"]["scale"], T1, T2, P["t2f"]["TR_s"], P["t2f"]["TE_s"], ti)
     F = np.stack([fr[n] for n in ORDER], axis=-1)  # (x, y, z, K)
-    sig = F @ table  # (x, y, z, 4)
+    sig = np.einsum("xyzk,kc->xyzc", F, table)  # (x, y, z, 4)
     mult = bias_texture(BiasField.random(rng, c, 90.0, 0.12), FourierField.random(rng, 9.0, 16), A, shape)
     total = sum(fr.values())
     brain = total >= 0.5
@@ -313,19 +313,22 @@ def write_brain_case(ph: BrainPhantom, root: str | os.PathLike, case: str) -> di
     return out
 
 
-def write_brain_phantoms(out: str | os.PathLike, n: int = 4, seed: int = 0, progress: bool = True, **kwargs) -> dict[str, Any]:
+def _write_brain_subject(root: Path, case: str, seed: Any, **kwargs) -> str:
+    write_brain_case(make_brain_phantom(seed=seed, **kwargs), root, case)
+    return case
+
+
+def write_brain_phantoms(out: str | os.PathLike, n: int = 4, seed: int = 0, progress: bool = True, workers: int = 1,
+                         **kwargs) -> dict[str, Any]:
     """Make ``n`` cases ``BraTS-GLI-00000-000``... under ``<out>/brain`` and ``<out>/brain/datalist.json``.
 
     Case ``i`` uses the seed ``[seed, 1, i]``; ``kwargs`` go to :func:`make_brain_phantom`.
     """
-    from tqdm.auto import tqdm
+    from common.phantoms import map_subjects
 
     root = Path(out) / "brain"
-    cases = []
-    for i in tqdm(range(n), desc="brain phantoms", disable=not progress):
-        case = brats_name(i)
-        write_brain_case(make_brain_phantom(seed=[seed, 1, i], **kwargs), root, case)
-        cases.append(case)
+    jobs = [(root, brats_name(i), [seed, 1, i]) for i in range(n)]
+    cases = map_subjects(functools.partial(_write_brain_subject, **kwargs), jobs, workers, "brain phantoms", progress)
     split = split_ids(cases)
     entry = lambda c: {"id": c, **{k: f"{c}/{c}-{k}.nii.gz" for k in BRATS_KEYS}}  # noqa: E731
     datalist = {k: [entry(c) for c in v] for k, v in split.items()}

@@ -14,6 +14,7 @@ Written per subject (``<out>/breast/<sid>/``): ``dce.nii.gz`` (x, y, z, t), ``dc
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,19 +250,22 @@ def write_breast_case(ph: BreastPhantom, case_dir: str | os.PathLike, case_id: s
 BREAST_KEYS = ("pre", "dce", "breast_mask", "lesion_mask")
 
 
-def write_breast_phantoms(out: str | os.PathLike, n: int = 4, seed: int = 0, progress: bool = True, **kwargs) -> dict[str, Any]:
+def _write_breast_subject(root: Path, sid: str, seed: Any, **kwargs) -> str:
+    write_breast_case(make_breast_phantom(seed=seed, **kwargs), root / sid, sid)
+    return sid
+
+
+def write_breast_phantoms(out: str | os.PathLike, n: int = 4, seed: int = 0, progress: bool = True, workers: int = 1,
+                          **kwargs) -> dict[str, Any]:
     """Make ``n`` breast subjects ``breast-000``... under ``<out>/breast`` and its ``datalist.json``.
 
     Subject ``i`` uses the seed ``[seed, 2, i]``; ``kwargs`` go to :func:`make_breast_phantom`.
     """
-    from tqdm.auto import tqdm
+    from common.phantoms import map_subjects
 
     root = Path(out) / "breast"
-    ids = []
-    for i in tqdm(range(n), desc="breast phantoms", disable=not progress):
-        sid = f"breast-{i:03d}"
-        write_breast_case(make_breast_phantom(seed=[seed, 2, i], **kwargs), root / sid, sid)
-        ids.append(sid)
+    jobs = [(root, f"breast-{i:03d}", [seed, 2, i]) for i in range(n)]
+    ids = map_subjects(functools.partial(_write_breast_subject, **kwargs), jobs, workers, "breast phantoms", progress)
     split = split_ids(ids)
     entry = lambda sid: {"id": sid, **{k: f"{sid}/{k}.nii.gz" for k in BREAST_KEYS}, "dce_times": f"{sid}/{DCE_TIMES}"}  # noqa: E731
     datalist = {k: [entry(s) for s in v] for k, v in split.items()}

@@ -21,6 +21,7 @@ DICOM/Siemens unit: about 1600 in the peripheral zone).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +34,16 @@ from common.io import save_json, save_nifti
 from common.layout import DCE_TIMES, MANIFEST, write_datalist
 from common.phantoms.pk import HAEMATOCRIT, PARKER, R1_GD_3T, TissuePK, spgr_signal, spin_echo_signal, tissue_curves
 from common.phantoms.shapes import (
-    MAX_SIGNAL,
     BiasField,
     Ellipsoid,
     FourierField,
     Scene,
     Tube,
-    grid_affine,
-    random_ellipsoid,
     bias_texture,
+    grid_affine,
     lossless_dtype,
     quantise,
+    random_ellipsoid,
     render,
     rician,
     rotation_matrix,
@@ -495,8 +495,22 @@ def write_prepared_case(ph: ProstatePhantom, case_dir: str | os.PathLike, case_i
     return manifest
 
 
+def write_prostate_subject(root: str | os.PathLike, sid: str, seed: Any, dicom: bool = True, **kwargs) -> str:
+    """Make one subject and write its native NIfTI, DICOM study and prepared case below ``root``."""
+    from common.phantoms.dicom import write_prostate_study
+
+    root = Path(root)
+    ph = make_prostate_phantom(seed=seed, **kwargs)
+    write_native_nifti(ph, root / "nifti" / sid)
+    if dicom:
+        write_prostate_study(ph, root / "dicom", sid)
+    write_prepared_case(ph, root / "prepared" / sid, sid)
+    return sid
+
+
 def write_prostate_phantoms(
-    out: str | os.PathLike, n: int = 10, seed: int = 0, dicom: bool = True, progress: bool = True, **kwargs
+    out: str | os.PathLike, n: int = 10, seed: int = 0, dicom: bool = True, progress: bool = True, workers: int = 1,
+    **kwargs,
 ) -> dict[str, Any]:
     """Make ``n`` prostate subjects ``phantom-000``... and write NIfTI, DICOM and prepared cases.
 
@@ -504,19 +518,9 @@ def write_prostate_phantoms(
     PROSTATEx layout), ``prepared/<sid>/`` (common.layout) and ``prepared/datalist.json``.
     Subject ``i`` uses the seed ``[seed, 0, i]``. ``kwargs`` go to :func:`make_prostate_phantom`.
     """
-    from tqdm.auto import tqdm
-
-    from common.phantoms.dicom import write_prostate_study
+    from common.phantoms import map_subjects
 
     root = Path(out) / "prostate"
-    written: dict[str, Any] = {"root": root, "subjects": []}
-    for i in tqdm(range(n), desc="prostate phantoms", disable=not progress):
-        sid = f"phantom-{i:03d}"
-        ph = make_prostate_phantom(seed=[seed, 0, i], **kwargs)
-        write_native_nifti(ph, root / "nifti" / sid)
-        if dicom:
-            write_prostate_study(ph, root / "dicom", sid)
-        write_prepared_case(ph, root / "prepared" / sid, sid)
-        written["subjects"].append(sid)
-    written["datalist"] = write_datalist(root / "prepared")
-    return written
+    jobs = [(root, f"phantom-{i:03d}", [seed, 0, i], dicom) for i in range(n)]
+    subjects = map_subjects(functools.partial(write_prostate_subject, **kwargs), jobs, workers, "prostate phantoms", progress)
+    return {"root": root, "subjects": subjects, "datalist": write_datalist(root / "prepared")}

@@ -101,6 +101,19 @@ class Ellipsoid:
         pts = np.asarray(points)
         dt = pts.dtype if pts.dtype in (np.float32, np.float64) else np.float64
         local = small_matmul(pts - self.center.astype(dt), self.rotation)  # (N, 3) local coordinates
+        return self._from_local(local, dt)
+
+    def distance_grid(self, base: np.ndarray, ax_i: np.ndarray, ax_j: np.ndarray) -> np.ndarray:
+        """:meth:`distance` at the points ``base + ax_i[a] + ax_j[b]`` (a slab of a voxel grid),
+        flattened in C order (a slowest); ``ax_i`` (ni, 3), ``ax_j`` (nj, 3), float32."""
+        dt = np.float32
+        li = small_matmul(np.asarray(ax_i, dt), self.rotation)
+        lj = small_matmul(np.asarray(ax_j, dt), self.rotation)
+        l0 = ((np.asarray(base, float) - self.center) @ self.rotation).astype(dt)
+        local = (li[:, None, :] + lj[None, :, :] + l0).reshape(-1, 3)
+        return self._from_local(local, dt)
+
+    def _from_local(self, local: np.ndarray, dt) -> np.ndarray:
         scaled = local / self.radii.astype(dt)
         r = np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
         dist = np.sqrt(np.einsum("ij,ij->i", local, local))
@@ -341,6 +354,13 @@ def _slice_box(shp, affine: np.ndarray, inv: np.ndarray, k: int, spacing: np.nda
     return i0, i1, j0, j1
 
 
+def _distance(shp, base: np.ndarray, ax_i: np.ndarray, ax_j: np.ndarray) -> np.ndarray:
+    """Signed distance of a shape on a slab of grid points ``base + ax_i[a] + ax_j[b]`` (flattened)."""
+    if hasattr(shp, "distance_grid"):
+        return shp.distance_grid(base, ax_i, ax_j)
+    return shp.distance((ax_i[:, None, :] + ax_j[None, :, :] + base).reshape(-1, 3))
+
+
 def render(scene: Scene, affine: np.ndarray, shape: Sequence[int], table: dict[str, np.ndarray], width_mm: float | None = None) -> np.ndarray:
     """Fraction-weighted tissue values on a grid.
 
@@ -381,15 +401,14 @@ def render(scene: Scene, affine: np.ndarray, shape: Sequence[int], table: dict[s
             rem = remaining[i0:i1, j0:j1]
             if not rem.any():
                 continue
-            pts = (ax_i[i0:i1, None, :] + ax_j[None, j0:j1, :] + base).reshape(-1, 3)
-            w = fraction(shp.distance(pts), width)
+            w = fraction(_distance(shp, base, ax_i[i0:i1], ax_j[j0:j1]), width)
             if clip is not None:
-                w = np.minimum(w, fraction(clip.distance(pts), width))
+                w = np.minimum(w, fraction(_distance(clip, base, ax_i[i0:i1], ax_j[j0:j1]), width))
             f = w.reshape(rem.shape) * rem
             F[index[tissue], i0:i1, j0:j1] += f
             remaining[i0:i1, j0:j1] = rem - f
         F[index[scene.background]] += remaining
-        out[:, :, k, :] = np.tensordot(F, T, axes=([0], [0]))
+        out[:, :, k, :] = np.einsum("kij,km->ijm", F, T)  # no BLAS threads for this small product
     return out
 
 
