@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,3 +22,21 @@ def prostatex_study() -> Path:
     if not PROSTATEX_0218.exists():
         pytest.skip(f"real PROSTATEx study not found at {PROSTATEX_0218} (../shared is not beside the repo)")
     return PROSTATEX_0218
+
+
+@pytest.fixture(scope="session")
+def prepared_prostatex(tmp_path_factory, prostatex_study) -> dict:
+    """ProstateX-0218 through the real ingest (:func:`common.ingest.prepare_dataset`), once per session.
+
+    ``{"out": dataset folder (with datalist.json), "case": case folder, "summary": ..., "manifest": ...}``;
+    skipped with a reason when ``../shared`` is absent.
+    """
+    if not any(prostatex_study.rglob("*.dcm")):
+        pytest.skip(f"no DICOM files below {prostatex_study}")
+    from common.ingest import IngestConfig, prepare_dataset
+
+    out = tmp_path_factory.mktemp("prostatex")
+    summary = prepare_dataset(prostatex_study, out, IngestConfig(), workers=1, progress=False)
+    assert summary["skipped"] == [], summary["skipped"]
+    case = out / "ProstateX-0218"
+    return {"out": out, "case": case, "summary": summary, "manifest": json.loads((case / "manifest.json").read_text())}

@@ -179,3 +179,14 @@ def test_bundle_root_and_latest_checkpoint(tmp_path, monkeypatch):
     for n in (2, 10, 3):
         (tmp_path / f"checkpoint_epoch={n}.pt").write_bytes(b"x")
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+def test_flag_reads_command_line_booleans():
+    from common.engines import flag
+
+    for v in (True, "true", "True", " yes", "1", 1, "on"):
+        assert flag(v) is True
+    for v in (False, "false", "False", "no", "0", 0, "", None, "off"):
+        assert flag(v) is False
+    with pytest.raises(ValueError, match="resume: expected true or false, got 'maybe'"):
+        flag("maybe", "resume")

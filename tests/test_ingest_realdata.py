@@ -1,7 +1,8 @@
 """The DICOM ingest on the real PROSTATEx study ProstateX-0218 (../shared/data/prostatex).
 
-Skipped when the shared data is absent. The pipeline runs once (module fixture, ~20 s on 2 cores)
-through :func:`common.ingest.prepare_dataset` on the single patient folder.
+Skipped when the shared data is absent. The pipeline runs once per test session (the
+``prepared_prostatex`` fixture in ``conftest.py``, ~20-40 s on 2 cores) through
+:func:`common.ingest.prepare_dataset` on the single patient folder.
 """
 
 from __future__ import annotations
@@ -16,30 +17,12 @@ import pytest
 
 pytestmark = pytest.mark.realdata
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-STUDY = SHARED / "data" / "prostatex" / "ProstateX-0218"
+from conftest import PROSTATEX_0218 as STUDY
 
 
-def _skip_if_absent():
-    if not STUDY.is_dir() or not any(STUDY.rglob("*.dcm")):
-        pytest.skip(f"real PROSTATEx study not found at {STUDY} (../shared is not beside the repo)")
-    try:
-        import common.transforms.crop  # noqa: F401
-    except ImportError:
-        pytest.skip("common.transforms.crop (crop_or_pad, mask_centroid) has not landed yet")
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, prostatex_study):
-    _skip_if_absent()
-    assert prostatex_study.resolve() == STUDY.resolve()
-    from common.ingest import IngestConfig, prepare_dataset
-
-    out = tmp_path_factory.mktemp("prostatex")
-    summary = prepare_dataset(STUDY, out, IngestConfig(), workers=1, progress=False)
-    assert summary["skipped"] == [], summary["skipped"]
-    case = out / "ProstateX-0218"
-    return {"out": out, "case": case, "summary": summary, "manifest": json.loads((case / "manifest.json").read_text())}
+@pytest.fixture
+def prepared(prepared_prostatex):
+    return prepared_prostatex
 
 
 def _dicom_geometry(series_glob: str):

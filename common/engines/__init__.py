@@ -5,6 +5,7 @@ from common.engines.data import (
     bundle_root,
     case_or_datalist,
     check_checkpoint,
+    flag,
     latest_checkpoint,
     load_datalist,
 )
@@ -16,6 +17,7 @@ from common.engines.post import CopyChannelsd, InvertScalingd, SplitSamplesd
 from common.engines.writer import SynthesisWriter
 
 __all__ = [
+    "flag",
     "HOW_TO_MAKE_DATA",
     "ConditionPrepareBatch",
     "CopyChannelsd",

@@ -117,3 +117,30 @@ def check_checkpoint(path: str | os.PathLike) -> str:
             f"--config_file <bundle>/configs/train.json) or pass --ckpt_path <model.pt>"
         )
     return str(path)
+
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", "none", ""}
+
+
+def flag(value, name: str = "flag") -> bool:
+    """A config switch as a bool, whether it came from JSON (``true``) or the command line.
+
+    ``python -m monai.bundle run ... --resume false`` hands the config the *string* ``"false"``,
+    which Python reads as true; every boolean a user may override is read through this function.
+
+    Raises:
+        ValueError for anything that is not a recognisable yes/no, naming ``name`` and the value.
+    """
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{name}: expected true or false, got {value!r}")

@@ -76,6 +76,10 @@ class SynthesisWriter:
         mask_key: optional mask key whose largest slice the panel shows.
         id_key: datalist key with the case id (else the source folder name).
         panel: write the PNG panel.
+        geometry_from: ``"file"`` (default): the affine and grid of the source file of
+            ``geometry_key``, read from that file; ``"meta"``: the affine and grid the loaded
+            ``geometry_key`` carries in memory (a MetaTensor), for outputs on a grid that no file
+            has, e.g. a low-resolution acquisition resampled onto a finer grid.
     """
 
     def __init__(
@@ -87,7 +91,11 @@ class SynthesisWriter:
         mask_key: str | None = None,
         id_key: str = "id",
         panel: bool = True,
+        geometry_from: str = "file",
     ) -> None:
+        if geometry_from not in ("file", "meta"):
+            raise ValueError(f"geometry_from must be 'file' or 'meta', got {geometry_from!r}")
+        self.geometry_from = geometry_from
         self.output_dir = Path(output_dir)
         self.output_names = list(output_names)
         self.geometry_key = geometry_key
@@ -109,30 +117,40 @@ class SynthesisWriter:
 
     def write_case(self, item: dict, out: dict) -> dict[str, str]:
         src = source_file(item, self.geometry_key)
-        ref = nib.load(src)
+        affine, grid = self.reference_grid(item, src)
         cid = case_id(item, self.id_key, self.geometry_key)
         case_dir = self.output_dir / cid
         pred = as_numpy(out["pred"])
         if pred.shape[0] != len(self.output_names):
             raise ValueError(f"{cid}: prediction has {pred.shape[0]} channels for outputs {self.output_names}")
-        if tuple(pred.shape[1:]) != tuple(ref.shape[:3]):
-            raise ValueError(f"{cid}: prediction grid {pred.shape[1:]} differs from {src} grid {ref.shape[:3]}")
+        if tuple(pred.shape[1:]) != tuple(grid):
+            raise ValueError(f"{cid}: prediction grid {pred.shape[1:]} differs from {src} grid {tuple(grid)}")
         written: dict[str, str] = {"id": cid}
         protect = loaded_files(item) + (src,)
         for f in protect:
             if Path(f).resolve().parent == case_dir.resolve():
                 raise FileExistsError(f"{cid}: output folder {case_dir} holds the input {f}; choose another output_dir")
         for c, name in enumerate(self.output_names):
-            written[name] = str(save_nifti(pred[c], ref.affine, case_dir / f"{name}.nii.gz", protect=protect))
+            written[name] = str(save_nifti(pred[c], affine, case_dir / f"{name}.nii.gz", protect=protect))
         if "pred_std" in out and out["pred_std"] is not None:
             std = as_numpy(out["pred_std"])
             for c, name in enumerate(self.output_names):
-                written[f"{name}_std"] = str(save_nifti(std[c], ref.affine, case_dir / f"{name}_std.nii.gz", protect=protect))
+                written[f"{name}_std"] = str(save_nifti(std[c], affine, case_dir / f"{name}_std.nii.gz", protect=protect))
         if self.panel:
             written["panel"] = self.write_panel(item, out, pred, case_dir / "panel.png", cid)
         self.written.append(written)
         logger.info("%s: wrote %s", cid, ", ".join(f"{k}={v}" for k, v in written.items() if k != "id"))
         return written
+
+    def reference_grid(self, item: dict, src: str) -> tuple[np.ndarray, tuple[int, ...]]:
+        """(4x4 affine, spatial shape) the outputs are written on (see ``geometry_from``)."""
+        if self.geometry_from == "file":
+            ref = nib.load(src)
+            return ref.affine, tuple(ref.shape[:3])
+        x = item[self.geometry_key]
+        if not hasattr(x, "affine"):
+            raise TypeError(f"geometry_from='meta' needs {self.geometry_key!r} as a MetaTensor with an affine")
+        return np.asarray(x.affine.detach().cpu().numpy(), dtype=np.float64), tuple(x.shape[1:4])
 
     def write_panel(self, item: dict, out: dict, pred: np.ndarray, path: Path, cid: str) -> str:
         mask = as_numpy(item[self.mask_key])[0] if self.mask_key and item.get(self.mask_key) is not None else None

@@ -14,10 +14,12 @@ from .intensity import (
 
 from .degrade import ResampleToReferenced, SimulateLowResolutiond, simulate_low_resolution
 from .reference import ScaleLikeReferenced
+from .phases import SelectPhasesd
 
 __all__ = [
     "CheckImaged",
     "ScaleLikeReferenced",
+    "SelectPhasesd",
     "SimulateLowResolutiond",
     "ResampleToReferenced",
     "simulate_low_resolution",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import resource
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -50,3 +52,43 @@ def isolated(fn: Callable, *args) -> tuple[Any, float]:
     if err:
         raise RuntimeError(f"benchmark child failed: {err}")
     return out, rss
+
+
+def eval_means(summary_json: str | Path) -> dict[str, dict[str, float]]:
+    """``{"<method>/<phase>/<region>": {metric: mean, f"{metric}_std": std}, ...}`` of a bundle evaluation's
+    ``summary.json`` (written by :func:`common.engines.evaluate.report`), plus ``"n_cases"``."""
+    summary = json.loads(Path(summary_json).read_text())["summary"]
+    out: dict = {}
+    n = 0
+    for name, stats in summary.items():
+        out[name] = {k: v["mean"] for k, v in stats.items()} | {f"{k}_std": v["std"] for k, v in stats.items()}
+        n = max([n] + [v["n"] for v in stats.values()])
+    out["n_cases"] = n
+    return out
+
+
+def write_record(path: str | Path, summary_json: str | Path, **info) -> dict:
+    """Keep a documented run's evaluation (means per method/phase/region) and how it was made, as JSON
+    beside the bundle's docs, so that the benchmark table can report it without re-running it."""
+    from common.io import save_json
+
+    rec = dict(info, means=eval_means(summary_json))
+    save_json(rec, path)
+    return rec
+
+
+def read_record(path: str | Path) -> dict | None:
+    """The record at ``path``, or ``None`` when that run has not been recorded."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def measure_on(device_name: str, fn: Callable, *args) -> tuple[Any, str]:
+    """``fn(*args)`` measured on ``device_name`` and a memory note: peak CUDA memory allocated (the
+    result's ``"peak_mib"``) on a GPU; on the CPU ``fn`` runs in a fresh process (:func:`isolated`) and
+    the note is that process's peak RSS."""
+    if device_name == "cuda":
+        res = fn(*args)
+        return res, f"{res.get('peak_mib', float('nan')):.0f} MiB peak CUDA allocated"
+    res, rss = isolated(fn, *args)
+    return res, f"{rss:.0f} MiB peak RSS of the process"

@@ -3,7 +3,6 @@ training iterations per second, for the small and paper-sized networks (untraine
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -11,6 +10,8 @@ import torch
 from common.device import get_device
 
 SHAPE = (160, 160, 16)
+DEMO_RECORD = Path(__file__).resolve().parents[2] / "bundles" / "resdce" / "docs" / "demo_cpu_run.json"
+PHASES = ("dce_onset", "dce_early", "dce_late")
 MAX_STEP_SECONDS_FULL = 20.0  # above this per step, measure one step and scale (and say so)
 
 
@@ -74,19 +75,13 @@ def measure_training(preset: str, device_name: str, batch: int = 8, iters: int =
 
 
 def rows(tmp: Path) -> list[dict]:
-    from scripts.benchmarks.common import isolated
+    from scripts.benchmarks.common import isolated, measure_on
 
     devices = ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
     out = []
     for dev in devices:
         for preset in ("small", "paper"):
-            if dev == "cuda":
-                res = measure_inference(preset, dev)
-                rss = res.get("peak_mib", math.nan)
-                mem = f"{rss:.0f} MiB peak CUDA allocated"
-            else:
-                res, rss = isolated(measure_inference, preset, dev)
-                mem = f"{rss:.0f} MiB peak RSS of the process"
+            res, mem = measure_on(dev, measure_inference, preset, dev)
             for steps in (15, 4):
                 note = f"{res['params_m']:.1f}M params, 16 slices batched; {mem}"
                 if res[f"vol{steps}_scaled"]:
@@ -97,4 +92,48 @@ def rows(tmp: Path) -> list[dict]:
             out.append({"what": f"resdce training, batch 8 slices 160x160, {preset} net",
                         "value": f"{ips:.2f} it/s", "device": dev,
                         "note": "Adam, MSE on x0" + (", AMP" if dev == "cuda" else "")})
-    return out
+    return out + demo_row()
+
+
+def demo_row() -> list[dict]:
+    """Model vs. copy_pre PSNR of the recorded ``make demo`` run (read from its record, not re-run)."""
+    from scripts.benchmarks.common import read_record
+
+    rec = read_record(DEMO_RECORD)
+    if rec is None:
+        return []
+    m = rec["means"]
+
+    def psnr(method: str, region: str) -> str:
+        return " / ".join(f"{m[f'{method}/{p}/{region}']['psnr']:.1f}" for p in PHASES)
+
+    return [{
+        "what": f"resdce PSNR onset / early / late on {m['n_cases']} held-out phantom subjects (`make demo`, "
+                f"{rec['iterations']} iterations)",
+        "value": f"whole image: model {psnr('resdce', 'whole')} dB vs copy_pre {psnr('copy_pre', 'whole')} dB; "
+                 f"prostate: model {psnr('resdce', 'organ_mask')} dB vs copy_pre {psnr('copy_pre', 'organ_mask')} dB",
+        "device": rec.get("device", "cpu"),
+        "note": f"{rec['note']} (recorded in {DEMO_RECORD.relative_to(DEMO_RECORD.parents[3])} by `{rec['command']}`, "
+                "not re-run here)",
+    }]
+
+
+def record(eval_dir: str = "demo_output/resdce/eval", iterations: int = 300, note: str = "") -> dict:
+    """Record the evaluation of a finished ``make demo`` (its ``summary.json``) for the benchmark table.
+
+    ``python -m scripts.benchmarks.resdce record [--eval_dir demo_output/resdce/eval] [--note "..."]``
+    """
+    from scripts.benchmarks.common import write_record
+
+    root = DEMO_RECORD.parents[3]
+    return write_record(
+        DEMO_RECORD, root / eval_dir / "summary.json", command="make demo; python -m scripts.benchmarks.resdce record",
+        iterations=iterations, device="cuda" if torch.cuda.is_available() else "cpu",
+        note=note or f"small net, {iterations} iterations of 8 96x96 crops, 15 sampling steps",
+    )
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"record": record})

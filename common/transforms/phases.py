@@ -1,0 +1,169 @@
+"""Pick named 3D phases out of a loaded 4D DCE series, as a MONAI dictionary transform.
+
+The prepared layout (:mod:`common.layout`) keeps the whole dynamic series (``dce.nii.gz``, 4D
+``(x, y, z, t)``) and its time vector (``dce_times.json``, ``{"times_s": [...]}``) next to the
+phases the ingest picked. A method that defines its targets differently (DCE-diff: the middle and
+the last time point) selects them here at load time, with the rules of
+:func:`common.dce.select_phases` (index, fraction of the series, time in seconds, or the default
+arrival-based ``pre``/``onset``/``early``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from common.dce import mean_curve, select_phases
+from common.layout import DCE_TIMES
+
+__all__ = ["SelectPhasesd", "read_dce_times"]
+
+#: DCE-diff's targets: the middle and the last time point of the series
+MIDDLE_AND_LAST = {"early": {"fraction": 0.5}, "late": {"index": -1}}
+
+
+def read_dce_times(path: str | os.PathLike) -> list[float]:
+    """Time vector (seconds) from a ``dce_times.json`` (``{"times_s": [...]}``) or a bare JSON list."""
+    with open(path) as f:
+        raw = json.load(f)
+    times = raw.get("times_s") if isinstance(raw, dict) else raw
+    if not isinstance(times, list) or not times:
+        raise ValueError(f"{path}: expected {{'times_s': [seconds, ...]}} or a list of seconds")
+    return [float(t) for t in times]
+
+
+def _source_file(x: Any) -> str | None:
+    meta = getattr(x, "meta", None)
+    name = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+    return str(name) if name else None
+
+
+class SelectPhasesd(MapTransform):
+    """Replace a 4D DCE series by named 3D phases: ``d["dce"]`` (T, H, W, D) -> ``d["dce_early"]``,
+    ``d["dce_late"]`` (1, H, W, D) each.
+
+    The series is the channel-first array ``LoadImaged(..., ensure_channel_first=True)`` makes of a
+    4D NIfTI (time as channels). The indices come from :func:`common.dce.select_phases` with
+    ``spec``; phases without a rule use its defaults (``late``: last time point; ``pre``/``onset``/
+    ``early``: from contrast arrival on the mean curve inside ``mask_key``, else over the most
+    enhancing voxels). Each output is a slice of the input (MetaTensor: same affine and metadata),
+    and ``d[f"{key}_phases"] = {name: {"index": i, "time_s": t}}`` records what was chosen.
+
+    Times: ``d[times_key]`` (a list of seconds or the path of a JSON) if given and present, else
+    ``times_file`` beside the file the series was loaded from (``dce_times.json`` of the prepared
+    layout). If there is none and every phase is fixed by ``index`` or ``fraction``, only the number
+    of time points is used (the recorded ``time_s`` are NaN); otherwise it is an error.
+
+    Args:
+        keys: the 4D series key(s), typically ``"dce"``.
+        phases: phase names, in output order; default the names in ``spec``.
+        spec: per-phase rules, ``{"early": {"fraction": 0.5}, "late": {"index": -1}}`` (default,
+            DCE-diff's middle and last time points), ``{"early": {"time_s": 90}}`` (nearest time
+            point) or ``{"early": {"index": 10}}``; see :func:`common.dce.select_phases`.
+        output_prefix: output key of phase ``p`` is ``output_prefix + p`` (e.g. ``dce_early``).
+        times_key: optional data key holding the times (list) or a path to the times JSON.
+        times_file: file name of the times JSON beside the series file.
+        mask_key: optional (1, H, W, D) mask for the mean curve of arrival-based rules.
+        early_delay_s: ``select_phases``' default delay of ``early`` after arrival.
+        remove_source: drop the 4D series from the dictionary afterwards (it is large; caching
+            datasets then keep only the phases).
+        allow_missing_keys: cases without a series pass unchanged (inference on inputs only).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "dce",
+        phases: Sequence[str] | None = None,
+        spec: Mapping[str, Mapping[str, float]] | None = None,
+        output_prefix: str = "dce_",
+        times_key: Hashable | None = None,
+        times_file: str = DCE_TIMES,
+        mask_key: Hashable | None = None,
+        early_delay_s: float = 60.0,
+        remove_source: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spec = {str(k): dict(v) for k, v in (MIDDLE_AND_LAST if spec is None else spec).items()}
+        self.phases = [str(p) for p in (phases if phases is not None else self.spec)]
+        if not self.phases:
+            raise ValueError("SelectPhasesd: no phases to select (give `phases` or `spec`)")
+        self.output_prefix = output_prefix
+        self.times_key = times_key
+        self.times_file = times_file
+        self.mask_key = mask_key
+        self.early_delay_s = float(early_delay_s)
+        self.remove_source = remove_source
+
+    def _arrival_phases(self) -> list[str]:
+        """Phases chosen from contrast arrival (no rule of their own): they need the times and the curve."""
+        return [p for p in self.phases if not self.spec.get(p) and p != "late"]
+
+    def _needs_times(self) -> bool:
+        return bool(self._arrival_phases()) or any("time_s" in self.spec.get(p, {}) for p in self.phases)
+
+    def times_for(self, d: Mapping, key: Hashable, n: int) -> np.ndarray:
+        where = _source_file(d[key]) or str(key)
+        times: Any = None
+        origin = ""
+        if self.times_key is not None and d.get(self.times_key) is not None:
+            times, origin = d[self.times_key], f"data key {self.times_key!r}"
+            if isinstance(times, (str, os.PathLike)):
+                times, origin = read_dce_times(times), str(times)
+        else:
+            src = _source_file(d[key])
+            path = Path(src).parent / self.times_file if src else None
+            if path is not None and path.is_file():
+                times, origin = read_dce_times(path), str(path)
+        if times is None:
+            if self._needs_times():
+                raise FileNotFoundError(
+                    f"{where}: no DCE times ({self.times_file} beside it, or data key {self.times_key!r}); phases "
+                    f"{self.phases} with rules {self.spec} need them (fix each phase by 'index' or 'fraction' to do without)"
+                )
+            return np.full(n, np.nan)  # unknown: only the count is used
+        times = np.asarray(times, dtype=np.float64).ravel()
+        if times.size != n:
+            raise ValueError(f"{where}: {n} time points in the series but {times.size} times in {origin}")
+        return times
+
+    def indices(self, d: Mapping, key: Hashable) -> tuple[dict[str, int], np.ndarray]:
+        """``({phase: index}, times)`` for the series ``d[key]`` (T, H, W, D)."""
+        x = d[key]
+        if x.ndim != 4:
+            raise ValueError(
+                f"{_source_file(x) or key}: expected a channel-first DCE series (T, H, W, D), got shape {tuple(x.shape)}"
+            )
+        n = int(x.shape[0])
+        times = self.times_for(d, key, n)
+        curve = None
+        if self._arrival_phases():
+            arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            mask = None
+            if self.mask_key is not None and d.get(self.mask_key) is not None:
+                m = d[self.mask_key]
+                mask = (m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m))[0] > 0.5
+            curve = mean_curve(np.moveaxis(arr, 0, -1), mask)
+        positions = times if np.isfinite(times).all() else np.arange(n, dtype=np.float64)
+        idx = select_phases(positions, curve, spec=self.spec, names=self.phases, early_delay_s=self.early_delay_s)
+        return idx, times
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            idx, times = self.indices(d, key)
+            x = d[key]
+            for name in self.phases:
+                i = idx[name]
+                d[f"{self.output_prefix}{name}"] = x[i : i + 1].clone() if isinstance(x, torch.Tensor) else np.array(x[i : i + 1])
+            d[f"{key}_phases"] = {name: {"index": int(idx[name]), "time_s": float(times[idx[name]])} for name in self.phases}
+            if self.remove_source:
+                del d[key]
+        return d
