@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, bundle
+from helpers import ROOT, bundle_here as bundle
 
 pytestmark = pytest.mark.realdata
 
@@ -41,8 +41,8 @@ def _assert_same_grid(out_file, ref_file):
 @pytest.mark.parametrize(
     "name, phases, extra",
     [
-        ("resdce", ["dce_onset", "dce_early", "dce_late"], ["--num_inference_steps", "2"]),
-        ("dcediff", ["dce_early", "dce_late"], ["--sampler", "ddim", "--num_inference_steps", "2"]),
+        ("resdce", ["dce_onset", "dce_early", "dce_late"], ["--num_inference_steps", "1"]),
+        ("dcediff", ["dce_early", "dce_late"], ["--sampler", "ddim", "--num_inference_steps", "1"]),
     ],
 )
 def test_dce_bundle_on_prostatex(prepared_prostatex, tmp_path, name, phases, extra):
@@ -75,7 +75,7 @@ def test_ressrdiff_on_the_native_prostatex_t2w(prepared_prostatex, tmp_path):
            "--patch_size", "[96,96]", "--slices_per_volume", "2", "--warmup_iterations", "1", *TINY)
     res = bundle("run", "evaluating", "--config_file", _eval_files("ressrdiff"), "--input_file", str(t2w),
                  "--input_id", case.name, "--ckpt_path", str(models / "model.pt"), "--output_dir", str(out),
-                 "--network_size", "small", "--num_inference_steps", "2")
+                 "--network_size", "small", "--num_inference_steps", "1")
     assert "bicubic" in res.stdout
     _assert_same_grid(out / case.name / "sr.nii.gz", t2w)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
