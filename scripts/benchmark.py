@@ -4,7 +4,7 @@ Rows are added by each part of the project (phantom generation, DICOM ingest, ea
 training and inference). Every row says what was measured, on which device, and how. Timings are
 wall-clock seconds on the machine that runs it; nothing here is asserted by a test.
 
-    python scripts/benchmark.py --out benchmark.md [--only phantoms,ingest,resdce] [--full False]
+    python scripts/benchmark.py --out benchmark.md [--only phantoms,ingest,resdce,dcediff,ressrdiff]
 """
 
 from __future__ import annotations
@@ -73,10 +73,6 @@ def main(out: str = "benchmark.md", only: str | tuple = "") -> None:
     if unknown:
         raise ValueError(f"unknown benchmark section(s) {unknown}; choose from {sorted(sections)}")
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            print(f"[bench] {name} ...", flush=True)
-            rows += sections[name](Path(tmp))
     dev = get_device()
     header = (
         f"# Benchmark\n\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -84,12 +80,25 @@ def main(out: str = "benchmark.md", only: str | tuple = "") -> None:
         + (f" ({torch.cuda.get_device_name(0)})" if dev.type == "cuda" else "")
         + f"\n\n| what | value | device | note |\n|---|---|---|---|\n"
     )
-    table = header + "".join(f"| {r['what']} | {r['value']} | {r['device']} | {r['note']} |\n" for r in rows)
     from common.io import atomic_path
 
-    with atomic_path(ROOT / out if not Path(out).is_absolute() else out) as tmp_path:
-        tmp_path.write_text(table)
-    print(table)
+    def write() -> str:  # after every section, so that what was measured survives a later failure
+        table = header + "".join(f"| {r['what']} | {r['value']} | {r['device']} | {r['note']} |\n" for r in rows)
+        with atomic_path(ROOT / out if not Path(out).is_absolute() else out) as tmp_path:
+            tmp_path.write_text(table)
+        return table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            print(f"[bench] {name} ...", flush=True)
+            t0 = time.perf_counter()
+            try:
+                rows += sections[name](Path(tmp))
+            except Exception as e:  # one failing section (e.g. out of memory) must not lose the others
+                rows.append({"what": f"section {name}", "value": "failed", "device": str(dev), "note": str(e)})
+            print(f"[bench] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+            write()
+    print(write())
 
 
 if __name__ == "__main__":

@@ -41,13 +41,21 @@ def isolated(fn: Callable, *args) -> tuple[Any, float]:
     """Run ``fn(*args)`` in a fresh process; return its result and that process's peak RSS in MiB.
 
     On the CPU this is the honest peak-memory figure of one configuration (a long-lived process's
-    peak RSS only ever grows). ``fn`` must be importable (a module-level function).
+    peak RSS only ever grows). ``fn`` must be importable (a module-level function). A child that dies
+    without answering (e.g. killed by the kernel when memory runs out) raises ``RuntimeError`` with
+    its exit code instead of leaving the parent waiting.
     """
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(child, fn, args))
     p.start()
-    out, rss, err = parent.recv()
+    child.close()  # only the child writes: its death closes the pipe
+    try:
+        out, rss, err = parent.recv()
+    except EOFError:
+        p.join()
+        why = " (killed: out of memory?)" if p.exitcode == -9 else ""
+        raise RuntimeError(f"benchmark child {fn.__name__}{args} died with exit code {p.exitcode}{why}") from None
     p.join()
     if err:
         raise RuntimeError(f"benchmark child failed: {err}")
