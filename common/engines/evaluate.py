@@ -32,6 +32,13 @@ logger = logging.getLogger(__name__)
 METRICS = {"psnr": psnr, "ssim": ssim, "mae": mae, "gmsd": gmsd}
 
 
+def target_range(target: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
+    """``(lo, scale)`` that map the target's ``percentiles`` (over all its channels) to [0, 1]:
+    every image of a case is scored as ``(image - lo) / scale`` (scale 1 for a constant target)."""
+    lo, hi = np.percentile(target, percentiles)
+    return float(lo), (float(hi - lo) if hi > lo else 1.0)
+
+
 def score_case(
     pred: np.ndarray,
     target: np.ndarray,
@@ -58,8 +65,7 @@ def score_case(
     Returns:
         rows ``{"phase", "region", "psnr", "ssim", "mae"[, "enh_rel_err", "enh_corr"]}``.
     """
-    lo, hi = np.percentile(target, percentiles)
-    scale = float(hi - lo) if hi > lo else 1.0
+    lo, scale = target_range(target, percentiles)
     t = (target - lo) / scale
     p = (pred - lo) / scale
     r = None if reference is None else (reference - lo) / scale

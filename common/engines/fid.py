@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from common.engines.evaluate import target_range
 from common.engines.writer import as_numpy
 from common.io import save_json
 from common.metrics import write_case_csv
@@ -90,8 +91,7 @@ class SynthesisFID:
                 keep = (as_numpy(item[self.mask_key])[0] > 0.5).any(axis=(0, 1))
             if not keep.any():
                 continue
-            lo, hi = np.percentile(target, self.percentiles)
-            scale = float(hi - lo) if hi > lo else 1.0
+            lo, scale = target_range(target, self.percentiles)
             methods = {"real": target, self.method: as_numpy(out["pred"])}
             for b in self.baselines:
                 value = out.get(f"baseline_{b}")

@@ -47,7 +47,8 @@ def measure_inference(preset: str, device_name: str) -> dict:
     return out
 
 
-def measure_training(preset: str, device_name: str, batch: int = 8, iters: int = 3) -> float:
+def measure_training(preset: str, device_name: str, batch: int = 8, iters: int = 3) -> dict:
+    """Training iterations per second (``"ips"``; on CUDA also ``"peak_mib"``)."""
     from common.engines import ResidualShiftInferer
     from common.networks import SwinDiffusionUNet
     from common.schedulers import ResidualShiftScheduler
@@ -71,11 +72,14 @@ def measure_training(preset: str, device_name: str, batch: int = 8, iters: int =
         scaler.update()
 
     n = iters if preset == "small" or device.type == "cuda" else 1
-    return n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device)
+    out = {"ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device)}
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def rows(tmp: Path) -> list[dict]:
-    from scripts.benchmarks.common import isolated, measure_on
+    from scripts.benchmarks.common import measure_on
 
     devices = ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
     out = []
@@ -91,14 +95,11 @@ def rows(tmp: Path) -> list[dict]:
             # the paper's batch of 8 whole slices needs > 22 GiB for the paper net on a CPU (killed on a
             # 24 GiB machine): there it is measured with 2 slices and says so
             batch = 8 if (preset == "small" or dev == "cuda") else 2
-            if dev == "cuda":
-                ips, mem = measure_training(preset, dev, batch), "AMP"
-            else:
-                ips, rss = isolated(measure_training, preset, dev, batch)
-                mem = f"{rss:.0f} MiB peak RSS"
+            train, mem = measure_on(dev, measure_training, preset, dev, batch)
             out.append({"what": f"resdce training, batch {batch} slices 160x160, {preset} net",
-                        "value": f"{ips:.2f} it/s", "device": dev,
-                        "note": f"Adam, MSE on x0; {mem}" + ("" if batch == 8 else "; the paper's batch 8 does not fit in 24 GiB on a CPU")})
+                        "value": f"{train['ips']:.2f} it/s", "device": dev,
+                        "note": f"Adam, MSE on x0{', AMP' if dev == 'cuda' else ''}; {mem}"
+                                + ("" if batch == 8 else "; the paper's batch 8 does not fit in 24 GiB on a CPU")})
     return out + demo_row()
 
 
