@@ -31,7 +31,7 @@ def main(
     phantoms: str = "data/phantoms",
     iterations: int = 300,
     network_size: str = "small",
-    patch_size: tuple[int, int] = (96, 96),
+    patch_size: tuple[int, int] = (64, 64),
     lr: float = 5e-4,
     num_inference_steps: int = 15,
     n_prostate: int = 16,

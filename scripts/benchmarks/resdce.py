@@ -126,7 +126,7 @@ def demo_row() -> list[dict]:
     }]
 
 
-def record(eval_dir: str = "demo_output/resdce/eval", iterations: int = 300, note: str = "") -> dict:
+def record(eval_dir: str = "demo_output/resdce/eval", iterations: int = 300, patch: int = 64, note: str = "") -> dict:
     """Record the evaluation of a finished ``make demo`` (its ``summary.json``) for the benchmark table.
 
     ``python -m scripts.benchmarks.resdce record [--eval_dir demo_output/resdce/eval] [--note "..."]``
@@ -137,7 +137,7 @@ def record(eval_dir: str = "demo_output/resdce/eval", iterations: int = 300, not
     return write_record(
         DEMO_RECORD, root / eval_dir / "summary.json", command="make demo; python -m scripts.benchmarks.resdce record",
         iterations=iterations, device="cuda" if torch.cuda.is_available() else "cpu",
-        note=note or f"small net, {iterations} iterations of 8 96x96 crops, 15 sampling steps",
+        note=note or f"small net, {iterations} iterations of 8 {patch}x{patch} crops, 15 sampling steps",
     )
 
 
