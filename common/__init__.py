@@ -2,10 +2,11 @@
 
 Sub-packages: ``phantoms`` (physics-based digital reference objects), ``ingest`` (DICOM study
 ingest, registration, cropping), ``metrics``, ``transforms`` (MONAI dictionary transforms),
-``schedulers`` and ``networks`` (what MONAI lacks), ``engines`` (bundle plumbing), and the modules
-``io``, ``dce``, ``layout``, ``device``, ``losses``.
+``schedulers``, ``networks``, ``inferers``, ``handlers`` (what MONAI lacks, in MONAI's own split),
+``engines`` (batch preparation), ``data`` (datalists), and the modules ``bundle`` (config and
+command-line helpers), ``io``, ``dce``, ``layout``, ``device``, ``losses``, ``visualize``.
 
-Sub-modules load on first attribute access (``common.engines``), so a bundle config needs only
+Sub-modules load on first attribute access (``common.inferers``), so a bundle config needs only
 ``"$import common"`` and a light import (e.g. the ingest's worker processes) stays light.
 """
 
@@ -14,9 +15,13 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "bundle",
+    "data",
     "dce",
     "device",
     "engines",
+    "handlers",
+    "inferers",
     "ingest",
     "io",
     "layout",
@@ -26,6 +31,7 @@ _SUBMODULES = (
     "phantoms",
     "schedulers",
     "transforms",
+    "visualize",
 )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it to ``path``, on error remove it.
+    """Yield a temporary path next to ``path``; on success fsync it and rename it to ``path``, on error remove it.
 
     Args:
         path: final destination.
@@ -41,6 +41,8 @@ def atomic_path(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] 
     tmp = Path(tmp)
     try:
         yield tmp
+        with open(tmp, "rb+") as f:  # on disk before it takes the name: a crash leaves old or new, never half
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from helpers import bundle, check_bundle_configs, train_two_processes
+from helpers import bundle, bundle_here, check_bundle_configs, train_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "resdce" / "configs"
@@ -36,7 +36,7 @@ def test_configs_parse_with_the_documented_ids():
     check_bundle_configs(CONFIGS, (
         (["train.json"], ["training", "run", "train#trainer", "validate#evaluator", "scheduler", "network_def",
                           "train_section", "val_section"]),
-        (["train.json", "multi_gpu_train.json"], ["training", "network", "train#sampler"]),
+        (["train.json", "multi_gpu_train.json"], ["training", "network", "train#data_sampler"]),
         (["inference.json", "evaluate.json"], ["evaluating", "run", "evaluator", "inferer"]),
     ))
     p = ConfigParser()
@@ -70,8 +70,17 @@ def test_train_resume_infer_evaluate(phantoms, tmp_path):
     state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 3
     configs = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']"
+    # the network preset travels with the weights: no --network_size needed, a wrong one is named
+    assert torch.load(models / "model.pt", weights_only=True)["config"]["network_size"] == "small"
+    with pytest.raises(Exception) as e:
+        bundle_here("run", "evaluating", "--config_file", configs, "--dataset_dir", str(phantoms), "--ckpt_path",
+                    str(models / "model.pt"), "--output_dir", str(tmp_path / "wrong"), "--network_size", "paper")
+    chain = [str(e.value)] + [str(x) for x in (e.value.__cause__, getattr(e.value.__cause__, "__cause__", None)) if x]
+    assert any("network_size: the checkpoint has 'small', this run 'paper'" in m and "--network_size small" in m
+               for m in chain), chain
+    assert not (tmp_path / "wrong").exists()
     bundle("run", "evaluating", "--config_file", configs, "--dataset_dir", str(phantoms), "--ckpt_path",
-           str(models / "model.pt"), "--output_dir", str(out), "--network_size", "small", "--num_inference_steps", "4")
+           str(models / "model.pt"), "--output_dir", str(out), "--num_inference_steps", "4")
     test_ids = [e["id"] for e in json.loads((phantoms / "datalist.json").read_text())["test"]]
     for cid in test_ids:
         src = nib.load(phantoms / cid / "dce_pre.nii.gz")
@@ -95,7 +104,10 @@ def test_inference_without_weights_or_data_says_what_to_do(tmp_path):
            "--dataset_dir", str(tmp_path), "--ckpt_path", str(tmp_path / "none.pt"), "--network_size", "small"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "no trained weights" in res.stderr
-    (tmp_path / "none.pt").write_bytes(b"")
+    (tmp_path / "none.pt").write_bytes(b"")  # an empty (truncated) checkpoint is named as such
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and f"cannot read the checkpoint {tmp_path / 'none.pt'}" in res.stderr
+    torch.save({}, tmp_path / "none.pt")  # readable weights, no data: says how to make data
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "make_phantoms.py" in res.stderr
 

@@ -36,7 +36,7 @@ def test_configs_parse_with_the_documented_ids():
     check_bundle_configs(CONFIGS, (
         (["train.json"], ["training", "run", "train#trainer", "train#lr_scheduler", "train#loss",
                           "validate#evaluator", "scheduler", "network_def", "preprocessing"]),
-        (["train.json", "multi_gpu_train.json"], ["training", "network", "train#sampler"]),
+        (["train.json", "multi_gpu_train.json"], ["training", "network", "train#data_sampler"]),
         (["inference.json", "evaluate.json"], ["evaluating", "run", "evaluator", "inferer", "datalist",
                                                "postprocessing"]),
     ))
@@ -55,13 +55,13 @@ def test_configs_parse_with_the_documented_ids():
     p.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json")])
     p["network_size"] = "small"
     assert p["num_inference_steps"] == 4 and p["baseline_interpolators"] == ["bicubic", "nearest"]
-    sampler = p.get_parsed_content("sampler")
+    sampler = p.get_parsed_content("slice_inferer")
     sampler.scheduler.set_timesteps(4)
     assert sampler.scheduler.timesteps.tolist() == [14, 9, 5, 0]
 
 
 def test_volume_datalist_is_a_deterministic_split(tmp_path):
-    from common.engines.volumes import find_volumes, volume_datalist, volume_or_datalist
+    from common.data.volumes import find_volumes, volume_datalist, volume_or_datalist
 
     for i in range(10):
         (tmp_path / f"case{i:02d}").mkdir()
@@ -192,7 +192,7 @@ def test_brain_t1_phantoms_with_fourfold_degradation(tmp_path):
     assert lr.upsampled.shape == vol.shape
     from skimage.metrics import peak_signal_noise_ratio
 
-    from common.engines.evaluate import target_range
+    from common.handlers.metrics import target_range
 
     lo, scale = target_range(vol)
     expected = peak_signal_noise_ratio((vol - lo) / scale, (lr.upsampled - lo) / scale, data_range=1.0)

@@ -11,20 +11,15 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from common.engines import (
-    ConditionalDiffusionPrepareBatch,
-    ConditionPrepareBatch,
-    CopyChannelsd,
-    DiffusionVolumeInferer,
-    SplitSamplesd,
-    SynthesisWriter,
-    bundle_root,
-    case_or_datalist,
-    latest_checkpoint,
-    load_datalist,
-    score_case,
-)
-from common.engines.evaluate import enhancement_scores
+from monai.engines.utils import default_prepare_batch
+
+from common.bundle import bundle_root, latest_checkpoint
+from common.data import case_or_datalist, load_datalist
+from common.engines import ConditionalDiffusionPrepareBatch
+from common.handlers import SynthesisWriter, score_case
+from common.inferers import DiffusionVolumeInferer
+from common.transforms import CopyChannelsd, SplitSamplesd
+from common.handlers.metrics import enhancement_scores
 from common.io import save_nifti
 
 
@@ -58,7 +53,8 @@ def test_prepare_batch_targets():
     assert kw["timesteps"].min() >= 0 and kw["timesteps"].max() < 15
     _, target, _, kw = ConditionalDiffusionPrepareBatch(1000, predict="noise")(batch)
     assert torch.equal(target, kw["noise"])
-    cond, tgt = ConditionPrepareBatch()({"image": batch["image"]})
+    # evaluation uses MONAI's default_prepare_batch: (condition, None) for a case without a target
+    cond, tgt = default_prepare_batch({"image": batch["image"]})
     assert tgt is None and torch.equal(cond, batch["image"])
     with pytest.raises(KeyError, match="label"):
         ConditionalDiffusionPrepareBatch(15)({"image": batch["image"]})
@@ -182,7 +178,7 @@ def test_bundle_root_and_latest_checkpoint(tmp_path, monkeypatch):
 
 
 def test_flag_reads_command_line_booleans():
-    from common.engines import flag
+    from common.bundle import flag
 
     for v in (True, "true", "True", " yes", "1", 1, "on"):
         assert flag(v) is True
@@ -190,3 +186,29 @@ def test_flag_reads_command_line_booleans():
         assert flag(v) is False
     with pytest.raises(ValueError, match="resume: expected true or false, got 'maybe'"):
         flag("maybe", "resume")
+
+
+def test_checkpoint_record_travels_with_the_weights(tmp_path):
+    """The network preset and schedule are saved beside the weights; inference takes the preset from
+    the checkpoint and stops, naming each setting and the override, on a mismatch."""
+    from common.bundle import ConfigRecord, check_checkpoint, recorded_setting
+
+    net = torch.nn.Linear(2, 3)
+    rec = ConfigRecord(network_size="paper", kappa=2.0, target_keys=("dce_early", "dce_late"))
+    assert rec.state_dict() == {"network_size": "paper", "kappa": 2.0, "target_keys": ["dce_early", "dce_late"]}
+    path = tmp_path / "model.pt"
+    torch.save({"model": net.state_dict(), "config": rec.state_dict()}, path)  # as CheckpointSaver writes it
+    assert recorded_setting(path, "network_size", "small") == "paper"
+    assert recorded_setting(tmp_path / "absent.pt", "network_size", "small") == "small"
+    assert check_checkpoint(path, ConfigRecord(network_size="paper", kappa=2.0)) == str(path)
+    with pytest.raises(ValueError) as e:
+        check_checkpoint(path, ConfigRecord(network_size="small", kappa=1.0))
+    msg = str(e.value)
+    assert str(path) in msg and "network_size: the checkpoint has 'paper', this run 'small'" in msg
+    assert "--network_size paper" in msg and "--kappa 2.0" in msg
+    # a checkpoint without a record (older weights) is accepted; a truncated file is named
+    torch.save(net.state_dict(), tmp_path / "old.pt")
+    assert check_checkpoint(tmp_path / "old.pt", rec)
+    (tmp_path / "broken.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read the checkpoint .*broken.pt"):
+        check_checkpoint(tmp_path / "broken.pt", rec)

@@ -208,3 +208,44 @@ def test_module_to_dtype_and_timesteps_device(sched):
     x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
     out = sched.add_noise(x, torch.zeros_like(x), torch.tensor([2]), torch.zeros_like(x))
     assert out.dtype == torch.float64
+
+
+# ---------------------------------------------------------------- the inferer's residual pairing
+def test_inferer_pairs_each_target_with_its_condition_channel(sched):
+    """A permuted pairing (target 0 <- condition 2, 1 <- 0, 2 <- 1): the training marginal and the
+    prior are built from exactly those channels (the identity pairing would fail both checks)."""
+    from common.inferers import ResidualShiftInferer
+
+    pairing = [2, 0, 1]
+    inferer = ResidualShiftInferer(sched, residual_channels=pairing)
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    x0 = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 11])
+    seen = {}
+
+    def net(x, timesteps):
+        seen["x"], seen["t"] = x, timesteps
+        return x[:, :3]
+
+    inferer(x0, net, noise, t, condition=cond)
+    eta = torch.tensor([float(sched.etas[3]), float(sched.etas[11])], dtype=torch.float64).view(2, 1, 1, 1)
+    y0 = torch.stack([cond[:, 2], cond[:, 0], cond[:, 1]], dim=1)
+    expected = x0 + eta * (y0 - x0) + sched.kappa * eta.sqrt() * noise
+    torch.testing.assert_close(seen["x"][:, :3], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(seen["x"][:, 3:], cond)  # the network also sees the whole condition
+    assert seen["t"].tolist() == [3, 11]
+    # sampling starts from the prior around the paired channels: x_T = y0 + kappa sqrt(eta_T) eps
+    sched.set_timesteps(1)
+    captured = {}
+
+    def first_call(x, timesteps):
+        captured.setdefault("x", x.clone())
+        return torch.zeros_like(x[:, :3])
+
+    inferer.sample(noise, first_call, conditioning=cond, verbose=False)
+    prior = y0 + sched.kappa * math.sqrt(float(sched.etas[-1])) * noise
+    torch.testing.assert_close(captured["x"][:, :3], prior, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="refers past"):
+        ResidualShiftInferer(sched, residual_channels=[0, 1, 5]).paired_condition(cond, 3)

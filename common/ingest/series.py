@@ -19,13 +19,14 @@ from typing import Iterable, Sequence
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+
+from common.geometry import LPS_TO_RAS, array_to_sitk, sitk_affine, sitk_to_array  # noqa: F401 (re-exported)
 from pydicom.errors import InvalidDicomError
 
 from common.ingest.errors import IngestError
 
 log = logging.getLogger(__name__)
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 HEADER_TAGS = [
     "SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "StudyInstanceUID", "PatientID",
@@ -449,36 +450,4 @@ def read_frame(frame: Frame, geom: SeriesGeometry, patient: str | None = None, l
             f"{img.GetSpacing()} vs normal {np.round(geom.normal, 4).tolist()}, step {geom.slice_spacing:.4g}",
             patient, label,
         )
-    return img
-
-
-def sitk_to_array(img: sitk.Image) -> np.ndarray:
-    """Scalar SimpleITK image -> numpy array indexed (x, y, z) (a copy; ITK's numpy view is (z, y, x))."""
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError("sitk_to_array needs a scalar image")
-    a = sitk.GetArrayFromImage(img)
-    return np.ascontiguousarray(a.transpose(tuple(range(a.ndim - 1, -1, -1))))
-
-
-def sitk_affine(img: sitk.Image) -> np.ndarray:
-    """4x4 RAS affine (NIfTI convention) of a 3D SimpleITK image (ITK is LPS)."""
-    d = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)
-    a = np.eye(4)
-    a[:3, :3] = d * np.array(img.GetSpacing(), dtype=np.float64)
-    a[:3, 3] = img.GetOrigin()
-    return LPS_TO_RAS @ a
-
-
-def array_to_sitk(array: np.ndarray, affine: np.ndarray, pixel=np.float32) -> sitk.Image:
-    """numpy (x, y, z) + RAS affine -> SimpleITK image (LPS origin/direction, spacing from the columns)."""
-    array = np.asarray(array)
-    if array.ndim != 3:
-        raise ValueError(f"array_to_sitk needs a 3D array, got {array.shape}")
-    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
-    m = lps[:3, :3]
-    spacing = np.linalg.norm(m, axis=0)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(pixel, copy=False).transpose(2, 1, 0)))
-    img.SetSpacing(tuple(float(v) for v in spacing))
-    img.SetDirection(tuple(float(v) for v in (m / spacing).ravel()))
-    img.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
     return img

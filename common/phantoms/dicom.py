@@ -351,15 +351,9 @@ def read_series_sitk(folder: str | os.PathLike):
 
 def sitk_to_ras(image) -> tuple[np.ndarray, np.ndarray]:
     """``(array (x, y, z), 4x4 RAS+ affine)`` of a SimpleITK image (LPS) for comparison with NIfTI."""
-    import SimpleITK as sitk
+    from common.geometry import sitk_affine, sitk_to_array
 
-    arr = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
-    D = np.asarray(image.GetDirection(), float).reshape(3, 3)
-    sp = np.asarray(image.GetSpacing(), float)
-    A = np.eye(4)
-    A[:3, :3] = RAS_TO_LPS @ D @ np.diag(sp)
-    A[:3, 3] = RAS_TO_LPS @ np.asarray(image.GetOrigin(), float)
-    return arr, A
+    return sitk_to_array(image), sitk_affine(image)
 
 
 __all__: Sequence[str] = (

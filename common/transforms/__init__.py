@@ -15,8 +15,12 @@ from .intensity import (
 from .degrade import ResampleToReferenced, SimulateLowResolutiond, simulate_low_resolution
 from .reference import ScaleLikeReferenced
 from .phases import SelectPhasesd
+from .post import CopyChannelsd, InvertScalingd, SplitSamplesd
 
 __all__ = [
+    "CopyChannelsd",
+    "InvertScalingd",
+    "SplitSamplesd",
     "CheckImaged",
     "ScaleLikeReferenced",
     "SelectPhasesd",

@@ -59,6 +59,8 @@ from typing import Hashable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+
+from common.geometry import array_to_sitk, sitk_affine, sitk_to_array, split_affine
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -112,38 +114,6 @@ def _check_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
     if abs(np.linalg.det(a[:ndim, :ndim])) < 1e-12:
         raise ValueError(f"affine is singular:\n{a}")
     return a
-
-
-def _geometry_from_affine(affine: np.ndarray) -> tuple[tuple, tuple, tuple]:
-    """(spacing, origin, direction) in SimpleITK order from an (n+1)x(n+1) affine (columns = voxel axes)."""
-    n = affine.shape[0] - 1
-    m = affine[:n, :n]
-    spacing = np.linalg.norm(m, axis=0)
-    direction = m / spacing
-    return tuple(float(v) for v in spacing), tuple(float(v) for v in affine[:n, n]), tuple(float(v) for v in direction.ravel())
-
-
-def _affine_from_sitk(img: sitk.Image) -> np.ndarray:
-    n = img.GetDimension()
-    a = np.eye(n + 1)
-    a[:n, :n] = np.asarray(img.GetDirection(), dtype=np.float64).reshape(n, n) * np.asarray(img.GetSpacing())
-    a[:n, n] = img.GetOrigin()
-    return a
-
-
-def _sitk_from_array(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
-    """SimpleITK float32 image whose voxel axis ``i`` is array axis ``i`` (no LPS/RAS flip: the
-    affine's own physical frame is used, which is exact for resampling between grids of one frame)."""
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array, dtype=np.float32).T))
-    spacing, origin, direction = _geometry_from_affine(affine)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    img.SetDirection(direction)
-    return img
-
-
-def _array_from_sitk(img: sitk.Image) -> np.ndarray:
-    return sitk.GetArrayFromImage(img).T  # back to (i, j, k) voxel-axis order
 
 
 def low_resolution_grid(affine: np.ndarray, shape: Sequence[int], factors: float | Sequence[float]) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -220,9 +190,9 @@ def resample_to_grid(
     n = image.ndim
     affine = _check_affine(affine, n)
     ref_affine = _check_affine(ref_affine, n)
-    spacing, origin, direction = _geometry_from_affine(ref_affine)
-    out = _resample(_sitk_from_array(image, affine), ref_shape, spacing, origin, direction, interpolator)
-    return _array_from_sitk(out)
+    spacing, origin, direction = split_affine(ref_affine)
+    out = _resample(array_to_sitk(image, affine, frame="itk"), ref_shape, spacing, origin, direction, interpolator)
+    return sitk_to_array(out)
 
 
 # ------------------------------------------------------------------------------------ simulation
@@ -296,21 +266,21 @@ def simulate_low_resolution(
     """
     if isinstance(image, sitk.Image):
         hr = sitk.Cast(image, sitk.sitkFloat32)
-        hr_affine = _affine_from_sitk(hr)
+        hr_affine = sitk_affine(hr, frame="itk")
         as_numpy = False
     else:
         arr = np.asarray(image)
         if affine is None:
             raise ValueError("a numpy image needs its affine (voxel index -> mm)")
         hr_affine = _check_affine(affine, arr.ndim)
-        hr = _sitk_from_array(arr, hr_affine)
+        hr = array_to_sitk(arr, hr_affine, frame="itk")
         as_numpy = True
     f = _factors(factors, hr.GetDimension())
     lr = _downsample(hr, f, lr_interpolator, antialias, antialias_sigma)
     up = _upsample(lr, hr, back_interpolator)
     lr_affine, _ = low_resolution_grid(hr_affine, hr.GetSize(), f)
     if as_numpy:
-        return LowResolutionResult(_array_from_sitk(lr), lr_affine, _array_from_sitk(up), hr_affine.copy())
+        return LowResolutionResult(sitk_to_array(lr), lr_affine, sitk_to_array(up), hr_affine.copy())
     return LowResolutionResult(lr, lr_affine, up, hr_affine)
 
 
@@ -427,11 +397,11 @@ class SimulateLowResolutiond(MapTransform):
             ups: dict[str, list[np.ndarray]] = {name: [] for name in names}
             lrs = []
             for c in range(arr.shape[0]):
-                hr = _sitk_from_array(arr[c], affine)
+                hr = array_to_sitk(arr[c], affine, frame="itk")
                 lr = _downsample(hr, f, self.lr_interpolator, self.antialias, self.antialias_sigma)
-                lrs.append(_array_from_sitk(lr))
+                lrs.append(sitk_to_array(lr))
                 for name in names:
-                    ups[name].append(_array_from_sitk(_upsample(lr, hr, name)))
+                    ups[name].append(sitk_to_array(_upsample(lr, hr, name)))
             sfx = f"_{key}" if multi else ""
             d[f"{self.output_key}{sfx}"] = _like(x, np.stack(ups[self.back_interpolator]), full_affine)
             for name in self.baseline_interpolators:

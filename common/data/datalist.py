@@ -1,15 +1,15 @@
-"""Dataset lists, bundle location and checkpoints: the small glue every bundle config calls."""
+"""MONAI datalists of prepared cases: one section of ``datalist.json``, or one case folder."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 from pathlib import Path
 from typing import Sequence
 
 from monai.data import load_decathlon_datalist
+
+__all__ = ["HOW_TO_MAKE_DATA", "case_or_datalist", "load_datalist"]
 
 HOW_TO_MAKE_DATA = (
     "Make the phantom data with `make phantoms` (or `python scripts/make_phantoms.py --out data/phantoms`), "
@@ -57,35 +57,6 @@ def load_datalist(
     return items[:max_cases] if max_cases else items
 
 
-def bundle_root(name: str) -> str:
-    """Absolute path of a bundle folder, independent of the working directory.
-
-    The folder of the ``--config_file`` given to ``python -m monai.bundle run`` wins (its parent's
-    parent, when that holds ``configs/metadata.json``), so a bundle copied out of this repository
-    works where it lies; otherwise ``bundles/<name>`` of the repository this package lives in.
-    """
-    argv = " ".join(sys.argv)
-    for match in re.finditer(r"([^\s'\"\[\],=]+/configs/[^\s'\"\[\],]+\.(?:json|yaml|yml))", argv):
-        root = Path(match.group(1)).expanduser().resolve().parent.parent
-        if (root / "configs" / "metadata.json").exists():
-            return str(root)
-    return str(Path(__file__).resolve().parents[2] / "bundles" / name)
-
-
-def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_*.pt") -> str:
-    """Newest resumable checkpoint in ``folder`` (by the iteration/epoch number in its name), or ``""``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return ""
-
-    def number(p: Path) -> int:
-        nums = re.findall(r"=(\d+)", p.name)
-        return int(nums[-1]) if nums else -1
-
-    files = sorted(folder.glob(pattern), key=lambda p: (number(p), p.stat().st_mtime))
-    return str(files[-1]) if files else ""
-
-
 def case_or_datalist(
     case_dir: str | os.PathLike | None,
     dataset_dir: str | os.PathLike,
@@ -107,40 +78,3 @@ def case_or_datalist(
     if missing:
         raise FileNotFoundError(f"case {case_dir}: missing {', '.join(f'{k}.nii.gz' for k in missing)}")
     return [entry]
-
-
-def check_checkpoint(path: str | os.PathLike) -> str:
-    """Fail early, saying what to do, when the trained weights are missing."""
-    if not Path(path).exists():
-        raise FileNotFoundError(
-            f"no trained weights at {path}: train the bundle first (python -m monai.bundle run training "
-            f"--config_file <bundle>/configs/train.json) or pass --ckpt_path <model.pt>"
-        )
-    return str(path)
-
-
-_TRUE = {"1", "true", "yes", "on", "y", "t"}
-_FALSE = {"0", "false", "no", "off", "n", "f", "none", ""}
-
-
-def flag(value, name: str = "flag") -> bool:
-    """A config switch as a bool, whether it came from JSON (``true``) or the command line.
-
-    ``python -m monai.bundle run ... --resume false`` hands the config the *string* ``"false"``,
-    which Python reads as true; every boolean a user may override is read through this function.
-
-    Raises:
-        ValueError for anything that is not a recognisable yes/no, naming ``name`` and the value.
-    """
-    if isinstance(value, bool):
-        return value
-    if value is None:
-        return False
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"{name}: expected true or false, got {value!r}")

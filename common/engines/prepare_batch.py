@@ -1,4 +1,8 @@
-"""Batch preparation for conditional (image-to-image) diffusion training.
+"""Batch preparation for conditional (image-to-image) diffusion training (evaluation uses MONAI's
+``default_prepare_batch``, which returns ``(image, label or None)``).
+
+- :class:`ConditionalDiffusionPrepareBatch`: noise the target, condition on the image.
+- :class:`NoiseLevelPrepareBatch`: also draws Palette's continuous noise level (DCE-diff).
 
 Key convention of every bundle in this project: in a data dictionary, ``"image"`` is what the
 network is given (the stacked non-contrast inputs, or the low-resolution image) and ``"label"`` is
@@ -11,7 +15,10 @@ from typing import Any, Mapping
 
 import torch
 from monai.engines.utils import DiffusionPrepareBatch
+from monai.networks.schedulers import Scheduler
 from monai.utils import CommonKeys
+
+from common.schedulers.noise_level import NoiseLevelSchedule
 
 
 class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
@@ -63,16 +70,41 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
         return images, target, (), {"noise": noise, "timesteps": timesteps, "condition": condition}
 
 
-class ConditionPrepareBatch:
-    """Evaluation-time batch preparation: returns ``(condition, target or None)``.
+class NoiseLevelPrepareBatch(ConditionalDiffusionPrepareBatch):
+    """:class:`ConditionalDiffusionPrepareBatch` that also draws Palette's continuous noise level.
 
-    The evaluator then calls ``inferer(condition, network)``; the target (if the case has one) is
-    kept for validation metrics.
+    Returns ``(x0, noise, (), {"noise", "timesteps", "gamma", "condition"})``: ``timesteps`` (B,) are
+    the step indices drawn uniformly from 0..T-1 of the training schedule (kept for logging and
+    MONAI compatibility; the inferer does not use them), ``gamma`` (B,) the continuous levels
+    (float64; float32 on MPS) that :class:`NoiseLevelInferer` noises with and conditions on. The
+    loss target is the noise (epsilon prediction, L2 loss in the bundle).
+
+    Args:
+        scheduler: the TRAINING schedule: a MONAI scheduler (e.g.
+            :func:`common.schedulers.noise_level.dcediff_train_scheduler`) or a
+            :class:`~common.schedulers.noise_level.NoiseLevelSchedule`.
+        condition_name: key of the conditioning image (B, C_cond, H, W).
+        target_name: key of the clean target x0 (B, C_out, H, W).
     """
 
-    def __init__(self, condition_name: str = CommonKeys.IMAGE, target_name: str = CommonKeys.LABEL) -> None:
-        self.condition_name = condition_name
-        self.target_name = target_name
+    def __init__(
+        self,
+        scheduler: Scheduler | NoiseLevelSchedule,
+        condition_name: str = CommonKeys.IMAGE,
+        target_name: str = CommonKeys.LABEL,
+    ) -> None:
+        schedule = scheduler if isinstance(scheduler, NoiseLevelSchedule) else NoiseLevelSchedule(scheduler)
+        super().__init__(
+            num_train_timesteps=schedule.num_train_timesteps,
+            condition_name=condition_name,
+            target_name=target_name,
+            predict="noise",
+        )
+        self.schedule = schedule
+
+    def get_noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """gamma ~ U(gamma_t, gamma_{t-1}) per index, on the indices' device."""
+        return self.schedule.sample_gamma(timesteps)
 
     def __call__(
         self,
@@ -80,13 +112,7 @@ class ConditionPrepareBatch:
         device: str | torch.device | None = None,
         non_blocking: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.condition_name not in batchdata:
-            raise KeyError(f"batch has no {self.condition_name!r}; keys are {sorted(batchdata)}")
-        cond = batchdata[self.condition_name].to(device=device, non_blocking=non_blocking, **kwargs)
-        target = batchdata.get(self.target_name)
-        if isinstance(target, torch.Tensor):
-            target = target.to(device=device, non_blocking=non_blocking, **kwargs)
-        else:
-            target = None
-        return cond, target
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
+        infer_kwargs["gamma"] = self.get_noise_level(infer_kwargs["timesteps"])
+        return images, target, args, infer_kwargs

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from ignite.engine import Engine, Events
 
-from common.engines.writer import as_numpy, case_id
+from common.handlers.writer import as_numpy, case_id
 from common.io import save_json
 from common.metrics import format_table, gmsd, mae, paired_wilcoxon, psnr, ssim, summarize, write_case_csv
 

@@ -1,6 +1,6 @@
 """Training and sampling with continuous noise-level conditioning (Palette; the DCE-diff bundle).
 
-- :class:`NoiseLevelPrepareBatch`: for each sample of a batch, draws a step index t uniformly from
+- :class:`common.engines.NoiseLevelPrepareBatch`: for each sample of a batch, draws a step index t uniformly from
   the TRAINING scheduler and a continuous noise level gamma ~ U(gamma_t, gamma_{t-1}) (Palette's
   training, see :meth:`common.schedulers.noise_level.NoiseLevelSchedule.sample_gamma`); the loss
   target is the noise.
@@ -16,24 +16,22 @@ the forward pass and sampling, so one network trained on one schedule samples wi
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Sequence
 
 import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
-from monai.utils import CommonKeys
 from tqdm.auto import tqdm
 
-from common.engines.prepare import ConditionalDiffusionPrepareBatch
+from common.monai_compat import float64_tables
 from common.schedulers.noise_level import (
     DCEDIFF_EMBEDDING_SCALE,
     NoiseLevelSchedule,
     add_noise_at_level,
-    float64_scheduler,
     noise_level_to_embedding_input,
 )
 
-__all__ = ["NoiseLevelInferer", "NoiseLevelPrepareBatch"]
+__all__ = ["NoiseLevelInferer"]
 
 
 def _predict(
@@ -51,54 +49,6 @@ def _predict(
     return network(x, **kwargs)
 
 
-class NoiseLevelPrepareBatch(ConditionalDiffusionPrepareBatch):
-    """:class:`ConditionalDiffusionPrepareBatch` that also draws Palette's continuous noise level.
-
-    Returns ``(x0, noise, (), {"noise", "timesteps", "gamma", "condition"})``: ``timesteps`` (B,) are
-    the step indices drawn uniformly from 0..T-1 of the training schedule (kept for logging and
-    MONAI compatibility; the inferer does not use them), ``gamma`` (B,) the continuous levels
-    (float64; float32 on MPS) that :class:`NoiseLevelInferer` noises with and conditions on. The
-    loss target is the noise (epsilon prediction, L2 loss in the bundle).
-
-    Args:
-        scheduler: the TRAINING schedule: a MONAI scheduler (e.g.
-            :func:`common.schedulers.noise_level.dcediff_train_scheduler`) or a
-            :class:`~common.schedulers.noise_level.NoiseLevelSchedule`.
-        condition_name: key of the conditioning image (B, C_cond, H, W).
-        target_name: key of the clean target x0 (B, C_out, H, W).
-    """
-
-    def __init__(
-        self,
-        scheduler: Scheduler | NoiseLevelSchedule,
-        condition_name: str = CommonKeys.IMAGE,
-        target_name: str = CommonKeys.LABEL,
-    ) -> None:
-        schedule = scheduler if isinstance(scheduler, NoiseLevelSchedule) else NoiseLevelSchedule(scheduler)
-        super().__init__(
-            num_train_timesteps=schedule.num_train_timesteps,
-            condition_name=condition_name,
-            target_name=target_name,
-            predict="noise",
-        )
-        self.schedule = schedule
-
-    def get_noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """gamma ~ U(gamma_t, gamma_{t-1}) per index, on the indices' device."""
-        return self.schedule.sample_gamma(timesteps)
-
-    def __call__(
-        self,
-        batchdata: Mapping[str, torch.Tensor],
-        device: str | torch.device | None = None,
-        non_blocking: bool = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
-        infer_kwargs["gamma"] = self.get_noise_level(infer_kwargs["timesteps"])
-        return images, target, args, infer_kwargs
-
-
 class NoiseLevelInferer(DiffusionInferer):
     """Palette-style conditional DDPM: epsilon prediction conditioned on the continuous noise level.
 
@@ -108,18 +58,28 @@ class NoiseLevelInferer(DiffusionInferer):
     ``timesteps`` argument is ``noise_level_to_embedding_input(gamma, embedding_scale)``.
 
     Args:
-        scheduler: the SAMPLING scheduler, a MONAI ``DDPMScheduler`` or ``DDIMScheduler`` (e.g.
-            :func:`common.schedulers.noise_level.dcediff_inference_scheduler`) with
-            ``prediction_type="epsilon"``. ``DiffusionVolumeInferer`` calls its ``set_timesteps``.
+        scheduler: the SAMPLING scheduler, a MONAI ``DDPMScheduler`` or ``DDIMScheduler`` (dcediff
+            declares both in its JSON, ``scheduler`` / ``ddim_scheduler``, and passes them through
+            :func:`common.monai_compat.consistent_timesteps`) with ``prediction_type="epsilon"``.
+            ``DiffusionVolumeInferer`` calls its ``set_timesteps``.
             Its clipping settings apply (see Sampling below). Training does not use it: the levels
             come with the batch (``gamma`` from :class:`NoiseLevelPrepareBatch`).
         embedding_scale: ``scale`` of :func:`noise_level_to_embedding_input`; must match training.
         eta: DDIM's eta (0: deterministic DDIM); ignored by DDPM.
+        noise_level_range: (gamma_min, gamma_max), the levels the network was TRAINED on
+            (:meth:`~common.schedulers.noise_level.NoiseLevelSchedule.trained_range` of the training
+            schedule; dcediff's config id ``trained_noise_levels``: (4.386e-5, 1), embedding inputs
+            6.62 .. 1000). The network's noise-level input is clamped to it, in training and
+            sampling alike; the sample itself is noised and stepped at the true level. DCE-diff
+            samples on a schedule reaching gamma_T ~ 7e-21, and 532 of its 1000 levels (6 of 10 DDIM
+            steps) lie below the trained gamma_min: there x_t is noise to within sqrt(gamma) < 0.0066
+            of the signal, and the network is told the noisiest level it knows instead of one it never
+            saw. None: no clamping.
 
     Sampling (:meth:`sample`) runs over ``scheduler.timesteps``; at step t the network receives the
     embedding input of ``scheduler.alphas_cumprod[t]`` (broadcast to the batch), and the update is
     the scheduler's own ``step(eps_hat, t, x_t)``, run on a float64 copy of its betas / alphas /
-    alphas_cumprod (:func:`~common.schedulers.noise_level.float64_scheduler`; MONAI's float32 tables
+    alphas_cumprod (:func:`common.monai_compat.float64_tables`, idempotent; MONAI's float32 tables
     would scale the final DDPM output by beta_1 / (1 - gamma_1) = 0.99983 on the DCE-diff inference
     schedule); the network's gamma comes from the same float64 table:
 
@@ -130,7 +90,7 @@ class NoiseLevelInferer(DiffusionInferer):
     - DDIM: x_prev = sqrt(gamma_prev) x0_hat + sqrt(1 - gamma_prev - sigma^2) eps_hat (+ sigma z),
       with the previous level at ``t - T // n`` (``gamma = 1`` past the end with
       ``set_alpha_to_one``). If that is not the next entry of ``scheduler.timesteps`` (MONAI's
-      default spacing; see :func:`~common.schedulers.noise_level.ddim_steps_offset`) a warning is
+      default spacing; see :func:`common.monai_compat.ddim_steps_offset`) a warning is
       issued, as the network would then be told a level the sample is not at.
     - Clipping: with ``clip_sample=True`` (MONAI's default) x0_hat is clamped to
       ``[clip_sample_min, clip_sample_max]`` (default [-1, 1]) at every step, and the final step
@@ -145,16 +105,34 @@ class NoiseLevelInferer(DiffusionInferer):
     """
 
     def __init__(
-        self, scheduler: Scheduler, embedding_scale: float = DCEDIFF_EMBEDDING_SCALE, eta: float = 0.0
+        self,
+        scheduler: Scheduler,
+        embedding_scale: float = DCEDIFF_EMBEDDING_SCALE,
+        eta: float = 0.0,
+        noise_level_range: Sequence[float] | None = None,
     ) -> None:
         super().__init__(scheduler=scheduler)
         if not embedding_scale > 0:
             raise ValueError(f"embedding_scale must be positive, got {embedding_scale}")
         self.embedding_scale = float(embedding_scale)
         self.eta = float(eta)
+        self.noise_level_range: tuple[float, float] | None = None
+        if noise_level_range is not None:
+            lo, hi = (float(v) for v in noise_level_range)
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"noise_level_range must satisfy 0 <= min < max <= 1, got {noise_level_range}")
+            self.noise_level_range = (lo, hi)
 
     def embedding_input(self, gamma: torch.Tensor | float, batch_size: int, device: torch.device) -> torch.Tensor:
-        """The network's ``timesteps`` for noise level(s) gamma: shape (batch_size,), float32."""
+        """The network's ``timesteps`` for noise level(s) gamma: shape (batch_size,), float32.
+
+        gamma is first clamped to ``noise_level_range`` (when set), so the embedding input lies in
+        ``[noise_level_to_embedding_input(min), noise_level_to_embedding_input(max)]``.
+        """
+        if self.noise_level_range is not None:
+            g = torch.as_tensor(gamma)
+            g = g if g.is_floating_point() else g.double()
+            gamma = g.clamp(*self.noise_level_range)
         emb = noise_level_to_embedding_input(gamma, self.embedding_scale).to(device)
         if emb.ndim == 0:
             emb = emb.expand(batch_size)
@@ -224,7 +202,7 @@ class NoiseLevelInferer(DiffusionInferer):
                     f"DDIM chain is inconsistent: step(t) lands on t - {stride} but the next timestep differs"
                     f" (timesteps {steps[:3]}..., landing on {lands[:3]}...), so the network is told a noise"
                     " level the sample is not at. Build the scheduler with"
-                    " steps_offset=ddim_steps_offset(T, n) (dcediff_inference_scheduler does) and keep n.",
+                    " common.monai_compat.consistent_timesteps(scheduler, n) (dcediff's JSON does) and keep n.",
                     stacklevel=3,
                 )
 
@@ -285,8 +263,8 @@ class NoiseLevelInferer(DiffusionInferer):
             scheduler = self.scheduler
         self.check_scheduler(scheduler)
         gammas = NoiseLevelSchedule(scheduler).gammas  # float64 alphas_cumprod (see float64_levels)
-        # step on a float64 copy of the schedule (not on MPS, which has no float64)
-        stepper = scheduler if input_noise.device.type == "mps" else float64_scheduler(scheduler)
+        # step on a float64 copy of the schedule (float32 on MPS, which has no float64)
+        stepper = float64_tables(scheduler, torch.float32 if input_noise.device.type == "mps" else torch.float64)
         image = input_noise
         n = image.shape[0] * (2 if cfg is not None else 1)
         if cfg is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from common.engines.panels import best_slice, synthesis_panel
+from common.visualize import best_slice, synthesis_panel
 from common.io import save_nifti
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ datalist section a bundle reads, in this order of preference:
 
 1. ``<dataset_dir>/<datalist_file>`` (MONAI datalist format, e.g. the brain phantoms' or a user's
    own ``datalist.json``) when that file exists: its ``section``, the volume under ``key``
-   (read with :func:`common.engines.load_datalist`, so paths are absolute and checked);
+   (read with :func:`common.data.load_datalist`, so paths are absolute and checked);
 2. otherwise every file matching the glob ``pattern`` below ``dataset_dir`` (sorted), split into
    training / validation / test at the case level with :func:`common.layout.split_ids`
    (ids sorted, shuffled with ``seed``, cut by ``fractions``: deterministic, and independent of the
@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from common.engines.data import HOW_TO_MAKE_DATA, load_datalist
+from common.data.datalist import HOW_TO_MAKE_DATA, load_datalist
 from common.layout import split_ids
 
 __all__ = ["SECTIONS", "find_volumes", "split_volumes", "volume_datalist", "volume_or_datalist"]

@@ -5,7 +5,7 @@ Optional part of a bundle's evaluation: it needs a LOCAL feature-extractor file
 the evaluator runs, so cases of different grids can be pooled; the distance is computed at the end.
 
 Each axial slice of a case becomes one image. Target, prediction and baselines are normalised with
-the target's case-level percentile range (all channels jointly), as :func:`common.engines.evaluate.score_case`
+the target's case-level percentile range (all channels jointly), as :func:`common.handlers.metrics.score_case`
 does, so the extractor sees the same [0, 1] intensity scale for every method.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from common.engines.evaluate import target_range
-from common.engines.writer import as_numpy
+from common.handlers.metrics import target_range
+from common.handlers.writer import as_numpy
 from common.io import save_json
 from common.metrics import write_case_csv
 

@@ -1,0 +1,109 @@
+"""Checkpoints survive a kill during a save; resume takes the newest readable checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+from common.bundle import latest_checkpoint
+from common.handlers.checkpoint import AtomicCheckpointSaver
+
+
+def _trainer(net):
+    def step(engine, batch):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+        return 0.0
+
+    return Engine(step)
+
+
+def test_previous_checkpoint_kept_until_the_next_is_complete(tmp_path, monkeypatch):
+    net = torch.nn.Linear(2, 2)
+    engine = _trainer(net)
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1, epoch_level=True, n_saved=1)
+    saver.attach(engine)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **k):  # the third save dies half-way through writing its file
+        calls["n"] += 1
+        if calls["n"] == 3:
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    try:
+        engine.run([0], max_epochs=3)
+    except KeyboardInterrupt:
+        pass
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["model_epoch=2.pt"], files  # epoch 1 removed after epoch 2 was complete; no partial file
+    state = torch.load(tmp_path / "model_epoch=2.pt", weights_only=True)
+    assert float(state["bias"][0]) == float(net.bias.detach()[0]) - 1.0  # the weights after 2 epochs (3rd step ran, save died)
+    assert latest_checkpoint(tmp_path, "model_*.pt") == str(tmp_path / "model_epoch=2.pt")
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path, caplog):
+    torch.save({"model": {}}, tmp_path / "checkpoint_epoch=3.pt")
+    (tmp_path / "checkpoint_epoch=4.pt").write_bytes(b"")  # a 0-byte file from a killed in-place save
+    (tmp_path / "checkpoint_epoch=5.pt").write_bytes(open(tmp_path / "checkpoint_epoch=3.pt", "rb").read()[:200])
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=3.pt")
+    assert "checkpoint_epoch=5.pt" in caplog.text and "checkpoint_epoch=4.pt" in caplog.text
+
+
+def test_kill_during_a_checkpoint_write(tmp_path):
+    """A real SIGKILL of a process blocked inside torch.save of its second checkpoint: the first
+    checkpoint is still there and readable, nothing else is left but a hidden temporary file."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from ignite.engine import Engine
+        from common.handlers.checkpoint import AtomicCheckpointSaver
+        net = torch.nn.Linear(2, 2)
+        engine = Engine(lambda e, b: 0.0)
+        AtomicCheckpointSaver({str(tmp_path / 'ck')!r}, {{"model": net}}, save_interval=1, epoch_level=True,
+                              n_saved=1).attach(engine)
+        real = torch.save
+        n = [0]
+        def slow(obj, f, *a, **k):
+            n[0] += 1
+            if n[0] == 2:
+                open(f, "wb").write(b"partial")
+                print("BLOCKED", flush=True)
+                time.sleep(60)
+            return real(obj, f, *a, **k)
+        torch.save = slow
+        engine.run([0], max_epochs=3)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        line = ""
+        while "BLOCKED" not in line and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert "BLOCKED" in line, "the child never reached the second save"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    visible = sorted(p.name for p in (tmp_path / "ck").iterdir() if not p.name.startswith("."))
+    assert visible == ["model_epoch=1.pt"], visible
+    torch.load(tmp_path / "ck" / "model_epoch=1.pt", weights_only=True)
+    assert latest_checkpoint(tmp_path / "ck", "model_*.pt").endswith("model_epoch=1.pt")

@@ -1,0 +1,124 @@
+"""Every bundle's configs follow one pattern (checked for each folder in ``bundles/``, new ones included).
+
+- ``train.json`` and ``inference.json`` each stand alone (the card's command and MONAI Label read one
+  file), so the blocks both need appear once in each: the ids they share are identical, except the
+  few that name a run's own files; the network and the schedule they build are the same.
+- No id is defined twice in one file; ``run`` is a reference to ``training`` / ``evaluating``.
+- ``multi_gpu_train.json`` never addresses a list entry by position (``train#handlers#2``): handlers
+  switch themselves off with ``"_disabled_": "@is_not_rank0"``.
+- An id means one thing across bundles: ``sampler`` is only ever dcediff's ``ddpm``/``ddim`` string.
+- ``preprocessing`` / ``postprocessing`` are ``Compose`` objects (MONAI Deploy reads ``.transforms``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p.name for p in (ROOT / "bundles").iterdir() if (p / "configs" / "train.json").exists()
+                 and (p / "configs" / "inference.json").exists())
+RANK0_HANDLERS = {"CheckpointSaver", "AtomicCheckpointSaver", "StatsHandler", "TensorBoardStatsHandler"}
+#: ids that legitimately differ between a training and an inference run
+RUN_SPECIFIC = {"imports", "output_dir", "ckpt_path", "run", "sampler", "baseline_interpolators", "network_size"}
+
+
+def _load(path: Path, dup: list) -> dict:
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        dup.extend(k for k in set(keys) if keys.count(k) > 1)
+        return dict(pairs)
+
+    return json.loads(path.read_text(), object_pairs_hook=hook)
+
+
+def _configs(bundle: str) -> tuple[dict, dict]:
+    dup: list = []
+    cfg = ROOT / "bundles" / bundle / "configs"
+    train, infer = _load(cfg / "train.json", dup), _load(cfg / "inference.json", dup)
+    assert not dup, f"{bundle}: ids defined twice in one file: {dup}"
+    return train, infer
+
+
+def test_all_bundles_found():
+    assert {"resdce", "dcediff", "ressrdiff"} <= set(BUNDLES)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_shared_blocks_identical_in_train_and_inference(bundle):
+    train, infer = _configs(bundle)
+    shared = [k for k in train if k in infer and k not in RUN_SPECIFIC]
+    differ = [k for k in shared if train[k] != infer[k]]
+    assert not differ, f"{bundle}: train.json and inference.json disagree on {differ}"
+    for key in ("network_def", "preprocessing"):
+        assert key in shared, f"{bundle}: {key} must be defined in both train.json and inference.json"
+    for cfg, name in ((train, "train.json"), (infer, "inference.json")):
+        assert not any(k.endswith("_scheduler") and k != "scheduler" and isinstance(cfg[k], dict)
+                       and cfg[k].get("_target_") == cfg.get("scheduler", {}).get("_target_") for k in cfg), \
+            f"{bundle}/{name}: a second copy of the schedule"
+        assert cfg["preprocessing"].get("_target_") == "Compose", f"{bundle}/{name}: preprocessing is not a Compose"
+    assert infer["postprocessing"].get("_target_") == "Compose", f"{bundle}: postprocessing is not a Compose"
+    assert train["run"] == "@training" and infer["run"] == "@evaluating"
+
+
+def _build(bundle: str, file: str):
+    p = ConfigParser()
+    p.read_config(str(ROOT / "bundles" / bundle / "configs" / file))
+    p["network_size"] = "small"
+    p["device"] = "cpu"
+    net = p.get_parsed_content("network_def")
+    sched = p.get_parsed_content("scheduler") if "scheduler" in p else None
+    return net, sched
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_train_and_inference_build_the_same_network_and_schedule(bundle):
+    (net_t, s_t), (net_i, s_i) = _build(bundle, "train.json"), _build(bundle, "inference.json")
+    assert type(net_t) is type(net_i)
+    shapes_t = {k: tuple(v.shape) for k, v in net_t.state_dict().items()}
+    shapes_i = {k: tuple(v.shape) for k, v in net_i.state_dict().items()}
+    assert shapes_t == shapes_i
+    if s_t is not None or s_i is not None:
+        tables = [k for k, v in vars(s_t).items() if isinstance(v, torch.Tensor)]
+        assert tables, f"{bundle}: the scheduler holds no tables"
+        for k in tables:
+            torch.testing.assert_close(getattr(s_t, k), getattr(s_i, k), rtol=0, atol=0, msg=f"{bundle}: scheduler.{k}")
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_multi_gpu_overrides_name_handlers_not_positions(bundle):
+    path = ROOT / "bundles" / bundle / "configs" / "multi_gpu_train.json"
+    if not path.exists():
+        pytest.skip(f"{bundle} has no multi_gpu_train.json")
+    text = path.read_text()
+    assert not re.search(r"#\d+(#|\")", text), f"{path}: addresses a list entry by position"
+    train, _ = _configs(bundle)
+    assert "is_not_rank0" in train
+    handlers = train["train"]["handlers"] + train["train"].get("state_handlers", [])
+    savers = [h for h in handlers if h.get("_target_", "").split(".")[-1] in RANK0_HANDLERS]
+    assert savers and all(h.get("_disabled_") == "@is_not_rank0" for h in savers), f"{bundle}: rank-0 handlers"
+
+
+def test_one_meaning_per_id_across_bundles():
+    for bundle in BUNDLES:
+        for file in ("train.json", "inference.json", "multi_gpu_train.json"):
+            path = ROOT / "bundles" / bundle / "configs" / file
+            if not path.exists():
+                continue
+            cfg = json.loads(path.read_text())
+            if "sampler" in cfg:
+                assert cfg["sampler"] in ("ddpm", "ddim"), f"{bundle}/{file}: 'sampler' is dcediff's ddpm|ddim string"
+            assert "train#sampler" not in cfg and "validate#sampler" not in cfg, f"{bundle}/{file}: use train#data_sampler"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_checkpoints_are_written_atomically(bundle):
+    """MONAI's CheckpointSaver writes in place and removes the previous file first: every bundle
+    uses common.handlers.AtomicCheckpointSaver instead (tests/test_checkpoints.py)."""
+    text = (ROOT / "bundles" / bundle / "configs" / "train.json").read_text()
+    assert '"CheckpointSaver"' not in text and "AtomicCheckpointSaver" in text
