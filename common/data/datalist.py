@@ -35,10 +35,19 @@ def load_datalist(
     path = dataset_dir / datalist_file
     if not path.exists():
         raise FileNotFoundError(f"no dataset at {dataset_dir} (missing {datalist_file}). {HOW_TO_MAKE_DATA}")
-    with open(path) as f:
-        sections = json.load(f)
+    try:
+        with open(path) as f:
+            sections = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(sections, dict):
+        raise ValueError(f"{path}: expected an object of sections {{\"training\": [...], \"validation\": [...], "
+                         f"\"test\": [...]}}, got a {type(sections).__name__}")
     if section not in sections:
         raise KeyError(f"{path}: no section {section!r}; sections are {sorted(k for k in sections if isinstance(sections[k], list))}")
+    if not isinstance(sections[section], list) or not sections[section]:
+        raise ValueError(f"{path}: section {section!r} is empty" if isinstance(sections[section], list)
+                         else f"{path}: section {section!r} is not a list of cases")
     items = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=section, base_dir=str(dataset_dir))
     # MONAI turns any value naming an existing path into an absolute path, a case id included
     # (its folder exists): keep ids verbatim
@@ -54,6 +63,10 @@ def load_datalist(
                 raise FileNotFoundError(f"{path}: case {cid}: {key} file {item[key]} does not exist")
     if not items:
         raise ValueError(f"{path}: section {section!r} is empty")
+    ids = [str(item["id"]) for item in items if "id" in item]
+    dups = sorted({i for i in ids if ids.count(i) > 1})
+    if dups:  # two entries with one id would write into one output folder and mix their metrics
+        raise ValueError(f"{path}: section {section!r} lists the case id(s) {dups} more than once")
     return items[:max_cases] if max_cases else items
 
 

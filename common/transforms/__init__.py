@@ -1,7 +1,7 @@
 """MONAI dictionary transforms that MONAI lacks: invertible percentile scaling and TI-norm, crops
 around a mask. Input checks live in ``common.transforms.checks``."""
 
-from .checks import CheckImaged
+from .checks import CheckImaged, CheckSameGridd
 from .crop import CropAroundMaskd, box_start, crop_or_pad, mask_centroid
 from .intensity import (
     InverseScalePercentilesd,
@@ -22,6 +22,7 @@ __all__ = [
     "InvertScalingd",
     "SplitSamplesd",
     "CheckImaged",
+    "CheckSameGridd",
     "ScaleLikeReferenced",
     "SelectPhasesd",
     "SimulateLowResolutiond",

@@ -55,3 +55,50 @@ class CheckImaged(MapTransform):
             if not self.allow_constant and arr.numel() and float(arr.max()) == float(arr.min()):
                 raise ValueError(f"{where}: image is constant ({float(arr.min())}); is it empty or corrupt?")
         return d
+
+
+class CheckSameGridd(MapTransform):
+    """Raise ``ValueError`` naming both files when the images of a case are not on one grid.
+
+    The bundles stack a case's volumes channel by channel, so a volume that is shifted, flipped or
+    resampled differently would silently be paired with the wrong anatomy. Every key is compared
+    with ``reference_key``: spatial shape, and the affine (voxel -> mm: spacing, direction, origin)
+    within ``atol_mm`` per entry (direction and spacing entries are scaled by the extent of the grid,
+    so the tolerance is in millimetres at the far corner of the volume).
+
+    Args:
+        keys: keys of the loaded images (MetaTensors with an ``affine``), channel first.
+        reference_key: the image whose grid the others must share (e.g. the DCE pre-contrast).
+        atol_mm: largest allowed position difference in mm anywhere in the volume.
+    """
+
+    def __init__(self, keys: KeysCollection, reference_key: str, atol_mm: float = 0.1, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key = reference_key
+        self.atol_mm = float(atol_mm)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if self.reference_key not in d:
+            return d
+        ref = d[self.reference_key]
+        ref_shape = tuple(ref.shape[1:])
+        ref_aff = np.asarray(getattr(ref, "affine", np.eye(4)), dtype=np.float64)
+        ref_name = _name(d, self.reference_key)
+        for key in self.key_iterator(d):
+            if key == self.reference_key:
+                continue
+            x = d[key]
+            name = _name(d, key)
+            if tuple(x.shape[1:]) != ref_shape:
+                raise ValueError(f"{name} ({key}): grid {tuple(x.shape[1:])} differs from {ref_name} ({self.reference_key}) "
+                                 f"{ref_shape}; every volume of a case must be on one grid (re-run the ingest)")
+            aff = np.asarray(getattr(x, "affine", np.eye(4)), dtype=np.float64)
+            extent = np.asarray(ref_shape, dtype=np.float64)
+            # position difference at the far corner: |dA[:3,:3]| @ extent + |d origin|
+            diff = np.abs(aff[:3, :3] - ref_aff[:3, :3]) @ extent + np.abs(aff[:3, 3] - ref_aff[:3, 3])
+            if float(diff.max()) > self.atol_mm:
+                raise ValueError(f"{name} ({key}): not on the grid of {ref_name} ({self.reference_key}): voxel positions differ "
+                                 f"by up to {float(diff.max()):.2f} mm (origin {np.round(aff[:3, 3], 2).tolist()} vs "
+                                 f"{np.round(ref_aff[:3, 3], 2).tolist()}); every volume of a case must be on one grid")
+        return d
