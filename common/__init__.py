@@ -27,6 +27,7 @@ _SUBMODULES = (
     "layout",
     "losses",
     "metrics",
+    "monai_compat",
     "networks",
     "phantoms",
     "schedulers",

@@ -8,7 +8,8 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["ConfigRecord", "bundle_root", "check_checkpoint", "flag", "latest_checkpoint", "recorded_setting"]
+__all__ = ["ConfigRecord", "bundle_root", "check_checkpoint", "flag", "latest_checkpoint", "positive_int", "recorded_setting", "slice_batching",
+           "training_epochs"]
 
 
 def bundle_root(name: str) -> str:
@@ -170,3 +171,38 @@ def flag(value, name: str = "flag") -> bool:
     if text in _FALSE:
         return False
     raise ValueError(f"{name}: expected true or false, got {value!r}")
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1, else ``ValueError`` naming the setting (``--num_iterations 0``,
+    ``--batch_size -4``, ``--epoch_length 0`` would otherwise be coerced or fail deep inside)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name}: expected a whole number >= 1, got {value!r}") from None
+    if number < 1 or number != float(value):
+        raise ValueError(f"--{name}: expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def slice_batching(batch_size, slices_per_volume) -> tuple[int, int]:
+    """``(volumes, slices)`` per training step with exactly ``batch_size`` slices in all.
+
+    ``batch_size`` is what a user reads it as, the number of 2D slices per optimiser step;
+    ``slices_per_volume`` is the most slices one volume contributes. The slices actually drawn per
+    volume are the largest divisor of ``batch_size`` that is <= ``slices_per_volume``, so
+    ``volumes * slices == batch_size`` always (batch 8, up to 4 per volume: 2 x 4; batch 6: 2 x 3;
+    batch 2: 1 x 2)."""
+    b = positive_int(batch_size, "batch_size")
+    s = positive_int(slices_per_volume, "slices_per_volume")
+    slices = max(d for d in range(1, min(b, s) + 1) if b % d == 0)
+    return b // slices, slices
+
+
+def training_epochs(num_iterations, epoch_length) -> tuple[int, int]:
+    """``(max_epochs, epoch_length)`` for a run of exactly ``num_iterations`` iterations: the last
+    epoch is cut short by :class:`common.handlers.StopAtIteration` when ``num_iterations`` is not a
+    multiple of ``epoch_length``."""
+    n = positive_int(num_iterations, "num_iterations")
+    e = min(positive_int(epoch_length, "epoch_length"), n)
+    return -(-n // e), e

@@ -11,18 +11,28 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
-
 from helpers import bundle, check_bundle_configs, train_two_processes
+from monai.bundle import ConfigParser
 from monai.transforms import LoadImaged
 
 from common.transforms import SelectPhasesd
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "dcediff" / "configs"
-TINY = ["--network_size", "small", "--num_workers", "0", "--val_num_inference_steps", "2", "--val_max_cases", "1",
-        "--patch_size", "[32,32]", "--batch_size", "4"]
-
+TINY = [
+    "--network_size",
+    "small",
+    "--num_workers",
+    "0",
+    "--val_num_inference_steps",
+    "2",
+    "--val_max_cases",
+    "1",
+    "--patch_size",
+    "[32,32]",
+    "--batch_size",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +61,10 @@ def _series(tmp_path: Path, n: int, times: list[float] | None) -> dict:
 def test_select_phases_middle_and_last(tmp_path, n, early, late):
     d = SelectPhasesd("dce")(_series(tmp_path, n, [8.0 + 4.2 * i for i in range(n)]))
     assert "dce" not in d  # the 4D series is dropped once the phases are out
-    assert d["dce_phases"] == {"early": {"index": early, "time_s": pytest.approx(8.0 + 4.2 * early)},
-                               "late": {"index": late, "time_s": pytest.approx(8.0 + 4.2 * late)}}
+    assert d["dce_phases"] == {
+        "early": {"index": early, "time_s": pytest.approx(8.0 + 4.2 * early)},
+        "late": {"index": late, "time_s": pytest.approx(8.0 + 4.2 * late)},
+    }
     for key, i in (("dce_early", early), ("dce_late", late)):
         assert tuple(d[key].shape) == (1, 5, 4, 3)
         np.testing.assert_array_equal(d[key][0, :, 0, 0].numpy(), 10.0 * i + np.arange(5))
@@ -66,7 +78,9 @@ def test_select_phases_by_time_index_and_errors(tmp_path):
     assert d["dce_phases"] == {"early": {"index": 3, "time_s": 30.0}, "late": {"index": 4, "time_s": 40.0}}
     assert float(d["x_early"][0, 0, 0, 0]) == 30.0 and float(d["x_late"][0, 0, 0, 0]) == 40.0 and "dce" in d
     # times given in the data win over the file
-    d = SelectPhasesd("dce", spec={"early": {"time_s": 26.0}}, times_key="t")({**_series(tmp_path, 6, times), "t": [0, 1, 2, 3, 26, 40]})
+    d = SelectPhasesd("dce", spec={"early": {"time_s": 26.0}}, times_key="t")(
+        {**_series(tmp_path, 6, times), "t": [0, 1, 2, 3, 26, 40]}
+    )
     assert d["dce_phases"]["early"]["index"] == 4
     with pytest.raises(ValueError, match="6 time points in the series but 5 times"):
         SelectPhasesd("dce")(_series(tmp_path, 6, times[:5]))
@@ -86,7 +100,9 @@ def test_select_phases_default_rules_match_the_phantom_ground_truth(phantoms):
     d = load({"dce": str(phantoms / case["dce"])})
     raw = d["dce"].clone()
     out = SelectPhasesd("dce", phases=["pre", "onset", "early", "late"], spec={})(d)
-    assert {k: v["index"] for k, v in out["dce_phases"].items()} == {k: v["index"] for k, v in manifest["phases"].items()}
+    assert {k: v["index"] for k, v in out["dce_phases"].items()} == {
+        k: v["index"] for k, v in manifest["phases"].items()
+    }
     prepared = nib.load(phantoms / case["dce_early"]).get_fdata(dtype=np.float32)
     np.testing.assert_array_equal(out["dce_early"][0].numpy(), prepared)
     np.testing.assert_array_equal(out["dce_late"][0].numpy(), raw[-1].numpy())
@@ -94,13 +110,43 @@ def test_select_phases_default_rules_match_the_phantom_ground_truth(phantoms):
 
 # ---------------------------------------------------------------------------------------- configs
 def test_configs_parse_with_the_documented_ids(phantoms):
-    check_bundle_configs(CONFIGS, (
-        (["train.json"], ["training", "run", "train#trainer", "validate#evaluator", "train_scheduler",
-                          "inference_scheduler", "network_def", "train#lr_scheduler", "num_parameters"]),
-        (["train.json", "multi_gpu_train.json"], ["training", "network", "train#sampler"]),
-        (["inference.json"], ["evaluating", "run", "evaluator", "inferer", "inference_scheduler"]),
-        (["inference.json", "evaluate.json"], ["evaluating", "run", "evaluator", "inferer"]),
-    ))
+    check_bundle_configs(
+        CONFIGS,
+        (
+            (
+                ["train.json"],
+                [
+                    "training",
+                    "run",
+                    "train#trainer",
+                    "validate#evaluator",
+                    "training_schedule",
+                    "trained_noise_levels",
+                    "scheduler",
+                    "ddim_scheduler",
+                    "validate#scheduler",
+                    "network_def",
+                    "train#lr_scheduler",
+                    "num_parameters",
+                ],
+            ),
+            (["train.json", "multi_gpu_train.json"], ["training", "network", "train#data_sampler"]),
+            (
+                ["inference.json"],
+                [
+                    "evaluating",
+                    "run",
+                    "evaluator",
+                    "inferer",
+                    "scheduler",
+                    "ddim_scheduler",
+                    "slice_inferer#scheduler",
+                    "trained_noise_levels",
+                ],
+            ),
+            (["inference.json", "evaluate.json"], ["evaluating", "run", "evaluator", "inferer"]),
+        ),
+    )
     p = ConfigParser()
     p.read_config(str(CONFIGS / "train.json"))
     assert p.get_parsed_content("bundle_root") == str(ROOT / "bundles" / "dcediff")
@@ -113,31 +159,50 @@ def test_configs_parse_with_the_documented_ids(phantoms):
     net = p.get_parsed_content("network_def", lazy=False)
     assert (net.conv_in.conv.in_channels, net.out[-1].conv.out_channels) == (6, 2)  # [noisy early/late, 4 conditions]
     # the published schedules
-    train, infer = p.get_parsed_content("train_scheduler"), p.get_parsed_content("inference_scheduler")
-    assert train.num_train_timesteps == 2000 and float(train.betas[0]) == pytest.approx(1e-6) and float(train.betas[-1]) == pytest.approx(0.01)
-    assert infer.num_train_timesteps == 1000 and float(infer.betas[0]) == pytest.approx(1e-4) and float(infer.betas[-1]) == pytest.approx(0.09)
+    train, infer = p.get_parsed_content("training_schedule"), p.get_parsed_content("validate#scheduler")
+    assert (
+        train.num_train_timesteps == 2000
+        and float(train.betas[0]) == pytest.approx(1e-6)
+        and float(train.betas[-1]) == pytest.approx(0.01)
+    )
+    assert (
+        infer.num_train_timesteps == 1000
+        and float(infer.betas[0]) == pytest.approx(1e-4)
+        and float(infer.betas[-1]) == pytest.approx(0.09)
+    )
+    # stock MONAI schedulers; validation samples by DDIM (train.json's sampler) on float64 tables, consistent chain
+    assert type(train).__name__ == "DDPMScheduler" and type(infer).__name__ == "DDIMScheduler"
+    assert infer.alphas_cumprod.dtype == torch.float64 and infer.timesteps.tolist() == list(range(999, -1, -100))
+    assert p.get_parsed_content("train#prepare_batch").schedule.num_train_timesteps == 2000
+    # the network is only ever told trained levels: (gamma_T of the training schedule, 1], in training and validation
+    lo, hi = p.get_parsed_content("trained_noise_levels")
+    assert lo == pytest.approx(float(torch.cumprod(1 - train.betas.double(), 0)[-1]), rel=1e-12) and hi == 1.0
+    for inferer in ("train#inferer", "validate#slice_inferer"):
+        assert p.get_parsed_content(inferer).noise_level_range == (lo, hi)
     # the ADC ablation: in_channels follow input_keys
     p["input_keys"] = ["t2w", "pd", "t1_pre"]
     assert p.get_parsed_content("network_def", lazy=False).conv_in.conv.in_channels == 5
     # phase_source "prepared" reads dce_early/dce_late files instead of selecting from the 4D series
-    for source, n_transforms, selected in (("dce", 8, True), ("prepared", 7, False)):
+    for source, n_transforms, selected in (("dce", 9, True), ("prepared", 8, False)):  # + the same-grid check
         p = ConfigParser()
         p.read_config(str(CONFIGS / "inference.json"))
         p.update({"phase_source": source, "dataset_dir": str(phantoms)})
         pre = p.get_parsed_content("preprocessing")
-        assert len(pre) == n_transforms and any(isinstance(t, SelectPhasesd) for t in pre) == selected
-        from monai.transforms import Compose
-
-        item = Compose(pre)(p.get_parsed_content("datalist")[0])
+        assert (
+            len(pre.transforms) == n_transforms
+            and any(isinstance(t, SelectPhasesd) for t in pre.transforms) == selected
+        )
+        item = pre(p.get_parsed_content("datalist")[0])
         assert tuple(item["image"].shape[:1]) == (4,) and tuple(item["label"].shape[:1]) == (2,)
     p = ConfigParser()
     p.read_config(str(CONFIGS / "inference.json"))
     p["sampler"], p["num_inference_steps"] = "ddim", 50
-    assert [int(t) for t in p.get_parsed_content("inference_scheduler").timesteps[:3]] == [999, 979, 959]
+    assert [int(t) for t in p.get_parsed_content("slice_inferer#scheduler").timesteps[:3]] == [999, 979, 959]
+    assert p.get_parsed_content("slice_inferer").noise_level_range[1] == 1.0
 
 
 def test_fid_with_a_missing_extractor_says_so(tmp_path):
-    from common.engines.fid import SynthesisFID
+    from common.handlers.fid import SynthesisFID
 
     with pytest.raises(FileNotFoundError, match="feature extractor"):
         SynthesisFID(tmp_path / "missing.pt", tmp_path, ["dce_early"])
@@ -152,16 +217,47 @@ class _TinyExtractor(torch.nn.Module):
 def test_train_resume_infer_evaluate(phantoms, tmp_path):
     models, out = tmp_path / "models", tmp_path / "eval"
     common = ["--dataset_dir", str(phantoms), "--output_dir", str(models)] + TINY
-    res = bundle("run", "training", "--config_file", str(CONFIGS / "train.json"), "--num_iterations", "2",
-                 "--epoch_length", "1", "--val_interval", "2", "--warmup_steps", "4", *common)
+    res = bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--num_iterations",
+        "2",
+        "--epoch_length",
+        "1",
+        "--val_interval",
+        "2",
+        "--warmup_steps",
+        "4",
+        *common,
+    )
     assert "DCE-diff network (small): 0.88M parameters" in res.stdout
     assert (models / "model.pt").exists() and (models / "checkpoints" / "checkpoint_final.pt").exists()
     state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
-    assert state["trainer"]["iteration"] == 2 and state["lr_scheduler"]["last_epoch"] == 2  # warm-up stepped per iteration
-    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * (0.25 + 0.75 * 2 / 4))  # 1/4 -> 1 over 4 iterations
+    assert (
+        state["trainer"]["iteration"] == 2 and state["lr_scheduler"]["last_epoch"] == 2
+    )  # warm-up stepped per iteration
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        1e-4 * (0.25 + 0.75 * 2 / 4)
+    )  # 1/4 -> 1 over 4 iterations
     # resume from another working directory: continues at iteration 2 with the warm-up where it was
-    res = bundle("run", "training", "--config_file", str(CONFIGS / "train.json"), "--num_iterations", "3",
-                 "--epoch_length", "1", "--val_interval", "5", "--warmup_steps", "4", *common, cwd=tmp_path)
+    res = bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--num_iterations",
+        "3",
+        "--epoch_length",
+        "1",
+        "--val_interval",
+        "5",
+        "--warmup_steps",
+        "4",
+        *common,
+        cwd=tmp_path,
+    )
     assert "Restored all variables" in res.stdout + res.stderr
     state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 3 and state["lr_scheduler"]["last_epoch"] == 3
@@ -169,9 +265,26 @@ def test_train_resume_infer_evaluate(phantoms, tmp_path):
     extractor = tmp_path / "extractor.pt"
     torch.jit.save(torch.jit.trace(_TinyExtractor(), torch.rand(2, 3, 16, 16)), str(extractor))
     configs = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']"
-    bundle("run", "evaluating", "--config_file", configs, "--dataset_dir", str(phantoms), "--ckpt_path",
-           str(models / "model.pt"), "--output_dir", str(out), "--network_size", "small", "--sampler", "ddim",
-           "--num_inference_steps", "2", "--fid_extractor_path", str(extractor))
+    bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        configs,
+        "--dataset_dir",
+        str(phantoms),
+        "--ckpt_path",
+        str(models / "model.pt"),
+        "--output_dir",
+        str(out),
+        "--network_size",
+        "small",
+        "--sampler",
+        "ddim",
+        "--num_inference_steps",
+        "2",
+        "--fid_extractor_path",
+        str(extractor),
+    )
     test_ids = [e["id"] for e in json.loads((phantoms / "datalist.json").read_text())["test"]]
     for cid in test_ids:
         src = nib.load(phantoms / cid / "t1_pre.nii.gz")
@@ -187,12 +300,15 @@ def test_train_resume_infer_evaluate(phantoms, tmp_path):
     copy_pre = [r for r in rows if r["method"] == "copy_pre" and r["region"] == "organ_mask"]
     assert all(float(r["enh_rel_err"]) == pytest.approx(1.0) for r in copy_pre)  # copying pre misses all uptake
     fid = list(csv.DictReader(open(out / "fid.csv")))
-    assert {(r["method"], r["phase"]) for r in fid} == {(m, p) for m in ("dcediff", "copy_pre") for p in ("dce_early", "dce_late")}
+    assert {(r["method"], r["phase"]) for r in fid} == {
+        (m, p) for m in ("dcediff", "copy_pre") for p in ("dce_early", "dce_late")
+    }
     assert all(np.isfinite(float(r["fid"])) for r in fid)
     assert not (phantoms / test_ids[0] / "panel.png").exists()  # the inputs were not touched
 
 
 def test_multi_gpu_config_trains_with_two_processes_on_cpu(phantoms, tmp_path):
-    state = train_two_processes(CONFIGS, tmp_path / "ddp", "--dataset_dir", str(phantoms), "--val_interval", "2",
-                                "--warmup_steps", "4", *TINY)
+    state = train_two_processes(
+        CONFIGS, tmp_path / "ddp", "--dataset_dir", str(phantoms), "--val_interval", "2", "--warmup_steps", "4", *TINY
+    )
     assert state["lr_scheduler"]["last_epoch"] == 2

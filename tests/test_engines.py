@@ -173,7 +173,7 @@ def test_bundle_root_and_latest_checkpoint(tmp_path, monkeypatch):
     assert bundle_root("resdce").endswith("bundles/resdce")
     assert latest_checkpoint(tmp_path / "none") == ""
     for n in (2, 10, 3):
-        (tmp_path / f"checkpoint_epoch={n}.pt").write_bytes(b"x")
+        torch.save({"trainer": {"iteration": n}}, tmp_path / f"checkpoint_epoch={n}.pt")
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
 
 
@@ -212,3 +212,38 @@ def test_checkpoint_record_travels_with_the_weights(tmp_path):
     (tmp_path / "broken.pt").write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot read the checkpoint .*broken.pt"):
         check_checkpoint(tmp_path / "broken.pt", rec)
+
+
+def test_batch_size_is_slices_per_step_and_iterations_are_exact():
+    from ignite.engine import Engine, Events
+
+    from common.bundle import positive_int, slice_batching, training_epochs
+    from common.handlers import StopAtIteration
+
+    assert slice_batching(8, 4) == (2, 4) and slice_batching(6, 4) == (2, 3) and slice_batching(2, 4) == (1, 2)
+    assert slice_batching(7, 4) == (7, 1) and slice_batching(16, 4) == (4, 4)
+    for b, s in ((8, 4), (6, 4), (2, 4), (5, 2), (12, 5)):
+        v, k = slice_batching(b, s)
+        assert v * k == b and k <= s
+    assert training_epochs(5, 2) == (3, 2) and training_epochs(3, 500) == (1, 3) and training_epochs(1000, 500) == (2, 500)
+    for bad, name in ((0, "batch_size"), (-4, "batch_size"), ("x", "batch_size"), (2.5, "batch_size")):
+        with pytest.raises(ValueError, match=f"--{name}: expected a whole number >= 1, got"):
+            positive_int(bad, name)
+    with pytest.raises(ValueError, match="--num_iterations"):
+        training_epochs(0, 10)
+    with pytest.raises(ValueError, match="--epoch_length"):
+        training_epochs(10, 0)
+    # 5 iterations with epochs of 2: exactly 5, and COMPLETED still fires (final checkpoint)
+    epochs, length = training_epochs(5, 2)
+    engine = Engine(lambda e, b: None)
+    StopAtIteration(5).attach(engine)
+    done, epochs_done = [], []
+    engine.add_event_handler(Events.COMPLETED, lambda e: done.append(e.state.iteration))
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs_done.append(e.state.iteration))
+    engine.run(range(length), max_epochs=epochs, epoch_length=length)
+    assert engine.state.iteration == 5 and done == [5] and epochs_done == [2, 4, 5]  # validation runs on the last
+    # a multiple of the epoch length is left alone
+    engine = Engine(lambda e, b: None)
+    StopAtIteration(4).attach(engine)
+    engine.run(range(2), max_epochs=2, epoch_length=2)
+    assert engine.state.iteration == 4 and engine.state.epoch == 2

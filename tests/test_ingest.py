@@ -691,3 +691,162 @@ def test_cli_and_time_ingest(phantom_src, tmp_path, capsys):
     assert (tmp_path / "out" / pdir.name / "manifest.json").is_file()
     t = time_ingest(pdir, IngestConfig(crop_size=(16, 16, 4), write_native=False))
     assert {"scan_s", "read_s", "register_s", "write_s", "total_s"} <= set(t) and t["n_dce"] == len(phantom_src[0].times_s)
+
+
+# --------------------------------------------------------------------------------------------
+# stages of ingest_study, one at a time, on hand-made arrays
+
+
+def test_stage_pick_phases_closed_form():
+    """A uniform body at 100 that jumps to 300 at t = 40 s: arrival index 4 (first point above
+    baseline 100 + 10% of the 200 rise), pre 3, onset 4, early nearest 40 + 20 s = index 6, late 7."""
+    from types import SimpleNamespace
+
+    from common.ingest.pipeline import IngestJob, PhaseChoice, StudyData, make_job, pick_phases
+
+    times = np.arange(8) * 10.0
+    dce4 = np.full((4, 4, 2, 8), 100.0, np.float32)
+    dce4[..., 4:] = 300.0
+    study = StudyData(SimpleNamespace(times_s=times), [], dce4, {})
+    job = make_job("/nonexistent/U1", "/nonexistent/out", None, IngestConfig(arrival_mask="foreground", early_delay_s=20.0))
+    assert isinstance(job, IngestJob) and job.case_id == "U1" and job.final == Path("/nonexistent/out/U1")
+    ch = pick_phases(job, study, None)
+    assert ch.phases == {"pre": 3, "onset": 4, "early": 6, "late": 7}
+    assert ch.arrival.index == 4 and ch.arrival.time_s == 40.0 and ch.arrival.baseline == 100.0 and ch.arrival.peak == 300.0
+    np.testing.assert_allclose(ch.curve, [100] * 4 + [300] * 4)
+    d = ch.manifest(times)
+    assert d["arrival"] == {"index": 4, "time_s": 40.0, "baseline": 100.0, "peak": 300.0, "curve_mask": "foreground"}
+    assert d["mean_curve"] == [100.0] * 4 + [300.0] * 4
+    assert d["phases"]["early"] == {"index": 6, "time_s": 60.0, "source": "dce"}
+    # "organ" without a mask falls back to the enhancing voxels (and says so)
+    assert pick_phases(_with_cfg(job, arrival_mask="organ"), study, None).curve_mask == "enhancing"
+    # every phase given: no curve, no arrival; pre from the VIBE is recorded
+    given = {"pre": {"index": 1}, "onset": {"index": 2}, "early": {"time_s": 31.0}, "late": {"index": -2}}
+    ch = pick_phases(_with_cfg(job, phases=given, pre_source="t1_pre"), study, None)
+    assert ch == PhaseChoice({"pre": 1, "onset": 2, "early": 3, "late": 6}, None, None, "foreground", "t1_pre")
+    d = ch.manifest(times)
+    assert d["arrival"] is None and d["mean_curve"] is None
+    assert d["phases"]["pre"] == {"index": 1, "time_s": 10.0, "source": "t1_pre (registered VIBE pre-contrast)"}
+
+
+def _with_cfg(job, **changes):
+    import dataclasses
+
+    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, **changes))
+
+
+def test_stage_crop_study_closed_form():
+    """Crop (4, 4, 2) of a (10, 8, 6) grid: around the mask centroid (3, 2, 1) the box starts at
+    floor(c + 0.5) - size // 2 = (1, 0, 0); around the grid centre (4.5, 3.5, 2.5) at (3, 2, 2)."""
+    from common.ingest.pipeline import CropWindow, OrganMask, PhaseChoice, Registration, crop_study, make_job
+
+    ref = sitk.Image([10, 8, 6], sitk.sitkFloat32)
+    ref.SetSpacing((2.0, 1.0, 3.0))
+    ref.SetOrigin((5.0, -4.0, 7.0))
+    ref_affine = sitk_affine(ref)
+    vol = np.arange(10 * 8 * 6, dtype=np.float32).reshape(10, 8, 6)
+    dce = np.stack([vol + 1000 * t for t in range(5)], axis=-1)
+    mask = np.zeros((10, 8, 6), np.uint8)
+    mask[2:5, 1:4, 0:3] = 1
+    choice = PhaseChoice({"pre": 1, "onset": 2, "early": 3, "late": 4}, None, None, "enhancing", "t1_pre")
+    reg = Registration(ref, "dce", "mean_pre", {}, {}, {"t2w": vol, "t1_pre": -vol}, dce, mask)
+    job = make_job("/nonexistent/U2", "/nonexistent/out", None, IngestConfig(crop_size=(4, 4, 2), pre_source="t1_pre"))
+    c = crop_study(job, choice, reg, OrganMask(Path("m.nii.gz"), None))
+    assert isinstance(c, CropWindow)
+    assert list(c.arrays) == ["t2w", "t1_pre", "dce_pre", "dce_onset", "dce_early", "dce_late", "organ_mask"]
+    np.testing.assert_array_equal(c.arrays["t2w"], vol[1:5, 0:4, 0:2])
+    np.testing.assert_array_equal(c.dce, dce[1:5, 0:4, 0:2])
+    np.testing.assert_array_equal(c.arrays["dce_onset"], vol[1:5, 0:4, 0:2] + 2000)
+    np.testing.assert_array_equal(c.arrays["dce_pre"], -vol[1:5, 0:4, 0:2])  # pre_source t1_pre
+    assert c.arrays["organ_mask"].sum() == 3 * 3 * 2
+    np.testing.assert_allclose(c.affine, ref_affine @ np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    assert c.manifest() == {
+        "size": [4, 4, 2], "center_vox": [3.0, 2.0, 1.0], "center_source": "organ mask centroid (m.nii.gz)",
+        "affine_ras": np.round(c.affine, 6).tolist(),
+    }
+    np.testing.assert_allclose(c.affine[:3, 3], [-(5.0 + 2.0), 4.0, 7.0])  # RAS: x, y of the LPS origin negated
+    # no mask: the grid centre; no organ_mask output
+    no_mask = Registration(ref, "dce", "mean_pre", {}, {}, {"t2w": vol}, dce, None)
+    c = crop_study(job, PhaseChoice(choice.phases, None, None, "enhancing", "dce"), no_mask, None)
+    assert list(c.arrays) == ["t2w", "dce_pre", "dce_onset", "dce_early", "dce_late"]
+    np.testing.assert_array_equal(c.arrays["t2w"], vol[3:7, 2:6, 2:4])
+    np.testing.assert_array_equal(c.arrays["dce_pre"], vol[3:7, 2:6, 2:4] + 1000)
+    assert c.center is None and c.manifest()["center_source"] == "reference grid centre"
+
+
+# --------------------------------------------------------------------------------------------
+# the command line: options built from IngestConfig
+
+# every option of the first version of scripts/prepare_prostatex.py
+CLI_OPTIONS = [
+    "src", "out", "workers", "overwrite", "rules", "mask", "mask_role", "reference_role", "reference_frame", "crop_size",
+    "phases", "pre_source", "early_delay_s", "arrival_mask", "register", "max_translation_mm", "max_rotation_deg",
+    "sampling_percentage", "iterations", "native", "seed", "fractions", "progress", "log_level",
+]
+
+
+def _cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_prostatex_cli", Path(__file__).resolve().parents[1] / "scripts" / "prepare_prostatex.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_defaults_are_ingest_config_defaults():
+    import dataclasses
+    import inspect
+
+    mod = _cli()
+    params = inspect.signature(mod.main).parameters
+    assert set(CLI_OPTIONS) <= set(params)
+    cfg = IngestConfig()
+    for f in dataclasses.fields(IngestConfig):
+        if f.name != "registration":
+            name = mod.RENAMED.get(f.name, f.name)
+            assert params[name].default == getattr(cfg, f.name), f.name
+            assert f.metadata["help"] and f.metadata["help"] in mod.main.__doc__, f.name
+    for name in ("max_translation_mm", "max_rotation_deg", "sampling_percentage", "iterations"):
+        assert params[name].default == getattr(RegistrationSettings(), name)
+    ds = inspect.signature(prepare_dataset).parameters
+    for name in ("workers", "fractions", "seed", "progress"):
+        assert params[name].default == ds[name].default
+    # the defaults, parsed, are IngestConfig() and prepare_dataset's defaults
+    got, dataset, script = mod.parse_options()
+    assert got == cfg
+    assert dataset == {"workers": None, "fractions": (0.8, 0.1, 0.1), "seed": 0, "progress": True}
+    assert script == {"log_level": "WARNING"}
+    with pytest.raises(TypeError, match="unknown option"):
+        mod.parse_options(crop=3)
+
+
+def test_cli_parses_options_through_fire(monkeypatch, capsys):
+    """The command line (through fire, as ``python scripts/prepare_prostatex.py ...``) -> IngestConfig."""
+    import fire
+
+    mod = _cli()
+    seen = {}
+
+    def fake_prepare(src, out, cfg, **kw):
+        seen.update(src=src, out=out, cfg=cfg, **kw)
+        return {"prepared": ["A"], "existing": [], "skipped": [], "seconds": 0.0, "datalist": "d.json", "skipped_json": "s.json"}
+
+    monkeypatch.setattr(mod, "prepare_dataset", fake_prepare)
+    fire.Fire(mod.main, command=[
+        "/in", "--out", "/o", "--crop_size", "16x16x4", "--noregister", "--overwrite", "--native", "False",
+        "--phases", '{"early": {"time_s": 120}}', "--max_rotation_deg", "5", "--iterations", "7", "--workers", "2",
+        "--fractions", "0.5,0.25,0.25", "--seed", "3", "--progress", "false", "--mask_role", "t2w", "--pre_source", "t1_pre",
+    ])
+    assert "prepared 1" in capsys.readouterr().out
+    cfg = seen["cfg"]
+    assert (seen["src"], seen["out"], seen["workers"], seen["seed"], seen["progress"]) == ("/in", "/o", 2, 3, False)
+    assert seen["fractions"] == (0.5, 0.25, 0.25)
+    assert cfg.crop_size == (16, 16, 4) and cfg.register is False and cfg.overwrite is True and cfg.write_native is False
+    assert cfg.phases == {"early": {"time_s": 120}} and cfg.mask_role == "t2w" and cfg.pre_source == "t1_pre"
+    assert cfg.registration == RegistrationSettings(max_rotation_deg=5.0, iterations=7)
+    assert cfg.reference_frame == IngestConfig().reference_frame  # untouched options keep the defaults
+    with pytest.raises(ValueError, match="register: expected true or false"):
+        mod.parse_options(register="maybe")
+    with pytest.raises(ValueError, match="expected 3 integers"):
+        mod.parse_options(crop_size="16x16")

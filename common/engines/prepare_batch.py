@@ -81,7 +81,7 @@ class NoiseLevelPrepareBatch(ConditionalDiffusionPrepareBatch):
 
     Args:
         scheduler: the TRAINING schedule: a MONAI scheduler (e.g.
-            :func:`common.schedulers.noise_level.dcediff_train_scheduler`) or a
+            the bundle's ``training_schedule`` (a MONAI ``DDPMScheduler``)) or a
             :class:`~common.schedulers.noise_level.NoiseLevelSchedule`.
         condition_name: key of the conditioning image (B, C_cond, H, W).
         target_name: key of the clean target x0 (B, C_out, H, W).

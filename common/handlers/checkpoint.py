@@ -21,7 +21,7 @@ from monai.handlers import CheckpointSaver
 
 from common.io import atomic_path
 
-__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver"]
+__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "StopAtIteration"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,3 +66,27 @@ class AtomicCheckpointSaver(CheckpointSaver):
             ckpt = getattr(self, attr, None)
             if ckpt is not None:
                 ckpt.save_handler = AtomicDiskSaver(save_dir, name)
+
+
+class StopAtIteration:
+    """Ignite handler: end the run after exactly ``iteration`` iterations (``num_iterations`` need
+    not be a multiple of ``epoch_length``). The last, shortened epoch still completes
+    (``EPOCH_COMPLETED``: validation, epoch checkpoints) and so does the run (``COMPLETED``: the final
+    checkpoint and model); a run resumed at or past that iteration stops at once."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = int(iteration)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.on_epoch_started)
+
+    def on_iteration(self, engine) -> None:
+        if engine.state.iteration >= self.iteration and engine.state.iteration % engine.state.epoch_length:
+            engine.terminate_epoch()  # mid-epoch: close this (last) epoch now
+
+    def on_epoch_started(self, engine) -> None:
+        if engine.state.iteration >= self.iteration:
+            engine.terminate()

@@ -26,18 +26,20 @@ import tempfile
 import time
 import traceback
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from common import dce as dce_mod
+from common.geometry import array_to_sitk, sitk_affine, sitk_to_array
 from common.ingest.errors import IngestError
 from common.ingest.register import RegistrationSettings, RigidResult, register_rigid, resample_to
 from common.ingest.rules import Rules, load_rules
-from common.ingest.series import array_to_sitk, read_frame, scan_study, sitk_affine, sitk_to_array
+from common.ingest.series import read_frame, scan_study
 from common.ingest.study import StudySelection, classify_study
 from common.io import load_nifti, save_json, save_nifti
 from common.layout import DCE_4D, DCE_TIMES, MANIFEST, write_datalist
@@ -47,56 +49,64 @@ log = logging.getLogger(__name__)
 INGEST_VERSION = 1
 REFERENCE_FRAMES = ("pre", "mean_pre", "mean_post", "mean")
 ARRIVAL_MASKS = ("enhancing", "foreground", "organ")
+PRE_SOURCES = ("dce", "t1_pre")
+PHASE_NAMES = ("pre", "onset", "early", "late")  # the phases written as ``dce_<name>``
 SKIPPED = "skipped.json"
+
+
+def _option(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose ``metadata["help"]`` documents it (read by the CLI and the docstring)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class IngestConfig:
-    """Settings of the ingest (all have defaults; the CLI exposes the common ones).
-
-    Attributes:
-        rules: rules JSON path / dict / None for :data:`common.ingest.rules.DEFAULT_RULES_PATH`.
-        reference_role: role whose grid all outputs share (``"dce"``, or e.g. ``"t2w"``).
-        reference_frame: for a DCE reference, the fixed image of the registration: ``"mean_pre"``
-            (mean of the time points up to ``pre``; default), ``"pre"``, ``"mean_post"`` (from
-            ``onset`` on) or ``"mean"``.
-        phases: per-phase overrides for :func:`common.dce.select_phases`
-            (``{"early": {"time_s": 120}}``, ``{"pre": {"index": 3}}``).
-        early_delay_s: default delay of ``early`` after arrival.
-        pre_source: ``"dce"`` (last time point before arrival) or ``"t1_pre"`` (``dce_pre`` is the
-            registered VIBE pre-contrast volume).
-        arrival_mask: voxels whose mean curve finds arrival: ``"enhancing"`` (the 10% of the
-            body that enhances most; default), ``"foreground"`` (the whole body,
-            ``common.dce.foreground_mask``) or ``"organ"`` (the organ mask, when given).
-        crop_size: output grid size (x, y, z) in voxels of the reference grid.
-        mask: organ (prostate) mask NIfTI for the crop centre: a file, or a folder holding
-            ``<case>.nii.gz``, ``<case>/organ_mask.nii.gz`` or ``<case>*.nii*``. Without it an
-            ``organ_mask.nii.gz`` inside the patient folder is used if present.
-        mask_role: the role whose space the mask was drawn in (its registration transform is
-            applied); None = scanner space (no transform).
-        register: False resamples in scanner space without registration.
-        registration: :class:`RegistrationSettings` (bounds included).
-        share_transforms: roles that reuse another role's transform when both series lie on the
-            same grid (the high-b DWI and the ADC come from one acquisition).
-        write_native: also write each chosen series on its own grid under ``native/``.
-        overwrite: replace an existing case (else :func:`ingest_study` raises).
+    """Settings of the ingest (all have defaults; ``scripts/prepare_prostatex.py`` builds its options
+    from these fields, their defaults and their ``metadata["help"]``).
     """
 
-    rules: Any = None
-    reference_role: str = "dce"
-    reference_frame: str = "mean_pre"
-    phases: Mapping[str, Mapping[str, float]] | None = None
-    early_delay_s: float = 60.0
-    pre_source: str = "dce"
-    arrival_mask: str = "enhancing"
-    crop_size: Sequence[int] = (160, 160, 16)
-    mask: str | os.PathLike | None = None
-    mask_role: str | None = None
-    register: bool = True
-    registration: RegistrationSettings = field(default_factory=RegistrationSettings)
-    share_transforms: Mapping[str, str] = field(default_factory=lambda: {"dwi_highb": "adc"})
-    write_native: bool = True
-    overwrite: bool = False
+    rules: Any = _option(None, "rules JSON path / dict / None for common.ingest.rules.DEFAULT_RULES_PATH.")
+    reference_role: str = _option("dce", 'role whose grid all outputs share ("dce", or e.g. "t2w").')
+    reference_frame: str = _option(
+        "mean_pre",
+        'for a DCE reference, the fixed image of the registration: "mean_pre" (mean of the time points up to '
+        '"pre"; default), "pre", "mean_post" (from "onset" on) or "mean".',
+    )
+    phases: Mapping[str, Mapping[str, float]] | None = _option(
+        None, 'per-phase overrides for common.dce.select_phases ({"early": {"time_s": 120}}, {"pre": {"index": 3}}).'
+    )
+    early_delay_s: float = _option(60.0, "default delay of early after arrival (s).")
+    pre_source: str = _option(
+        "dce", '"dce" (last time point before arrival) or "t1_pre" (dce_pre is the registered VIBE pre-contrast volume).'
+    )
+    arrival_mask: str = _option(
+        "enhancing",
+        'voxels whose mean curve finds arrival: "enhancing" (the 10% of the body that enhances most; default), '
+        '"foreground" (the whole body, common.dce.foreground_mask) or "organ" (the organ mask, when given).',
+    )
+    crop_size: Sequence[int] = _option((160, 160, 16), "output grid size (x, y, z) in voxels of the reference grid.")
+    mask: str | os.PathLike | None = _option(
+        None,
+        "organ (prostate) mask NIfTI for the crop centre: a file, or a folder holding <case>.nii.gz, "
+        "<case>/organ_mask.nii.gz or <case>*.nii*. Without it an organ_mask.nii.gz inside the patient folder "
+        "is used if present.",
+    )
+    mask_role: str | None = _option(
+        None, "the role whose space the mask was drawn in (its registration transform is applied); None = scanner space."
+    )
+    register: bool = _option(True, "False resamples in scanner space without registration.")
+    registration: RegistrationSettings = _option(
+        factory=RegistrationSettings, help="common.ingest.register.RegistrationSettings (bounds included)."
+    )
+    share_transforms: Mapping[str, str] = _option(
+        factory=lambda: {"dwi_highb": "adc"},
+        help="roles that reuse another role's transform when both series lie on the same grid "
+        "(the high-b DWI and the ADC come from one acquisition).",
+    )
+    write_native: bool = _option(True, "also write each chosen series on its own grid under native/.")
+    overwrite: bool = _option(False, "replace an existing case (else ingest_study raises).")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -109,6 +119,11 @@ class IngestConfig:
         d["share_transforms"] = dict(self.share_transforms)
         d["phases"] = {k: dict(v) for k, v in (self.phases or {}).items()}
         return d
+
+
+IngestConfig.__doc__ += "\n    Attributes:\n" + "".join(
+    f"        {f.name}: {f.metadata['help']}\n" for f in dataclasses.fields(IngestConfig)
+)
 
 
 def _crop_functions():
@@ -174,6 +189,494 @@ def _clean_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
 
 
+def _grid(img: sitk.Image) -> dict[str, Any]:
+    return {
+        "size": list(img.GetSize()),
+        "spacing_mm": [round(v, 6) for v in img.GetSpacing()],
+        "affine_ras": np.round(sitk_affine(img), 6).tolist(),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# the stages of one study: select -> read -> phases -> register -> crop -> write
+#
+# Each stage takes the job and the earlier stages' dataclasses and returns its own; each
+# dataclass writes its part of the manifest (``manifest()``).
+
+
+@dataclass(frozen=True)
+class IngestJob:
+    """One study to ingest: where from, where to, with which settings (checked by :func:`make_job`)."""
+
+    study_dir: Path
+    out_dir: Path
+    case_id: str
+    cfg: IngestConfig
+
+    @property
+    def final(self) -> Path:
+        """The case folder ``<out_dir>/<case_id>``."""
+        return self.out_dir / self.case_id
+
+
+@dataclass
+class StudyData:
+    """Stage 2 (:func:`read_study`): the pixel data of the chosen series.
+
+    Attributes:
+        sel: the classification (:func:`common.ingest.study.classify_study`).
+        frames: one 3D image per DCE time point, all on the first one's grid.
+        dce4: the DCE as an (x, y, z, t) float array (native DCE grid, scanner intensities).
+        native: role -> the 3D image of each single-series role on its own grid.
+    """
+
+    sel: StudySelection
+    frames: list[sitk.Image]
+    dce4: np.ndarray
+    native: dict[str, sitk.Image]
+
+    @property
+    def ref_frame(self) -> sitk.Image:
+        """The first DCE time point: its grid is the DCE grid."""
+        return self.frames[0]
+
+    @property
+    def times(self) -> np.ndarray:
+        """(t,) acquisition times in seconds."""
+        return self.sel.times_s
+
+    def manifest_series(self) -> dict[str, Any]:
+        """``roles`` ... ``ignored`` entries of the manifest."""
+        sel = self.sel
+        return {
+            "roles": {role: {**s.summary(), "native_grid": _grid(self.native[role])} for role, s in sel.roles.items()},
+            "missing_roles": sel.missing,
+            "choices": sel.choices,
+            "series": sel.report,
+            "ignored": [r for r in sel.report if r["status"] == "ignored"],
+        }
+
+    def manifest_dce(self) -> dict[str, Any]:
+        """The series part of the manifest's ``dce`` entry (times, series, native grid)."""
+        sel = self.sel
+        return {
+            "n_time_points": len(self.times),
+            "times_s": [round(float(x), 4) for x in self.times],
+            "time_source": sel.time_source,
+            "series": [
+                {"time_s": tp.time_s, "folder": tp.series.label, "description": tp.series.description, "series_number": tp.series.number}
+                for tp in sel.dce
+            ],
+            "flip_angle": sel.dce[0].series.flip_angle,
+            "native_grid": _grid(self.ref_frame),
+        }
+
+
+@dataclass
+class OrganMask:
+    """The organ mask of a case (:func:`load_organ_mask`): its file and the binary 3D image (float 0/1)."""
+
+    path: Path
+    native: sitk.Image
+
+
+@dataclass
+class PhaseChoice:
+    """Stage 3 (:func:`pick_phases`): contrast arrival and the phase time points.
+
+    Attributes:
+        phases: phase name -> time-point index (``common.dce.DEFAULT_PHASES``).
+        arrival: :func:`common.dce.detect_arrival`'s result, None when every phase was given.
+        curve: (t,) mean curve over the arrival mask, None when not needed.
+        curve_mask: the kind of arrival mask used (``IngestConfig.arrival_mask`` or its fallback).
+        pre_source: ``IngestConfig.pre_source``.
+    """
+
+    phases: dict[str, int]
+    arrival: Any
+    curve: np.ndarray | None
+    curve_mask: str
+    pre_source: str
+
+    def manifest(self, times: np.ndarray) -> dict[str, Any]:
+        """The ``arrival``, ``mean_curve`` and ``phases`` entries of the manifest's ``dce``."""
+        a = self.arrival
+        d = {
+            "arrival": None if a is None else {
+                "index": a.index, "time_s": a.time_s, "baseline": a.baseline, "peak": a.peak, "curve_mask": self.curve_mask,
+            },
+            "mean_curve": None if self.curve is None else [round(float(c), 4) for c in self.curve],
+            "phases": {name: {"index": int(idx), "time_s": float(times[idx]), "source": "dce"} for name, idx in self.phases.items()},
+        }
+        if self.pre_source == "t1_pre":
+            d["phases"]["pre"]["source"] = "t1_pre (registered VIBE pre-contrast)"
+        return d
+
+
+@dataclass
+class Registration:
+    """Stage 4 (:func:`register_study`): every volume on the reference grid.
+
+    Attributes:
+        ref_img: the reference grid (a 3D image).
+        ref_label: its role (``"dce"`` or ``IngestConfig.reference_role``).
+        frame: ``IngestConfig.reference_frame`` for a DCE reference, else None.
+        records: role -> registration record for the manifest.
+        transforms: role -> rigid transform (fixed -> moving), None without registration.
+        volumes: role -> (x, y, z) array on the reference grid, in the order of ``StudyData.native``.
+        dce: (x, y, z, t) DCE on the reference grid.
+        mask: (x, y, z) uint8 organ mask on the reference grid, or None.
+    """
+
+    ref_img: sitk.Image
+    ref_label: str
+    frame: str | None
+    records: dict[str, dict[str, Any]]
+    transforms: dict[str, sitk.Transform | None]
+    volumes: dict[str, np.ndarray]
+    dce: np.ndarray
+    mask: np.ndarray | None
+
+    def manifest_reference(self) -> dict[str, Any]:
+        return {"role": self.ref_label, "frame": self.frame, "grid": _grid(self.ref_img)}
+
+
+@dataclass
+class CropWindow:
+    """Stage 5 (:func:`crop_study`): the output box and the cropped volumes.
+
+    Attributes:
+        size: (x, y, z) voxels.
+        center: box centre in reference-grid voxels, None for the grid centre.
+        center_source: what the centre is (for the manifest).
+        affine: 4x4 RAS affine of the output grid (mm).
+        arrays: output key -> (x, y, z) array, in the order they are written.
+        dce: the cropped (x, y, z, t) DCE.
+    """
+
+    size: tuple[int, int, int]
+    center: Any
+    center_source: str
+    affine: np.ndarray
+    arrays: dict[str, np.ndarray]
+    dce: np.ndarray
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "size": list(self.size),
+            "center_vox": None if self.center is None else np.asarray(self.center, dtype=float).round(3).tolist(),
+            "center_source": self.center_source,
+            "affine_ras": np.round(self.affine, 6).tolist(),
+        }
+
+
+@dataclass
+class CaseFiles:
+    """Stage 6 (:func:`write_volumes`): key -> file name relative to the case folder."""
+
+    outputs: dict[str, str]
+    native: dict[str, str]
+
+
+@dataclass
+class IngestResult:
+    """Stages 1-5 of one study: what :func:`write_case` writes and :func:`build_manifest` records."""
+
+    job: IngestJob
+    rules: Rules
+    study: StudyData
+    mask: OrganMask | None
+    phases: PhaseChoice
+    registration: Registration
+    crop: CropWindow
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """``timings[key]`` = seconds spent in the block (left unset when it raises)."""
+    t = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t
+
+
+def make_job(study_dir: str | os.PathLike, out_dir: str | os.PathLike, case_id: str | None, cfg: IngestConfig) -> IngestJob:
+    """Check the settings (before any file is read) and name the case.
+
+    Raises:
+        FileExistsError: the case exists and ``cfg.overwrite`` is False.
+        IngestError: an unknown ``reference_frame`` / ``arrival_mask`` / ``pre_source`` or a bad ``crop_size``.
+    """
+    study_dir = Path(study_dir)
+    job = IngestJob(study_dir, Path(out_dir), _clean_id(case_id or study_dir.name), cfg)
+    cid = job.case_id
+    if job.final.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{job.final} exists (use overwrite=True to replace it)")
+    if cfg.reference_frame not in REFERENCE_FRAMES:
+        raise IngestError(f"unknown reference_frame {cfg.reference_frame!r} (known: {REFERENCE_FRAMES})", cid)
+    if cfg.arrival_mask not in ARRIVAL_MASKS:
+        raise IngestError(f"unknown arrival_mask {cfg.arrival_mask!r} (known: {ARRIVAL_MASKS})", cid)
+    if cfg.pre_source not in PRE_SOURCES:
+        raise IngestError(f"pre_source must be 'dce' or 't1_pre', got {cfg.pre_source!r}", cid)
+    if len(tuple(cfg.crop_size)) != 3:
+        raise IngestError(f"crop_size must have 3 values, got {cfg.crop_size}", cid)
+    return job
+
+
+def select_series(job: IngestJob, rules: Rules) -> StudySelection:
+    """Stage 1: scan the DICOM headers below the study folder and assign roles (no pixel data)."""
+    cfg, cid = job.cfg, job.case_id
+    series = scan_study(job.study_dir, cid)
+    if not series:
+        raise IngestError(f"no DICOM files found below {job.study_dir}", cid)
+    sel = classify_study(series, rules, cid)
+    if cfg.reference_role != "dce" and cfg.reference_role not in sel.roles:
+        raise IngestError(f"reference role {cfg.reference_role!r} has no series in the study", cid)
+    if cfg.pre_source == "t1_pre" and "t1_pre" not in sel.roles:
+        raise IngestError("pre_source='t1_pre' but the study has no t1_pre series", cid)
+    return sel
+
+
+def read_study(job: IngestJob, sel: StudySelection) -> StudyData:
+    """Stage 2: read every chosen series; the DCE time points must share one grid; no NaN/Inf or constant image."""
+    cid = job.case_id
+    frames = [read_frame(tp.frame, tp.geom, cid, tp.series.label) for tp in sel.dce]
+    for tp, img in zip(sel.dce, frames):
+        if not _same_grid(img, frames[0]):
+            raise IngestError(f"DCE time point {tp.time_s:g} s lies on another grid than the first time point", cid, tp.series.label)
+    dce4 = np.stack([sitk_to_array(f) for f in frames], axis=-1)
+    for k, tp in enumerate(sel.dce):
+        _check_values(dce4[..., k], cid, tp.series.label, f"DCE time point {k} ({tp.time_s:g} s)")
+    native: dict[str, sitk.Image] = {}
+    for role, s in sel.roles.items():
+        g = sel.geoms[role]
+        img = read_frame(g.frames[0], g, cid, s.label)
+        _check_values(sitk.GetArrayViewFromImage(img), cid, s.label, role)
+        native[role] = img
+    return StudyData(sel, frames, dce4, native)
+
+
+def load_organ_mask(job: IngestJob) -> OrganMask | None:
+    """The organ mask (:func:`find_mask`) as a binary 3D image in scanner space, or None."""
+    cid = job.case_id
+    mask_path = find_mask(job.cfg, job.study_dir, cid)
+    if mask_path is None:
+        return None
+    try:
+        m_arr, m_aff = load_nifti(mask_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise IngestError(f"organ mask: {e}", cid) from e
+    if m_arr.ndim == 4 and m_arr.shape[-1] == 1:
+        m_arr = m_arr[..., 0]
+    if m_arr.ndim != 3 or not (m_arr > 0.5).any():
+        raise IngestError(f"organ mask {mask_path} must be a non-empty 3D volume, got shape {m_arr.shape}", cid)
+    return OrganMask(mask_path, array_to_sitk((m_arr > 0.5).astype(np.float32), m_aff))
+
+
+def pick_phases(job: IngestJob, study: StudyData, mask: OrganMask | None) -> PhaseChoice:
+    """Stage 3: contrast arrival on the mean curve of the arrival mask, and the phases (:func:`common.dce.select_phases`)."""
+    cfg = job.cfg
+    times, dce4 = study.times, study.dce4
+    spec = {k: dict(v) for k, v in (cfg.phases or {}).items()}
+    names = list(dce_mod.DEFAULT_PHASES)
+    curve_mask_kind = cfg.arrival_mask
+    if not any(n not in spec for n in names if n != "late"):  # every phase given: no curve needed
+        return PhaseChoice(dce_mod.select_phases(times, None, spec, names, cfg.early_delay_s), None, None, curve_mask_kind, cfg.pre_source)
+    if curve_mask_kind == "organ" and mask is not None:
+        m_ref = sitk_to_array(resample_to(mask.native, study.ref_frame, None, "nearest")) > 0.5
+        cmask = m_ref if m_ref.any() else dce_mod.enhancing_mask(dce4)
+    elif curve_mask_kind == "foreground":
+        cmask = dce_mod.foreground_mask(dce4)
+    else:
+        cmask = dce_mod.enhancing_mask(dce4)
+        curve_mask_kind = "enhancing"
+    curve = dce_mod.mean_curve(dce4, cmask)
+    try:
+        arrival = dce_mod.detect_arrival(times, curve)
+        phases = dce_mod.select_phases(times, curve, spec, names, cfg.early_delay_s)
+    except ValueError as e:
+        raise IngestError(f"DCE phase selection failed: {e}", job.case_id) from e
+    return PhaseChoice(phases, arrival, curve, curve_mask_kind, cfg.pre_source)
+
+
+def _register_all(job: IngestJob, study: StudyData, ref_fixed: sitk.Image, dce_fixed: sitk.Image):
+    """Rigid transforms (fixed -> moving) and manifest records of every role but the reference.
+
+    Roles in ``share_transforms`` go last and reuse their source's transform when both lie on one grid."""
+    cfg, sel, native = job.cfg, study.sel, study.native
+    records: dict[str, dict[str, Any]] = {}
+    transforms: dict[str, sitk.Transform | None] = {}
+    moving_roles = [r for r in native if r != cfg.reference_role] + (["dce"] if cfg.reference_role != "dce" else [])
+    moving_roles.sort(key=lambda r: r in cfg.share_transforms)
+    for role in moving_roles:
+        mov = dce_fixed if role == "dce" else native[role]
+        label = sel.dce[0].series.label if role == "dce" else sel.roles[role].label
+        src = cfg.share_transforms.get(role)
+        if src and src in transforms and src in native and _same_grid(native[src], mov):
+            transforms[role] = transforms[src]
+            records[role] = dict(records[src], shared_from=src)
+            continue
+        if not cfg.register:
+            transforms[role] = None
+            records[role] = {"transform": "identity (registration off)"}
+            continue
+        res: RigidResult = register_rigid(ref_fixed, mov, cfg.registration, role, job.case_id, label)
+        transforms[role] = res.transform
+        records[role] = res.to_dict()
+    return records, transforms
+
+
+def register_study(job: IngestJob, study: StudyData, choice: PhaseChoice, mask: OrganMask | None) -> Registration:
+    """Stage 4: register every modality onto the reference grid and resample it (and the mask) there."""
+    cfg, cid = job.cfg, job.case_id
+    ref_frame = study.ref_frame
+    dce_fixed = array_to_sitk(_dce_fixed(study.dce4, choice.phases, cfg.reference_frame), sitk_affine(ref_frame))
+    dce_fixed.CopyInformation(ref_frame)
+    if cfg.reference_role == "dce":
+        ref_img, ref_fixed, ref_label = ref_frame, dce_fixed, "dce"
+    else:
+        ref_img = study.native[cfg.reference_role]
+        ref_fixed, ref_label = ref_img, cfg.reference_role
+    records, transforms = _register_all(job, study, ref_fixed, dce_fixed)
+    volumes = {
+        role: sitk_to_array(img) if role == cfg.reference_role else sitk_to_array(resample_to(img, ref_img, transforms[role], "linear"))
+        for role, img in study.native.items()
+    }
+    if cfg.reference_role == "dce":
+        dce_ref = study.dce4
+    else:
+        dce_ref = np.stack([sitk_to_array(resample_to(f, ref_img, transforms["dce"], "linear")) for f in study.frames], axis=-1)
+    mask_ref = None
+    if mask is not None:
+        mt = transforms.get(cfg.mask_role) if cfg.mask_role else None
+        if cfg.mask_role and cfg.mask_role not in transforms and cfg.mask_role != cfg.reference_role:
+            raise IngestError(f"mask_role {cfg.mask_role!r} has no registered series", cid)
+        mask_ref = (sitk_to_array(resample_to(mask.native, ref_img, mt, "nearest")) > 0.5).astype(np.uint8)
+        if not mask_ref.any():
+            raise IngestError(f"organ mask {mask.path} does not overlap the reference grid", cid)
+    frame = cfg.reference_frame if ref_label == "dce" else None
+    return Registration(ref_img, ref_label, frame, records, transforms, volumes, dce_ref, mask_ref)
+
+
+def crop_study(job: IngestJob, choice: PhaseChoice, reg: Registration, mask: OrganMask | None) -> CropWindow:
+    """Stage 5: crop/pad every volume to ``crop_size`` around the organ mask's centroid (or the grid centre)."""
+    crop_or_pad, mask_centroid = _crop_functions()
+    ref_affine = sitk_affine(reg.ref_img)
+    size = tuple(int(v) for v in job.cfg.crop_size)
+    if reg.mask is not None:
+        center, center_source = mask_centroid(reg.mask), f"organ mask centroid ({mask.path})"
+    else:
+        center, center_source = None, "reference grid centre"
+
+    def crop(arr: np.ndarray):
+        return crop_or_pad(arr, ref_affine, size, center_vox=center, pad_value=0.0)
+
+    arrays: dict[str, np.ndarray] = {}
+    affine_out = None
+    for role, arr in reg.volumes.items():
+        arrays[role], affine_out = crop(arr)
+    dce_out, affine_dce = crop(reg.dce)
+    affine_out = affine_dce if affine_out is None else affine_out
+    if not np.allclose(affine_out, affine_dce):
+        raise IngestError("crop_or_pad returned different affines for the 3D and 4D volumes", job.case_id)
+    for name in PHASE_NAMES:
+        arrays[f"dce_{name}"] = dce_out[..., choice.phases[name]]
+    if choice.pre_source == "t1_pre":
+        arrays["dce_pre"] = arrays["t1_pre"]
+    if reg.mask is not None:
+        arrays["organ_mask"], _ = crop(reg.mask.astype(np.float32))
+    return CropWindow(size, center, center_source, affine_out, arrays, dce_out)
+
+
+def write_volumes(r: IngestResult, folder: Path) -> CaseFiles:
+    """Stage 6a: the case's NIfTI files and ``dce_times.json`` into ``folder`` (and ``native/`` if asked)."""
+    study, crop = r.study, r.crop
+    outputs: dict[str, str] = {}
+    for key, arr in crop.arrays.items():
+        dtype = np.uint8 if key == "organ_mask" else np.float32
+        save_nifti(arr, crop.affine, folder / f"{key}.nii.gz", dtype=dtype)
+        outputs[key] = f"{key}.nii.gz"
+    save_nifti(crop.dce, crop.affine, folder / f"{DCE_4D}.nii.gz")
+    outputs[DCE_4D] = f"{DCE_4D}.nii.gz"
+    save_json({"times_s": [round(float(x), 4) for x in study.times], "time_source": study.sel.time_source}, folder / DCE_TIMES)
+    outputs["dce_times"] = DCE_TIMES
+    native_out: dict[str, str] = {}
+    if r.job.cfg.write_native:
+        for role, img in study.native.items():
+            save_nifti(sitk_to_array(img), sitk_affine(img), folder / "native" / f"{role}.nii.gz")
+            native_out[role] = f"native/{role}.nii.gz"
+        for name in PHASE_NAMES:
+            save_nifti(study.dce4[..., r.phases.phases[name]], sitk_affine(study.ref_frame), folder / "native" / f"dce_{name}.nii.gz")
+            native_out[f"dce_{name}"] = f"native/dce_{name}.nii.gz"
+        if r.mask is not None:
+            save_nifti(sitk_to_array(r.mask.native), sitk_affine(r.mask.native), folder / "native" / "organ_mask.nii.gz", dtype=np.uint8)
+            native_out["organ_mask"] = "native/organ_mask.nii.gz"
+    return CaseFiles(outputs, native_out)
+
+
+def build_manifest(r: IngestResult, files: CaseFiles, timings: Mapping[str, float]) -> dict[str, Any]:
+    """``manifest.json`` of a case from the stages' results; ``timings`` in seconds (rounded to ms)."""
+    job, sel = r.job, r.study.sel
+    return {
+        "kind": "ingest",
+        "ingest_version": INGEST_VERSION,
+        "case_id": job.case_id,
+        "patient_id": next((s.patient_id for s in sel.roles.values() if s.patient_id), sel.dce[0].series.patient_id),
+        "source": str(job.study_dir.resolve()),
+        "study_uid": sel.study_uid,
+        "rules": r.rules.source,
+        **r.study.manifest_series(),
+        "dce": {**r.study.manifest_dce(), **r.phases.manifest(r.study.times)},
+        "reference": r.registration.manifest_reference(),
+        "registration": r.registration.records,
+        "crop": r.crop.manifest(),
+        "organ_mask": str(r.mask.path) if r.mask is not None else None,
+        "outputs": files.outputs,
+        "native": files.native,
+        "config": job.cfg.to_dict(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _commit(job: IngestJob, tmp: Path) -> None:
+    """Rename the finished temporary folder into place (replacing an old case when ``overwrite``)."""
+    final = job.final
+    old = None
+    if final.exists():
+        if not job.cfg.overwrite:
+            raise FileExistsError(f"{final} exists (use overwrite=True to replace it)")
+        old = job.out_dir / f".old-{job.case_id}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_case(r: IngestResult, timings: dict[str, float], t_start: float) -> dict[str, Any]:
+    """Stage 6: write into ``<out_dir>/.tmp-<case>-*``, the manifest last, then rename into place.
+
+    ``timings`` gets ``write_s`` and ``total_s`` (since ``t_start``) before the manifest is made.
+    Nothing is left behind when it fails. Returns the manifest."""
+    job = r.job
+    t = time.perf_counter()
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in job.out_dir.glob(f".tmp-{job.case_id}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = job.out_dir / f".tmp-{job.case_id}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        files = write_volumes(r, tmp)
+        timings["write_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t_start
+        manifest = build_manifest(r, files, timings)
+        save_json(manifest, tmp / MANIFEST)  # last: a case counts as done when it has a manifest
+        _commit(job, tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    timings["write_s"] = time.perf_counter() - t
+    return manifest
+
+
 def ingest_study(
     study_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -182,6 +685,11 @@ def ingest_study(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Ingest one patient's DICOM folder into ``<out_dir>/<case_id>/`` (layout: :mod:`common.layout`).
+
+    Stages (each timed into the manifest's ``timings_s``): :func:`select_series` (``scan_s``),
+    :func:`read_study` (``read_s``), :func:`load_organ_mask` + :func:`pick_phases` (``phases_s``),
+    :func:`register_study` (``register_s``), :func:`crop_study` (``crop_s``), :func:`write_case`
+    (``write_s``; ``total_s``).
 
     Args:
         study_dir: the patient folder (or one study folder) with one sub-folder per series.
@@ -197,289 +705,25 @@ def ingest_study(
             nothing is left in ``out_dir`` for the case.
         FileExistsError: the case exists and ``overwrite`` is False.
     """
-    cfg = dataclasses.replace(config or IngestConfig(), **overrides)
-    study_dir = Path(study_dir)
-    out_dir = Path(out_dir)
-    case_id = _clean_id(case_id or study_dir.name)
-    final = out_dir / case_id
-    if final.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{final} exists (use overwrite=True to replace it)")
-    if cfg.reference_frame not in REFERENCE_FRAMES:
-        raise IngestError(f"unknown reference_frame {cfg.reference_frame!r} (known: {REFERENCE_FRAMES})", case_id)
-    if cfg.arrival_mask not in ARRIVAL_MASKS:
-        raise IngestError(f"unknown arrival_mask {cfg.arrival_mask!r} (known: {ARRIVAL_MASKS})", case_id)
-    if cfg.pre_source not in ("dce", "t1_pre"):
-        raise IngestError(f"pre_source must be 'dce' or 't1_pre', got {cfg.pre_source!r}", case_id)
-    if len(tuple(cfg.crop_size)) != 3:
-        raise IngestError(f"crop_size must have 3 values, got {cfg.crop_size}", case_id)
-    crop_or_pad, mask_centroid = _crop_functions()  # first call imports MONAI: outside the timings
+    job = make_job(study_dir, out_dir, case_id, dataclasses.replace(config or IngestConfig(), **overrides))
+    _crop_functions()  # first call imports MONAI: outside the timings
     t_start = time.perf_counter()
-    rules = load_rules(cfg.rules)
+    rules = load_rules(job.cfg.rules)
     timings: dict[str, float] = {}
-
-    # 1) scan + classify -------------------------------------------------------------------
-    t = time.perf_counter()
-    series = scan_study(study_dir, case_id)
-    if not series:
-        raise IngestError(f"no DICOM files found below {study_dir}", case_id)
-    sel = classify_study(series, rules, case_id)
-    if cfg.reference_role != "dce" and cfg.reference_role not in sel.roles:
-        raise IngestError(f"reference role {cfg.reference_role!r} has no series in the study", case_id)
-    if cfg.pre_source == "t1_pre" and "t1_pre" not in sel.roles:
-        raise IngestError("pre_source='t1_pre' but the study has no t1_pre series", case_id)
-    timings["scan_s"] = time.perf_counter() - t
-
-    # 2) read ------------------------------------------------------------------------------
-    t = time.perf_counter()
-    frames: list[sitk.Image] = []
-    for tp in sel.dce:
-        img = read_frame(tp.frame, tp.geom, case_id, tp.series.label)
-        frames.append(img)
-    ref_frame = frames[0]
-    for tp, img in zip(sel.dce, frames):
-        if not _same_grid(img, ref_frame):
-            raise IngestError(f"DCE time point {tp.time_s:g} s lies on another grid than the first time point", case_id, tp.series.label)
-    dce4 = np.stack([sitk_to_array(f) for f in frames], axis=-1)
-    for k, tp in enumerate(sel.dce):
-        _check_values(dce4[..., k], case_id, tp.series.label, f"DCE time point {k} ({tp.time_s:g} s)")
-    native: dict[str, sitk.Image] = {}
-    for role, s in sel.roles.items():
-        g = sel.geoms[role]
-        img = read_frame(g.frames[0], g, case_id, s.label)
-        _check_values(sitk.GetArrayViewFromImage(img), case_id, s.label, role)
-        native[role] = img
-    timings["read_s"] = time.perf_counter() - t
-
-    # 3) phases ----------------------------------------------------------------------------
-    t = time.perf_counter()
-    times = sel.times_s
-    mask_path = find_mask(cfg, study_dir, case_id)
-    mask_native: sitk.Image | None = None
-    if mask_path is not None:
-        try:
-            m_arr, m_aff = load_nifti(mask_path)
-        except (FileNotFoundError, ValueError) as e:
-            raise IngestError(f"organ mask: {e}", case_id) from e
-        if m_arr.ndim == 4 and m_arr.shape[-1] == 1:
-            m_arr = m_arr[..., 0]
-        if m_arr.ndim != 3 or not (m_arr > 0.5).any():
-            raise IngestError(f"organ mask {mask_path} must be a non-empty 3D volume, got shape {m_arr.shape}", case_id)
-        mask_native = array_to_sitk((m_arr > 0.5).astype(np.float32), m_aff)
-    spec = {k: dict(v) for k, v in (cfg.phases or {}).items()}
-    names = list(dce_mod.DEFAULT_PHASES)
-    curve_mask_kind = cfg.arrival_mask
-    curve = None
-    arrival = None
-    needs_curve = any(n not in spec for n in names if n != "late")
-    if needs_curve:
-        if curve_mask_kind == "organ" and mask_native is not None:
-            m_ref = sitk_to_array(resample_to(mask_native, ref_frame, None, "nearest")) > 0.5
-            cmask = m_ref if m_ref.any() else dce_mod.enhancing_mask(dce4)
-        elif curve_mask_kind == "foreground":
-            cmask = dce_mod.foreground_mask(dce4)
-        else:
-            cmask = dce_mod.enhancing_mask(dce4)
-            curve_mask_kind = "enhancing"
-        curve = dce_mod.mean_curve(dce4, cmask)
-        try:
-            arrival = dce_mod.detect_arrival(times, curve)
-            phases = dce_mod.select_phases(times, curve, spec, names, cfg.early_delay_s)
-        except ValueError as e:
-            raise IngestError(f"DCE phase selection failed: {e}", case_id) from e
-    else:
-        phases = dce_mod.select_phases(times, None, spec, names, cfg.early_delay_s)
-    timings["phases_s"] = time.perf_counter() - t
-
-    # 4) register + resample onto the reference grid ----------------------------------------
-    t = time.perf_counter()
-    dce_fixed_arr = _dce_fixed(dce4, phases, cfg.reference_frame)
-    dce_fixed = array_to_sitk(dce_fixed_arr, sitk_affine(ref_frame))
-    dce_fixed.CopyInformation(ref_frame)
-    if cfg.reference_role == "dce":
-        ref_img, ref_fixed, ref_label = ref_frame, dce_fixed, "dce"
-    else:
-        ref_img = native[cfg.reference_role]
-        ref_fixed, ref_label = ref_img, cfg.reference_role
-    regs: dict[str, dict[str, Any]] = {}
-    transforms: dict[str, sitk.Transform | None] = {}
-    moving_roles = [r for r in native if r != cfg.reference_role] + (["dce"] if cfg.reference_role != "dce" else [])
-    # shared transforms last, so their source is registered first
-    moving_roles.sort(key=lambda r: r in cfg.share_transforms)
-    for role in moving_roles:
-        mov = dce_fixed if role == "dce" else native[role]
-        label = sel.dce[0].series.label if role == "dce" else sel.roles[role].label
-        src = cfg.share_transforms.get(role)
-        if src and src in transforms and src in native and _same_grid(native[src], mov):
-            transforms[role] = transforms[src]
-            regs[role] = dict(regs[src], shared_from=src)
-            continue
-        if not cfg.register:
-            transforms[role] = None
-            regs[role] = {"transform": "identity (registration off)"}
-            continue
-        res: RigidResult = register_rigid(ref_fixed, mov, cfg.registration, role, case_id, label)
-        transforms[role] = res.transform
-        regs[role] = res.to_dict()
-    resampled: dict[str, np.ndarray] = {}
-    for role, img in native.items():
-        if role == cfg.reference_role:
-            resampled[role] = sitk_to_array(img)
-        else:
-            resampled[role] = sitk_to_array(resample_to(img, ref_img, transforms[role], "linear"))
-    if cfg.reference_role == "dce":
-        dce_ref = dce4
-    else:
-        dce_ref = np.stack([sitk_to_array(resample_to(f, ref_img, transforms["dce"], "linear")) for f in frames], axis=-1)
-    mask_ref = None
-    if mask_native is not None:
-        mt = transforms.get(cfg.mask_role) if cfg.mask_role else None
-        if cfg.mask_role and cfg.mask_role not in transforms and cfg.mask_role != cfg.reference_role:
-            raise IngestError(f"mask_role {cfg.mask_role!r} has no registered series", case_id)
-        mask_ref = (sitk_to_array(resample_to(mask_native, ref_img, mt, "nearest")) > 0.5).astype(np.uint8)
-        if not mask_ref.any():
-            raise IngestError(f"organ mask {mask_path} does not overlap the reference grid", case_id)
-    timings["register_s"] = time.perf_counter() - t
-
-    # 5) crop --------------------------------------------------------------------------------
-    t = time.perf_counter()
-    ref_affine = sitk_affine(ref_img)
-    size = tuple(int(v) for v in cfg.crop_size)
-    if mask_ref is not None:
-        center = mask_centroid(mask_ref)
-        center_source = f"organ mask centroid ({mask_path})"
-    else:
-        center = None
-        center_source = "reference grid centre"
-    out_arrays: dict[str, np.ndarray] = {}
-    affine_out = None
-    for role, arr in resampled.items():
-        out_arrays[role], affine_out = crop_or_pad(arr, ref_affine, size, center_vox=center, pad_value=0.0)
-    dce_out, affine_dce = crop_or_pad(dce_ref, ref_affine, size, center_vox=center, pad_value=0.0)
-    affine_out = affine_dce if affine_out is None else affine_out
-    if not np.allclose(affine_out, affine_dce):
-        raise IngestError("crop_or_pad returned different affines for the 3D and 4D volumes", case_id)
-    for name in ("pre", "onset", "early", "late"):
-        out_arrays[f"dce_{name}"] = dce_out[..., phases[name]]
-    if cfg.pre_source == "t1_pre":
-        out_arrays["dce_pre"] = out_arrays["t1_pre"]
-    if mask_ref is not None:
-        out_arrays["organ_mask"], _ = crop_or_pad(mask_ref.astype(np.float32), ref_affine, size, center_vox=center, pad_value=0.0)
-    timings["crop_s"] = time.perf_counter() - t
-
-    # 6) write into a temporary folder, then rename into place -------------------------------
-    t = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".tmp-{case_id}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir / f".tmp-{case_id}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        outputs: dict[str, str] = {}
-        for key, arr in out_arrays.items():
-            dtype = np.uint8 if key == "organ_mask" else np.float32
-            save_nifti(arr, affine_out, tmp / f"{key}.nii.gz", dtype=dtype)
-            outputs[key] = f"{key}.nii.gz"
-        save_nifti(dce_out, affine_out, tmp / f"{DCE_4D}.nii.gz")
-        outputs[DCE_4D] = f"{DCE_4D}.nii.gz"
-        save_json({"times_s": [round(float(x), 4) for x in times], "time_source": sel.time_source}, tmp / DCE_TIMES)
-        outputs["dce_times"] = DCE_TIMES
-        native_out: dict[str, str] = {}
-        if cfg.write_native:
-            for role, img in native.items():
-                save_nifti(sitk_to_array(img), sitk_affine(img), tmp / "native" / f"{role}.nii.gz")
-                native_out[role] = f"native/{role}.nii.gz"
-            for name in ("pre", "onset", "early", "late"):
-                save_nifti(dce4[..., phases[name]], sitk_affine(ref_frame), tmp / "native" / f"dce_{name}.nii.gz")
-                native_out[f"dce_{name}"] = f"native/dce_{name}.nii.gz"
-            if mask_native is not None:
-                save_nifti(sitk_to_array(mask_native), sitk_affine(mask_native), tmp / "native" / "organ_mask.nii.gz", dtype=np.uint8)
-                native_out["organ_mask"] = "native/organ_mask.nii.gz"
-        timings["write_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - t_start
-        manifest = _manifest(
-            case_id, study_dir, cfg, rules, sel, native, ref_frame, phases, arrival, curve, curve_mask_kind, times,
-            ref_label, ref_img, regs, size, center, center_source, affine_out, outputs, native_out, mask_path, timings,
-        )
-        save_json(manifest, tmp / MANIFEST)  # last: a case counts as done when it has a manifest
-        old = None
-        if final.exists():
-            if not cfg.overwrite:
-                raise FileExistsError(f"{final} exists (use overwrite=True to replace it)")
-            old = out_dir / f".old-{case_id}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    timings["write_s"] = time.perf_counter() - t
-    log.info("patient %s: prepared %s in %.1f s", case_id, final, time.perf_counter() - t_start)
+    with _timed(timings, "scan_s"):
+        sel = select_series(job, rules)
+    with _timed(timings, "read_s"):
+        study = read_study(job, sel)
+    with _timed(timings, "phases_s"):
+        mask = load_organ_mask(job)
+        choice = pick_phases(job, study, mask)
+    with _timed(timings, "register_s"):
+        reg = register_study(job, study, choice, mask)
+    with _timed(timings, "crop_s"):
+        crop = crop_study(job, choice, reg, mask)
+    manifest = write_case(IngestResult(job, rules, study, mask, choice, reg, crop), timings, t_start)
+    log.info("patient %s: prepared %s in %.1f s", job.case_id, job.final, time.perf_counter() - t_start)
     return manifest
-
-
-def _grid(img: sitk.Image) -> dict[str, Any]:
-    return {
-        "size": list(img.GetSize()),
-        "spacing_mm": [round(v, 6) for v in img.GetSpacing()],
-        "affine_ras": np.round(sitk_affine(img), 6).tolist(),
-    }
-
-
-def _manifest(case_id, study_dir, cfg, rules, sel: StudySelection, native, dce_native, phases, arrival, curve, curve_mask_kind, times,
-              ref_label, ref_img, regs, size, center, center_source, affine_out, outputs, native_out, mask_path, timings) -> dict:
-    roles = {}
-    for role, s in sel.roles.items():
-        roles[role] = {**s.summary(), "native_grid": _grid(native[role])}
-    dce_series = []
-    for tp in sel.dce:
-        dce_series.append({"time_s": tp.time_s, "folder": tp.series.label, "description": tp.series.description, "series_number": tp.series.number})
-    d = {
-        "kind": "ingest",
-        "ingest_version": INGEST_VERSION,
-        "case_id": case_id,
-        "patient_id": next((s.patient_id for s in sel.roles.values() if s.patient_id), sel.dce[0].series.patient_id),
-        "source": str(study_dir.resolve()),
-        "study_uid": sel.study_uid,
-        "rules": rules.source,
-        "roles": roles,
-        "missing_roles": sel.missing,
-        "choices": sel.choices,
-        "series": sel.report,
-        "ignored": [r for r in sel.report if r["status"] == "ignored"],
-        "dce": {
-            "n_time_points": len(times),
-            "times_s": [round(float(x), 4) for x in times],
-            "time_source": sel.time_source,
-            "series": dce_series,
-            "flip_angle": sel.dce[0].series.flip_angle,
-            "native_grid": _grid(dce_native),
-            "arrival": None if arrival is None else {
-                "index": arrival.index, "time_s": arrival.time_s, "baseline": arrival.baseline, "peak": arrival.peak,
-                "curve_mask": curve_mask_kind,
-            },
-            "mean_curve": None if curve is None else [round(float(c), 4) for c in curve],
-            "phases": {
-                name: {"index": int(idx), "time_s": float(times[idx]), "source": "dce"} for name, idx in phases.items()
-            },
-        },
-        "reference": {"role": ref_label, "frame": cfg.reference_frame if ref_label == "dce" else None, "grid": _grid(ref_img)},
-        "registration": regs,
-        "crop": {
-            "size": list(size),
-            "center_vox": None if center is None else np.asarray(center, dtype=float).round(3).tolist(),
-            "center_source": center_source,
-            "affine_ras": np.round(affine_out, 6).tolist(),
-        },
-        "organ_mask": str(mask_path) if mask_path is not None else None,
-        "outputs": outputs,
-        "native": native_out,
-        "config": cfg.to_dict(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
-    if cfg.pre_source == "t1_pre":
-        d["dce"]["phases"]["pre"]["source"] = "t1_pre (registered VIBE pre-contrast)"
-    return d
 
 
 # ------------------------------------------------------------------------------------------

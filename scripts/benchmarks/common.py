@@ -1,4 +1,12 @@
-"""Helpers shared by the benchmark sections."""
+"""Helpers shared by the benchmark sections.
+
+Every section measures the model its bundle runs: networks, schedulers and inferers come from the
+bundle's own configs through :func:`bundle_parser` / :func:`bundle_objects` (MONAI's
+``ConfigParser``), with the benchmark's settings applied as overrides, never rebuilt by hand::
+
+    net, inferer = bundle_objects("resdce", "network", "inferer",
+                                  overrides={"network_size": "small", "device": "cpu", "num_inference_steps": 4})
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,50 @@ import multiprocessing as mp
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+
+
+def bundle_parser(
+    bundle: str, config: str | Sequence[str] = "inference.json", overrides: Mapping[str, Any] | None = None
+):
+    """A ``monai.bundle.ConfigParser`` of ``bundles/<bundle>/configs/<config>`` with ``overrides`` applied.
+
+    Args:
+        bundle: the bundle's folder name under ``bundles/`` (``"resdce"``, ``"dcediff"``, ...).
+        config: a config file name, or several stacked in order as ``--config_file "['a.json','b.json']"``
+            stacks them (later files override earlier ones).
+        overrides: ``{id: value}`` set before parsing, exactly as ``--id value`` on the command line;
+            nested ids with ``#`` (``"inferer#progress"``); a value may be a ``$`` expression or a
+            ``@`` reference. Typical: ``network_size``, ``device`` (a string such as ``"cpu"``),
+            ``num_inference_steps``.
+    """
+    from monai.bundle import ConfigParser
+
+    files = [config] if isinstance(config, str) else list(config)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / bundle / "configs" / f) for f in files])
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
+def bundle_objects(
+    bundle: str, *ids: str, config: str | Sequence[str] = "inference.json", overrides: Mapping[str, Any] | None = None
+) -> list:
+    """The parsed objects ``ids`` (e.g. ``"network"``, ``"inferer"``, ``"train#inferer"``) of one
+    :func:`bundle_parser`, in order. Objects referencing each other share instances (``inferer``'s
+    sampler is ``slice_inferer``, whose ``scheduler`` is ``scheduler``), as when the bundle runs."""
+    parser = bundle_parser(bundle, config, overrides)
+    return [parser.get_parsed_content(i) for i in ids]
+
+
+def n_params(net: torch.nn.Module) -> int:
+    """Number of parameters of ``net`` (all of them, trainable or not)."""
+    return sum(p.numel() for p in net.parameters())
 
 
 def timed(fn: Callable[[], Any], repeat: int = 1, warmup: int = 0, device: torch.device | None = None) -> float:
@@ -64,7 +113,7 @@ def isolated(fn: Callable, *args) -> tuple[Any, float]:
 
 def eval_means(summary_json: str | Path) -> dict[str, dict[str, float]]:
     """``{"<method>/<phase>/<region>": {metric: mean, f"{metric}_std": std}, ...}`` of a bundle evaluation's
-    ``summary.json`` (written by :func:`common.engines.evaluate.report`), plus ``"n_cases"``."""
+    ``summary.json`` (written by :func:`common.handlers.metrics.report`), plus ``"n_cases"``."""
     summary = json.loads(Path(summary_json).read_text())["summary"]
     out: dict = {}
     n = 0

@@ -5,6 +5,8 @@ of the volume in one batch per step), for the small and paper-sized networks (un
 A step is one network evaluation on the 16-slice batch plus the scheduler update, and costs the same
 at every t, so a chain is timed over its last ``k`` steps and scaled to its length when running it in
 full would exceed the time budget (always the case for 1000 steps on a CPU); each row says which.
+Networks, schedulers and inferers are the bundles' own, parsed from their ``inference.json``
+(``scripts.benchmarks.common.bundle_objects``).
 """
 
 from __future__ import annotations
@@ -19,27 +21,40 @@ import torch
 
 from common.device import get_device
 
-ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (160, 160, 16)
 # a chain whose estimate exceeds this is timed over a few steps and scaled; on a CPU the budget is
 # small so that all CPU rows together stay within a few minutes
 FULL_RUN_BUDGET_S = {"cuda": 180.0, "cpu": 20.0}
 
 
-def dcediff_network(size: str, device: torch.device) -> torch.nn.Module:
-    """The bundle's network for preset ``size``, built from bundles/dcediff/configs/train.json."""
-    from monai.bundle import ConfigParser
+def dcediff_chain_parts(size: str, device_name: str, sampler: str, steps: int):
+    """DCE-diff's network (on ``device_name``), volume inferer and number of condition channels from
+    ``bundles/dcediff/configs/inference.json`` with ``network_size=size``, ``sampler`` ("ddpm" or
+    "ddim") and ``num_inference_steps=steps`` (no progress bar)."""
+    from scripts.benchmarks.common import bundle_objects
 
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles" / "dcediff" / "configs" / "train.json"))
-    parser["network_size"] = size
-    return parser.get_parsed_content("network_def", lazy=False).to(device).eval()
+    net, inferer, keys = bundle_objects(
+        "dcediff",
+        "network",
+        "inferer",
+        "input_keys",
+        overrides={
+            "network_size": size,
+            "device": device_name,
+            "sampler": sampler,
+            "num_inference_steps": steps,
+            "inferer#progress": False,
+        },
+    )
+    return net.eval(), inferer, len(keys)
 
 
-def resdce_network(preset: str, device: torch.device) -> torch.nn.Module:
-    from common.networks import SwinDiffusionUNet
+def resdce_chain_parts(size: str, device_name: str, steps: int = 15):
+    """ResDCE-diff's network, volume inferer and condition channels from its ``inference.json``."""
+    from scripts.benchmarks.resdce import build
 
-    return SwinDiffusionUNet(preset=preset, spatial_dims=2, in_channels=6, out_channels=3).to(device).eval()
+    net, inferer, c_cond = build(size, device_name, steps)
+    return net.eval(), inferer, c_cond
 
 
 def _sync(device: torch.device) -> None:
@@ -48,15 +63,20 @@ def _sync(device: torch.device) -> None:
 
 
 class Chain:
-    """A sampling chain of ``total_steps`` on one network, timed over its last ``k`` steps."""
+    """A bundle's sampling chain (its volume inferer's ``num_inference_steps`` steps) on one network,
+    timed over its last ``k`` steps: the scheduler's timesteps are set once as the inferer sets them,
+    then cut to their last ``k`` for a run (the inferer told not to reset them)."""
 
-    def __init__(self, volume_inferer, scheduler, cond, net, total_steps: int, device: torch.device) -> None:
-        self.inferer, self.scheduler, self.cond, self.net = volume_inferer, scheduler, cond, net
-        self.total_steps, self.device = int(total_steps), device
-        self.all_steps = scheduler.timesteps.clone()
+    def __init__(self, volume_inferer, cond, net, device: torch.device) -> None:
+        self.inferer, self.cond, self.net, self.device = volume_inferer, cond, net, device
+        self.scheduler = volume_inferer.sampler.scheduler
+        self.total_steps = int(volume_inferer.num_inference_steps)
+        self.scheduler.set_timesteps(self.total_steps, device=device)
+        self.all_steps = self.scheduler.timesteps.clone()
 
     def run(self, k: int) -> float:
         self.scheduler.timesteps = self.all_steps[-k:]
+        self.inferer.num_inference_steps = None
         try:
             _sync(self.device)
             t0 = time.perf_counter()
@@ -65,9 +85,16 @@ class Chain:
             return time.perf_counter() - t0
         finally:
             self.scheduler.timesteps = self.all_steps
+            self.inferer.num_inference_steps = self.total_steps
 
 
-def time_chains(chains: dict[str, Chain], probe_steps: int, repeat: int, warmup: bool) -> dict[str, dict]:
+def time_chains(
+    chains: dict[str, Chain],
+    probe_steps: int,
+    repeat: int,
+    warmup: bool,
+    budget_s: dict[str, float] = FULL_RUN_BUDGET_S,
+) -> dict[str, dict]:
     """Per chain: the best (minimum) time of ``probe_steps`` steps over ``repeat`` rounds, the chains
     interleaved within each round so a burst of load on a shared machine hits all of them alike;
     then the whole chain is run if that estimate fits the device's budget, else the estimate is kept."""
@@ -81,41 +108,48 @@ def time_chains(chains: dict[str, Chain], probe_steps: int, repeat: int, warmup:
     out = {}
     for name, c in chains.items():
         per_step = best[name]
-        if per_step * c.total_steps <= FULL_RUN_BUDGET_S.get(c.device.type, 20.0) and probe_steps < c.total_steps:
+        if per_step * c.total_steps <= budget_s.get(c.device.type, 20.0) and probe_steps < c.total_steps:
             full = c.run(c.total_steps)
-            out[name] = {"total_s": full, "step_s": full / c.total_steps, "scaled": False, "probe": c.total_steps, "repeat": 1}
+            out[name] = {
+                "total_s": full,
+                "step_s": full / c.total_steps,
+                "scaled": False,
+                "probe": c.total_steps,
+                "repeat": 1,
+            }
         else:
-            out[name] = {"total_s": per_step * c.total_steps, "step_s": per_step, "scaled": probe_steps < c.total_steps,
-                         "probe": probe_steps, "repeat": repeat}
+            out[name] = {
+                "total_s": per_step * c.total_steps,
+                "step_s": per_step,
+                "scaled": probe_steps < c.total_steps,
+                "probe": probe_steps,
+                "repeat": repeat,
+            }
     return out
 
 
-def measure(size: str, device_name: str) -> dict:
-    """Chain times of one size on one device. Where a step costs tens of seconds (paper nets on a
-    CPU) each network is stepped once, without warm-up, and the 50-step DDIM chain reuses the DDPM
-    step time (a step is one evaluation of the same network on the same batch either way)."""
-    from common.engines import DiffusionVolumeInferer, NoiseLevelInferer, ResidualShiftInferer
-    from common.schedulers import ResidualShiftScheduler, dcediff_inference_scheduler
+def measure(
+    size: str, device_name: str, shape: tuple[int, int, int] = SHAPE, budget_s: dict[str, float] = FULL_RUN_BUDGET_S
+) -> dict:
+    """Chain times of one size on one device, for volumes of ``shape``. Where a step costs tens of
+    seconds (paper nets on a CPU) each network is stepped once, without warm-up, and the 50-step DDIM
+    chain reuses the DDPM step time (a step is one evaluation of the same network on the same batch
+    either way)."""
+    from scripts.benchmarks.common import n_params
 
     device = torch.device(device_name)
     fast = size == "small" or device.type == "cuda"
     torch.manual_seed(0)
-    dnet, rnet = dcediff_network(size, device), resdce_network(size, device)
-    out: dict = {"dcediff_params_m": sum(p.numel() for p in dnet.parameters()) / 1e6,
-                 "resdce_params_m": sum(p.numel() for p in rnet.parameters()) / 1e6}
-    cond4, cond3 = torch.randn(1, 4, *SHAPE, device=device), torch.randn(1, 3, *SHAPE, device=device)
     chains = {}
     for kind, steps in (("ddpm", 1000), ("ddim", 50)) if fast else (("ddpm", 1000),):
-        sched = dcediff_inference_scheduler(kind=kind, num_inference_steps=steps)
-        vol = DiffusionVolumeInferer(NoiseLevelInferer(sched), out_channels=2, num_inference_steps=None,
-                                     spatial_divisor=8, progress=False, amp=True)
-        chains[f"dcediff_{kind}{steps}"] = Chain(vol, sched, cond4, dnet, steps, device)
-    rsched = ResidualShiftScheduler(num_train_timesteps=15).to(device)
-    rsched.set_timesteps(15)
-    rvol = DiffusionVolumeInferer(ResidualShiftInferer(rsched), out_channels=3, num_inference_steps=None,
-                                  progress=False, amp=True)
-    chains["resdce15"] = Chain(rvol, rsched, cond3, rnet, 15, device)
-    out.update(time_chains(chains, probe_steps=2 if fast else 1, repeat=2 if fast else 1, warmup=fast))
+        dnet, vol, c_cond = dcediff_chain_parts(size, device_name, kind, steps)
+        chains[f"dcediff_{kind}{steps}"] = Chain(vol, torch.randn(1, c_cond, *shape, device=device), dnet, device)
+    rnet, rvol, c_cond = resdce_chain_parts(size, device_name, 15)
+    chains["resdce15"] = Chain(rvol, torch.randn(1, c_cond, *shape, device=device), rnet, device)
+    out: dict = {"dcediff_params_m": n_params(dnet) / 1e6, "resdce_params_m": n_params(rnet) / 1e6}
+    out.update(
+        time_chains(chains, probe_steps=2 if fast else 1, repeat=2 if fast else 1, warmup=fast, budget_s=budget_s)
+    )
     if not fast:
         ddpm = out["dcediff_ddpm1000"]
         out["dcediff_ddim50"] = {**ddpm, "total_s": ddpm["step_s"] * 50, "scaled": True, "reused": True}
@@ -146,20 +180,40 @@ def rows(tmp: Path, sizes: tuple[str, ...] = ("small", "paper")) -> list[dict]:
             mem = f"; peak CUDA allocated {res['peak_mib']:.0f} MiB" if "peak_mib" in res else ""
             base = f"untrained, 16 slices batched, {threads}{mem}"
             d1000, d50, r15 = res["dcediff_ddpm1000"], res["dcediff_ddim50"], res["resdce15"]
-            out.append({"what": f"dcediff inference, one 160x160x16 volume, 1000 DDPM steps (paper), {size} net",
-                        "value": f"{d1000['total_s']:.1f} s", "device": dev,
-                        "note": f"{res['dcediff_params_m']:.2f}M params, {base}; {_how(d1000, 1000)}"})
-            out.append({"what": f"dcediff inference, one 160x160x16 volume, 50 DDIM steps, {size} net",
-                        "value": f"{d50['total_s']:.1f} s", "device": dev,
-                        "note": f"{res['dcediff_params_m']:.2f}M params, {base}; {_how(d50, 50)}"})
-            out.append({"what": f"resdce inference (same run), one 160x160x16 volume, 15 steps, {size} net",
-                        "value": f"{r15['total_s']:.1f} s", "device": dev,
-                        "note": f"{res['resdce_params_m']:.2f}M params, {base}; {_how(r15, 15)}"})
-            out.append({"what": f"speed-up of resdce (15 steps) over dcediff, {size} nets",
-                        "value": f"{d1000['total_s'] / r15['total_s']:.1f}x vs 1000 DDPM, "
-                                 f"{d50['total_s'] / r15['total_s']:.2f}x vs 50 DDIM", "device": dev,
-                        "note": f"step ratios 66.7 and 3.33; per-step cost dcediff/resdce "
-                                f"{d1000['step_s'] / r15['step_s']:.2f} (different networks); the paper reports 3.56x"})
+            out.append(
+                {
+                    "what": f"dcediff inference, one 160x160x16 volume, 1000 DDPM steps (paper), {size} net",
+                    "value": f"{d1000['total_s']:.1f} s",
+                    "device": dev,
+                    "note": f"{res['dcediff_params_m']:.2f}M params, {base}; {_how(d1000, 1000)}",
+                }
+            )
+            out.append(
+                {
+                    "what": f"dcediff inference, one 160x160x16 volume, 50 DDIM steps, {size} net",
+                    "value": f"{d50['total_s']:.1f} s",
+                    "device": dev,
+                    "note": f"{res['dcediff_params_m']:.2f}M params, {base}; {_how(d50, 50)}",
+                }
+            )
+            out.append(
+                {
+                    "what": f"resdce inference (same run), one 160x160x16 volume, 15 steps, {size} net",
+                    "value": f"{r15['total_s']:.1f} s",
+                    "device": dev,
+                    "note": f"{res['resdce_params_m']:.2f}M params, {base}; {_how(r15, 15)}",
+                }
+            )
+            out.append(
+                {
+                    "what": f"speed-up of resdce (15 steps) over dcediff, {size} nets",
+                    "value": f"{d1000['total_s'] / r15['total_s']:.1f}x vs 1000 DDPM, "
+                    f"{d50['total_s'] / r15['total_s']:.2f}x vs 50 DDIM",
+                    "device": dev,
+                    "note": f"step ratios 66.7 and 3.33; per-step cost dcediff/resdce "
+                    f"{d1000['step_s'] / r15['step_s']:.2f} (different networks); the paper reports 3.56x",
+                }
+            )
     return out
 
 

@@ -1,5 +1,6 @@
 """ResDCE-diff: per-volume (160x160x16) inference at 15 and 4 steps, time per step, peak memory,
-training iterations per second, for the small and paper-sized networks (untrained: timing only)."""
+training iterations per second, for the small and paper-sized networks (untrained: timing only).
+The network, scheduler and inferers are the bundle's, parsed from its configs (``common.bundle_objects``)."""
 
 from __future__ import annotations
 
@@ -15,64 +16,92 @@ PHASES = ("dce_onset", "dce_early", "dce_late")
 MAX_STEP_SECONDS_FULL = 20.0  # above this per step, measure one step and scale (and say so)
 
 
-def build(preset: str, device):
-    from common.engines import DiffusionVolumeInferer, ResidualShiftInferer
-    from common.networks import SwinDiffusionUNet
-    from common.schedulers import ResidualShiftScheduler
+def build(preset: str, device_name: str, num_inference_steps: int = 15):
+    """The bundle's network (on ``device_name``), volume inferer and number of condition channels,
+    from ``configs/inference.json`` with ``network_size=preset`` and ``num_inference_steps`` (no
+    progress bar)."""
+    from scripts.benchmarks.common import bundle_objects
 
-    net = SwinDiffusionUNet(preset=preset, spatial_dims=2, in_channels=6, out_channels=3).to(device).eval()
-    sampler = ResidualShiftInferer(ResidualShiftScheduler(num_train_timesteps=15).to(device))
-    return net, sampler, DiffusionVolumeInferer
+    net, inferer, keys = bundle_objects(
+        "resdce",
+        "network",
+        "inferer",
+        "input_keys",
+        overrides={
+            "network_size": preset,
+            "device": device_name,
+            "num_inference_steps": num_inference_steps,
+            "inferer#progress": False,
+        },
+    )
+    return net, inferer, len(keys)
 
 
-def measure_inference(preset: str, device_name: str) -> dict:
-    from scripts.benchmarks.common import timed
+def measure_inference(
+    preset: str, device_name: str, shape: tuple[int, int, int] = SHAPE, steps: tuple[int, ...] = (15, 4)
+) -> dict:
+    """Seconds per step and per volume of ``shape`` at each of ``steps`` (run in full when affordable)."""
+    from scripts.benchmarks.common import n_params, timed
 
     device = torch.device(device_name)
-    net, sampler, VolumeInferer = build(preset, device)
-    cond = torch.randn(1, 3, *SHAPE, device=device)
-    one = VolumeInferer(sampler, out_channels=3, num_inference_steps=1, progress=False, amp=True)
+    net, one, c_cond = build(preset, device_name, 1)
+    net.eval()
+    cond = torch.randn(1, c_cond, *shape, device=device)
     t_step = timed(lambda: one(cond, net), repeat=1, warmup=1 if device.type == "cuda" else 0, device=device)
-    out = {"step_s": t_step, "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
-    for steps in (15, 4):
-        if t_step * steps <= MAX_STEP_SECONDS_FULL * 4:
-            inf = VolumeInferer(sampler, out_channels=3, num_inference_steps=steps, progress=False, amp=True)
-            out[f"vol{steps}_s"] = timed(lambda: inf(cond, net), device=device)
-            out[f"vol{steps}_scaled"] = False
+    out = {"step_s": t_step, "params_m": n_params(net) / 1e6}
+    for n in steps:
+        if t_step * n <= MAX_STEP_SECONDS_FULL * 4:
+            one.num_inference_steps = n  # the same inferer object, respaced as the bundle's option does
+            out[f"vol{n}_s"] = timed(lambda: one(cond, net), device=device)
+            out[f"vol{n}_scaled"] = False
         else:
-            out[f"vol{steps}_s"] = t_step * steps
-            out[f"vol{steps}_scaled"] = True
+            out[f"vol{n}_s"] = t_step * n
+            out[f"vol{n}_scaled"] = True
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 
-def measure_training(preset: str, device_name: str, batch: int = 8, iters: int = 3) -> dict:
-    """Training iterations per second (``"ips"``; on CUDA also ``"peak_mib"``)."""
-    from common.engines import ResidualShiftInferer
-    from common.networks import SwinDiffusionUNet
-    from common.schedulers import ResidualShiftScheduler
-    from scripts.benchmarks.common import timed
+def measure_training(
+    preset: str, device_name: str, batch: int = 8, iters: int = 3, shape: tuple[int, int] = SHAPE[:2]
+) -> dict:
+    """Training iterations per second (``"ips"``; on CUDA also ``"peak_mib"``, and ``"params_m"``) of
+    the bundle's training forward (``train#inferer``), loss (``train#loss``) and optimiser
+    (``train#optimizer``) from ``configs/train.json``, on random batches of ``batch`` slices."""
+    from scripts.benchmarks.common import bundle_objects, n_params, timed
 
     device = torch.device(device_name)
-    net = SwinDiffusionUNet(preset=preset, spatial_dims=2, in_channels=6, out_channels=3).to(device).train()
-    inferer = ResidualShiftInferer(ResidualShiftScheduler(num_train_timesteps=15).to(device))
-    opt = torch.optim.Adam(net.parameters(), lr=5e-5)
-    x0 = torch.randn(batch, 3, *SHAPE[:2], device=device)
-    y = torch.randn(batch, 3, *SHAPE[:2], device=device)
+    net, inferer, loss_fn, opt, t_max, in_keys, out_keys = bundle_objects(
+        "resdce",
+        "network",
+        "train#inferer",
+        "train#loss",
+        "train#optimizer",
+        "num_train_timesteps",
+        "input_keys",
+        "target_keys",
+        config="train.json",
+        overrides={"network_size": preset, "device": device_name},
+    )
+    net.train()
+    x0 = torch.randn(batch, len(out_keys), *shape, device=device)
+    y = torch.randn(batch, len(in_keys), *shape, device=device)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
 
     def step():
-        t = torch.randint(0, 15, (batch,), device=device)
+        t = torch.randint(0, t_max, (batch,), device=device)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
-            loss = torch.nn.functional.mse_loss(inferer(x0, net, torch.randn_like(x0), t, condition=y), x0)
+            loss = loss_fn(inferer(x0, net, torch.randn_like(x0), t, condition=y), x0)
         opt.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
 
     n = iters if preset == "small" or device.type == "cuda" else 1
-    out = {"ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device)}
+    out = {
+        "ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device),
+        "params_m": n_params(net) / 1e6,
+    }
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -90,16 +119,27 @@ def rows(tmp: Path) -> list[dict]:
                 note = f"{res['params_m']:.1f}M params, 16 slices batched; {mem}"
                 if res[f"vol{steps}_scaled"]:
                     note += f"; measured 1 step ({res['step_s']:.1f} s) x {steps}, not run in full"
-                out.append({"what": f"resdce inference, one 160x160x16 volume, {steps} steps, {preset} net",
-                            "value": f"{res[f'vol{steps}_s']:.1f} s ({res['step_s']:.2f} s/step)", "device": dev, "note": note})
+                out.append(
+                    {
+                        "what": f"resdce inference, one 160x160x16 volume, {steps} steps, {preset} net",
+                        "value": f"{res[f'vol{steps}_s']:.1f} s ({res['step_s']:.2f} s/step)",
+                        "device": dev,
+                        "note": note,
+                    }
+                )
             # the paper's batch of 8 whole slices needs > 22 GiB for the paper net on a CPU (killed on a
             # 24 GiB machine): there it is measured with 2 slices and says so
             batch = 8 if (preset == "small" or dev == "cuda") else 2
             train, mem = measure_on(dev, measure_training, preset, dev, batch)
-            out.append({"what": f"resdce training, batch {batch} slices 160x160, {preset} net",
-                        "value": f"{train['ips']:.2f} it/s", "device": dev,
-                        "note": f"Adam, MSE on x0{', AMP' if dev == 'cuda' else ''}; {mem}"
-                                + ("" if batch == 8 else "; the paper's batch 8 does not fit in 24 GiB on a CPU")})
+            out.append(
+                {
+                    "what": f"resdce training, batch {batch} slices 160x160, {preset} net",
+                    "value": f"{train['ips']:.2f} it/s",
+                    "device": dev,
+                    "note": f"Adam, MSE on x0{', AMP' if dev == 'cuda' else ''}; {mem}"
+                    + ("" if batch == 8 else "; the paper's batch 8 does not fit in 24 GiB on a CPU"),
+                }
+            )
     return out + demo_row()
 
 
@@ -115,15 +155,17 @@ def demo_row() -> list[dict]:
     def psnr(method: str, region: str) -> str:
         return " / ".join(f"{m[f'{method}/{p}/{region}']['psnr']:.1f}" for p in PHASES)
 
-    return [{
-        "what": f"resdce PSNR onset / early / late on {m['n_cases']} held-out phantom subjects (`make demo`, "
-                f"{rec['iterations']} iterations)",
-        "value": f"whole image: model {psnr('resdce', 'whole')} dB vs copy_pre {psnr('copy_pre', 'whole')} dB; "
-                 f"prostate: model {psnr('resdce', 'organ_mask')} dB vs copy_pre {psnr('copy_pre', 'organ_mask')} dB",
-        "device": rec.get("device", "cpu"),
-        "note": f"{rec['note']} (recorded in {DEMO_RECORD.relative_to(DEMO_RECORD.parents[3])} by `{rec['command']}`, "
-                "not re-run here)",
-    }]
+    return [
+        {
+            "what": f"resdce PSNR onset / early / late on {m['n_cases']} held-out phantom subjects (`make demo`, "
+            f"{rec['iterations']} iterations)",
+            "value": f"whole image: model {psnr('resdce', 'whole')} dB vs copy_pre {psnr('copy_pre', 'whole')} dB; "
+            f"prostate: model {psnr('resdce', 'organ_mask')} dB vs copy_pre {psnr('copy_pre', 'organ_mask')} dB",
+            "device": rec.get("device", "cpu"),
+            "note": f"{rec['note']} (recorded in {DEMO_RECORD.relative_to(DEMO_RECORD.parents[3])} by `{rec['command']}`, "
+            "not re-run here)",
+        }
+    ]
 
 
 def record(eval_dir: str = "demo_output/resdce/eval", iterations: int = 300, patch: int = 64, note: str = "") -> dict:
@@ -135,8 +177,11 @@ def record(eval_dir: str = "demo_output/resdce/eval", iterations: int = 300, pat
 
     root = DEMO_RECORD.parents[3]
     return write_record(
-        DEMO_RECORD, root / eval_dir / "summary.json", command="make demo; python -m scripts.benchmarks.resdce record",
-        iterations=iterations, device="cuda" if torch.cuda.is_available() else "cpu",
+        DEMO_RECORD,
+        root / eval_dir / "summary.json",
+        command="make demo; python -m scripts.benchmarks.resdce record",
+        iterations=iterations,
+        device="cuda" if torch.cuda.is_available() else "cpu",
         note=note or f"small net, {iterations} iterations of 8 {patch}x{patch} crops, 15 sampling steps",
     )
 

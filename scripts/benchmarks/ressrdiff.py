@@ -1,6 +1,7 @@
 """Res-SRDiff: inference time per slice and per volume (prostate T2w grid 320x320x20) at 4 steps (the
 default, respaced from T = 15) and at 15 steps, for the small and paper-sized networks (untrained:
-timing only), plus the model-vs-bicubic PSNR the bundle's documented short CPU run measured."""
+timing only), plus the model-vs-bicubic PSNR the bundle's documented short CPU run measured. The network, scheduler
+and inferer are the bundle's, parsed from its ``inference.json`` (``common.bundle_objects``)."""
 
 from __future__ import annotations
 
@@ -18,48 +19,65 @@ MAX_FULL_SECONDS = 20.0  # a measurement that would take longer is extrapolated 
 EVAL_RECORD = Path(__file__).resolve().parents[2] / "bundles" / "ressrdiff" / "docs" / "phantom_cpu_run.json"
 
 
-def _inferer(preset: str, device: torch.device, steps: int, slice_batch_size: int):
-    from common.engines import DiffusionVolumeInferer, ResidualShiftInferer
-    from common.networks import SwinDiffusionUNet
-    from common.schedulers import ResidualShiftScheduler
+def build(preset: str, device_name: str, steps: int = 4):
+    """The bundle's network (on ``device_name``), volume inferer and condition channels from ``configs/inference.json``
+    with ``network_size=preset`` and ``num_inference_steps=steps`` (no progress bar); the slice
+    batching is the bundle's default (all slices of a volume in one batch on CUDA, one slice per
+    forward pass on the CPU)."""
+    from scripts.benchmarks.common import bundle_objects
 
-    net = SwinDiffusionUNet(preset=preset, spatial_dims=2, in_channels=2, out_channels=1).to(device).eval()
-    sampler = ResidualShiftInferer(ResidualShiftScheduler(num_train_timesteps=15).to(device))
-    inf = DiffusionVolumeInferer(sampler, out_channels=1, num_inference_steps=steps, slice_batch_size=slice_batch_size,
-                                 progress=False, amp=True)
-    return net, inf
+    net, inferer, c_in = bundle_objects(
+        "ressrdiff",
+        "network",
+        "inferer",
+        "network_def#in_channels",
+        overrides={
+            "network_size": preset,
+            "device": device_name,
+            "num_inference_steps": steps,
+            "inferer#progress": False,
+        },
+    )
+    return net.eval(), inferer, int(c_in) - inferer.out_channels
 
 
-def measure(preset: str, device_name: str) -> dict:
-    """Seconds for one slice and for one volume, at each of STEPS (run in full when affordable)."""
-    from scripts.benchmarks.common import timed
+def measure(
+    preset: str,
+    device_name: str,
+    slice_shape: tuple[int, int] = SLICE,
+    depth: int = DEPTH,
+    steps: tuple[int, ...] = STEPS,
+) -> dict:
+    """Seconds for one slice and for one volume of ``slice_shape`` x ``depth``, at each of ``steps``
+    (run in full when affordable)."""
+    from scripts.benchmarks.common import n_params, timed
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
-    # the bundle's default: all slices of a volume in one batch on CUDA, one slice per forward pass on the CPU
-    chunk = 0 if cuda else 1
-    net, one = _inferer(preset, device, 1, chunk)
-    out = {"params_m": sum(p.numel() for p in net.parameters()) / 1e6, "chunk": chunk}
+    net, inf, c_cond = build(preset, device_name, 1)
+    chunk = int(inf.slice_batch_size or 0)
+    out = {"params_m": n_params(net) / 1e6, "chunk": chunk}
 
-    def run(what: str, depth: int) -> None:
-        cond = torch.randn(1, 1, *SLICE, depth, device=device)
-        step = out[f"{what}_step_s"] = timed(lambda: one(cond, net), warmup=1 if (cuda or depth == 1) else 0, device=device)
-        for n in STEPS:
+    def run(what: str, d: int) -> None:
+        cond = torch.randn(1, c_cond, *slice_shape, d, device=device)
+        inf.num_inference_steps = 1
+        step = out[f"{what}_step_s"] = timed(lambda: inf(cond, net), warmup=1 if (cuda or d == 1) else 0, device=device)
+        for n in steps:
             full = cuda or step * n <= MAX_FULL_SECONDS
             if full:
-                _, inf = _inferer(preset, device, n, chunk)
+                inf.num_inference_steps = n  # respaced from T, as the bundle's num_inference_steps does
                 out[f"{what}{n}_s"] = timed(lambda: inf(cond, net), device=device)
             else:
                 out[f"{what}{n}_s"] = step * n
             out[f"{what}{n}_scaled"] = not full
 
     run("slice", 1)
-    if cuda or out["slice_step_s"] * DEPTH <= 3 * MAX_FULL_SECONDS:
-        run("volume", DEPTH)
-    else:  # one full-volume step would take minutes: slices are independent, so scale the slice by DEPTH
-        out["volume_step_s"] = out["slice_step_s"] * DEPTH
-        for n in STEPS:
-            out[f"volume{n}_s"], out[f"volume{n}_scaled"] = out[f"slice{n}_s"] * DEPTH, "slices"
+    if cuda or out["slice_step_s"] * depth <= 3 * MAX_FULL_SECONDS:
+        run("volume", depth)
+    else:  # one full-volume step would take minutes: slices are independent, so scale the slice by depth
+        out["volume_step_s"] = out["slice_step_s"] * depth
+        for n in steps:
+            out[f"volume{n}_s"], out[f"volume{n}_scaled"] = out[f"slice{n}_s"] * depth, "slices"
     if cuda:
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -82,14 +100,16 @@ def phantom_run_row() -> list[dict]:
         return []
     m = rec["means"]
     psnr = {k.split("/")[0]: v["psnr"] for k, v in m.items() if k.endswith("/whole")}
-    return [{
-        "what": f"ressrdiff PSNR on {m['n_cases']} held-out phantom T2w volumes (x{'x'.join(map(str, rec['factors']))}), "
-                f"{rec['iterations']} training iterations",
-        "value": f"model {psnr['ressrdiff']:.2f} dB vs bicubic {psnr['bicubic']:.2f} dB (nearest {psnr['nearest']:.2f} dB)",
-        "device": rec.get("device", "cpu"),
-        "note": f"{rec['note']} (recorded in {EVAL_RECORD.relative_to(EVAL_RECORD.parents[3])} by "
-                f"`{rec['command']}`, not re-run here)",
-    }]
+    return [
+        {
+            "what": f"ressrdiff PSNR on {m['n_cases']} held-out phantom T2w volumes (x{'x'.join(map(str, rec['factors']))}), "
+            f"{rec['iterations']} training iterations",
+            "value": f"model {psnr['ressrdiff']:.2f} dB vs bicubic {psnr['bicubic']:.2f} dB (nearest {psnr['nearest']:.2f} dB)",
+            "device": rec.get("device", "cpu"),
+            "note": f"{rec['note']} (recorded in {EVAL_RECORD.relative_to(EVAL_RECORD.parents[3])} by "
+            f"`{rec['command']}`, not re-run here)",
+        }
+    ]
 
 
 def rows(tmp: Path) -> list[dict]:
@@ -102,20 +122,25 @@ def rows(tmp: Path) -> list[dict]:
             res, mem = measure_on(dev, measure, preset, dev)
             batching = "all slices in one batch" if res["chunk"] == 0 else f"{res['chunk']} slice per forward pass"
             for n in STEPS:
-                out.append({
-                    "what": f"ressrdiff inference, one {SLICE[0]}x{SLICE[1]} slice, {n} steps, {preset} net",
-                    "value": f"{res[f'slice{n}_s']:.2f} s ({res['slice_step_s']:.2f} s/step)",
-                    "device": dev,
-                    "note": f"{res['params_m']:.1f}M params; {mem}" + _scaled_note(res[f"slice{n}_scaled"], res["slice_step_s"], n),
-                })
+                out.append(
+                    {
+                        "what": f"ressrdiff inference, one {SLICE[0]}x{SLICE[1]} slice, {n} steps, {preset} net",
+                        "value": f"{res[f'slice{n}_s']:.2f} s ({res['slice_step_s']:.2f} s/step)",
+                        "device": dev,
+                        "note": f"{res['params_m']:.1f}M params; {mem}"
+                        + _scaled_note(res[f"slice{n}_scaled"], res["slice_step_s"], n),
+                    }
+                )
             for n in STEPS:
-                out.append({
-                    "what": f"ressrdiff inference, one {SLICE[0]}x{SLICE[1]}x{DEPTH} volume, {n} steps, {preset} net",
-                    "value": f"{res[f'volume{n}_s']:.1f} s ({res['volume_step_s']:.2f} s/step)",
-                    "device": dev,
-                    "note": f"{res['params_m']:.1f}M params, {batching}; {mem}"
-                            + _scaled_note(res[f"volume{n}_scaled"], res["volume_step_s"], n),
-                })
+                out.append(
+                    {
+                        "what": f"ressrdiff inference, one {SLICE[0]}x{SLICE[1]}x{DEPTH} volume, {n} steps, {preset} net",
+                        "value": f"{res[f'volume{n}_s']:.1f} s ({res['volume_step_s']:.2f} s/step)",
+                        "device": dev,
+                        "note": f"{res['params_m']:.1f}M params, {batching}; {mem}"
+                        + _scaled_note(res[f"volume{n}_scaled"], res["volume_step_s"], n),
+                    }
+                )
     return out + phantom_run_row()
 
 
@@ -143,32 +168,62 @@ def record(
     root = EVAL_RECORD.parents[3]
     configs = root / "bundles" / "ressrdiff" / "configs"
     data, out_dir = (root / dataset_dir).resolve(), Path(out).resolve()
-    overrides = dict(network_size="small", num_workers=0, num_iterations=iterations, epoch_length=max(1, iterations // 3),
-                     val_interval=0, patch_size=[patch, patch], batch_size=batch_size, lr=lr, warmup_iterations=warmup,
-                     resume=False, back_interpolator=back_interpolator)
+    overrides = dict(
+        network_size="small",
+        num_workers=0,
+        num_iterations=iterations,
+        epoch_length=max(1, iterations // 3),
+        val_interval=0,
+        patch_size=[patch, patch],
+        batch_size=batch_size,
+        lr=lr,
+        warmup_iterations=warmup,
+        resume=False,
+        back_interpolator=back_interpolator,
+    )
     t0 = time.perf_counter()
-    bundle_run("training", config_file=str(configs / "train.json"), logging_file=str(configs / "logging.conf"),
-               dataset_dir=str(data), output_dir=str(out_dir / "models"), **overrides)
+    bundle_run(
+        "training",
+        config_file=str(configs / "train.json"),
+        logging_file=str(configs / "logging.conf"),
+        dataset_dir=str(data),
+        output_dir=str(out_dir / "models"),
+        **overrides,
+    )
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bundle_run("evaluating", config_file=[str(configs / "inference.json"), str(configs / "evaluate.json")],
-               logging_file=str(configs / "logging.conf"), dataset_dir=str(data), network_size="small",
-               ckpt_path=str(out_dir / "models" / "model.pt"), output_dir=str(out_dir / "eval"),
-               back_interpolator=back_interpolator, num_samples=num_samples)
+    bundle_run(
+        "evaluating",
+        config_file=[str(configs / "inference.json"), str(configs / "evaluate.json")],
+        logging_file=str(configs / "logging.conf"),
+        dataset_dir=str(data),
+        network_size="small",
+        ckpt_path=str(out_dir / "models" / "model.pt"),
+        output_dir=str(out_dir / "eval"),
+        back_interpolator=back_interpolator,
+        num_samples=num_samples,
+    )
     t_eval = time.perf_counter() - t0
     from scripts.benchmarks.common import write_record
 
     rec = write_record(
-        EVAL_RECORD, out_dir / "eval" / "summary.json",
-        command=(f"python -m scripts.benchmarks.ressrdiff record --iterations {iterations} --batch_size {batch_size} "
-                 f"--patch {patch} --lr {lr} --warmup {warmup} --back_interpolator {back_interpolator} "
-                 f"--num_samples {num_samples}"),
-        overrides=overrides, iterations=iterations,
-        factors=[3, 3, 2], num_samples=num_samples, train_s=round(t_train, 1), eval_s=round(t_eval, 1),
+        EVAL_RECORD,
+        out_dir / "eval" / "summary.json",
+        command=(
+            f"python -m scripts.benchmarks.ressrdiff record --iterations {iterations} --batch_size {batch_size} "
+            f"--patch {patch} --lr {lr} --warmup {warmup} --back_interpolator {back_interpolator} "
+            f"--num_samples {num_samples}"
+        ),
+        overrides=overrides,
+        iterations=iterations,
+        factors=[3, 3, 2],
+        num_samples=num_samples,
+        train_s=round(t_train, 1),
+        eval_s=round(t_eval, 1),
         device="cuda" if torch.cuda.is_available() else "cpu",
         note=f"small net, {iterations} iterations of {batch_size} {patch}x{patch} patches, LR brought onto the HR "
-             f"grid with {back_interpolator}, 4 sampling steps, mean of {num_samples} sample(s); "
-             f"training {t_train / 60:.1f} min, evaluation {t_eval:.0f} s",
+        f"grid with {back_interpolator}, 4 sampling steps, mean of {num_samples} sample(s); "
+        f"training {t_train / 60:.1f} min, evaluation {t_eval:.0f} s",
     )
     print(json.dumps(rec, indent=2))
     return rec

@@ -1,0 +1,177 @@
+"""The benchmark (``make bench``): the README block it rewrites, and that every section measures the
+network, scheduler and inferer its bundle's configs build (tiny sizes: timings are not asserted)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts import benchmark as B  # noqa: E402
+from scripts.benchmarks import common as C  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the tiny networks (nothing is timed here); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _readme_rows(path: Path) -> list[dict]:
+    text = path.read_text()
+    return B.parse_block(text[text.index(B.START) : text.index(B.END)])[0]
+
+
+@pytest.fixture
+def readme(tmp_path) -> Path:
+    copy = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", copy)
+    return copy
+
+
+def test_readme_block_has_every_section():
+    rows = _readme_rows(ROOT / "README.md")
+    assert {r["section"] for r in rows} >= {"phantoms", "ingest", "resdce", "dcediff", "ressrdiff"}
+    assert all(set(r) == set(B.COLUMNS) for r in rows)
+    # the README's block is exactly what benchmark.py writes for its rows (parse and render agree)
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(B.START) + len(B.START) : text.index(B.END)]
+    assert block == "\n" + B.render_block(*B.parse_block(block))
+
+
+def test_subset_run_replaces_only_its_sections(readme, tmp_path):
+    before_text = readme.read_text()
+    before = _readme_rows(readme)
+    i_ingest = [k for k, r in enumerate(before) if r["section"] == "ingest"]
+    n_phantoms = sum(r["section"] == "phantoms" for r in before)
+
+    def fake_ingest(tmp: Path) -> list[dict]:
+        return [
+            {"what": "fake ingest A", "value": "1.0 s", "device": "cpu", "note": "a | b"},
+            {"what": "fake ingest B", "value": "2.0 s", "device": "cpu", "note": "n"},
+        ]
+
+    def broken(tmp: Path) -> list[dict]:
+        raise RuntimeError("out of memory")
+
+    sections = {
+        "ingest": fake_ingest,
+        "phantoms": broken,
+        "newsec": lambda tmp: [{"what": "new", "value": "3", "device": "cpu", "note": ""}],
+        "resdce": lambda tmp: [{"what": "resdce", "value": "skipped", "device": "cpu", "note": "no data"}],
+    }
+    rows = B.run(sections, ["ingest", "phantoms", "newsec", "resdce"], out=tmp_path / "bench.md", readme=readme)
+    assert [r["section"] for r in rows] == ["ingest", "ingest", "phantoms", "newsec", "resdce"]
+    assert rows[2]["value"] == "failed" and "out of memory" in rows[2]["note"]
+
+    after = _readme_rows(readme)
+    # ingest's one row replaced in place by the two new ones; the failed and the skipped section's
+    # rows kept; the new section appended; every other row unchanged, in order
+    expect = (
+        before[: i_ingest[0]]
+        + [dict(r, section="ingest") for r in fake_ingest(tmp_path)]
+        + [r for r in before[i_ingest[0] :] if r["section"] != "ingest"]
+        + [{"section": "newsec", "what": "new", "value": "3", "device": "cpu", "note": ""}]
+    )
+    assert after == expect
+    assert sum(r["section"] == "phantoms" for r in after) == n_phantoms
+    # the README outside the markers is untouched
+    text = readme.read_text()
+    assert text[: text.index(B.START)] == before_text[: before_text.index(B.START)]
+    assert text[text.index(B.END) :] == before_text[before_text.index(B.END) :]
+    # "measured on" lines: the run's for ingest and newsec, the old ones for the rest
+    _, measured = B.parse_block(text[text.index(B.START) : text.index(B.END)])
+    _, measured_before = B.parse_block(before_text[before_text.index(B.START) : before_text.index(B.END)])
+    assert measured["ingest"] == measured["newsec"] != measured_before["ingest"]
+    assert measured["phantoms"] == measured_before["phantoms"] and measured["resdce"] == measured_before["resdce"]
+    # benchmark.md has all rows, the failure included; no temporary file left behind
+    md = (tmp_path / "bench.md").read_text()
+    assert (
+        "| ingest | fake ingest A | 1.0 s | cpu | a \\| b |" in md and "| phantoms | section phantoms | failed |" in md
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "bench.md"]
+    # a second identical run changes nothing
+    once = readme.read_text()
+    B.run({"ingest": fake_ingest}, ["ingest"], out=tmp_path / "bench.md", readme=readme)
+    assert _readme_rows(readme) == after and readme.read_text().count(B.START) == once.count(B.START) == 1
+
+
+def test_readme_without_markers_and_unknown_section(tmp_path):
+    plain = tmp_path / "README.md"
+    plain.write_text("# no table\n")
+    with pytest.raises(ValueError, match="bench:start"):
+        B.update_readme(plain, [], ["x"], "today")
+    assert plain.read_text() == "# no table\n"
+    assert {"phantoms", "ingest", "resdce", "dcediff", "ressrdiff"} <= set(B.discover())
+    with pytest.raises(ValueError, match="unknown benchmark section"):
+        B.run({"a": lambda tmp: []}, ["b"], out=tmp_path / "b.md", readme=None)
+
+
+def _config_params(bundle: str, config: str = "inference.json", **overrides) -> int:
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config(str(ROOT / "bundles" / bundle / "configs" / config))
+    for k, v in overrides.items():
+        p[k] = v
+    return C.n_params(p.get_parsed_content("network_def"))
+
+
+def test_sections_measure_the_bundles_networks(one_thread):
+    """Each section's measure function, at tiny sizes, reports the parameter count of the network the
+    bundle's config builds; its inferers carry the config's settings."""
+    from scripts.benchmarks import dcediff, resdce, ressrdiff
+
+    torch.manual_seed(0)
+    resdce_n = _config_params("resdce", network_size="small")
+    res = resdce.measure_inference("small", "cpu", shape=(16, 16, 1), steps=(2,))
+    assert round(res["params_m"] * 1e6) == resdce_n and res["vol2_scaled"] is False
+    train = resdce.measure_training("small", "cpu", batch=2, iters=1, shape=(16, 16))
+    assert round(train["params_m"] * 1e6) == _config_params("resdce", "train.json", network_size="small") == resdce_n
+    assert train["ips"] > 0
+
+    d = dcediff.measure("small", "cpu", shape=(16, 16, 1), budget_s={"cpu": 0.0})
+    assert round(d["dcediff_params_m"] * 1e6) == _config_params("dcediff", network_size="small")
+    assert round(d["resdce_params_m"] * 1e6) == resdce_n
+    for name, steps in (("dcediff_ddpm1000", 1000), ("dcediff_ddim50", 50), ("resdce15", 15)):
+        r = d[name]  # timed over 2 steps and scaled (budget 0): total = per-step x chain length
+        assert r["scaled"] and r["probe"] == 2 and r["total_s"] == pytest.approx(r["step_s"] * steps)
+
+    s = ressrdiff.measure("small", "cpu", slice_shape=(16, 16), depth=2, steps=(2,))
+    assert round(s["params_m"] * 1e6) == _config_params("ressrdiff", network_size="small")
+    assert s["chunk"] == 1  # the bundle's CPU default: one slice per forward pass
+
+
+def test_chain_runs_the_last_k_steps_of_the_bundle_schedule(one_thread):
+    """``Chain.run(k)`` evaluates the network k times (one batch of slices per step) on the config's
+    schedule and restores the full schedule afterwards."""
+    from scripts.benchmarks import dcediff
+
+    net, vol, c_cond = dcediff.dcediff_chain_parts("small", "cpu", "ddim", 50)
+    assert vol.num_inference_steps == 50 and c_cond == 4
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, *args, **kwargs):
+            calls.append(x.shape[0])
+            return self.inner(x, *args, **kwargs)
+
+    chain = dcediff.Chain(vol, torch.randn(1, c_cond, 16, 16, 3), Counting(net), torch.device("cpu"))
+    full = chain.scheduler.timesteps.clone()
+    assert chain.total_steps == 50 and len(full) == 50
+    chain.run(3)
+    assert calls == [3, 3, 3]  # 3 steps, the 3 slices batched
+    assert torch.equal(chain.scheduler.timesteps, full) and vol.num_inference_steps == 50
