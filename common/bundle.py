@@ -8,8 +8,17 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["ConfigRecord", "bundle_root", "check_checkpoint", "flag", "latest_checkpoint", "positive_int", "recorded_setting", "slice_batching",
-           "training_epochs"]
+__all__ = [
+    "ConfigRecord",
+    "bundle_root",
+    "check_checkpoint",
+    "flag",
+    "latest_checkpoint",
+    "positive_int",
+    "recorded_setting",
+    "slice_batching",
+    "training_epochs",
+]
 
 
 def bundle_root(name: str) -> str:
@@ -84,16 +93,23 @@ class ConfigRecord:
 
     def mismatches(self, saved: dict) -> list[str]:
         """``"id: checkpoint has A, this run B"`` for every recorded setting that differs."""
-        return [f"{k}: the checkpoint has {saved[k]!r}, this run {v!r}" for k, v in self.settings.items()
-                if k in saved and saved[k] != v]
+        return [
+            f"{k}: the checkpoint has {saved[k]!r}, this run {v!r}"
+            for k, v in self.settings.items()
+            if k in saved and saved[k] != v
+        ]
 
     def load_state_dict(self, saved: dict, path: str | os.PathLike | None = None) -> None:
         wrong = self.mismatches(saved)
         if wrong:
             where = f"checkpoint {path}" if path else "the checkpoint"
-            hint = " ".join(f"--{k} {_cli(saved[k])}" for k in self.settings if k in saved and saved[k] != self.settings[k])
-            raise ValueError(f"{where} was trained with other settings ({'; '.join(wrong)}): pass {hint} "
-                             "(or the checkpoint that matches this configuration)")
+            hint = " ".join(
+                f"--{k} {_cli(saved[k])}" for k in self.settings if k in saved and saved[k] != self.settings[k]
+            )
+            raise ValueError(
+                f"{where} was trained with other settings ({'; '.join(wrong)}): pass {hint} "
+                "(or the checkpoint that matches this configuration)"
+            )
 
 
 def _cli(value) -> str:
@@ -108,7 +124,9 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, not a checkpoint, or pickled code (weights_only refuses it)
-        raise ValueError(f"cannot read the checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ValueError(
+            f"cannot read the checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint (a dict of state dicts): {type(ckpt).__name__}")
     return ckpt

@@ -44,7 +44,11 @@ def split_affine(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ..
     m = a[:n, :n]
     spacing = np.linalg.norm(m, axis=0)
     direction = m / spacing
-    return tuple(float(v) for v in spacing), tuple(float(v) for v in a[:n, n]), tuple(float(v) for v in direction.ravel())
+    return (
+        tuple(float(v) for v in spacing),
+        tuple(float(v) for v in a[:n, n]),
+        tuple(float(v) for v in direction.ravel()),
+    )
 
 
 def sitk_affine(img: sitk.Image, frame: str = "ras") -> np.ndarray:
@@ -52,7 +56,9 @@ def sitk_affine(img: sitk.Image, frame: str = "ras") -> np.ndarray:
     n = img.GetDimension()
     _check_frame(frame, n)
     a = np.eye(n + 1)
-    a[:n, :n] = np.asarray(img.GetDirection(), dtype=np.float64).reshape(n, n) * np.asarray(img.GetSpacing(), dtype=np.float64)
+    a[:n, :n] = np.asarray(img.GetDirection(), dtype=np.float64).reshape(n, n) * np.asarray(
+        img.GetSpacing(), dtype=np.float64
+    )
     a[:n, n] = img.GetOrigin()
     return LPS_TO_RAS @ a if frame == "ras" else a
 
@@ -65,7 +71,9 @@ def sitk_to_array(img: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(tuple(range(a.ndim - 1, -1, -1))))
 
 
-def array_to_sitk(array: np.ndarray, affine: np.ndarray, frame: str = "ras", pixel: type | Sequence | None = np.float32) -> sitk.Image:
+def array_to_sitk(
+    array: np.ndarray, affine: np.ndarray, frame: str = "ras", pixel: type | Sequence | None = np.float32
+) -> sitk.Image:
     """numpy array (voxel-axis order) + affine -> SimpleITK image with that exact grid.
 
     Args:

@@ -80,12 +80,16 @@ class WeightedL2PerceptualLoss(nn.Module):
         try:
             from common.metrics.perceptual import LPIPS
         except ImportError as e:
-            raise ImportError(f"LPIPS weights {path} given but common.metrics.perceptual.LPIPS cannot be imported ({e})") from e
+            raise ImportError(
+                f"LPIPS weights {path} given but common.metrics.perceptual.LPIPS cannot be imported ({e})"
+            ) from e
         self.lpips_weights = str(path)
         self.lpips = LPIPS(str(path), data_range=None if self.input_range == (-1.0, 1.0) else self.input_range)
         self.lpips.requires_grad_(False)
         self.lpips.eval()
-        logger.info("LPIPS enabled with weights %s; loss = %g * L2 + %g * LPIPS", path, self.l2_weight, self.lpips_weight)
+        logger.info(
+            "LPIPS enabled with weights %s; loss = %g * L2 + %g * LPIPS", path, self.l2_weight, self.lpips_weight
+        )
 
     def train(self, mode: bool = True) -> "WeightedL2PerceptualLoss":
         super().train(mode)

@@ -42,14 +42,28 @@ def main(
         return
     if isinstance(kinds, str):
         kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
-    written = write_phantoms(out, kinds=kinds, n_prostate=n_prostate, n_brain=n_brain, n_breast=n_breast, seed=seed,
-                             dicom=dicom, small=small, workers=workers, **overrides)
+    written = write_phantoms(
+        out,
+        kinds=kinds,
+        n_prostate=n_prostate,
+        n_brain=n_brain,
+        n_breast=n_breast,
+        seed=seed,
+        dicom=dicom,
+        small=small,
+        workers=workers,
+        **overrides,
+    )
     for kind, res in written.items():
-        print(f"[phantoms] {kind}: {len(res['subjects'])} subjects in {res['root']} ({res['seconds']:.1f} s); "
-              f"datalist {res['datalist']}")
+        print(
+            f"[phantoms] {kind}: {len(res['subjects'])} subjects in {res['root']} ({res['seconds']:.1f} s); "
+            f"datalist {res['datalist']}"
+        )
         if kind == "prostate":
-            print(f"[phantoms]   prepared cases: {Path(res['root']) / 'prepared'}"
-                  + (f"; DICOM studies: {Path(res['root']) / 'dicom'}" if dicom else ""))
+            print(
+                f"[phantoms]   prepared cases: {Path(res['root']) / 'prepared'}"
+                + (f"; DICOM studies: {Path(res['root']) / 'dicom'}" if dicom else "")
+            )
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def _mapping(v):
 
 
 def _is_mapping(hint) -> bool:
-    return any(isinstance(t, type) and issubclass(t, Mapping) for t in (typing.get_origin(hint), *typing.get_args(hint)))
+    return any(
+        isinstance(t, type) and issubclass(t, Mapping) for t in (typing.get_origin(hint), *typing.get_args(hint))
+    )
 
 
 def _converter(name: str, default: Any, hint: Any = None) -> Callable[[Any], Any]:
@@ -128,7 +130,14 @@ def _build_options() -> list[Option]:
 
     def ds(key: str) -> Option:
         d = dataset[key].default
-        return Option(key, d, DATASET_HELP[key], "dataset", key, (lambda v: int(v) if v else None) if d is None else _converter(key, d))
+        return Option(
+            key,
+            d,
+            DATASET_HELP[key],
+            "dataset",
+            key,
+            (lambda v: int(v) if v else None) if d is None else _converter(key, d),
+        )
 
     out = [ds("workers")]
     for f in dataclasses.fields(IngestConfig):
@@ -189,8 +198,13 @@ def _describe_main() -> None:
     params = [P("src", P.POSITIONAL_OR_KEYWORD, annotation=str), P("out", P.POSITIONAL_OR_KEYWORD, annotation=str)]
     params += [P(o.name, P.KEYWORD_ONLY, default=o.default) for o in OPTIONS]
     main.__signature__ = inspect.Signature(params, return_annotation=None)
-    lines = ["Ingest every patient below ``src`` into ``out`` (see the module docstring).", "", "Args:",
-             "    src: TCIA root, one patient folder or one study folder.", "    out: dataset folder written."]
+    lines = [
+        "Ingest every patient below ``src`` into ``out`` (see the module docstring).",
+        "",
+        "Args:",
+        "    src: TCIA root, one patient folder or one study folder.",
+        "    out: dataset folder written.",
+    ]
     lines += [f"    {o.name}: {o.help}" for o in OPTIONS]
     main.__doc__ = "\n".join(lines) + "\n"
 

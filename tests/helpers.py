@@ -61,10 +61,28 @@ def train_two_processes(configs: Path, output_dir: Path, *overrides: str) -> dic
     iterations; asserts the final model and the resumable checkpoint exist and returns the latter."""
     import torch
 
-    bundle("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
-           "monai.bundle", "run", "training", "--config_file",
-           f"['{configs / 'train.json'}','{configs / 'multi_gpu_train.json'}']", "--output_dir", str(output_dir),
-           "--num_iterations", "2", "--epoch_length", "1", *overrides, module=None)
+    bundle(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        f"['{configs / 'train.json'}','{configs / 'multi_gpu_train.json'}']",
+        "--output_dir",
+        str(output_dir),
+        "--num_iterations",
+        "2",
+        "--epoch_length",
+        "1",
+        *overrides,
+        module=None,
+    )
     assert (output_dir / "model.pt").exists()
     state = torch.load(output_dir / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2

@@ -36,8 +36,9 @@ def _case(root: Path, cid: str = "case-0", adc_affine=None) -> Path:
     return case
 
 
-@pytest.mark.parametrize("adc_affine, what", [(_affine(shift=(15.0, -10.0, 7.0)), "shifted"),
-                                              (_affine(flip_x=True), "x axis flipped")])
+@pytest.mark.parametrize(
+    "adc_affine, what", [(_affine(shift=(15.0, -10.0, 7.0)), "shifted"), (_affine(flip_x=True), "x axis flipped")]
+)
 def test_misaligned_input_is_named_before_any_work(tmp_path, adc_affine, what):
     case = _case(tmp_path, adc_affine=adc_affine)
     p = ConfigParser()
@@ -67,7 +68,9 @@ def test_same_grid_shape_mismatch_and_tolerance():
     rot = _affine()
     rot[:3, :3] = rot[:3, :3] @ np.array([[1, -0.01, 0], [0.01, 1, 0], [0, 0, 1]])
     with pytest.raises(ValueError, match="differ by up to"):
-        CheckSameGridd(["a", "b"], "a")({"a": ref, "b": MetaTensor(torch.zeros(1, 8, 8, 4), affine=torch.as_tensor(rot))})
+        CheckSameGridd(["a", "b"], "a")(
+            {"a": ref, "b": MetaTensor(torch.zeros(1, 8, 8, 4), affine=torch.as_tensor(rot))}
+        )
 
 
 def _datalist(tmp_path: Path, content: str) -> Path:

@@ -11,14 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
-
 from helpers import bundle, bundle_here, check_bundle_configs, train_two_processes
+from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "ressrdiff" / "configs"
 EVAL = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']"
-
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +25,44 @@ def volumes(tmp_path_factory) -> Path:
     from common.phantoms import write_phantoms
 
     out = tmp_path_factory.mktemp("sr_phantoms")
-    write_phantoms(out, kinds=("prostate",), n_prostate=3, dicom=False, small=True, progress=False,
-                   prostate_t2w_shape=(64, 64, 18), prostate_t2w_spacing=(4.0, 4.6, 3.6))
+    write_phantoms(
+        out,
+        kinds=("prostate",),
+        n_prostate=3,
+        dicom=False,
+        small=True,
+        progress=False,
+        prostate_t2w_shape=(64, 64, 18),
+        prostate_t2w_spacing=(4.0, 4.6, 3.6),
+    )
     return out / "prostate" / "nifti"
 
 
 def test_configs_parse_with_the_documented_ids():
-    check_bundle_configs(CONFIGS, (
-        (["train.json"], ["training", "run", "train#trainer", "train#lr_scheduler", "train#loss",
-                          "validate#evaluator", "scheduler", "network_def", "preprocessing"]),
-        (["train.json", "multi_gpu_train.json"], ["training", "network", "train#data_sampler"]),
-        (["inference.json", "evaluate.json"], ["evaluating", "run", "evaluator", "inferer", "datalist",
-                                               "postprocessing"]),
-    ))
+    check_bundle_configs(
+        CONFIGS,
+        (
+            (
+                ["train.json"],
+                [
+                    "training",
+                    "run",
+                    "train#trainer",
+                    "train#lr_scheduler",
+                    "train#loss",
+                    "validate#evaluator",
+                    "scheduler",
+                    "network_def",
+                    "preprocessing",
+                ],
+            ),
+            (["train.json", "multi_gpu_train.json"], ["training", "network", "train#data_sampler"]),
+            (
+                ["inference.json", "evaluate.json"],
+                ["evaluating", "run", "evaluator", "inferer", "datalist", "postprocessing"],
+            ),
+        ),
+    )
     p = ConfigParser()
     p.read_config(str(CONFIGS / "train.json"))
     p["network_size"] = "small"
@@ -71,7 +94,9 @@ def test_volume_datalist_is_a_deterministic_split(tmp_path):
     ids = [e["id"] for s in sections.values() for e in s]
     assert sorted(ids) == [f"case{i:02d}" for i in range(10)]  # every volume once, ids = folder names
     assert [len(v) for v in sections.values()] == [8, 1, 1]
-    assert all(Path(e["t2w"]).is_absolute() and e["t2w"].endswith(f"{e['id']}/t2w.nii.gz") for e in sections["training"])
+    assert all(
+        Path(e["t2w"]).is_absolute() and e["t2w"].endswith(f"{e['id']}/t2w.nii.gz") for e in sections["training"]
+    )
     # same split whatever order the files come in, and another seed gives another split
     assert volume_datalist(tmp_path, "test", key="t2w") == sections["test"]
     other = [volume_datalist(tmp_path, "test", key="t2w", seed=s)[0]["id"] for s in range(1, 6)]
@@ -82,9 +107,12 @@ def test_volume_datalist_is_a_deterministic_split(tmp_path):
     for n in ("a", "b", "c"):
         (flat / f"{n}.nii.gz").write_bytes(b"")
     assert sorted(find_volumes(flat, "*.nii.gz")) == ["a", "b", "c"]
-    (tmp_path / "datalist.json").write_text(json.dumps({"training": [{"id": "x", "t2w": "case00/t2w.nii.gz"}],
-                                                         "validation": [], "test": []}))
-    assert volume_datalist(tmp_path, "training", key="t2w") == [{"id": "x", "t2w": str(tmp_path / "case00" / "t2w.nii.gz")}]
+    (tmp_path / "datalist.json").write_text(
+        json.dumps({"training": [{"id": "x", "t2w": "case00/t2w.nii.gz"}], "validation": [], "test": []})
+    )
+    assert volume_datalist(tmp_path, "training", key="t2w") == [
+        {"id": "x", "t2w": str(tmp_path / "case00" / "t2w.nii.gz")}
+    ]
     assert len(volume_datalist(tmp_path, "training", key="t2w", datalist_file="")) == 8
     with pytest.raises(ValueError, match="--datalist_section training"):
         volume_datalist(tmp_path, "test", key="t2w")
@@ -98,23 +126,81 @@ def test_volume_datalist_is_a_deterministic_split(tmp_path):
 
 def test_train_infer_evaluate_with_baselines(volumes, tmp_path):
     models, out = tmp_path / "models", tmp_path / "eval"
-    bundle("run", "training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(volumes),
-           "--output_dir", str(models), "--network_size", "small", "--num_workers", "0", "--num_iterations", "2",
-           "--epoch_length", "1", "--val_interval", "2", "--val_num_inference_steps", "2", "--val_max_cases", "1",
-           "--batch_size", "4", "--warmup_iterations", "1")
+    bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(volumes),
+        "--output_dir",
+        str(models),
+        "--network_size",
+        "small",
+        "--num_workers",
+        "0",
+        "--num_iterations",
+        "2",
+        "--epoch_length",
+        "1",
+        "--val_interval",
+        "2",
+        "--val_num_inference_steps",
+        "2",
+        "--val_max_cases",
+        "1",
+        "--batch_size",
+        "4",
+        "--warmup_iterations",
+        "1",
+    )
     assert (models / "model.pt").exists() and (models / "checkpoints" / "checkpoint_final.pt").exists()
     state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 and "lr_scheduler" in state
     # the same command with more iterations resumes where it stopped (from another working directory)
-    res = bundle("run", "training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(volumes),
-                 "--output_dir", str(models), "--network_size", "small", "--num_workers", "0", "--num_iterations", "3",
-                 "--epoch_length", "1", "--val_interval", "0", "--batch_size", "4", "--warmup_iterations", "1",
-                 cwd=tmp_path)
+    res = bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(volumes),
+        "--output_dir",
+        str(models),
+        "--network_size",
+        "small",
+        "--num_workers",
+        "0",
+        "--num_iterations",
+        "3",
+        "--epoch_length",
+        "1",
+        "--val_interval",
+        "0",
+        "--batch_size",
+        "4",
+        "--warmup_iterations",
+        "1",
+        cwd=tmp_path,
+    )
     assert "Restored all variables" in res.stdout + res.stderr
     state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 3 and state["lr_scheduler"]["last_epoch"] == 3
-    res = bundle("run", "evaluating", "--config_file", EVAL, "--dataset_dir", str(volumes), "--ckpt_path",
-                 str(models / "model.pt"), "--output_dir", str(out), "--network_size", "small", cwd=tmp_path)
+    res = bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        EVAL,
+        "--dataset_dir",
+        str(volumes),
+        "--ckpt_path",
+        str(models / "model.pt"),
+        "--output_dir",
+        str(out),
+        "--network_size",
+        "small",
+        cwd=tmp_path,
+    )
     assert "bicubic" in res.stdout and "ressrdiff" in res.stdout  # the table is printed with the baselines
     (cid,) = [p.name for p in out.iterdir() if p.is_dir()]
     hr = nib.load(volumes / cid / "t2w.nii.gz")
@@ -134,9 +220,22 @@ def test_train_infer_evaluate_with_baselines(volumes, tmp_path):
     lr_file = tmp_path / "lr" / "t2w_lr.nii.gz"
     lr_file.parent.mkdir()
     nib.save(nib.Nifti1Image(res_lr.lr, res_lr.lr_affine), lr_file)
-    bundle("run", "evaluating", "--config_file", str(CONFIGS / "inference.json"), "--input_file", str(lr_file),
-           "--simulate_lr", "false", "--ckpt_path", str(models / "model.pt"), "--output_dir", str(tmp_path / "real"),
-           "--network_size", "small")
+    bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--input_file",
+        str(lr_file),
+        "--simulate_lr",
+        "false",
+        "--ckpt_path",
+        str(models / "model.pt"),
+        "--output_dir",
+        str(tmp_path / "real"),
+        "--network_size",
+        "small",
+    )
     up = nib.load(tmp_path / "real" / "t2w_lr" / "sr.nii.gz")
     affine, shape = high_resolution_grid(nib.load(lr_file).affine, res_lr.lr.shape, (3, 3, 2))
     assert up.shape == shape == (66, 66, 18)
@@ -146,20 +245,61 @@ def test_train_infer_evaluate_with_baselines(volumes, tmp_path):
     # the same real LR volume listed with an HR reference whose grid it is brought onto (--lr_reference_key)
     paired = tmp_path / "paired"
     paired.mkdir()
-    (paired / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": [
-        {"id": "pair", "t2w": str(lr_file), "hr": str(volumes / cid / "t2w.nii.gz")}]}))
-    bundle_here("run", "evaluating", "--config_file", str(CONFIGS / "inference.json"), "--dataset_dir", str(paired),
-                "--simulate_lr", "false", "--lr_reference_key", "hr", "--ckpt_path", str(models / "model.pt"),
-                "--output_dir", str(tmp_path / "paired_out"), "--network_size", "small", "--num_inference_steps", "1")
+    (paired / "datalist.json").write_text(
+        json.dumps(
+            {
+                "training": [],
+                "validation": [],
+                "test": [{"id": "pair", "t2w": str(lr_file), "hr": str(volumes / cid / "t2w.nii.gz")}],
+            }
+        )
+    )
+    bundle_here(
+        "run",
+        "evaluating",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--dataset_dir",
+        str(paired),
+        "--simulate_lr",
+        "false",
+        "--lr_reference_key",
+        "hr",
+        "--ckpt_path",
+        str(models / "model.pt"),
+        "--output_dir",
+        str(tmp_path / "paired_out"),
+        "--network_size",
+        "small",
+        "--num_inference_steps",
+        "1",
+    )
     on_ref = nib.load(tmp_path / "paired_out" / "pair" / "sr.nii.gz")
     assert on_ref.shape == hr.shape
     np.testing.assert_array_equal(on_ref.affine, hr.affine)
 
 
 def test_multi_gpu_config_trains_with_two_processes_on_cpu(volumes, tmp_path):
-    train_two_processes(CONFIGS, tmp_path / "ddp", "--dataset_dir", str(volumes), "--network_size", "small",
-                        "--num_workers", "0", "--val_interval", "2", "--val_num_inference_steps", "2",
-                        "--val_max_cases", "1", "--batch_size", "4", "--warmup_iterations", "1")
+    train_two_processes(
+        CONFIGS,
+        tmp_path / "ddp",
+        "--dataset_dir",
+        str(volumes),
+        "--network_size",
+        "small",
+        "--num_workers",
+        "0",
+        "--val_interval",
+        "2",
+        "--val_num_inference_steps",
+        "2",
+        "--val_max_cases",
+        "1",
+        "--batch_size",
+        "4",
+        "--warmup_iterations",
+        "1",
+    )
 
 
 def test_brain_t1_phantoms_with_fourfold_degradation(tmp_path):
@@ -172,11 +312,44 @@ def test_brain_t1_phantoms_with_fourfold_degradation(tmp_path):
     write_phantoms(tmp_path / "phantoms", kinds=("brain",), n_brain=3, small=True, progress=False)
     data = ["--dataset_dir", str(brain), "--volume_key", "t1n", "--factors", "[4,4,4]"]
     models, out = tmp_path / "models", tmp_path / "eval"
-    bundle_here("run", "training", "--config_file", str(CONFIGS / "train.json"), *data, "--output_dir", str(models),
-                "--network_size", "small", "--num_workers", "0", "--num_iterations", "1", "--epoch_length", "1",
-                "--val_interval", "0", "--batch_size", "2", "--warmup_iterations", "1")
-    res = bundle_here("run", "evaluating", "--config_file", EVAL, *data, "--ckpt_path", str(models / "model.pt"),
-                      "--output_dir", str(out), "--network_size", "small", "--num_inference_steps", "1")
+    bundle_here(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        *data,
+        "--output_dir",
+        str(models),
+        "--network_size",
+        "small",
+        "--num_workers",
+        "0",
+        "--num_iterations",
+        "1",
+        "--epoch_length",
+        "1",
+        "--val_interval",
+        "0",
+        "--batch_size",
+        "2",
+        "--warmup_iterations",
+        "1",
+    )
+    res = bundle_here(
+        "run",
+        "evaluating",
+        "--config_file",
+        EVAL,
+        *data,
+        "--ckpt_path",
+        str(models / "model.pt"),
+        "--output_dir",
+        str(out),
+        "--network_size",
+        "small",
+        "--num_inference_steps",
+        "1",
+    )
     assert "bicubic" in res.stdout
     test_case = json.loads((brain / "datalist.json").read_text())["test"][0]
     hr = nib.load(brain / test_case["t1n"])
@@ -184,7 +357,9 @@ def test_brain_t1_phantoms_with_fourfold_degradation(tmp_path):
     assert sr.shape == hr.shape == (48, 56, 44)
     np.testing.assert_array_equal(sr.affine, hr.affine)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
-    assert {(r["case"], r["method"]) for r in rows} == {(test_case["id"], m) for m in ("ressrdiff", "bicubic", "nearest")}
+    assert {(r["case"], r["method"]) for r in rows} == {
+        (test_case["id"], m) for m in ("ressrdiff", "bicubic", "nearest")
+    }
     # the nearest baseline is exactly the 4x4x4 LR volume brought back to the T1 grid: recompute its PSNR
     vol = hr.get_fdata(dtype=np.float32)
     lr = simulate_low_resolution(vol, hr.affine, factors=(4, 4, 4))

@@ -14,14 +14,26 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-from helpers import ROOT, bundle_here as bundle
+from helpers import ROOT
+from helpers import bundle_here as bundle
 
 pytestmark = pytest.mark.realdata
 
 BUNDLES = ROOT / "bundles"
-TINY = ["--network_size", "small", "--num_workers", "0", "--num_iterations", "1", "--epoch_length", "1",
-        "--val_interval", "0", "--batch_size", "2"]
+TINY = [
+    "--network_size",
+    "small",
+    "--num_workers",
+    "0",
+    "--num_iterations",
+    "1",
+    "--epoch_length",
+    "1",
+    "--val_interval",
+    "0",
+    "--batch_size",
+    "2",
+]
 
 
 def _eval_files(name: str) -> str:
@@ -48,13 +60,38 @@ def _assert_same_grid(out_file, ref_file):
 def test_dce_bundle_on_prostatex(prepared_prostatex, tmp_path, name, phases, extra):
     data, case = prepared_prostatex["out"], prepared_prostatex["case"]
     models, out = tmp_path / "models", tmp_path / "eval"
-    bundle("run", "training", "--config_file", str(BUNDLES / name / "configs" / "train.json"), "--dataset_dir",
-           str(data), "--output_dir", str(models), "--patch_size", "[96,96]", *TINY)
+    bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(BUNDLES / name / "configs" / "train.json"),
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(models),
+        "--patch_size",
+        "[96,96]",
+        *TINY,
+    )
     assert torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)["trainer"]["iteration"] == 1
     # the single prepared case is in the training section: evaluate it there
-    res = bundle("run", "evaluating", "--config_file", _eval_files(name), "--dataset_dir", str(data),
-                 "--datalist_section", "training", "--ckpt_path", str(models / "model.pt"), "--output_dir", str(out),
-                 "--network_size", "small", *extra)
+    res = bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        _eval_files(name),
+        "--dataset_dir",
+        str(data),
+        "--datalist_section",
+        "training",
+        "--ckpt_path",
+        str(models / "model.pt"),
+        "--output_dir",
+        str(out),
+        "--network_size",
+        "small",
+        *extra,
+    )
     assert "copy_pre" in res.stdout
     for phase in phases:
         _assert_same_grid(out / case.name / f"{phase}.nii.gz", case / "dce_pre.nii.gz")
@@ -70,12 +107,45 @@ def test_ressrdiff_on_the_native_prostatex_t2w(prepared_prostatex, tmp_path):
     assert nib.load(t2w).shape == (320, 320, 20)
     models, out = tmp_path / "models", tmp_path / "eval"
     # the HR volumes of a folder of studies: glob the native T2w (not the datalist's cropped DCE-grid T2w)
-    bundle("run", "training", "--config_file", str(BUNDLES / "ressrdiff" / "configs" / "train.json"), "--dataset_dir",
-           str(data), "--datalist_file", "", "--volume_pattern", "*/native/t2w.nii.gz", "--output_dir", str(models),
-           "--patch_size", "[96,96]", "--slices_per_volume", "2", "--warmup_iterations", "1", *TINY)
-    res = bundle("run", "evaluating", "--config_file", _eval_files("ressrdiff"), "--input_file", str(t2w),
-                 "--input_id", case.name, "--ckpt_path", str(models / "model.pt"), "--output_dir", str(out),
-                 "--network_size", "small", "--num_inference_steps", "1")
+    bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(BUNDLES / "ressrdiff" / "configs" / "train.json"),
+        "--dataset_dir",
+        str(data),
+        "--datalist_file",
+        "",
+        "--volume_pattern",
+        "*/native/t2w.nii.gz",
+        "--output_dir",
+        str(models),
+        "--patch_size",
+        "[96,96]",
+        "--slices_per_volume",
+        "2",
+        "--warmup_iterations",
+        "1",
+        *TINY,
+    )
+    res = bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        _eval_files("ressrdiff"),
+        "--input_file",
+        str(t2w),
+        "--input_id",
+        case.name,
+        "--ckpt_path",
+        str(models / "model.pt"),
+        "--output_dir",
+        str(out),
+        "--network_size",
+        "small",
+        "--num_inference_steps",
+        "1",
+    )
     assert "bicubic" in res.stdout
     _assert_same_grid(out / case.name / "sr.nii.gz", t2w)
     rows = list(csv.DictReader(open(out / "metrics.csv")))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
 from common.bundle import latest_checkpoint
 from common.handlers.checkpoint import AtomicCheckpointSaver
@@ -50,7 +50,9 @@ def test_previous_checkpoint_kept_until_the_next_is_complete(tmp_path, monkeypat
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["model_epoch=2.pt"], files  # epoch 1 removed after epoch 2 was complete; no partial file
     state = torch.load(tmp_path / "model_epoch=2.pt", weights_only=True)
-    assert float(state["bias"][0]) == float(net.bias.detach()[0]) - 1.0  # the weights after 2 epochs (3rd step ran, save died)
+    assert (
+        float(state["bias"][0]) == float(net.bias.detach()[0]) - 1.0
+    )  # the weights after 2 epochs (3rd step ran, save died)
     assert latest_checkpoint(tmp_path, "model_*.pt") == str(tmp_path / "model_epoch=2.pt")
 
 
@@ -67,14 +69,15 @@ def test_kill_during_a_checkpoint_write(tmp_path):
     """A real SIGKILL of a process blocked inside torch.save of its second checkpoint: the first
     checkpoint is still there and readable, nothing else is left but a hidden temporary file."""
     script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         from ignite.engine import Engine
         from common.handlers.checkpoint import AtomicCheckpointSaver
         net = torch.nn.Linear(2, 2)
         engine = Engine(lambda e, b: 0.0)
-        AtomicCheckpointSaver({str(tmp_path / 'ck')!r}, {{"model": net}}, save_interval=1, epoch_level=True,
+        AtomicCheckpointSaver({str(tmp_path / "ck")!r}, {{"model": net}}, save_interval=1, epoch_level=True,
                               n_saved=1).attach(engine)
         real = torch.save
         n = [0]
@@ -87,9 +90,11 @@ def test_kill_during_a_checkpoint_write(tmp_path):
             return real(obj, f, *a, **k)
         torch.save = slow
         engine.run([0], max_epochs=3)
-    """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     try:
         deadline = time.time() + 120
         line = ""

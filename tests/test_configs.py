@@ -21,8 +21,11 @@ import torch
 from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = sorted(p.name for p in (ROOT / "bundles").iterdir() if (p / "configs" / "train.json").exists()
-                 and (p / "configs" / "inference.json").exists())
+BUNDLES = sorted(
+    p.name
+    for p in (ROOT / "bundles").iterdir()
+    if (p / "configs" / "train.json").exists() and (p / "configs" / "inference.json").exists()
+)
 RANK0_HANDLERS = {"CheckpointSaver", "AtomicCheckpointSaver", "StatsHandler", "TensorBoardStatsHandler"}
 #: ids that legitimately differ between a training and an inference run
 RUN_SPECIFIC = {"imports", "output_dir", "ckpt_path", "run", "sampler", "baseline_interpolators", "network_size"}
@@ -58,9 +61,13 @@ def test_shared_blocks_identical_in_train_and_inference(bundle):
     for key in ("network_def", "preprocessing"):
         assert key in shared, f"{bundle}: {key} must be defined in both train.json and inference.json"
     for cfg, name in ((train, "train.json"), (infer, "inference.json")):
-        assert not any(k.endswith("_scheduler") and k != "scheduler" and isinstance(cfg[k], dict)
-                       and cfg[k].get("_target_") == cfg.get("scheduler", {}).get("_target_") for k in cfg), \
-            f"{bundle}/{name}: a second copy of the schedule"
+        assert not any(
+            k.endswith("_scheduler")
+            and k != "scheduler"
+            and isinstance(cfg[k], dict)
+            and cfg[k].get("_target_") == cfg.get("scheduler", {}).get("_target_")
+            for k in cfg
+        ), f"{bundle}/{name}: a second copy of the schedule"
         assert cfg["preprocessing"].get("_target_") == "Compose", f"{bundle}/{name}: preprocessing is not a Compose"
     assert infer["postprocessing"].get("_target_") == "Compose", f"{bundle}: postprocessing is not a Compose"
     assert train["run"] == "@training" and infer["run"] == "@evaluating"
@@ -113,7 +120,9 @@ def test_one_meaning_per_id_across_bundles():
             cfg = json.loads(path.read_text())
             if "sampler" in cfg:
                 assert cfg["sampler"] in ("ddpm", "ddim"), f"{bundle}/{file}: 'sampler' is dcediff's ddpm|ddim string"
-            assert "train#sampler" not in cfg and "validate#sampler" not in cfg, f"{bundle}/{file}: use train#data_sampler"
+            assert "train#sampler" not in cfg and "validate#sampler" not in cfg, (
+                f"{bundle}/{file}: use train#data_sampler"
+            )
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)

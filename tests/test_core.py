@@ -30,8 +30,12 @@ def test_detect_arrival_and_default_phases():
     ph = select_phases(TIMES, curve)
     # pre = the point before arrival, onset = arrival, early = arrival + 60 s, late = last
     assert ph == {"pre": 2, "onset": 3, "early": 7, "late": 19}
-    ph = select_phases(TIMES, curve, spec={"early": {"time_s": 122}, "late": {"index": -2}, "mid": {"fraction": 0.5}},
-                       names=("pre", "early", "late", "mid"))
+    ph = select_phases(
+        TIMES,
+        curve,
+        spec={"early": {"time_s": 122}, "late": {"index": -2}, "mid": {"fraction": 0.5}},
+        names=("pre", "early", "late", "mid"),
+    )
     assert ph == {"pre": 2, "early": 8, "late": 18, "mid": 10}
 
 

@@ -109,7 +109,9 @@ def test_numpy_path_oblique_keeps_exact_hr_affine():
 def test_nearest_reproduces_block_constant_image(shape, factors):
     hr, lr_true = _block_image(shape, factors, np.random.default_rng(2))
     for lr_interp in ("nearest", "linear"):
-        r = simulate_low_resolution(hr, OBLIQUE, factors=factors, lr_interpolator=lr_interp, back_interpolator="nearest")
+        r = simulate_low_resolution(
+            hr, OBLIQUE, factors=factors, lr_interpolator=lr_interp, back_interpolator="nearest"
+        )
         np.testing.assert_allclose(r.lr, lr_true, rtol=0, atol=1e-6)  # LR voxel = its block's value
         np.testing.assert_allclose(r.upsampled, hr, rtol=0, atol=1e-6)
 
@@ -155,7 +157,9 @@ def _psnr(x, y, data_range):
 def test_bicubic_beats_nearest_on_smooth_image():
     shape = (96, 96, 24)
     i, j, k = np.indices(shape).astype(np.float64)
-    smooth = (np.sin(2 * np.pi * i / 40) * np.cos(2 * np.pi * j / 33) + 0.5 * np.cos(2 * np.pi * k / 16)).astype(np.float32)
+    smooth = (np.sin(2 * np.pi * i / 40) * np.cos(2 * np.pi * j / 33) + 0.5 * np.cos(2 * np.pi * k / 16)).astype(
+        np.float32
+    )
     scores, inner = {}, {}
     core = (slice(9, -9), slice(9, -9), slice(4, -4))  # 3 LR voxels from every border
     for interp in ("nearest", "linear", "bicubic"):
@@ -207,7 +211,11 @@ def test_errors():
 
 # ------------------------------------------------------------------------------ MONAI transforms
 def _meta_tensor(x: np.ndarray, affine: np.ndarray) -> MetaTensor:
-    return MetaTensor(torch.from_numpy(x)[None], affine=torch.as_tensor(affine, dtype=torch.float64), meta={"filename_or_obj": "case7_t2w.nii.gz"})
+    return MetaTensor(
+        torch.from_numpy(x)[None],
+        affine=torch.as_tensor(affine, dtype=torch.float64),
+        meta={"filename_or_obj": "case7_t2w.nii.gz"},
+    )
 
 
 def test_transform_outputs_keep_hr_affine_and_meta():
@@ -226,9 +234,13 @@ def test_transform_outputs_keep_hr_affine_and_meta():
     np.testing.assert_allclose(d["image"][0].numpy(), hr_np, atol=1e-6)
     # LR volume on its own grid
     assert d["lr"].shape == (1, 5, 4, 4)
-    np.testing.assert_allclose(d["lr"].affine.numpy(), low_resolution_grid(OBLIQUE, (13, 11, 7), (3, 3, 2))[0], atol=1e-12)
+    np.testing.assert_allclose(
+        d["lr"].affine.numpy(), low_resolution_grid(OBLIQUE, (13, 11, 7), (3, 3, 2))[0], atol=1e-12
+    )
     # training: no baselines, bicubic input
-    d2 = SimulateLowResolutiond("label", [3, 3, 2], back_interpolator="bicubic", baseline_interpolators=())({"label": hr})
+    d2 = SimulateLowResolutiond("label", [3, 3, 2], back_interpolator="bicubic", baseline_interpolators=())(
+        {"label": hr}
+    )
     assert set(d2) == {"label", "image"}
     np.testing.assert_allclose(d2["image"].numpy(), d["baseline_bicubic"].numpy(), atol=0)
 
@@ -236,7 +248,9 @@ def test_transform_outputs_keep_hr_affine_and_meta():
 def test_transform_multichannel_and_multikey():
     rng = np.random.default_rng(5)
     a = MetaTensor(torch.from_numpy(rng.normal(size=(2, 9, 9, 4)).astype(np.float32)), affine=torch.as_tensor(OBLIQUE))
-    b = MetaTensor(torch.from_numpy(rng.normal(size=(1, 9, 9, 4)).astype(np.float32)), affine=torch.eye(4, dtype=torch.float64))
+    b = MetaTensor(
+        torch.from_numpy(rng.normal(size=(1, 9, 9, 4)).astype(np.float32)), affine=torch.eye(4, dtype=torch.float64)
+    )
     d = SimulateLowResolutiond(["a", "b"], 3 * [3], baseline_interpolators=("bicubic",))({"a": a, "b": b})
     assert {"image_a", "image_b", "baseline_bicubic_a", "baseline_bicubic_b"} <= set(d)
     assert d["image_a"].shape == (2, 9, 9, 4)
@@ -261,7 +275,9 @@ def test_resample_to_reference_grid():
 def test_resample_by_factors_and_spacing():
     rng = np.random.default_rng(7)
     lr_affine, lr_shape = low_resolution_grid(OBLIQUE, (12, 12, 6), (3, 3, 2))
-    lr = MetaTensor(torch.from_numpy(rng.normal(size=(1, *lr_shape)).astype(np.float32)), affine=torch.as_tensor(lr_affine))
+    lr = MetaTensor(
+        torch.from_numpy(rng.normal(size=(1, *lr_shape)).astype(np.float32)), affine=torch.as_tensor(lr_affine)
+    )
     by_f = ResampleToReferenced("x", factors=[3, 3, 2], interpolator="nearest")({"x": lr})["x"]
     assert by_f.shape == (1, 12, 12, 6)
     np.testing.assert_allclose(by_f.affine.numpy(), OBLIQUE, atol=1e-12)
@@ -295,7 +311,9 @@ def test_resample_to_reference_of_other_orientation_is_physical():
         xyz = affine[:3, :3] @ ijk + affine[:3, 3:4]
         return (grad @ xyz + c0).reshape(shape)
 
-    lr = MetaTensor(torch.from_numpy(field(lr_affine, lr_shape).astype(np.float32))[None], affine=torch.as_tensor(lr_affine))
+    lr = MetaTensor(
+        torch.from_numpy(field(lr_affine, lr_shape).astype(np.float32))[None], affine=torch.as_tensor(lr_affine)
+    )
     centre = OBLIQUE @ np.array([17.5, 14.5, 5.5, 1.0])
     ref_affine = np.diag([0.8, 0.8, 0.8, 1.0])
     ref_affine[:3, 3] = centre[:3] - 0.8 * 4.5  # a 10^3 grid of 0.8 mm around the centre

@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-
 from monai.engines.utils import default_prepare_batch
 
 from common.bundle import bundle_root, latest_checkpoint
 from common.data import case_or_datalist, load_datalist
 from common.engines import ConditionalDiffusionPrepareBatch
 from common.handlers import SynthesisWriter, score_case
-from common.inferers import DiffusionVolumeInferer
-from common.transforms import CopyChannelsd, SplitSamplesd
 from common.handlers.metrics import enhancement_scores
+from common.inferers import DiffusionVolumeInferer
 from common.io import save_nifti
+from common.transforms import CopyChannelsd, SplitSamplesd
 
 
 class EchoSampler:
@@ -85,7 +84,9 @@ def test_volume_inferer_repeated_sampling_mean_std():
     assert out.shape == (1, 2, 16, 16, 4)
     mean, std = out[:, 0], out[:, 1]
     assert abs(float(mean.mean())) < 0.05 and abs(float(std.mean()) - 1.0) < 0.05
-    assert torch.equal(out, DiffusionVolumeInferer(EchoSampler(1.0), 1, num_samples=64, seed=3, progress=False)(vol, None))
+    assert torch.equal(
+        out, DiffusionVolumeInferer(EchoSampler(1.0), 1, num_samples=64, seed=3, progress=False)(vol, None)
+    )
     d = SplitSamplesd("pred", out_channels=1)({"pred": out[0]})
     assert torch.equal(d["pred"], out[0, :1]) and torch.equal(d["pred_std"], out[0, 1:])
 
@@ -103,7 +104,9 @@ def test_writer_exact_geometry_and_no_overwrite(tmp_path):
     src = save_nifti(np.random.rand(12, 10, 4), aff, tmp_path / "in" / "c1" / "dce_pre.nii.gz")
     item = {"id": "c1", "dce_pre": MetaTensor(torch.rand(1, 12, 10, 4), meta={"filename_or_obj": str(src)})}
     pred = torch.rand(2, 12, 10, 4)
-    writer = SynthesisWriter(tmp_path / "out", ["dce_early", "dce_late"], geometry_key="dce_pre", input_keys=["dce_pre"])
+    writer = SynthesisWriter(
+        tmp_path / "out", ["dce_early", "dce_late"], geometry_key="dce_pre", input_keys=["dce_pre"]
+    )
     written = writer.write_case(item, {"pred": pred, "label": pred + 0.1})
     img = nib.load(written["dce_late"])
     assert np.array_equal(img.affine, nib.load(src).affine)
@@ -115,11 +118,19 @@ def test_writer_exact_geometry_and_no_overwrite(tmp_path):
         bad.write_case(item, {"pred": pred[:1]})
     # a target file loaded with the case is protected too, and an id that is a path stays a name
     tgt = save_nifti(np.zeros((12, 10, 4)), aff, tmp_path / "in" / "c1" / "dce_late.nii.gz")
-    item2 = dict(item, id=str(tmp_path / "in" / "c1"), dce_late=MetaTensor(torch.zeros(1, 12, 10, 4), meta={"filename_or_obj": str(tgt)}))
+    item2 = dict(
+        item,
+        id=str(tmp_path / "in" / "c1"),
+        dce_late=MetaTensor(torch.zeros(1, 12, 10, 4), meta={"filename_or_obj": str(tgt)}),
+    )
     with pytest.raises(FileExistsError):
-        SynthesisWriter(tmp_path / "in", ["dce_late"], geometry_key="dce_pre", panel=False).write_case(item2, {"pred": pred[:1]})
+        SynthesisWriter(tmp_path / "in", ["dce_late"], geometry_key="dce_pre", panel=False).write_case(
+            item2, {"pred": pred[:1]}
+        )
     assert np.all(nib.load(tgt).get_fdata() == 0)
-    w = SynthesisWriter(tmp_path / "elsewhere", ["dce_late"], geometry_key="dce_pre", panel=False).write_case(item2, {"pred": pred[:1]})
+    w = SynthesisWriter(tmp_path / "elsewhere", ["dce_late"], geometry_key="dce_pre", panel=False).write_case(
+        item2, {"pred": pred[:1]}
+    )
     assert w["dce_late"] == str(tmp_path / "elsewhere" / "c1" / "dce_late.nii.gz")
 
 
@@ -225,7 +236,9 @@ def test_batch_size_is_slices_per_step_and_iterations_are_exact():
     for b, s in ((8, 4), (6, 4), (2, 4), (5, 2), (12, 5)):
         v, k = slice_batching(b, s)
         assert v * k == b and k <= s
-    assert training_epochs(5, 2) == (3, 2) and training_epochs(3, 500) == (1, 3) and training_epochs(1000, 500) == (2, 500)
+    assert (
+        training_epochs(5, 2) == (3, 2) and training_epochs(3, 500) == (1, 3) and training_epochs(1000, 500) == (2, 500)
+    )
     for bad, name in ((0, "batch_size"), (-4, "batch_size"), ("x", "batch_size"), (2.5, "batch_size")):
         with pytest.raises(ValueError, match=f"--{name}: expected a whole number >= 1, got"):
             positive_int(bad, name)

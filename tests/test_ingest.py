@@ -142,7 +142,12 @@ def test_default_rules_roles(desc, image_type, role):
 
 
 def test_rules_custom_and_invalid(tmp_path):
-    rules = load_rules({"roles": {"dce": {"description": ["my_dyn*"]}, "t2w": {"description": ["MY_T2*"], "case_sensitive": True}}, "required": ["dce"]})
+    rules = load_rules(
+        {
+            "roles": {"dce": {"description": ["my_dyn*"]}, "t2w": {"description": ["MY_T2*"], "case_sensitive": True}},
+            "required": ["dce"],
+        }
+    )
     assert rules.classify("my_dyn_3", ())[0] == "dce"
     assert rules.classify("MY_T2_ax", ())[0] == "t2w"
     assert rules.classify("my_t2_ax", ())[0] is None
@@ -225,7 +230,9 @@ def test_register_rigid_recovers_and_bounds():
         assert np.linalg.norm(np.subtract(res.transform.TransformPoint(p), inv.TransformPoint(p))) < 1.0
     assert abs(res.rotation_angle_deg - 2.0) < 1.0
     with pytest.raises(IngestError, match=r"moved more than the bounds \(1 mm"):
-        register_rigid(img, moving, RegistrationSettings(sampling_percentage=0.3, max_translation_mm=1.0), "t2w", "P9", "5-t2")
+        register_rigid(
+            img, moving, RegistrationSettings(sampling_percentage=0.3, max_translation_mm=1.0), "t2w", "P9", "5-t2"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +309,9 @@ def test_phantom_volumes_recovered(good_case, phantom_src):
     # native T2w: the phantom's own grid and values
     t2 = nib.load(case / "native" / "t2w.nii.gz")
     np.testing.assert_allclose(t2.affine, _aff(ph, "t2w"), atol=1e-3)
-    np.testing.assert_allclose(np.asarray(t2.dataobj, float), _vol(ph, "t2w"), atol=0.01 * np.ptp(_vol(ph, "t2w")) + 1e-3)
+    np.testing.assert_allclose(
+        np.asarray(t2.dataobj, float), _vol(ph, "t2w"), atol=0.01 * np.ptp(_vol(ph, "t2w")) + 1e-3
+    )
     # the series are aligned in the phantom: registration moves the prostate by less than 1 mm
     ijk = np.argwhere(np.asarray(ph.organ_mask) > 0)
     ras = (ref @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
@@ -397,6 +406,7 @@ def _drop(pattern):
             if fnmatch.fnmatchcase(desc.lower(), pattern.lower()):
                 shutil.rmtree(d)
         return None
+
     return f
 
 
@@ -421,7 +431,11 @@ def _garbage(study):
 
 
 def _tilt_one(study):
-    cands = [dd for desc, dd in _study_dirs(study).items() if fnmatch.fnmatchcase(desc.lower(), "fl3d_vibe_pre*") and "pd" not in desc.lower()]
+    cands = [
+        dd
+        for desc, dd in _study_dirs(study).items()
+        if fnmatch.fnmatchcase(desc.lower(), "fl3d_vibe_pre*") and "pd" not in desc.lower()
+    ]
     d = cands[0]
 
     def tilt(ds, k):
@@ -553,7 +567,10 @@ def test_extra_series_choice_and_other_plane(phantom_src, tmp_path):
     sag = loc.parent / "98.000000-t2_tse_tra_sag_like"
     shutil.copytree(loc, sag)
     uid2 = pydicom.uid.generate_uid()
-    _edit(sag, lambda ds, k: (setattr(ds, "SeriesInstanceUID", uid2), setattr(ds, "SeriesDescription", "t2_tse_tra_oblique")))
+    _edit(
+        sag,
+        lambda ds, k: (setattr(ds, "SeriesInstanceUID", uid2), setattr(ds, "SeriesDescription", "t2_tse_tra_oblique")),
+    )
     m = ingest_study(study, tmp_path / "out", "PE", crop_size=(16, 16, 4), write_native=False)
     assert m["roles"]["t2w"]["folder"].endswith(t2.name)
     choice = next(c for c in m["choices"] if c["role"] == "t2w")
@@ -626,12 +643,21 @@ def test_mask_centres_the_crop(phantom_src, tmp_path):
 def test_phase_overrides_and_vibe_pre(phantom_src, tmp_path):
     ph, pdir, _ = phantom_src
     times = np.asarray(ph.times_s, float)
-    m = ingest_study(pdir, tmp_path / "out", "PP", crop_size=(16, 16, 4), write_native=False,
-                     phases={"early": {"time_s": float(times[-2])}, "late": {"index": -1}}, pre_source="t1_pre")
+    m = ingest_study(
+        pdir,
+        tmp_path / "out",
+        "PP",
+        crop_size=(16, 16, 4),
+        write_native=False,
+        phases={"early": {"time_s": float(times[-2])}, "late": {"index": -1}},
+        pre_source="t1_pre",
+    )
     assert m["dce"]["phases"]["early"]["index"] == len(times) - 2
     assert m["dce"]["phases"]["pre"]["source"].startswith("t1_pre")
     case = tmp_path / "out" / "PP"
-    np.testing.assert_array_equal(np.asarray(nib.load(case / "dce_pre.nii.gz").dataobj), np.asarray(nib.load(case / "t1_pre.nii.gz").dataobj))
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(case / "dce_pre.nii.gz").dataobj), np.asarray(nib.load(case / "t1_pre.nii.gz").dataobj)
+    )
 
 
 def test_batch_skips_reruns_and_splits(phantom_src, tmp_path):
@@ -673,7 +699,13 @@ def test_batch_skips_reruns_and_splits(phantom_src, tmp_path):
     assert (out / "P1" / "manifest.json").stat().st_mtime_ns == mtime
     assert (out / "datalist.json").read_text() == first
     # overwrite: re-done, still one folder per patient
-    s3 = prepare_dataset(src / "P2", out, IngestConfig(crop_size=(16, 16, 4), write_native=False, overwrite=True), workers=1, progress=False)
+    s3 = prepare_dataset(
+        src / "P2",
+        out,
+        IngestConfig(crop_size=(16, 16, 4), write_native=False, overwrite=True),
+        workers=1,
+        progress=False,
+    )
     assert s3["prepared"] == ["P2"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["P1", "P2", "P3"]
 
@@ -682,7 +714,9 @@ def test_cli_and_time_ingest(phantom_src, tmp_path, capsys):
     import importlib.util
 
     _, pdir, _ = phantom_src
-    spec = importlib.util.spec_from_file_location("prepare_prostatex", Path(__file__).resolve().parents[1] / "scripts" / "prepare_prostatex.py")
+    spec = importlib.util.spec_from_file_location(
+        "prepare_prostatex", Path(__file__).resolve().parents[1] / "scripts" / "prepare_prostatex.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.main(src=str(pdir), out=str(tmp_path / "out"), workers=1, crop_size="16x16x4", native=False, progress=False)
@@ -690,7 +724,9 @@ def test_cli_and_time_ingest(phantom_src, tmp_path, capsys):
     assert "prepared 1" in text and (tmp_path / "out" / "datalist.json").is_file()
     assert (tmp_path / "out" / pdir.name / "manifest.json").is_file()
     t = time_ingest(pdir, IngestConfig(crop_size=(16, 16, 4), write_native=False))
-    assert {"scan_s", "read_s", "register_s", "write_s", "total_s"} <= set(t) and t["n_dce"] == len(phantom_src[0].times_s)
+    assert {"scan_s", "read_s", "register_s", "write_s", "total_s"} <= set(t) and t["n_dce"] == len(
+        phantom_src[0].times_s
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,11 +744,18 @@ def test_stage_pick_phases_closed_form():
     dce4 = np.full((4, 4, 2, 8), 100.0, np.float32)
     dce4[..., 4:] = 300.0
     study = StudyData(SimpleNamespace(times_s=times), [], dce4, {})
-    job = make_job("/nonexistent/U1", "/nonexistent/out", None, IngestConfig(arrival_mask="foreground", early_delay_s=20.0))
+    job = make_job(
+        "/nonexistent/U1", "/nonexistent/out", None, IngestConfig(arrival_mask="foreground", early_delay_s=20.0)
+    )
     assert isinstance(job, IngestJob) and job.case_id == "U1" and job.final == Path("/nonexistent/out/U1")
     ch = pick_phases(job, study, None)
     assert ch.phases == {"pre": 3, "onset": 4, "early": 6, "late": 7}
-    assert ch.arrival.index == 4 and ch.arrival.time_s == 40.0 and ch.arrival.baseline == 100.0 and ch.arrival.peak == 300.0
+    assert (
+        ch.arrival.index == 4
+        and ch.arrival.time_s == 40.0
+        and ch.arrival.baseline == 100.0
+        and ch.arrival.peak == 300.0
+    )
     np.testing.assert_allclose(ch.curve, [100] * 4 + [300] * 4)
     d = ch.manifest(times)
     assert d["arrival"] == {"index": 4, "time_s": 40.0, "baseline": 100.0, "peak": 300.0, "curve_mask": "foreground"}
@@ -759,9 +802,13 @@ def test_stage_crop_study_closed_form():
     np.testing.assert_array_equal(c.arrays["dce_onset"], vol[1:5, 0:4, 0:2] + 2000)
     np.testing.assert_array_equal(c.arrays["dce_pre"], -vol[1:5, 0:4, 0:2])  # pre_source t1_pre
     assert c.arrays["organ_mask"].sum() == 3 * 3 * 2
-    np.testing.assert_allclose(c.affine, ref_affine @ np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    np.testing.assert_allclose(
+        c.affine, ref_affine @ np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    )
     assert c.manifest() == {
-        "size": [4, 4, 2], "center_vox": [3.0, 2.0, 1.0], "center_source": "organ mask centroid (m.nii.gz)",
+        "size": [4, 4, 2],
+        "center_vox": [3.0, 2.0, 1.0],
+        "center_source": "organ mask centroid (m.nii.gz)",
         "affine_ras": np.round(c.affine, 6).tolist(),
     }
     np.testing.assert_allclose(c.affine[:3, 3], [-(5.0 + 2.0), 4.0, 7.0])  # RAS: x, y of the LPS origin negated
@@ -779,16 +826,39 @@ def test_stage_crop_study_closed_form():
 
 # every option of the first version of scripts/prepare_prostatex.py
 CLI_OPTIONS = [
-    "src", "out", "workers", "overwrite", "rules", "mask", "mask_role", "reference_role", "reference_frame", "crop_size",
-    "phases", "pre_source", "early_delay_s", "arrival_mask", "register", "max_translation_mm", "max_rotation_deg",
-    "sampling_percentage", "iterations", "native", "seed", "fractions", "progress", "log_level",
+    "src",
+    "out",
+    "workers",
+    "overwrite",
+    "rules",
+    "mask",
+    "mask_role",
+    "reference_role",
+    "reference_frame",
+    "crop_size",
+    "phases",
+    "pre_source",
+    "early_delay_s",
+    "arrival_mask",
+    "register",
+    "max_translation_mm",
+    "max_rotation_deg",
+    "sampling_percentage",
+    "iterations",
+    "native",
+    "seed",
+    "fractions",
+    "progress",
+    "log_level",
 ]
 
 
 def _cli():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("prepare_prostatex_cli", Path(__file__).resolve().parents[1] / "scripts" / "prepare_prostatex.py")
+    spec = importlib.util.spec_from_file_location(
+        "prepare_prostatex_cli", Path(__file__).resolve().parents[1] / "scripts" / "prepare_prostatex.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -830,19 +900,55 @@ def test_cli_parses_options_through_fire(monkeypatch, capsys):
 
     def fake_prepare(src, out, cfg, **kw):
         seen.update(src=src, out=out, cfg=cfg, **kw)
-        return {"prepared": ["A"], "existing": [], "skipped": [], "seconds": 0.0, "datalist": "d.json", "skipped_json": "s.json"}
+        return {
+            "prepared": ["A"],
+            "existing": [],
+            "skipped": [],
+            "seconds": 0.0,
+            "datalist": "d.json",
+            "skipped_json": "s.json",
+        }
 
     monkeypatch.setattr(mod, "prepare_dataset", fake_prepare)
-    fire.Fire(mod.main, command=[
-        "/in", "--out", "/o", "--crop_size", "16x16x4", "--noregister", "--overwrite", "--native", "False",
-        "--phases", '{"early": {"time_s": 120}}', "--max_rotation_deg", "5", "--iterations", "7", "--workers", "2",
-        "--fractions", "0.5,0.25,0.25", "--seed", "3", "--progress", "false", "--mask_role", "t2w", "--pre_source", "t1_pre",
-    ])
+    fire.Fire(
+        mod.main,
+        command=[
+            "/in",
+            "--out",
+            "/o",
+            "--crop_size",
+            "16x16x4",
+            "--noregister",
+            "--overwrite",
+            "--native",
+            "False",
+            "--phases",
+            '{"early": {"time_s": 120}}',
+            "--max_rotation_deg",
+            "5",
+            "--iterations",
+            "7",
+            "--workers",
+            "2",
+            "--fractions",
+            "0.5,0.25,0.25",
+            "--seed",
+            "3",
+            "--progress",
+            "false",
+            "--mask_role",
+            "t2w",
+            "--pre_source",
+            "t1_pre",
+        ],
+    )
     assert "prepared 1" in capsys.readouterr().out
     cfg = seen["cfg"]
     assert (seen["src"], seen["out"], seen["workers"], seen["seed"], seen["progress"]) == ("/in", "/o", 2, 3, False)
     assert seen["fractions"] == (0.5, 0.25, 0.25)
-    assert cfg.crop_size == (16, 16, 4) and cfg.register is False and cfg.overwrite is True and cfg.write_native is False
+    assert (
+        cfg.crop_size == (16, 16, 4) and cfg.register is False and cfg.overwrite is True and cfg.write_native is False
+    )
     assert cfg.phases == {"early": {"time_s": 120}} and cfg.mask_role == "t2w" and cfg.pre_source == "t1_pre"
     assert cfg.registration == RegistrationSettings(max_rotation_deg=5.0, iterations=7)
     assert cfg.reference_frame == IngestConfig().reference_frame  # untouched options keep the defaults

@@ -8,7 +8,6 @@ Skipped when the shared data is absent. The pipeline runs once per test session 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.realdata
 
-from conftest import PROSTATEX_0218 as STUDY
+from conftest import PROSTATEX_0218 as STUDY  # noqa: E402
 
 
 @pytest.fixture

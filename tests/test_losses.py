@@ -16,7 +16,9 @@ def test_l2_only_is_ten_times_mse_hand_computed(caplog):
     ours = [r for r in caplog.records if r.name == "common.losses"]
     assert [r.getMessage() for r in ours] == [LPIPS_DISABLED_MESSAGE]  # exactly one line
     assert ours[0].levelno == logging.WARNING
-    assert LPIPS_DISABLED_MESSAGE == "LPIPS disabled: no local weights file given (lpips_weights); training with L2 only"
+    assert (
+        LPIPS_DISABLED_MESSAGE == "LPIPS disabled: no local weights file given (lpips_weights); training with L2 only"
+    )
     pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1, 1, 2, 2)
     target = torch.tensor([[[[0.0, 2.0], [1.0, 0.5]]]])
     # squared errors 1, 0, 4, 12.25 -> MSE 17.25 / 4 = 4.3125 -> loss 43.125
@@ -52,8 +54,21 @@ def _random_lpips_file(path) -> str:
     """A random-initialised LPIPS VGG16 state dict in the format common.metrics.perceptual reads."""
     perceptual = pytest.importorskip("common.metrics.perceptual")
     g = torch.Generator().manual_seed(0)
-    chans = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256),
-             (512, 256), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]  # (out, in)
+    chans = [
+        (64, 3),
+        (64, 64),
+        (128, 64),
+        (128, 128),
+        (256, 128),
+        (256, 256),
+        (256, 256),
+        (512, 256),
+        (512, 512),
+        (512, 512),
+        (512, 512),
+        (512, 512),
+        (512, 512),
+    ]  # (out, in)
     sd = {}
     for i, (co, ci) in zip(perceptual.VGG16_CONV_INDICES, chans):
         sd[f"features.{i}.weight"] = torch.randn(co, ci, 3, 3, generator=g) * (2.0 / (9 * ci)) ** 0.5

@@ -14,8 +14,8 @@ from monai.metrics import SSIMMetric
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from common.metrics import (
-    FIDScore,
     LPIPS,
+    FIDScore,
     LPIPSLoss,
     curve_spearman,
     dtw_distance,
@@ -58,7 +58,9 @@ def test_psnr_matches_skimage(pair):
     x, y = pair
     for dr in (1.0, 3.5):
         assert psnr(y, x, dr) == pytest.approx(peak_signal_noise_ratio(x, y, data_range=dr), abs=1e-9)
-    assert psnr(torch.as_tensor(y), torch.as_tensor(x), 2.0) == pytest.approx(peak_signal_noise_ratio(x, y, data_range=2.0), abs=1e-9)
+    assert psnr(torch.as_tensor(y), torch.as_tensor(x), 2.0) == pytest.approx(
+        peak_signal_noise_ratio(x, y, data_range=2.0), abs=1e-9
+    )
     assert psnr(x, x, 1.0) == math.inf
 
 
@@ -107,7 +109,9 @@ def test_ssim_matches_skimage(pair):
     assert ssim(x, x, 1.0) == pytest.approx(1.0, abs=1e-12)
     # and MONAI's SSIMMetric (float32) agrees
     monai_ssim = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=11, kernel_sigma=1.5)
-    assert float(monai_ssim(torch.as_tensor(y)[None, None], torch.as_tensor(x)[None, None])) == pytest.approx(ssim(y, x, 1.0), abs=1e-4)
+    assert float(monai_ssim(torch.as_tensor(y)[None, None], torch.as_tensor(x)[None, None])) == pytest.approx(
+        ssim(y, x, 1.0), abs=1e-4
+    )
 
 
 def test_ssim_map_and_masked_ssim_match_skimage_full_map(pair):
@@ -163,7 +167,9 @@ def test_batched_shapes_and_mask_broadcast(pair):
     m = np.zeros_like(x)
     m[10:20, 10:20] = 1
     np.testing.assert_allclose(mae(yb, xb, mask=m), [mae(y, x, mask=m), mae(0.5 * y, 0.5 * x, mask=m)])
-    np.testing.assert_allclose(gmsd(yb, xb, 2.0, mask=m[None, None]), [gmsd(y, x, 2.0, mask=m), gmsd(0.5 * y, 0.5 * x, 2.0, mask=m)])
+    np.testing.assert_allclose(
+        gmsd(yb, xb, 2.0, mask=m[None, None]), [gmsd(y, x, 2.0, mask=m), gmsd(0.5 * y, 0.5 * x, 2.0, mask=m)]
+    )
     assert np.isnan(psnr(y, x, 2.0, mask=np.zeros_like(x)))
 
 
@@ -236,7 +242,10 @@ def test_kinetic_curve_spearman_dtw():
 
 
 def test_case_csv_union_header_and_roundtrip(tmp_path):
-    rows = [{"case": "0001", "psnr": 30.5, "ssim": np.float32(0.5)}, {"case": "0002", "psnr": 28.0, "note": "x", "gmsd": 0.1}]
+    rows = [
+        {"case": "0001", "psnr": 30.5, "ssim": np.float32(0.5)},
+        {"case": "0002", "psnr": 28.0, "note": "x", "gmsd": 0.1},
+    ]
     p = write_case_csv(rows, tmp_path / "cases.csv")
     with open(p) as f:
         table = list(csv.reader(f))
@@ -250,7 +259,9 @@ def test_case_csv_union_header_and_roundtrip(tmp_path):
 
 
 def test_summarize_and_write(tmp_path):
-    rows = [{"case": i, "a": v, "b": 1.0} for i, v in enumerate([1.0, 2.0, 3.0, 4.0])] + [{"case": 9, "a": float("nan")}]
+    rows = [{"case": i, "a": v, "b": 1.0} for i, v in enumerate([1.0, 2.0, 3.0, 4.0])] + [
+        {"case": 9, "a": float("nan")}
+    ]
     s = summarize(rows)
     assert s["a"]["mean"] == pytest.approx(2.5)
     assert s["a"]["std"] == pytest.approx(math.sqrt(5 / 3))
@@ -268,7 +279,10 @@ def test_summarize_and_write(tmp_path):
 
 def test_paired_wilcoxon_known_values():
     b = [{"case": f"c{i}", "psnr": 20.0, "ssim": 0.5} for i in range(5)]
-    a = [{"case": f"c{i}", "psnr": 20.0 + d, "ssim": 0.5 + e} for i, (d, e) in enumerate(zip([1, 2, 3, 4, 5], [0.1, -0.2, 0.3, 0.4, 0.5]))]
+    a = [
+        {"case": f"c{i}", "psnr": 20.0 + d, "ssim": 0.5 + e}
+        for i, (d, e) in enumerate(zip([1, 2, 3, 4, 5], [0.1, -0.2, 0.3, 0.4, 0.5]))
+    ]
     a = a[::-1]  # pairing is by case, not by order
     r = paired_wilcoxon(a, b)
     assert r["psnr"]["statistic"] == 0.0
@@ -361,7 +375,9 @@ def test_lpips_bad_keys(tmp_path, lpips_file):
     sd["net.slice1.0.weight"] = torch.zeros(1)
     bad = tmp_path / "bad.pth"
     torch.save(sd, bad)
-    with pytest.raises(ValueError, match=r"missing keys \['lin3.model.1.weight'\].*unexpected keys \['net.slice1.0.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing keys \['lin3.model.1.weight'\].*unexpected keys \['net.slice1.0.weight'\]"
+    ):
         LPIPS(bad)
     sd = torch.load(lpips_file, weights_only=True)
     sd["lin0.model.1.weight"] = torch.zeros(1, 32, 1, 1)

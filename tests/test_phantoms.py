@@ -114,7 +114,9 @@ def test_spgr_signal_equation():
     np.testing.assert_allclose(spgr_signal(S0, T1, C, r1, TR, flip), ref, rtol=1e-12)
     # same as dcmri's steady-state spoiled gradient-echo signal
     for t1, c in zip(T1, C):
-        assert spgr_signal(S0, t1, c, r1, TR, flip) == pytest.approx(float(dcmri.signal_ss(S0, 1 / t1 + r1 * c, TR, flip)), rel=1e-9)
+        assert spgr_signal(S0, t1, c, r1, TR, flip) == pytest.approx(
+            float(dcmri.signal_ss(S0, 1 / t1 + r1 * c, TR, flip)), rel=1e-9
+        )
     # contrast agent raises the T1-weighted signal monotonically
     s = spgr_signal(S0, 1.6, np.linspace(0, 5, 11), r1, TR, flip)
     assert np.all(np.diff(s) > 0)
@@ -148,7 +150,13 @@ def test_dicom_round_trip_values_and_geometry(tmp_path):
     shape, spacing = (12, 9, 5), (1.3, 2.1, 3.3)
     A = _oblique_affine(shape, spacing)
     vol = np.random.default_rng(0).normal(100.0, 80.0, shape).astype(np.float32)
-    study = {"PatientID": "p", "StudyInstanceUID": "1.2.3", "FrameOfReferenceUID": "1.2.4", "StudyDate": "20200101", "uid_seed": "t"}
+    study = {
+        "PatientID": "p",
+        "StudyInstanceUID": "1.2.3",
+        "FrameOfReferenceUID": "1.2.4",
+        "StudyDate": "20200101",
+        "uid_seed": "t",
+    }
     files = write_series(vol, A, tmp_path / "s", study=study, series_number=3, description="test")
     ds = pydicom.dcmread(files[0])
     slope = float(ds.RescaleSlope)
@@ -169,9 +177,21 @@ def test_dicom_round_trip_values_and_geometry(tmp_path):
 
 def test_dicom_slices_ordered_along_normal(tmp_path):
     A = _oblique_affine((6, 5, 4), (2.0, 2.0, 4.0))
-    study = {"PatientID": "p", "StudyInstanceUID": "1.2.3", "FrameOfReferenceUID": "1.2.4", "StudyDate": "20200101", "uid_seed": "u"}
-    files = write_series(np.arange(120, dtype=np.float32).reshape(6, 5, 4), A, tmp_path / "s", study=study, series_number=1,
-                         description="order")
+    study = {
+        "PatientID": "p",
+        "StudyInstanceUID": "1.2.3",
+        "FrameOfReferenceUID": "1.2.4",
+        "StudyDate": "20200101",
+        "uid_seed": "u",
+    }
+    files = write_series(
+        np.arange(120, dtype=np.float32).reshape(6, 5, 4),
+        A,
+        tmp_path / "s",
+        study=study,
+        series_number=1,
+        description="order",
+    )
     heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     iop = np.array([float(v) for v in heads[0].ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
@@ -393,7 +413,9 @@ def test_brain_cases_on_disk(phantom_set):
     assert imgs["t1c"][et].mean() > 1.5 * imgs["t1n"][et].mean()  # gadolinium in the enhancing tumour
     nec = seg == 1
     assert imgs["t1c"][nec].mean() < 0.7 * imgs["t1c"][et].mean()  # necrotic core does not enhance
-    assert imgs["t2f"][seg == 2].mean() > 1.2 * np.median(imgs["t2f"][(seg == 0) & (imgs["t2f"] > 0)])  # FLAIR-bright oedema
+    assert imgs["t2f"][seg == 2].mean() > 1.2 * np.median(
+        imgs["t2f"][(seg == 0) & (imgs["t2f"] > 0)]
+    )  # FLAIR-bright oedema
     datalist = json.loads((out / "brain" / "datalist.json").read_text())
     entries = [e for k in ("training", "validation", "test") for e in datalist[k]]
     assert [e["id"] for e in entries] == [case]

@@ -105,7 +105,9 @@ def test_posterior_is_gaussian_product(sched):
         e0 = y0 - x0
         m, v = gaussian_product(x0 + eta[i - 1] * e0, KAPPA**2 * eta[i - 1], xt - alpha * e0, KAPPA**2 * alpha)
         # the y0 terms cancel: same product for any y0
-        m_other, _ = gaussian_product(x0 + eta[i - 1] * (5 - x0), KAPPA**2 * eta[i - 1], xt - alpha * (5 - x0), 4 * alpha)
+        m_other, _ = gaussian_product(
+            x0 + eta[i - 1] * (5 - x0), KAPPA**2 * eta[i - 1], xt - alpha * (5 - x0), 4 * alpha
+        )
         torch.testing.assert_close(m, m_other)
         mean, x0_hat = sched.step(x0, i, xt, noise=torch.zeros_like(xt))
         assert x0_hat is x0
@@ -157,7 +159,9 @@ def test_set_timesteps_respacing(sched):
     chain = [0.0] + [eta[k] for k in kept]
     for j, k in enumerate(kept):
         assert float(sched.alphas[k]) == pytest.approx(chain[j + 1] - chain[j], rel=1e-12)
-        assert float(sched.get_variance(k)) == pytest.approx(KAPPA**2 * chain[j] / chain[j + 1] * (chain[j + 1] - chain[j]), rel=1e-12)
+        assert float(sched.get_variance(k)) == pytest.approx(
+            KAPPA**2 * chain[j] / chain[j + 1] * (chain[j + 1] - chain[j]), rel=1e-12
+        )
     assert float(sched.alphas.sum()) == pytest.approx(eta[-1], rel=1e-12)
     assert set(torch.nonzero(sched.alphas).flatten().tolist()) == set(kept)
     with pytest.raises(ValueError):

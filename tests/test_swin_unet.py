@@ -68,7 +68,9 @@ def test_presets_and_overrides():
     # a bundle config instantiates it with plain kwargs
     from monai.bundle import ConfigParser
 
-    cfg = {"net": {"_target_": "common.networks.SwinDiffusionUNet", "preset": "small", "in_channels": 4, "out_channels": 1}}
+    cfg = {
+        "net": {"_target_": "common.networks.SwinDiffusionUNet", "preset": "small", "in_channels": 4, "out_channels": 1}
+    }
     parsed = ConfigParser(cfg).get_parsed_content("net")
     assert isinstance(parsed, SwinDiffusionUNet) and parsed.out_channels == 1
 
@@ -116,8 +118,11 @@ def test_swin_sits_at_the_listed_levels(small):
     assert not any(type(m).__name__ == "SpatialAttentionBlock" for m in paper.modules())
     # the Swin stages of the small preset see 80, 40, 20 (never 160) on a 160 x 160 input
     seen = set()
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(tuple(i[0].shape[1:]))) for m in small.modules()
-             if isinstance(m, SwinStage)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: seen.add(tuple(i[0].shape[1:])))
+        for m in small.modules()
+        if isinstance(m, SwinStage)
+    ]
     with torch.no_grad():
         small(torch.randn(1, 6, 160, 160), torch.tensor([0]))
     for h in hooks:

@@ -64,7 +64,9 @@ def test_scale_percentiles_mask_and_channel_wise():
     x[1] = 10 * np.arange(16).reshape(4, 4)
     m = np.zeros((1, 4, 4))
     m[0, 1:3, 1:3] = 1  # values 5, 6, 9, 10 (channel 0)
-    out = ScalePercentilesd("x", lower=0, upper=100, b_min=0, b_max=1, mask_key="m", channel_wise=True)({"x": x, "m": m})
+    out = ScalePercentilesd("x", lower=0, upper=100, b_min=0, b_max=1, mask_key="m", channel_wise=True)(
+        {"x": x, "m": m}
+    )
     assert out["x_scaling"]["a_min"].tolist() == [5.0, 50.0]
     assert out["x_scaling"]["a_max"].tolist() == [10.0, 100.0]
     np.testing.assert_allclose(_np(out["x"])[0], (x[0] - 5) / 5, atol=1e-6)
@@ -124,7 +126,9 @@ def test_inverse_scale_on_collated_batch_and_decollated():
 
 
 def test_tinorm_hand_and_inverse():
-    s = np.stack([np.full((2, 2), 1.0), np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[2.0, 4.0], [6.0, 8.0]])]).astype(np.float32)
+    s = np.stack([np.full((2, 2), 1.0), np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[2.0, 4.0], [6.0, 8.0]])]).astype(
+        np.float32
+    )
     mean, std = 2.5, np.sqrt(1.25)
     t = TINormd("s")
     out = t({"s": MetaTensor(s)})
@@ -182,7 +186,9 @@ def test_crop_or_pad_hand_and_world_coordinates():
     np.testing.assert_array_equal(out[:6, :, 2:7], v[0:6, 2:6, 0:5])
     assert np.all(out[6:] == 0) and np.all(out[:, :, :2] == 0)
     ijk = np.array([[0, 0, 0], [7, 3, 8], [2, 1, 5]])
-    np.testing.assert_allclose((new @ np.c_[ijk, np.ones(3)].T).T, (OBLIQUE @ np.c_[ijk + start, np.ones(3)].T).T, atol=1e-12)
+    np.testing.assert_allclose(
+        (new @ np.c_[ijk, np.ones(3)].T).T, (OBLIQUE @ np.c_[ijk + start, np.ones(3)].T).T, atol=1e-12
+    )
 
 
 def _world(aff, ijk):
@@ -194,7 +200,12 @@ def test_crop_around_mask_metatensor_affine_and_values():
     m = np.zeros((1, 6, 7, 5), dtype=np.float32)
     m[0, 0, 1, 4] = 1  # centroid (0, 1, 4) -> box start (-2, 0, 2) for roi (4, 3, 4)
     t = CropAroundMaskd(["img", "m"], roi_size=(4, 3, 4), mask_key="m")
-    out = t({"img": MetaTensor(torch.as_tensor(x), affine=torch.as_tensor(OBLIQUE)), "m": MetaTensor(torch.as_tensor(m), affine=torch.as_tensor(OBLIQUE))})
+    out = t(
+        {
+            "img": MetaTensor(torch.as_tensor(x), affine=torch.as_tensor(OBLIQUE)),
+            "m": MetaTensor(torch.as_tensor(m), affine=torch.as_tensor(OBLIQUE)),
+        }
+    )
     img = out["img"]
     assert tuple(img.shape) == (1, 4, 3, 4)
     np.testing.assert_allclose(_world(img.affine, (0, 0, 0)), _world(OBLIQUE, (-2, 0, 2)), atol=1e-12)

@@ -41,13 +41,20 @@ def load_datalist(
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(sections, dict):
-        raise ValueError(f"{path}: expected an object of sections {{\"training\": [...], \"validation\": [...], "
-                         f"\"test\": [...]}}, got a {type(sections).__name__}")
+        raise ValueError(
+            f'{path}: expected an object of sections {{"training": [...], "validation": [...], '
+            f'"test": [...]}}, got a {type(sections).__name__}'
+        )
     if section not in sections:
-        raise KeyError(f"{path}: no section {section!r}; sections are {sorted(k for k in sections if isinstance(sections[k], list))}")
+        raise KeyError(
+            f"{path}: no section {section!r}; sections are {sorted(k for k in sections if isinstance(sections[k], list))}"
+        )
     if not isinstance(sections[section], list) or not sections[section]:
-        raise ValueError(f"{path}: section {section!r} is empty" if isinstance(sections[section], list)
-                         else f"{path}: section {section!r} is not a list of cases")
+        raise ValueError(
+            f"{path}: section {section!r} is empty"
+            if isinstance(sections[section], list)
+            else f"{path}: section {section!r} is not a list of cases"
+        )
     items = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=section, base_dir=str(dataset_dir))
     # MONAI turns any value naming an existing path into an absolute path, a case id included
     # (its folder exists): keep ids verbatim

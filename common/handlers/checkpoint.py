@@ -60,9 +60,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def __init__(self, save_dir: str, save_dict: dict, *args: Any, **kwargs: Any) -> None:
         super().__init__(save_dir, save_dict, *args, **kwargs)
-        for attr, name in (("_final_checkpoint", self._final_filename),
-                           ("_key_metric_checkpoint", kwargs.get("key_metric_filename")),
-                           ("_interval_checkpoint", None)):
+        for attr, name in (
+            ("_final_checkpoint", self._final_filename),
+            ("_key_metric_checkpoint", kwargs.get("key_metric_filename")),
+            ("_interval_checkpoint", None),
+        ):
             ckpt = getattr(self, attr, None)
             if ckpt is not None:
                 ckpt.save_handler = AtomicDiskSaver(save_dir, name)

@@ -112,8 +112,15 @@ class SynthesisFID:
             real = torch.cat(self.features[("real", phase)])
             for name in [self.method, *self.baselines]:
                 fake = torch.cat(self.features[(name, phase)])
-                rows.append({"method": name, "phase": phase, "fid": self.fid.from_features(fake, real),
-                             "n_slices": int(real.shape[0]), "n_features": int(real.shape[1])})
+                rows.append(
+                    {
+                        "method": name,
+                        "phase": phase,
+                        "fid": self.fid.from_features(fake, real),
+                        "n_slices": int(real.shape[0]),
+                        "n_features": int(real.shape[1]),
+                    }
+                )
         self.results = rows
         write_case_csv(rows, self.output_dir / "fid.csv")
         save_json({"fid": rows}, self.output_dir / "fid.json")

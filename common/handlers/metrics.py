@@ -147,10 +147,15 @@ class SynthesisMetrics:
             masks = {k: as_numpy(item[k])[0] > 0.5 for k in self.mask_keys if item.get(k) is not None}
             ref = self._lookup(out, item, self.enhancement_reference) if self.enhancement_reference else None
             ref = None if ref is None else as_numpy(ref)
-            methods = {self.method: out["pred"], **{b: self._lookup(out, item, f"baseline_{b}") for b in self.baselines}}
+            methods = {
+                self.method: out["pred"],
+                **{b: self._lookup(out, item, f"baseline_{b}") for b in self.baselines},
+            }
             for name, pred in methods.items():
                 if pred is None:
-                    raise KeyError(f"{cid}: baseline {name!r} (key 'baseline_{name}') is in neither the output nor the batch")
+                    raise KeyError(
+                        f"{cid}: baseline {name!r} (key 'baseline_{name}') is in neither the output nor the batch"
+                    )
                 for row in score_case(as_numpy(pred), target, masks, self.output_names, ref, metrics=self.metrics):
                     self.rows.append({"case": cid, "method": name, **row})
 
@@ -178,13 +183,26 @@ def report(rows: list[dict], output_dir: str | os.PathLike, method: str, baselin
     for (m, phase, region), rs in groups.items():
         stats = summarize(rs, metric_names)
         summary[f"{m}/{phase}/{region}"] = stats
-        table.append({"method": m, "phase": phase, "region": region, "n": len(rs),
-                      **{k: f"{stats[k]['mean']:.4g} ± {stats[k]['std']:.2g}" for k in metric_names}})
+        table.append(
+            {
+                "method": m,
+                "phase": phase,
+                "region": region,
+                "n": len(rs),
+                **{k: f"{stats[k]['mean']:.4g} ± {stats[k]['std']:.2g}" for k in metric_names},
+            }
+        )
     tests = {}
     for b in baselines:
         for phase, region in {(r["phase"], r["region"]) for r in rows}:
-            a = sorted((r for r in rows if r["method"] == method and r["phase"] == phase and r["region"] == region), key=lambda r: r["case"])
-            c = sorted((r for r in rows if r["method"] == b and r["phase"] == phase and r["region"] == region), key=lambda r: r["case"])
+            a = sorted(
+                (r for r in rows if r["method"] == method and r["phase"] == phase and r["region"] == region),
+                key=lambda r: r["case"],
+            )
+            c = sorted(
+                (r for r in rows if r["method"] == b and r["phase"] == phase and r["region"] == region),
+                key=lambda r: r["case"],
+            )
             if len(a) == len(c) and a:
                 tests[f"{method} vs {b}/{phase}/{region}"] = paired_wilcoxon(a, c, metric_names)
     table.sort(key=lambda r: (r["phase"], r["region"], r["method"] != method, r["method"]))

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from common.visualize import best_slice, synthesis_panel
 from common.io import save_nifti
+from common.visualize import best_slice, synthesis_panel
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def case_id(item: dict, id_key: str, geometry_key: str) -> str:
 def loaded_files(item: dict) -> tuple[str, ...]:
     """Every file the case's data were loaded from (inputs, targets, masks): none may be overwritten."""
     files = []
-    for key, value in item.items():
+    for value in item.values():
         meta = getattr(value, "meta", None)
         name = meta.get("filename_or_obj") if isinstance(meta, dict) else None
         if isinstance(name, str) and name:
@@ -135,7 +135,9 @@ class SynthesisWriter:
         if "pred_std" in out and out["pred_std"] is not None:
             std = as_numpy(out["pred_std"])
             for c, name in enumerate(self.output_names):
-                written[f"{name}_std"] = str(save_nifti(std[c], affine, case_dir / f"{name}_std.nii.gz", protect=protect))
+                written[f"{name}_std"] = str(
+                    save_nifti(std[c], affine, case_dir / f"{name}_std.nii.gz", protect=protect)
+                )
         if self.panel:
             written["panel"] = self.write_panel(item, out, pred, case_dir / "panel.png", cid)
         self.written.append(written)

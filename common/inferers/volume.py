@@ -100,7 +100,9 @@ class DiffusionVolumeInferer(Inferer):
         if self.num_inference_steps:
             self.sampler.scheduler.set_timesteps(int(self.num_inference_steps), device=inputs.device)
         b, c, h, w, d = inputs.shape
-        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # slices are no longer a batch of cases
+        plain = (
+            inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        )  # slices are no longer a batch of cases
         slices = plain.movedim(-1, 1).reshape(b * d, c, h, w)
         # a forked, seeded RNG makes the prior noise and every reverse step's noise reproducible,
         # whatever sampler is plugged in, without touching the caller's random state

@@ -79,7 +79,8 @@ class IngestConfig:
     )
     early_delay_s: float = _option(60.0, "default delay of early after arrival (s).")
     pre_source: str = _option(
-        "dce", '"dce" (last time point before arrival) or "t1_pre" (dce_pre is the registered VIBE pre-contrast volume).'
+        "dce",
+        '"dce" (last time point before arrival) or "t1_pre" (dce_pre is the registered VIBE pre-contrast volume).',
     )
     arrival_mask: str = _option(
         "enhancing",
@@ -94,7 +95,8 @@ class IngestConfig:
         "is used if present.",
     )
     mask_role: str | None = _option(
-        None, "the role whose space the mask was drawn in (its registration transform is applied); None = scanner space."
+        None,
+        "the role whose space the mask was drawn in (its registration transform is applied); None = scanner space.",
     )
     register: bool = _option(True, "False resamples in scanner space without registration.")
     registration: RegistrationSettings = _option(
@@ -264,7 +266,12 @@ class StudyData:
             "times_s": [round(float(x), 4) for x in self.times],
             "time_source": sel.time_source,
             "series": [
-                {"time_s": tp.time_s, "folder": tp.series.label, "description": tp.series.description, "series_number": tp.series.number}
+                {
+                    "time_s": tp.time_s,
+                    "folder": tp.series.label,
+                    "description": tp.series.description,
+                    "series_number": tp.series.number,
+                }
                 for tp in sel.dce
             ],
             "flip_angle": sel.dce[0].series.flip_angle,
@@ -302,11 +309,20 @@ class PhaseChoice:
         """The ``arrival``, ``mean_curve`` and ``phases`` entries of the manifest's ``dce``."""
         a = self.arrival
         d = {
-            "arrival": None if a is None else {
-                "index": a.index, "time_s": a.time_s, "baseline": a.baseline, "peak": a.peak, "curve_mask": self.curve_mask,
+            "arrival": None
+            if a is None
+            else {
+                "index": a.index,
+                "time_s": a.time_s,
+                "baseline": a.baseline,
+                "peak": a.peak,
+                "curve_mask": self.curve_mask,
             },
             "mean_curve": None if self.curve is None else [round(float(c), 4) for c in self.curve],
-            "phases": {name: {"index": int(idx), "time_s": float(times[idx]), "source": "dce"} for name, idx in self.phases.items()},
+            "phases": {
+                name: {"index": int(idx), "time_s": float(times[idx]), "source": "dce"}
+                for name, idx in self.phases.items()
+            },
         }
         if self.pre_source == "t1_pre":
             d["phases"]["pre"]["source"] = "t1_pre (registered VIBE pre-contrast)"
@@ -399,7 +415,9 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = time.perf_counter() - t
 
 
-def make_job(study_dir: str | os.PathLike, out_dir: str | os.PathLike, case_id: str | None, cfg: IngestConfig) -> IngestJob:
+def make_job(
+    study_dir: str | os.PathLike, out_dir: str | os.PathLike, case_id: str | None, cfg: IngestConfig
+) -> IngestJob:
     """Check the settings (before any file is read) and name the case.
 
     Raises:
@@ -442,7 +460,9 @@ def read_study(job: IngestJob, sel: StudySelection) -> StudyData:
     frames = [read_frame(tp.frame, tp.geom, cid, tp.series.label) for tp in sel.dce]
     for tp, img in zip(sel.dce, frames):
         if not _same_grid(img, frames[0]):
-            raise IngestError(f"DCE time point {tp.time_s:g} s lies on another grid than the first time point", cid, tp.series.label)
+            raise IngestError(
+                f"DCE time point {tp.time_s:g} s lies on another grid than the first time point", cid, tp.series.label
+            )
     dce4 = np.stack([sitk_to_array(f) for f in frames], axis=-1)
     for k, tp in enumerate(sel.dce):
         _check_values(dce4[..., k], cid, tp.series.label, f"DCE time point {k} ({tp.time_s:g} s)")
@@ -480,7 +500,13 @@ def pick_phases(job: IngestJob, study: StudyData, mask: OrganMask | None) -> Pha
     names = list(dce_mod.DEFAULT_PHASES)
     curve_mask_kind = cfg.arrival_mask
     if not any(n not in spec for n in names if n != "late"):  # every phase given: no curve needed
-        return PhaseChoice(dce_mod.select_phases(times, None, spec, names, cfg.early_delay_s), None, None, curve_mask_kind, cfg.pre_source)
+        return PhaseChoice(
+            dce_mod.select_phases(times, None, spec, names, cfg.early_delay_s),
+            None,
+            None,
+            curve_mask_kind,
+            cfg.pre_source,
+        )
     if curve_mask_kind == "organ" and mask is not None:
         m_ref = sitk_to_array(resample_to(mask.native, study.ref_frame, None, "nearest")) > 0.5
         cmask = m_ref if m_ref.any() else dce_mod.enhancing_mask(dce4)
@@ -538,13 +564,17 @@ def register_study(job: IngestJob, study: StudyData, choice: PhaseChoice, mask: 
         ref_fixed, ref_label = ref_img, cfg.reference_role
     records, transforms = _register_all(job, study, ref_fixed, dce_fixed)
     volumes = {
-        role: sitk_to_array(img) if role == cfg.reference_role else sitk_to_array(resample_to(img, ref_img, transforms[role], "linear"))
+        role: sitk_to_array(img)
+        if role == cfg.reference_role
+        else sitk_to_array(resample_to(img, ref_img, transforms[role], "linear"))
         for role, img in study.native.items()
     }
     if cfg.reference_role == "dce":
         dce_ref = study.dce4
     else:
-        dce_ref = np.stack([sitk_to_array(resample_to(f, ref_img, transforms["dce"], "linear")) for f in study.frames], axis=-1)
+        dce_ref = np.stack(
+            [sitk_to_array(resample_to(f, ref_img, transforms["dce"], "linear")) for f in study.frames], axis=-1
+        )
     mask_ref = None
     if mask is not None:
         mt = transforms.get(cfg.mask_role) if cfg.mask_role else None
@@ -597,7 +627,9 @@ def write_volumes(r: IngestResult, folder: Path) -> CaseFiles:
         outputs[key] = f"{key}.nii.gz"
     save_nifti(crop.dce, crop.affine, folder / f"{DCE_4D}.nii.gz")
     outputs[DCE_4D] = f"{DCE_4D}.nii.gz"
-    save_json({"times_s": [round(float(x), 4) for x in study.times], "time_source": study.sel.time_source}, folder / DCE_TIMES)
+    save_json(
+        {"times_s": [round(float(x), 4) for x in study.times], "time_source": study.sel.time_source}, folder / DCE_TIMES
+    )
     outputs["dce_times"] = DCE_TIMES
     native_out: dict[str, str] = {}
     if r.job.cfg.write_native:
@@ -605,10 +637,19 @@ def write_volumes(r: IngestResult, folder: Path) -> CaseFiles:
             save_nifti(sitk_to_array(img), sitk_affine(img), folder / "native" / f"{role}.nii.gz")
             native_out[role] = f"native/{role}.nii.gz"
         for name in PHASE_NAMES:
-            save_nifti(study.dce4[..., r.phases.phases[name]], sitk_affine(study.ref_frame), folder / "native" / f"dce_{name}.nii.gz")
+            save_nifti(
+                study.dce4[..., r.phases.phases[name]],
+                sitk_affine(study.ref_frame),
+                folder / "native" / f"dce_{name}.nii.gz",
+            )
             native_out[f"dce_{name}"] = f"native/dce_{name}.nii.gz"
         if r.mask is not None:
-            save_nifti(sitk_to_array(r.mask.native), sitk_affine(r.mask.native), folder / "native" / "organ_mask.nii.gz", dtype=np.uint8)
+            save_nifti(
+                sitk_to_array(r.mask.native),
+                sitk_affine(r.mask.native),
+                folder / "native" / "organ_mask.nii.gz",
+                dtype=np.uint8,
+            )
             native_out["organ_mask"] = "native/organ_mask.nii.gz"
     return CaseFiles(outputs, native_out)
 
@@ -770,14 +811,32 @@ def _run_one(case_id: str, folder: str, out: str, cfg: IngestConfig) -> dict[str
     t = time.perf_counter()
     try:
         m = ingest_study(folder, out, case_id, cfg)
-        return {"id": case_id, "source": folder, "status": "ok", "seconds": round(time.perf_counter() - t, 2), "timings_s": m["timings_s"]}
+        return {
+            "id": case_id,
+            "source": folder,
+            "status": "ok",
+            "seconds": round(time.perf_counter() - t, 2),
+            "timings_s": m["timings_s"],
+        }
     except IngestError as e:
         err = e.with_context(patient=case_id)
         log.warning("skipping %s: %s", case_id, err)
-        return {"id": case_id, "source": folder, "status": "skipped", "reason": str(err), "seconds": round(time.perf_counter() - t, 2)}
+        return {
+            "id": case_id,
+            "source": folder,
+            "status": "skipped",
+            "reason": str(err),
+            "seconds": round(time.perf_counter() - t, 2),
+        }
     except Exception as e:  # an unexpected failure skips the study too, with its traceback logged
         log.error("skipping %s: unexpected %s: %s\n%s", case_id, type(e).__name__, e, traceback.format_exc())
-        return {"id": case_id, "source": folder, "status": "skipped", "reason": f"patient {case_id}: unexpected {type(e).__name__}: {e}", "seconds": round(time.perf_counter() - t, 2)}
+        return {
+            "id": case_id,
+            "source": folder,
+            "status": "skipped",
+            "reason": f"patient {case_id}: unexpected {type(e).__name__}: {e}",
+            "seconds": round(time.perf_counter() - t, 2),
+        }
 
 
 def prepare_dataset(
@@ -844,24 +903,45 @@ def prepare_dataset(
         import multiprocessing as mp
 
         threads = max(1, n_cpu // workers)
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads,)) as ex:
+        with cf.ProcessPoolExecutor(
+            workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
+        ) as ex:
             futs = {ex.submit(_run_one, cid, str(folder), str(out), cfg): cid for cid, folder in todo}
             for f in cf.as_completed(futs):
                 try:
                     done(f.result())
                 except Exception as e:  # a crashed worker process
                     cid = futs[f]
-                    done({"id": cid, "source": str(dict(todo)[cid]), "status": "skipped", "reason": f"patient {cid}: worker crashed: {type(e).__name__}: {e}"})
+                    done(
+                        {
+                            "id": cid,
+                            "source": str(dict(todo)[cid]),
+                            "status": "skipped",
+                            "reason": f"patient {cid}: worker crashed: {type(e).__name__}: {e}",
+                        }
+                    )
     if bar is not None:
         bar.close()
     results.sort(key=lambda r: r["id"])
     skipped = [r for r in results if r["status"] != "ok"]
     prepared = [r["id"] for r in results if r["status"] == "ok"]
-    save_json({"source": str(Path(src).resolve()), "skipped": [{k: r[k] for k in ("id", "source", "reason")} for r in skipped]}, out / SKIPPED)
+    save_json(
+        {
+            "source": str(Path(src).resolve()),
+            "skipped": [{k: r[k] for k in ("id", "source", "reason")} for r in skipped],
+        },
+        out / SKIPPED,
+    )
     case_dirs = sorted(p.parent for p in out.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
     datalist = None
     if case_dirs:
-        datalist = write_datalist(out, case_dirs, fractions=fractions, seed=seed, extra={"source": str(Path(src).resolve()), "prepared_by": "common.ingest"})
+        datalist = write_datalist(
+            out,
+            case_dirs,
+            fractions=fractions,
+            seed=seed,
+            extra={"source": str(Path(src).resolve()), "prepared_by": "common.ingest"},
+        )
     return {
         "prepared": prepared,
         "existing": sorted(existing),
@@ -873,7 +953,9 @@ def prepare_dataset(
     }
 
 
-def time_ingest(study_dir: str | os.PathLike, config: IngestConfig | None = None, keep: str | os.PathLike | None = None) -> dict[str, float]:
+def time_ingest(
+    study_dir: str | os.PathLike, config: IngestConfig | None = None, keep: str | os.PathLike | None = None
+) -> dict[str, float]:
     """Ingest one study into a temporary folder (or ``keep``) and return the seconds per stage:
     ``scan_s`` (headers + classification), ``read_s`` (pixel data), ``phases_s``, ``register_s``
     (registration + resampling), ``crop_s``, ``write_s``, ``total_s``, plus ``n_dce``."""

@@ -115,7 +115,9 @@ def _metric_method(settings: RegistrationSettings, fixed: sitk.Image) -> sitk.Im
     return reg
 
 
-def _evaluate(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, settings: RegistrationSettings) -> float:
+def _evaluate(
+    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, settings: RegistrationSettings
+) -> float:
     reg = _metric_method(settings, fixed)
     reg.SetInitialTransform(sitk.Transform(transform), inPlace=False)
     return float(reg.MetricEvaluate(fixed, moving))
@@ -127,7 +129,13 @@ def image_center(img: sitk.Image) -> tuple[float, float, float]:
     return img.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2.0))
 
 
-def pyramid_levels(size: Sequence[int], shrink_factors: Sequence[int], sigmas: Sequence[float], min_inplane: int = 16, min_slices: int = 3):
+def pyramid_levels(
+    size: Sequence[int],
+    shrink_factors: Sequence[int],
+    sigmas: Sequence[float],
+    min_inplane: int = 16,
+    min_slices: int = 3,
+):
     """The pyramid levels a grid of ``size`` can take: a level is dropped when shrinking would leave
     fewer than ``min_inplane`` voxels in-plane or ``min_slices`` slices (small phantom grids); the
     full-resolution level is always kept."""
@@ -165,11 +173,17 @@ def register_rigid(
         init = sitk.Euler3DTransform()
         init.SetCenter(image_center(fixed))
     elif s.initializer in ("geometry", "moments"):
-        mode = sitk.CenteredTransformInitializerFilter.GEOMETRY if s.initializer == "geometry" else sitk.CenteredTransformInitializerFilter.MOMENTS
+        mode = (
+            sitk.CenteredTransformInitializerFilter.GEOMETRY
+            if s.initializer == "geometry"
+            else sitk.CenteredTransformInitializerFilter.MOMENTS
+        )
         init = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), mode)
         init = sitk.Euler3DTransform(init)
     else:
-        raise IngestError(f"unknown registration initializer {s.initializer!r} (scanner, geometry, moments)", patient, series)
+        raise IngestError(
+            f"unknown registration initializer {s.initializer!r} (scanner, geometry, moments)", patient, series
+        )
     reg = _metric_method(s, fixed)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=s.learning_rate,
@@ -191,8 +205,14 @@ def register_rigid(
         out = reg.Execute(fixed, moving)
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
-        raise IngestError(f"rigid registration of {name} failed in SimpleITK: {lines[-1] if lines else e}", patient, series) from e
-    tx = out.GetNthTransform(0) if isinstance(out, sitk.CompositeTransform) or out.GetName() == "CompositeTransform" else out
+        raise IngestError(
+            f"rigid registration of {name} failed in SimpleITK: {lines[-1] if lines else e}", patient, series
+        ) from e
+    tx = (
+        out.GetNthTransform(0)
+        if isinstance(out, sitk.CompositeTransform) or out.GetName() == "CompositeTransform"
+        else out
+    )
     tx = sitk.Euler3DTransform(tx)
     metric1 = _evaluate(fixed, moving, tx, s)
     angles = list(np.degrees([tx.GetAngleX(), tx.GetAngleY(), tx.GetAngleZ()]))
@@ -215,7 +235,9 @@ def register_rigid(
         f"(|t| {np.linalg.norm(rel):.2f} mm), Mattes MI {metric0:.4f} -> {metric1:.4f}"
     )
     if not np.isfinite(metric1):
-        raise IngestError(f"rigid registration of {name} failed: the final metric is not finite ({numbers})", patient, series)
+        raise IngestError(
+            f"rigid registration of {name} failed: the final metric is not finite ({numbers})", patient, series
+        )
     if metric1 > metric0:
         # the optimizer ended somewhere worse than where it started: keep the start
         log.info("registration of %s did not improve the metric (%s); keeping the initial alignment", name, numbers)
@@ -229,7 +251,8 @@ def register_rigid(
         raise IngestError(
             f"rigid registration of {name} moved more than the bounds ({s.max_translation_mm:g} mm, "
             f"{s.max_rotation_deg:g} deg): {numbers}",
-            patient, series,
+            patient,
+            series,
         )
     log.info("registered %s: %s, %d iterations, %.2f s", name, numbers, iters[0], res.seconds)
     return res

@@ -154,8 +154,19 @@ def load_rules(rules: str | os.PathLike | Mapping[str, Any] | Rules | None = Non
         spec = dict(spec or {})
         prefer = spec.get("prefer", "most_slices")
         if prefer not in PREFER_RULES:
-            raise IngestError(f"rules {source}: role {name!r} has unknown prefer rule {prefer!r} (known: {PREFER_RULES})")
-        unknown = set(spec) - {"description", "exclude", "image_type", "image_type_any", "case_sensitive", "prefer", "multi", "_comment"}
+            raise IngestError(
+                f"rules {source}: role {name!r} has unknown prefer rule {prefer!r} (known: {PREFER_RULES})"
+            )
+        unknown = set(spec) - {
+            "description",
+            "exclude",
+            "image_type",
+            "image_type_any",
+            "case_sensitive",
+            "prefer",
+            "multi",
+            "_comment",
+        }
         if unknown:
             raise IngestError(f"rules {source}: role {name!r} has unknown keys {sorted(unknown)}")
         as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v or ())  # noqa: E731

@@ -19,22 +19,43 @@ from typing import Iterable, Sequence
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-
-from common.geometry import LPS_TO_RAS, array_to_sitk, sitk_affine, sitk_to_array  # noqa: F401 (re-exported)
 from pydicom.errors import InvalidDicomError
 
+from common.geometry import LPS_TO_RAS, array_to_sitk, sitk_affine, sitk_to_array  # noqa: F401 (re-exported)
 from common.ingest.errors import IngestError
 
 log = logging.getLogger(__name__)
 
 
 HEADER_TAGS = [
-    "SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "StudyInstanceUID", "PatientID",
-    "FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns",
-    "PixelSpacing", "InstanceNumber", "AcquisitionTime", "AcquisitionDate", "ContentTime",
-    "ContentDate", "SeriesDate", "TriggerTime", "TemporalPositionIdentifier", "NumberOfTemporalPositions",
-    "FlipAngle", "ImageType", "DiffusionBValue", "SliceThickness", "BitsAllocated", "SamplesPerPixel",
-    "NumberOfFrames", "Modality",
+    "SeriesInstanceUID",
+    "SeriesDescription",
+    "SeriesNumber",
+    "StudyInstanceUID",
+    "PatientID",
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "InstanceNumber",
+    "AcquisitionTime",
+    "AcquisitionDate",
+    "ContentTime",
+    "ContentDate",
+    "SeriesDate",
+    "TriggerTime",
+    "TemporalPositionIdentifier",
+    "NumberOfTemporalPositions",
+    "FlipAngle",
+    "ImageType",
+    "DiffusionBValue",
+    "SliceThickness",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "Modality",
 ]
 DICOM_SUFFIXES = {".dcm", ".ima", ".dicom", ""}
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
@@ -163,9 +184,20 @@ def _read_header(path: Path) -> tuple[pydicom.Dataset | None, SliceHeader | None
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2.1"))
     n_frames = int(_float(ds.get("NumberOfFrames")) or 1)
     if ts in _UNCOMPRESSED:
-        need = int(ds.Rows) * int(ds.Columns) * int(ds.get("BitsAllocated", 16)) // 8 * int(ds.get("SamplesPerPixel", 1)) * n_frames
+        need = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(ds.get("BitsAllocated", 16))
+            // 8
+            * int(ds.get("SamplesPerPixel", 1))
+            * n_frames
+        )
         if size - pixel_at < need + 8:
-            return None, None, f"truncated DICOM file: {size - pixel_at} bytes after the header, pixel data needs {need + 8}"
+            return (
+                None,
+                None,
+                f"truncated DICOM file: {size - pixel_at} bytes after the header, pixel data needs {need + 8}",
+            )
     ipp = ds.get("ImagePositionPatient")
     iop = ds.get("ImageOrientationPatient")
     ps = ds.get("PixelSpacing")
@@ -180,7 +212,9 @@ def _read_header(path: Path) -> tuple[pydicom.Dataset | None, SliceHeader | None
         acq_time_s=_tm_seconds(ds.get("AcquisitionTime"), ds.get("AcquisitionDate") or ds.get("SeriesDate")),
         content_time_s=_tm_seconds(ds.get("ContentTime"), ds.get("ContentDate") or ds.get("SeriesDate")),
         trigger_time_ms=_float(ds.get("TriggerTime")),
-        temporal_position=int(_float(ds.get("TemporalPositionIdentifier"))) if _float(ds.get("TemporalPositionIdentifier")) is not None else None,
+        temporal_position=int(_float(ds.get("TemporalPositionIdentifier")))
+        if _float(ds.get("TemporalPositionIdentifier")) is not None
+        else None,
         n_frames=n_frames,
     )
     return ds, h, None
@@ -246,7 +280,9 @@ def scan_study(study_dir: str | os.PathLike, patient: str | None = None) -> list
             for s in owners:
                 s.unreadable.extend(bad)
         else:
-            by_key[(label, None)] = DicomSeries(uid=None, folder=root / label, label=label, number=None, description="", unreadable=list(bad))
+            by_key[(label, None)] = DicomSeries(
+                uid=None, folder=root / label, label=label, number=None, description="", unreadable=list(bad)
+            )
     # multi-series folders get the UID tail in their label so messages stay unambiguous
     counts: dict[str, int] = {}
     for lab, _ in by_key:
@@ -311,7 +347,9 @@ def check_series(s: DicomSeries, patient: str | None = None, gap_factor: float =
         raise fail("no readable DICOM image in the series")
     missing = [Path(h.path).name for h in hs if h.ipp is None or h.iop is None or h.pixel_spacing is None]
     if missing:
-        raise fail(f"{len(missing)} file(s) lack ImagePositionPatient/ImageOrientationPatient/PixelSpacing: {missing[:3]}")
+        raise fail(
+            f"{len(missing)} file(s) lack ImagePositionPatient/ImageOrientationPatient/PixelSpacing: {missing[:3]}"
+        )
     if any(h.n_frames > 1 for h in hs):
         raise fail("multi-frame (enhanced) DICOM files are not supported; export the series as single-frame files")
     iops = np.array([h.iop for h in hs])
@@ -360,7 +398,9 @@ def check_series(s: DicomSeries, patient: str | None = None, gap_factor: float =
     small = np.nonzero(steps < med / gap_factor)[0]
     if small.size:
         k = int(small[0])
-        raise fail(f"irregular slice spacing: {steps[k]:.3g} mm between positions {positions[k]:.2f} and {positions[k + 1]:.2f} (median {med:.3g} mm)")
+        raise fail(
+            f"irregular slice spacing: {steps[k]:.3g} mm between positions {positions[k]:.2f} and {positions[k + 1]:.2f} (median {med:.3g} mm)"
+        )
     counts = {len(g) for g in groups}
     if len(counts) > 1:
         raise fail(f"slice positions have different numbers of images ({sorted(counts)}): a time point misses slices")
@@ -373,9 +413,16 @@ def check_series(s: DicomSeries, patient: str | None = None, gap_factor: float =
     else:
         frames, source = _split_frames(hs, groups, positions, n_t, fail)
     return SeriesGeometry(
-        row=row, col=col, normal=normal, rows=hs[0].rows, cols=hs[0].cols,
-        pixel_spacing=(float(sp[0][0]), float(sp[0][1])), positions=positions, slice_spacing=med,
-        frames=frames, frame_source=source,
+        row=row,
+        col=col,
+        normal=normal,
+        rows=hs[0].rows,
+        cols=hs[0].cols,
+        pixel_spacing=(float(sp[0][0]), float(sp[0][1])),
+        positions=positions,
+        slice_spacing=med,
+        frames=frames,
+        frame_source=source,
     )
 
 
@@ -420,7 +467,9 @@ def _split_frames(hs, groups, positions, n_t, fail) -> tuple[list[Frame], str]:
     if all(h.instance is not None for h in hs):
         per_pos = [sorted(g, key=lambda i: hs[i].instance) for g in groups]
         return [_frame(hs, [g[t] for g in per_pos], positions) for t in range(n_t)], "InstanceNumber rank per position"
-    raise fail(f"{n_t} images at each slice position and no tag (TemporalPositionIdentifier, TriggerTime, AcquisitionTime, InstanceNumber) to split them into time points")
+    raise fail(
+        f"{n_t} images at each slice position and no tag (TemporalPositionIdentifier, TriggerTime, AcquisitionTime, InstanceNumber) to split them into time points"
+    )
 
 
 def read_frame(frame: Frame, geom: SeriesGeometry, patient: str | None = None, label: str | None = None) -> sitk.Image:
@@ -436,7 +485,9 @@ def read_frame(frame: Frame, geom: SeriesGeometry, patient: str | None = None, l
         img = reader.Execute()
     except RuntimeError as e:
         msg = str(e).strip().splitlines()
-        raise IngestError(f"cannot read pixel data (unreadable or truncated DICOM file): {msg[-1] if msg else e}", patient, label) from e
+        raise IngestError(
+            f"cannot read pixel data (unreadable or truncated DICOM file): {msg[-1] if msg else e}", patient, label
+        ) from e
     d = np.array(img.GetDirection()).reshape(3, 3)
     if img.GetDimension() != 3 or img.GetSize()[2] != len(frame.files):
         raise IngestError(f"SimpleITK read {img.GetSize()} from {len(frame.files)} files", patient, label)
@@ -448,6 +499,7 @@ def read_frame(frame: Frame, geom: SeriesGeometry, patient: str | None = None, l
         raise IngestError(
             f"SimpleITK geometry disagrees with the headers: direction {np.round(d, 4).tolist()}, spacing "
             f"{img.GetSpacing()} vs normal {np.round(geom.normal, 4).tolist()}, step {geom.slice_spacing:.4g}",
-            patient, label,
+            patient,
+            label,
         )
     return img

@@ -71,7 +71,14 @@ class StudySelection:
 
 
 def _geom_key(g: SeriesGeometry) -> tuple:
-    return (g.rows, g.cols, tuple(np.round(g.row, 3)), tuple(np.round(g.col, 3)), tuple(np.round(g.pixel_spacing, 3)), tuple(np.round(g.positions, 1)))
+    return (
+        g.rows,
+        g.cols,
+        tuple(np.round(g.row, 3)),
+        tuple(np.round(g.col, 3)),
+        tuple(np.round(g.pixel_spacing, 3)),
+        tuple(np.round(g.positions, 1)),
+    )
 
 
 def _describe(s: DicomSeries) -> str:
@@ -99,6 +106,7 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
     for s in series:
         studies.setdefault(s.study_uid, []).append(s)
     if len(studies) > 1:
+
         def score(item):
             uid, ss = item
             return (sum(1 for s in ss if rules.classify(s.description, s.image_type)[0] == "dce"), len(ss))
@@ -107,7 +115,12 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
         for uid, ss in studies.items():
             if uid != study_uid and uid:
                 for s in ss:
-                    note(s, None, "ignored", f"ignored: belongs to another study ({uid}); using the study with the most DCE series")
+                    note(
+                        s,
+                        None,
+                        "ignored",
+                        f"ignored: belongs to another study ({uid}); using the study with the most DCE series",
+                    )
         series = [s for s in series if s.study_uid in (study_uid, "")]
         log.info("patient %s: %d studies found, using %s", patient, len(studies), study_uid)
     else:
@@ -118,7 +131,12 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
     for s in series:
         if not s.headers:
             names = ", ".join(n for n, _ in s.unreadable[:3])
-            note(s, None, "ignored", f"ignored: no readable DICOM file ({names}): {s.unreadable[0][1] if s.unreadable else ''}")
+            note(
+                s,
+                None,
+                "ignored",
+                f"ignored: no readable DICOM file ({names}): {s.unreadable[0][1] if s.unreadable else ''}",
+            )
             continue
         role, why = rules.classify(s.description, s.image_type)
         if role is None:
@@ -150,10 +168,15 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
                         f"DCE time point lies on another grid than the other {len(best)} time point series "
                         f"({g.cols}x{g.rows}x{len(g.positions)} vs {bg.cols}x{bg.rows}x{len(bg.positions)} voxels, "
                         f"first slice at {g.positions[0]:.2f} vs {bg.positions[0]:.2f} mm along the normal): a slice may be missing",
-                        patient, s.label,
+                        patient,
+                        s.label,
                     )
                 note(s, "dce", "ignored", "ignored: DCE series on another grid than the main dynamic series")
-                log.warning("patient %s: DCE series %s ignored: on another grid than the main dynamic series", patient, _describe(s))
+                log.warning(
+                    "patient %s: DCE series %s ignored: on another grid than the main dynamic series",
+                    patient,
+                    _describe(s),
+                )
     dce, time_source = _order_dce(best, patient)
     for s, _ in best:
         report[id(s)]["status"] = "chosen"
@@ -174,7 +197,12 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
             n = s.normal()
             ang = normal_angle_deg(n, ref_normal) if n is not None else 0.0
             if ang > rules.max_normal_angle_deg:
-                note(s, rule.role, "ignored", f"ignored: slice normal {ang:.1f} deg from the DCE normal (limit {rules.max_normal_angle_deg:g})")
+                note(
+                    s,
+                    rule.role,
+                    "ignored",
+                    f"ignored: slice normal {ang:.1f} deg from the DCE normal (limit {rules.max_normal_angle_deg:g})",
+                )
                 continue
             try:
                 g = check_series(s, patient)
@@ -183,14 +211,18 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
                 note(s, rule.role, "ignored", f"ignored: {e.problem}")
                 continue
             if len(g.frames) > 1:
-                log.info("patient %s: %s has %d images per position; using the first", patient, _describe(s), len(g.frames))
+                log.info(
+                    "patient %s: %s has %d images per position; using the first", patient, _describe(s), len(g.frames)
+                )
             ok.append((s, g))
         if not ok:
             if errors:
                 raise errors[0]
             if rule.role in rules.required:
                 seen = [r for r in report.values() if r["role"] == rule.role]
-                why = ("; ".join(f"{r['folder']}: {r['reason']}" for r in seen)) or f"no series description matches {list(rule.description)}"
+                why = (
+                    "; ".join(f"{r['folder']}: {r['reason']}" for r in seen)
+                ) or f"no series description matches {list(rule.description)}"
                 raise IngestError(f"no {rule.role} series found (required by the rules {rules.source}): {why}", patient)
             missing.append(rule.role)
             continue
@@ -203,7 +235,14 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
             report[id(s)]["status"] = "ignored"
             report[id(s)]["reason"] = f"ignored: another {rule.role} series was chosen ({why})"
         if others:
-            log.info("patient %s: %s: chose %s over %s: %s", patient, rule.role, _describe(chosen[0]), ", ".join(_describe(s) for s in others), why)
+            log.info(
+                "patient %s: %s: chose %s over %s: %s",
+                patient,
+                rule.role,
+                _describe(chosen[0]),
+                ", ".join(_describe(s) for s in others),
+                why,
+            )
             choices.append(
                 {
                     "role": rule.role,
@@ -213,10 +252,21 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
                     "why": why,
                 }
             )
-    rep = [report[id(s)] for s in sorted(all_series, key=lambda s: (s.number if s.number is not None else 10**9, s.label)) if id(s) in report]
+    rep = [
+        report[id(s)]
+        for s in sorted(all_series, key=lambda s: (s.number if s.number is not None else 10**9, s.label))
+        if id(s) in report
+    ]
     return StudySelection(
-        patient=patient, roles=roles, geoms=geoms, dce=dce, time_source=time_source,
-        report=rep, choices=choices, missing=missing, study_uid=study_uid,
+        patient=patient,
+        roles=roles,
+        geoms=geoms,
+        dce=dce,
+        time_source=time_source,
+        report=rep,
+        choices=choices,
+        missing=missing,
+        study_uid=study_uid,
     )
 
 
@@ -230,16 +280,22 @@ def _prefer(rule: str, ok: list[tuple[DicomSeries, SeriesGeometry]], ref_normal:
         return (-len(g.positions), normal_angle_deg(g.normal, ref_normal), -(s.number or 0))
 
     if rule == "flip_angle_closest_to_dce" and dce_flip is not None and any(s.flip_angle is not None for s, _ in ok):
-        best = min(ok, key=lambda it: (abs((it[0].flip_angle if it[0].flip_angle is not None else 1e9) - dce_flip), slices_key(it)))
+        best = min(
+            ok,
+            key=lambda it: (
+                abs((it[0].flip_angle if it[0].flip_angle is not None else 1e9) - dce_flip),
+                slices_key(it),
+            ),
+        )
         return best, f"flip angle {best[0].flip_angle:g} deg closest to the DCE's {dce_flip:g} deg"
     if rule == "highest_b" and any(s.b_value is not None for s, _ in ok):
         best = min(ok, key=lambda it: (-(it[0].b_value or -1), slices_key(it)))
         return best, f"highest b-value ({best[0].b_value:g})"
     if rule == "first":
-        best = min(ok, key=lambda it: (it[0].number or 0))
+        best = min(ok, key=lambda it: it[0].number or 0)
         return best, "first series number"
     if rule == "last":
-        best = max(ok, key=lambda it: (it[0].number or 0))
+        best = max(ok, key=lambda it: it[0].number or 0)
         return best, "last series number"
     best = min(ok, key=slices_key)
     return best, f"most slices ({len(best[1].positions)}), closest to the DCE plane, latest series number"
@@ -274,5 +330,7 @@ def _order_dce(items: list[tuple[DicomSeries, SeriesGeometry]], patient: str) ->
         raise IngestError(f"the DCE has a single time point ({pts[0][0].label}); at least 2 are needed", patient)
     order = np.argsort(times, kind="stable")
     out = [DceTimePoint(pts[i][0], pts[i][1], pts[i][2], float(times[i])) for i in order]
-    log.info("patient %s: %d DCE time points, %.1f..%.1f s (%s)", patient, len(out), out[0].time_s, out[-1].time_s, source)
+    log.info(
+        "patient %s: %d DCE time points, %.1f..%.1f s (%s)", patient, len(out), out[0].time_s, out[-1].time_s, source
+    )
     return out, source

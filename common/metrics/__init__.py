@@ -4,7 +4,7 @@
 ``common.metrics.perceptual`` explicitly; it is also re-exported here.
 """
 
-from .image import gmsd, gms_map, mae, psnr, ssim, ssim_map
+from .image import gms_map, gmsd, mae, psnr, ssim, ssim_map
 from .kinetic import curve_spearman, dtw_distance, enhancement_error, enhancement_errors, kinetic_curve, mean_in_mask
 from .perceptual import LPIPS, FIDScore, LPIPSLoss, lpips_state_dict_keys
 from .stats import (

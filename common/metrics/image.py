@@ -52,7 +52,12 @@ def _as_tensor(x: Any) -> torch.Tensor:
 
 def _prepare(pred: Any, target: Any, data_range: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Return float64 tensors of shape (B, C, H, W[, D]) and whether the input was batched."""
-    if data_range is None or not np.isscalar(data_range) or not np.isfinite(float(data_range)) or float(data_range) <= 0:
+    if (
+        data_range is None
+        or not np.isscalar(data_range)
+        or not np.isfinite(float(data_range))
+        or float(data_range) <= 0
+    ):
         raise ValueError(f"data_range must be a positive number (the width of the intensity range), got {data_range!r}")
     p, t = _as_tensor(pred), _as_tensor(target)
     if p.shape != t.shape:
@@ -78,7 +83,9 @@ def _prepare_mask(mask: Any, shape: torch.Size, batched: bool, device: torch.dev
     elif not batched:
         raise ValueError(f"mask shape {tuple(m.shape)} does not match image shape {spatial}")
     elif m.ndim != len(shape):
-        raise ValueError(f"mask shape {tuple(m.shape)} is neither the spatial shape {spatial} nor (B, C|1, ...) of {tuple(shape)}")
+        raise ValueError(
+            f"mask shape {tuple(m.shape)} is neither the spatial shape {spatial} nor (B, C|1, ...) of {tuple(shape)}"
+        )
     try:
         return torch.broadcast_to(m, shape)
     except RuntimeError as e:
@@ -195,7 +202,9 @@ def _ssim_map(p: torch.Tensor, t: torch.Tensor, data_range: float) -> torch.Tens
     ps, info = _to_slices(p)
     ts, _ = _to_slices(t)
     if min(ps.shape[-2:]) < SSIM_KERNEL_SIZE:
-        raise ValueError(f"SSIM needs images of at least {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} in-plane, got {tuple(ps.shape[-2:])}")
+        raise ValueError(
+            f"SSIM needs images of at least {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} in-plane, got {tuple(ps.shape[-2:])}"
+        )
     n, c, h, w = ps.shape
     g = _gaussian_1d(SSIM_KERNEL_SIZE, SSIM_SIGMA, ps.device)
     gh, gw = g.view(1, 1, -1, 1), g.view(1, 1, 1, -1)

@@ -111,7 +111,11 @@ def _to_unit_range(x: torch.Tensor, data_range: float | Sequence[float] | None) 
     """Map intensities to [-1, 1]: ``None`` -> already there; a float d -> [0, d]; (lo, hi) -> [lo, hi]."""
     if data_range is None:
         return x
-    lo, hi = (0.0, float(data_range)) if not isinstance(data_range, (tuple, list)) else (float(data_range[0]), float(data_range[1]))
+    lo, hi = (
+        (0.0, float(data_range))
+        if not isinstance(data_range, (tuple, list))
+        else (float(data_range[0]), float(data_range[1]))
+    )
     if not hi > lo:
         raise ValueError(f"data_range must be positive / (lo, hi) with hi > lo, got {data_range!r}")
     return (x - lo) * (2.0 / (hi - lo)) - 1.0
@@ -186,7 +190,12 @@ class LPIPS(nn.Module):
         if x.shape != y.shape:
             raise ValueError(f"LPIPS inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
         dtype = self.shift.dtype
-        h = torch.cat([_as_rgb(_to_unit_range(x.to(dtype), self.data_range)), _as_rgb(_to_unit_range(y.to(dtype), self.data_range))])
+        h = torch.cat(
+            [
+                _as_rgb(_to_unit_range(x.to(dtype), self.data_range)),
+                _as_rgb(_to_unit_range(y.to(dtype), self.data_range)),
+            ]
+        )
         h = (h - self.shift) / self.scale
         n = x.shape[0]
         total = torch.zeros(n, dtype=h.dtype, device=h.device)
@@ -255,7 +264,13 @@ class FIDScore:
         FileNotFoundError: the extractor file does not exist.
     """
 
-    def __init__(self, extractor_path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 32, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        extractor_path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        in_channels: int = 3,
+    ) -> None:
         path = _check_file(
             extractor_path,
             "FID feature extractor (TorchScript)",

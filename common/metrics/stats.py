@@ -66,7 +66,12 @@ def write_case_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
             w = csv.DictWriter(f, fieldnames=cols, restval="")
             w.writeheader()
             for r in rows:
-                w.writerow({str(k): (v.item() if hasattr(v, "item") and getattr(v, "size", 2) == 1 else v) for k, v in r.items()})
+                w.writerow(
+                    {
+                        str(k): (v.item() if hasattr(v, "item") and getattr(v, "size", 2) == 1 else v)
+                        for k, v in r.items()
+                    }
+                )
     return Path(path)
 
 
@@ -76,7 +81,9 @@ def read_case_csv(path: str | os.PathLike, case_key: str = "case") -> list[dict[
     with open(path, newline="") as f:
         out = []
         for r in csv.DictReader(f):
-            out.append({k: (_number(v) if k != case_key and _number(v) is not None else v) for k, v in r.items() if v != ""})
+            out.append(
+                {k: (_number(v) if k != case_key and _number(v) is not None else v) for k, v in r.items() if v != ""}
+            )
     return out
 
 
@@ -97,7 +104,9 @@ def _values(rows: Sequence[Mapping], metric: str) -> np.ndarray:
     return v[np.isfinite(v)]
 
 
-def summarize(rows: Sequence[Mapping], metrics: Sequence[str] | None = None, case_key: str = "case") -> dict[str, dict[str, float]]:
+def summarize(
+    rows: Sequence[Mapping], metrics: Sequence[str] | None = None, case_key: str = "case"
+) -> dict[str, dict[str, float]]:
     """Mean, sample standard deviation (ddof=1; 0.0 for n = 1) and count per metric.
 
     Returns:
@@ -118,7 +127,13 @@ def summarize(rows: Sequence[Mapping], metrics: Sequence[str] | None = None, cas
 def summary_rows(summary: Mapping[str, Mapping[str, float]], floatfmt: str = ".4g") -> list[dict[str, Any]]:
     """Summary as table rows ``{"metric", "mean", "std", "n", "mean ± std"}``."""
     return [
-        {"metric": k, "mean": s["mean"], "std": s["std"], "n": s["n"], "mean ± std": f"{s['mean']:{floatfmt}} ± {s['std']:{floatfmt}}"}
+        {
+            "metric": k,
+            "mean": s["mean"],
+            "std": s["std"],
+            "n": s["n"],
+            "mean ± std": f"{s['mean']:{floatfmt}} ± {s['std']:{floatfmt}}",
+        }
         for k, s in summary.items()
     ]
 
@@ -169,12 +184,19 @@ def paired_wilcoxon(
     out = {}
     for m in metrics:
         pairs = [(_number(a_by[c].get(m)), _number(b_by[c].get(m))) for c in common]
-        d = np.array([a - b for a, b in pairs if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)])
+        d = np.array(
+            [a - b for a, b in pairs if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+        )
         stat = p = float("nan")
         if d.size and np.any(d != 0):
             res = wilcoxon(d, alternative=alternative)
             stat, p = float(res.statistic), float(res.pvalue)
-        out[m] = {"statistic": stat, "pvalue": p, "n": int(d.size), "median_diff": float(np.median(d)) if d.size else float("nan")}
+        out[m] = {
+            "statistic": stat,
+            "pvalue": p,
+            "n": int(d.size),
+            "median_diff": float(np.median(d)) if d.size else float("nan"),
+        }
     return out
 
 

@@ -23,14 +23,20 @@ KINDS = ("prostate", "brain", "breast")
 
 #: Size presets for quick runs (tests, CI): same FOVs, coarser grids.
 SMALL: dict[str, dict[str, Any]] = {
-    "prostate": {"grid_shape": (64, 56, 18), "grid_spacing": (4.0, 4.6, 3.6), "t2w_shape": (128, 112, 18),
-                 "t2w_spacing": (2.0, 2.3, 3.6)},
+    "prostate": {
+        "grid_shape": (64, 56, 18),
+        "grid_spacing": (4.0, 4.6, 3.6),
+        "t2w_shape": (128, 112, 18),
+        "t2w_spacing": (2.0, 2.3, 3.6),
+    },
     "brain": {"shape": (48, 56, 44)},
     "breast": {"shape": (80, 80, 20), "spacing": (2.4, 2.4, 4.8)},
 }
 
 
-def map_subjects(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int = 1, desc: str = "", progress: bool = True) -> list[Any]:
+def map_subjects(
+    fn: Callable[..., Any], jobs: Sequence[tuple], workers: int = 1, desc: str = "", progress: bool = True
+) -> list[Any]:
     """``[fn(*job) for job in jobs]``, in order, with a tqdm bar; in ``workers`` processes when > 1.
 
     Each subject has its own seed, so the output does not depend on ``workers``.
@@ -107,8 +113,9 @@ def write_phantoms(
         if kind == "prostate":
             from common.phantoms.prostate import write_prostate_phantoms
 
-            res = write_prostate_phantoms(out, n=n_prostate, seed=seed, dicom=dicom, progress=progress, workers=workers,
-                                          **params[kind])
+            res = write_prostate_phantoms(
+                out, n=n_prostate, seed=seed, dicom=dicom, progress=progress, workers=workers, **params[kind]
+            )
         elif kind == "brain":
             from common.phantoms.brain import write_brain_phantoms
 

@@ -103,8 +103,11 @@ def _load_template(name: str) -> tuple[np.ndarray, np.ndarray]:
     else:  # other nilearn versions: the public loaders read the same packaged files
         from nilearn import datasets
 
-        loader = {"gm": datasets.load_mni152_gm_template, "wm": datasets.load_mni152_wm_template,
-                  "t1": datasets.load_mni152_template}[name]
+        loader = {
+            "gm": datasets.load_mni152_gm_template,
+            "wm": datasets.load_mni152_wm_template,
+            "t1": datasets.load_mni152_template,
+        }[name]
         img = loader(resolution=1)
     data = np.asarray(img.get_fdata(dtype=np.float32))
     if data.max() > 1.5:  # stored as uint8 0..255
@@ -151,8 +154,16 @@ def mni_tissue_maps() -> dict[str, Any]:
     sites = idx @ A[:3, :3].T + A[:3, 3]
     pts = np.argwhere(mask > 0.5) @ A[:3, :3].T + A[:3, 3]
     center = (pts.min(0) + pts.max(0)) / 2
-    return {"gm": gm, "wm": wm, "csf": csf, "vessel": vessel, "choroid": choroid, "affine": A,
-            "center": center, "tumour_sites": sites}
+    return {
+        "gm": gm,
+        "wm": wm,
+        "csf": csf,
+        "vessel": vessel,
+        "choroid": choroid,
+        "affine": A,
+        "center": center,
+        "tumour_sites": sites,
+    }
 
 
 @dataclass
@@ -177,12 +188,14 @@ class BrainPhantom:
     truth: dict[str, Any] = field(default_factory=dict)
 
 
-def _displacement(rng: np.random.Generator, affine: np.ndarray, shape: Sequence[int], amplitude_mm: float,
-                  wavelength_mm: float = 70.0) -> np.ndarray:
+def _displacement(
+    rng: np.random.Generator, affine: np.ndarray, shape: Sequence[int], amplitude_mm: float, wavelength_mm: float = 70.0
+) -> np.ndarray:
     """Smooth random displacement field (3, *shape) in mm: one long-wavelength random Fourier field
     per component, RMS ``amplitude_mm``."""
-    return np.stack([FourierField.random(rng, wavelength_mm, 8).on_grid(affine, shape) * np.float32(amplitude_mm)
-                     for _ in range(3)])
+    return np.stack(
+        [FourierField.random(rng, wavelength_mm, 8).on_grid(affine, shape) * np.float32(amplitude_mm) for _ in range(3)]
+    )
 
 
 def make_brain_phantom(
@@ -211,7 +224,11 @@ def make_brain_phantom(
     A[:3, 3] = c - spacing * (np.asarray(shape) - 1) / 2
     # template coordinates of each voxel: q = M (p - c) + c + t + u(p)
     angles = rng.uniform(-6, 6, 3)
-    R = rotation_matrix((1, 0, 0), angles[0]) @ rotation_matrix((0, 1, 0), angles[1]) @ rotation_matrix((0, 0, 1), angles[2])
+    R = (
+        rotation_matrix((1, 0, 0), angles[0])
+        @ rotation_matrix((0, 1, 0), angles[1])
+        @ rotation_matrix((0, 0, 1), angles[2])
+    )
     M = R @ np.diag(rng.uniform(0.92, 1.08, 3))
     t = rng.normal(0, 2.0, 3)
     u = _displacement(rng, A, shape, deformation_mm)
@@ -220,7 +237,10 @@ def make_brain_phantom(
     q = np.einsum("ij,j...->i...", M.astype(np.float32), p - c.astype(np.float32)[:, None, None, None])
     q += (c + t).astype(np.float32)[:, None, None, None] + u
     Ainv = np.linalg.inv(maps["affine"])
-    vox = np.einsum("ij,j...->i...", Ainv[:3, :3].astype(np.float32), q) + Ainv[:3, 3].astype(np.float32)[:, None, None, None]
+    vox = (
+        np.einsum("ij,j...->i...", Ainv[:3, :3].astype(np.float32), q)
+        + Ainv[:3, 3].astype(np.float32)[:, None, None, None]
+    )
     sample = lambda a: ndimage.map_coordinates(a, vox, order=1, mode="constant", cval=0.0)  # noqa: E731
     gm, wm, csf = sample(maps["gm"]), sample(maps["wm"]), sample(maps["csf"])
     vessel_map, choroid_map = sample(maps["vessel"]), sample(maps["choroid"])
@@ -230,10 +250,16 @@ def make_brain_phantom(
     tc = sites[rng.integers(len(sites))]
     R_act = float(rng.uniform(12.0, 20.0))
     active = random_ellipsoid(rng, tc, np.full(3, R_act), jitter=0.2, bump=0.12, n_bumps=5, rotate_deg=40)
-    core = random_ellipsoid(rng, tc + rng.normal(0, 1.5, 3), active.radii * rng.uniform(0.45, 0.6), jitter=0.1, bump=0.12)
-    oedema = random_ellipsoid(rng, tc, active.radii * rng.uniform(1.6, 2.2), jitter=0.2, bump=0.2, n_bumps=6, rotate_deg=40)
+    core = random_ellipsoid(
+        rng, tc + rng.normal(0, 1.5, 3), active.radii * rng.uniform(0.45, 0.6), jitter=0.1, bump=0.12
+    )
+    oedema = random_ellipsoid(
+        rng, tc, active.radii * rng.uniform(1.6, 2.2), jitter=0.2, bump=0.2, n_bumps=6, rotate_deg=40
+    )
     width = float(np.prod(spacing) ** (1 / 3))
-    near = np.sum((q - tc.astype(np.float32)[:, None, None, None]) ** 2, axis=0) < (oedema.extent_max() + 2 * width) ** 2
+    near = (
+        np.sum((q - tc.astype(np.float32)[:, None, None, None]) ** 2, axis=0) < (oedema.extent_max() + 2 * width) ** 2
+    )
     qp = np.ascontiguousarray(q[:, near].T)
     s_core, s_act, s_oed = (np.zeros(shape, np.float32) for _ in range(3))
     s_core[near] = fraction(core.distance(qp), width)
@@ -255,19 +281,31 @@ def make_brain_phantom(
     oed = (s_oed - s_act) * tissue
     gm, wm = gm * (1 - s_oed), wm * (1 - s_oed)  # oedema replaces grey and white matter, not CSF
     csf, choroid, vessel = csf * (1 - s_act), choroid * (1 - s_act), vessel * (1 - s_act)
-    fr = {"gm": gm, "wm": wm, "csf": csf, "vessel": vessel, "choroid": choroid, "necrosis": necrosis,
-          "enhancing": enhancing, "oedema": oed}
+    fr = {
+        "gm": gm,
+        "wm": wm,
+        "csf": csf,
+        "vessel": vessel,
+        "choroid": choroid,
+        "necrosis": necrosis,
+        "enhancing": enhancing,
+        "oedema": oed,
+    }
     fr = {k: v.astype(np.float32) for k, v in fr.items()}
 
     # signals per tissue
     P = PROTOCOL
-    conc = tissue_curves([P["t1c"]["delay_s"]], {n: TISSUES[n]["pk"] for n in ORDER}, bolus_arrival_s=10.0, blood=("vessel",))
+    conc = tissue_curves(
+        [P["t1c"]["delay_s"]], {n: TISSUES[n]["pk"] for n in ORDER}, bolus_arrival_s=10.0, blood=("vessel",)
+    )
     ti = null_inversion_time(TISSUES["csf"]["T1"], P["t2f"]["TR_s"])
     table = np.zeros((len(ORDER), 4), np.float32)
     for i, n in enumerate(ORDER):
         T1, T2, PD = TISSUES[n]["T1"], TISSUES[n]["T2"], TISSUES[n]["PD"]
         table[i, 0] = spgr_signal(PD * P["t1n"]["scale"], T1, 0.0, TR_s=P["t1n"]["TR_s"], flip_deg=P["t1n"]["flip_deg"])
-        table[i, 1] = spgr_signal(PD * P["t1c"]["scale"], T1, conc[n][0], P["t1c"]["r1_per_mM_s"], P["t1c"]["TR_s"], P["t1c"]["flip_deg"])
+        table[i, 1] = spgr_signal(
+            PD * P["t1c"]["scale"], T1, conc[n][0], P["t1c"]["r1_per_mM_s"], P["t1c"]["TR_s"], P["t1c"]["flip_deg"]
+        )
         table[i, 2] = spin_echo_signal(PD * P["t2w"]["scale"], T1, T2, P["t2w"]["TR_s"], P["t2w"]["TE_s"])
         table[i, 3] = inversion_recovery_signal(PD * P["t2f"]["scale"], T1, T2, P["t2f"]["TR_s"], P["t2f"]["TE_s"], ti)
     F = np.stack([fr[n] for n in ORDER], axis=-1)  # (x, y, z, K)
@@ -277,20 +315,35 @@ def make_brain_phantom(
     brain = total >= 0.5
     images = {}
     for j, name in enumerate(CONTRASTS):
-        sigma = P["noise_fraction"] * float(table[ORDER.index("wm"), j] if name != "t2f" else table[ORDER.index("gm"), j])
+        sigma = P["noise_fraction"] * float(
+            table[ORDER.index("wm"), j] if name != "t2f" else table[ORDER.index("gm"), j]
+        )
         img = quantise(rician(rng, sig[..., j] * mult, sigma), hi=32767)
         images[name] = np.where(brain, img, 0.0).astype(np.float32)
     tum = np.stack([necrosis, oed, enhancing], axis=-1)
-    seg = np.where((tum.sum(-1) >= 0.5 * np.maximum(total, 1e-6)) & brain, np.argmax(tum, axis=-1) + 1, 0).astype(np.uint8)
+    seg = np.where((tum.sum(-1) >= 0.5 * np.maximum(total, 1e-6)) & brain, np.argmax(tum, axis=-1) + 1, 0).astype(
+        np.uint8
+    )
     truth = {
         "seed": seed if isinstance(seed, (int, np.integer)) else list(seed),
         "template": "MNI152 2009a symmetric GM/WM probability maps and T1 template (nilearn package data)",
-        "tissues": {n: {"T1_s": v["T1"], "T2_s": v["T2"], "PD": v["PD"], **v["pk"].as_dict(),
-                        "t1c_conc_mM": float(conc[n][0])} for n, v in TISSUES.items()},
-        "tumour": {"template_center_mm": np.round(tc, 2).tolist(), "active": active.describe(), "core": core.describe(),
-                   "oedema": oedema.describe(), "labels": LABELS},
-        "deformation": {"rotation_deg": angles.tolist(), "linear": M.tolist(), "translation_mm": t.tolist(),
-                        "displacement_sd_mm": deformation_mm},
+        "tissues": {
+            n: {"T1_s": v["T1"], "T2_s": v["T2"], "PD": v["PD"], **v["pk"].as_dict(), "t1c_conc_mM": float(conc[n][0])}
+            for n, v in TISSUES.items()
+        },
+        "tumour": {
+            "template_center_mm": np.round(tc, 2).tolist(),
+            "active": active.describe(),
+            "core": core.describe(),
+            "oedema": oedema.describe(),
+            "labels": LABELS,
+        },
+        "deformation": {
+            "rotation_deg": angles.tolist(),
+            "linear": M.tolist(),
+            "translation_mm": t.tolist(),
+            "displacement_sd_mm": deformation_mm,
+        },
         "protocol": {**PROTOCOL, "t2f_TI_s": ti},
     }
     return BrainPhantom(seed=seed, images=images, seg=seg, affine=A, fractions=fr, truth=truth)
@@ -308,8 +361,16 @@ def write_brain_case(ph: BrainPhantom, root: str | os.PathLike, case: str) -> di
     for name, img in ph.images.items():
         out[name] = save_nifti(img, ph.affine, d / f"{case}-{name}.nii.gz", dtype=lossless_dtype(img))
     out["seg"] = save_nifti(ph.seg, ph.affine, d / f"{case}-seg.nii.gz", dtype=np.uint8)
-    save_json({"id": case, "source": "phantom", "kind": "brain", "ground_truth": ph.truth,
-               "label_voxels": {str(k): int((ph.seg == k).sum()) for k in range(4)}}, d / "manifest.json")
+    save_json(
+        {
+            "id": case,
+            "source": "phantom",
+            "kind": "brain",
+            "ground_truth": ph.truth,
+            "label_voxels": {str(k): int((ph.seg == k).sum()) for k in range(4)},
+        },
+        d / "manifest.json",
+    )
     return out
 
 
@@ -318,8 +379,9 @@ def _write_brain_subject(root: Path, case: str, seed: Any, **kwargs) -> str:
     return case
 
 
-def write_brain_phantoms(out: str | os.PathLike, n: int = 4, seed: int = 0, progress: bool = True, workers: int = 1,
-                         **kwargs) -> dict[str, Any]:
+def write_brain_phantoms(
+    out: str | os.PathLike, n: int = 4, seed: int = 0, progress: bool = True, workers: int = 1, **kwargs
+) -> dict[str, Any]:
     """Make ``n`` cases ``BraTS-GLI-00000-000``... under ``<out>/brain`` and ``<out>/brain/datalist.json``.
 
     Case ``i`` uses the seed ``[seed, 1, i]``; ``kwargs`` go to :func:`make_brain_phantom`.

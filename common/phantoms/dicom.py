@@ -26,7 +26,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from common.io import atomic_path
 
@@ -66,7 +66,9 @@ def geometry_from_affine(affine: np.ndarray, n_slices: int) -> dict[str, Any]:
     }
 
 
-def rescale_for(volume: np.ndarray, slope: float | None = None, intercept: float | None = None) -> tuple[float, float, np.dtype]:
+def rescale_for(
+    volume: np.ndarray, slope: float | None = None, intercept: float | None = None
+) -> tuple[float, float, np.dtype]:
     """``(slope, intercept, stored dtype)`` so ``stored * slope + intercept`` reproduces ``volume``.
 
     Integer-valued volumes in ``[0, 65535]`` are stored as uint16 with slope 1 (exact, like a
@@ -219,8 +221,11 @@ def write_series(
 
 #: Elements that differ between the slices of a series, in tag order.
 _PER_SLICE_TAGS = [
-    pydicom.tag.Tag("SOPInstanceUID"), pydicom.tag.Tag("InstanceNumber"), pydicom.tag.Tag("ImagePositionPatient"),
-    pydicom.tag.Tag("SliceLocation"), pydicom.tag.Tag("PixelData"),
+    pydicom.tag.Tag("SOPInstanceUID"),
+    pydicom.tag.Tag("InstanceNumber"),
+    pydicom.tag.Tag("ImagePositionPatient"),
+    pydicom.tag.Tag("SliceLocation"),
+    pydicom.tag.Tag("PixelData"),
 ]
 
 
@@ -269,16 +274,55 @@ def format_tt(t_s: float) -> str:
 
 #: Series of the simulated PROSTATEx-like study: role -> (series number, description, extra header).
 PROSTATE_SERIES: dict[str, tuple[int, str, dict[str, Any]]] = {
-    "localizer": (1, "localizer", {"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"], "FlipAngle": 50, "RepetitionTime": 4.0, "EchoTime": 2.0}),
-    "t2w": (5, "t2_tse_tra", {"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"], "ScanningSequence": "SE",
-                              "RepetitionTime": 5000, "EchoTime": 104, "FlipAngle": 160}),
-    "adc": (9, "ep2d_diff_tra_ADC", {"ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "ADC", "ND"], "ScanningSequence": "EP",
-                                     "RepetitionTime": 4000, "EchoTime": 60, "FlipAngle": 90}),
-    "dwi_highb": (19, "ep2d_diff_tra_CALC_BVAL_b1400", {"ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "CALC_BVAL", "TRACEW", "ND"],
-                                                       "ScanningSequence": "EP", "RepetitionTime": 4000, "EchoTime": 60,
-                                                       "FlipAngle": 90, "DiffusionBValue": 1400}),
-    "pd": (23, "fl3d_vibe_pre_flip_2deg_PD", {"ScanningSequence": "GR", "RepetitionTime": 4.0, "EchoTime": 1.5, "FlipAngle": 2}),
-    "t1_pre": (24, "fl3d_vibe_pre_flip_12deg", {"ScanningSequence": "GR", "RepetitionTime": 4.0, "EchoTime": 1.5, "FlipAngle": 12}),
+    "localizer": (
+        1,
+        "localizer",
+        {"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"], "FlipAngle": 50, "RepetitionTime": 4.0, "EchoTime": 2.0},
+    ),
+    "t2w": (
+        5,
+        "t2_tse_tra",
+        {
+            "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"],
+            "ScanningSequence": "SE",
+            "RepetitionTime": 5000,
+            "EchoTime": 104,
+            "FlipAngle": 160,
+        },
+    ),
+    "adc": (
+        9,
+        "ep2d_diff_tra_ADC",
+        {
+            "ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "ADC", "ND"],
+            "ScanningSequence": "EP",
+            "RepetitionTime": 4000,
+            "EchoTime": 60,
+            "FlipAngle": 90,
+        },
+    ),
+    "dwi_highb": (
+        19,
+        "ep2d_diff_tra_CALC_BVAL_b1400",
+        {
+            "ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "CALC_BVAL", "TRACEW", "ND"],
+            "ScanningSequence": "EP",
+            "RepetitionTime": 4000,
+            "EchoTime": 60,
+            "FlipAngle": 90,
+            "DiffusionBValue": 1400,
+        },
+    ),
+    "pd": (
+        23,
+        "fl3d_vibe_pre_flip_2deg_PD",
+        {"ScanningSequence": "GR", "RepetitionTime": 4.0, "EchoTime": 1.5, "FlipAngle": 2},
+    ),
+    "t1_pre": (
+        24,
+        "fl3d_vibe_pre_flip_12deg",
+        {"ScanningSequence": "GR", "RepetitionTime": 4.0, "EchoTime": 1.5, "FlipAngle": 12},
+    ),
 }
 DCE_FIRST_SERIES = 27
 DCE_DESCRIPTION = "Twist_dynamic_Wip576_{tt}"
@@ -310,9 +354,14 @@ def write_prostate_study(phantom, root: str | os.PathLike, patient_id: str, stud
     study_dir = patient_dir / study_folder_name(study_date)
     uid_seed = f"{patient_id}|{phantom.truth.get('seed')}|{study_date}"
     study = {
-        "PatientID": patient_id, "PatientName": patient_id, "StudyDate": study_date, "StudyTime": 36000.0,
-        "StudyInstanceUID": _uid(uid_seed, "study"), "FrameOfReferenceUID": _uid(uid_seed, "frame"),
-        "StudyDescription": "MR prostaat", "uid_seed": uid_seed,
+        "PatientID": patient_id,
+        "PatientName": patient_id,
+        "StudyDate": study_date,
+        "StudyTime": 36000.0,
+        "StudyInstanceUID": _uid(uid_seed, "study"),
+        "FrameOfReferenceUID": _uid(uid_seed, "frame"),
+        "StudyDescription": "MR prostaat",
+        "uid_seed": uid_seed,
     }
     t = 36000.0 + 60.0  # 10:01:00, then series in protocol order
     vols = {"localizer": (phantom.localizer, phantom.affines["localizer"])}
@@ -320,8 +369,16 @@ def write_prostate_study(phantom, root: str | os.PathLike, patient_id: str, stud
         vols[role] = (phantom.images[role], phantom.affines[role])
     for role, (number, desc, extra) in PROSTATE_SERIES.items():
         vol, aff = vols[role]
-        write_series(vol, aff, study_dir / series_folder_name(number, desc), study=study, series_number=number,
-                     description=desc, acquisition_time_s=t, extra=extra)
+        write_series(
+            vol,
+            aff,
+            study_dir / series_folder_name(number, desc),
+            study=study,
+            series_number=number,
+            description=desc,
+            acquisition_time_s=t,
+            extra=extra,
+        )
         t += 120.0
     # DCE: one series per time point; one rescale for all (integer data: slope 1)
     slope, intercept, _ = rescale_for(phantom.dce)
@@ -329,11 +386,27 @@ def write_prostate_study(phantom, root: str | os.PathLike, patient_id: str, stud
     for i, t_s in enumerate(np.asarray(phantom.times_s, float)):
         number = DCE_FIRST_SERIES + i
         desc = DCE_DESCRIPTION.format(tt=format_tt(t_s))
-        extra = {"ScanningSequence": "GR", "RepetitionTime": 4.0, "EchoTime": 1.5, "FlipAngle": 12,
-                 "TriggerTime": _ds(t_s * 1000.0), "TemporalPositionIdentifier": i + 1, "NumberOfTemporalPositions": n_t}
-        write_series(phantom.dce[..., i], phantom.affines["dce"], study_dir / series_folder_name(number, desc), study=study,
-                     series_number=number, description=desc, slope=slope, intercept=intercept,
-                     acquisition_time_s=t + t_s, extra=extra)
+        extra = {
+            "ScanningSequence": "GR",
+            "RepetitionTime": 4.0,
+            "EchoTime": 1.5,
+            "FlipAngle": 12,
+            "TriggerTime": _ds(t_s * 1000.0),
+            "TemporalPositionIdentifier": i + 1,
+            "NumberOfTemporalPositions": n_t,
+        }
+        write_series(
+            phantom.dce[..., i],
+            phantom.affines["dce"],
+            study_dir / series_folder_name(number, desc),
+            study=study,
+            series_number=number,
+            description=desc,
+            slope=slope,
+            intercept=intercept,
+            acquisition_time_s=t + t_s,
+            extra=extra,
+        )
     return patient_dir
 
 
@@ -357,6 +430,14 @@ def sitk_to_ras(image) -> tuple[np.ndarray, np.ndarray]:
 
 
 __all__: Sequence[str] = (
-    "geometry_from_affine", "rescale_for", "write_series", "write_prostate_study", "series_folder_name",
-    "study_folder_name", "format_tt", "read_series_sitk", "sitk_to_ras", "PROSTATE_SERIES",
+    "geometry_from_affine",
+    "rescale_for",
+    "write_series",
+    "write_prostate_study",
+    "series_folder_name",
+    "study_folder_name",
+    "format_tt",
+    "read_series_sitk",
+    "sitk_to_ras",
+    "PROSTATE_SERIES",
 )

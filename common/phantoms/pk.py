@@ -113,9 +113,7 @@ def tofts_concentration(
         return vp * cp
     ktrans_s, kep_s = ktrans / 60.0, kep / 60.0
     # dcmri's HF model takes a blood input ca and haematocrit H: with H = 0, ca is the plasma input.
-    return np.asarray(
-        dcmri.conc_tissue(cp, t=t, kinetics="HF", H=0.0, vb=float(vp), vi=ktrans_s / kep_s, PS=ktrans_s)
-    )
+    return np.asarray(dcmri.conc_tissue(cp, t=t, kinetics="HF", H=0.0, vb=float(vp), vi=ktrans_s / kep_s, PS=ktrans_s))
 
 
 def spgr_signal(

@@ -61,8 +61,16 @@ PROTOCOL: dict[str, dict[str, float]] = {
     "pd": {"TR_s": 0.004, "flip_deg": 2.0, "scale": 20000.0, "noise": 6.0},
     "t1_pre": {"TR_s": 0.004, "flip_deg": 12.0, "scale": 20000.0, "noise": 6.0},
     "dce": {"TR_s": 0.004, "flip_deg": 12.0, "scale": 20000.0, "noise": 6.0, "r1_per_mM_s": R1_GD_3T},
-    "dwi": {"TR_s": 4.0, "TE_s": 0.06, "b_low": 50.0, "b_mid": 800.0, "b_high": 1400.0, "scale": 900.0,
-            "noise": 5.0, "fat_suppression": 0.05},
+    "dwi": {
+        "TR_s": 4.0,
+        "TE_s": 0.06,
+        "b_low": 50.0,
+        "b_mid": 800.0,
+        "b_high": 1400.0,
+        "scale": 900.0,
+        "noise": 5.0,
+        "fat_suppression": 0.05,
+    },
     "localizer": {"scale": 1200.0, "noise": 5.0},
 }
 MAX_ADC = 4000.0  # 1e-6 mm^2/s
@@ -90,8 +98,15 @@ class Tissue:
 
     def as_dict(self) -> dict[str, Any]:
         """Manifest entry: T1_s, T2_s, PD, ADC in mm^2/s and in 1e-6 mm^2/s, Tofts parameters."""
-        return {"T1_s": self.T1, "T2_s": self.T2, "PD": self.PD, "ADC_mm2_s": self.ADC,
-                "ADC_1e-6_mm2_s": round(self.ADC * 1e6, 3), **self.pk.as_dict(), "fat": self.fat}
+        return {
+            "T1_s": self.T1,
+            "T2_s": self.T2,
+            "PD": self.PD,
+            "ADC_mm2_s": self.ADC,
+            "ADC_1e-6_mm2_s": round(self.ADC * 1e6, 3),
+            **self.pk.as_dict(),
+            "fat": self.fat,
+        }
 
 
 #: Default tissue table (3 T literature values, rounded). Blood is whole blood (vp = 1 - Hct).
@@ -171,7 +186,9 @@ class ProstatePhantom:
 # anatomy
 
 
-def _sample_lesion_center(rng: np.random.Generator, prostate: Ellipsoid, tz: Ellipsoid, zone: str, margin: float = 4.0) -> np.ndarray:
+def _sample_lesion_center(
+    rng: np.random.Generator, prostate: Ellipsoid, tz: Ellipsoid, zone: str, margin: float = 4.0
+) -> np.ndarray:
     """A point inside the peripheral (``"PZ"``) or transition (``"TZ"``) zone, ``margin`` mm inside the gland."""
     R = float(np.max(prostate.radii))
     for _ in range(2000):
@@ -185,7 +202,9 @@ def _sample_lesion_center(rng: np.random.Generator, prostate: Ellipsoid, tz: Ell
     return prostate.center + np.array([0.0, -0.6 * prostate.radii[1], 0.0])
 
 
-def build_scene(rng: np.random.Generator, center: np.ndarray, n_lesions: int | None = None) -> tuple[Scene, dict[str, Tissue], dict]:
+def build_scene(
+    rng: np.random.Generator, center: np.ndarray, n_lesions: int | None = None
+) -> tuple[Scene, dict[str, Tissue], dict]:
     """Random pelvic anatomy around the prostate centre ``center`` (world mm).
 
     Returns:
@@ -195,8 +214,14 @@ def build_scene(rng: np.random.Generator, center: np.ndarray, n_lesions: int | N
     c = np.asarray(center, float)
     e = lambda off, radii, **kw: random_ellipsoid(rng, c + np.asarray(off, float), radii, **kw)  # noqa: E731
     prostate = e((0, 0, 0), (22, 17, 18), jitter=0.12, bump=0.05, rotate_deg=8)
-    tz = random_ellipsoid(rng, c + np.array([0, 3.5, 3.0]) + rng.normal(0, 1.0, 3), prostate.radii * np.array([0.62, 0.58, 0.66]),
-                          jitter=0.08, bump=0.05, rotate_deg=6)
+    tz = random_ellipsoid(
+        rng,
+        c + np.array([0, 3.5, 3.0]) + rng.normal(0, 1.0, 3),
+        prostate.radii * np.array([0.62, 0.58, 0.66]),
+        jitter=0.08,
+        bump=0.05,
+        rotate_deg=6,
+    )
     tissues = dict(TISSUES)
     if n_lesions is None:
         n_lesions = int(rng.choice([0, 1, 2], p=[0.2, 0.5, 0.3]))
@@ -207,9 +232,13 @@ def build_scene(rng: np.random.Generator, center: np.ndarray, n_lesions: int | N
         shp = random_ellipsoid(rng, lc, np.full(3, rng.uniform(5.0, 9.0)), jitter=0.2, bump=0.12, rotate_deg=30)
         name = f"lesion{i + 1}"
         tissues[name] = Tissue(
-            T1=float(rng.uniform(1.45, 1.6)), T2=float(rng.uniform(0.07, 0.09)), PD=0.8,
+            T1=float(rng.uniform(1.45, 1.6)),
+            T2=float(rng.uniform(0.07, 0.09)),
+            PD=0.8,
             ADC=float(rng.uniform(0.7e-3, 1.0e-3)),
-            pk=TissuePK(ktrans=float(rng.uniform(0.3, 0.6)), kep=float(rng.uniform(1.2, 2.5)), vp=float(rng.uniform(0.04, 0.08))),
+            pk=TissuePK(
+                ktrans=float(rng.uniform(0.3, 0.6)), kep=float(rng.uniform(1.2, 2.5)), vp=float(rng.uniform(0.04, 0.08))
+            ),
         )
         lesion_shapes.append((name, shp))
         lesions.append({"label": i + 1, "name": name, "zone": zone, **shp.describe(), **tissues[name].as_dict()})
@@ -222,7 +251,12 @@ def build_scene(rng: np.random.Generator, center: np.ndarray, n_lesions: int | N
     wall = Ellipsoid(lumen.center, lumen.radii + np.array([6.0, 6.0, 2.0]), lumen.rotation, lumen.bumps, lumen.phases)
     urine = e((0, 12, 46), (40, 30, 28), jitter=0.15, bump=0.06, rotate_deg=8)
     bwall = Ellipsoid(urine.center, urine.radii + 3.0, urine.rotation, urine.bumps, urine.phases)
-    items += [("rectal_content", lumen, None), ("rectal_wall", wall, None), ("urine", urine, None), ("bladder_wall", bwall, None)]
+    items += [
+        ("rectal_content", lumen, None),
+        ("rectal_wall", wall, None),
+        ("urine", urine, None),
+        ("bladder_wall", bwall, None),
+    ]
     # femoral vessels, bones, muscles (left/right pairs), body
     vessels = []
     for s in (-1, 1):
@@ -248,9 +282,13 @@ def build_scene(rng: np.random.Generator, center: np.ndarray, n_lesions: int | N
     body = e((0, 12, 0), (178, 115, 400), jitter=0.05, bump=0.03, rotate_deg=2)
     items.append(("fat", body, None))
     desc = {
-        "prostate": prostate.describe(), "transition_zone": tz.describe(), "bladder": urine.describe(),
-        "rectum": lumen.describe(), "arteries": [v[1].describe() for v in vessels if v[0] == "artery"],
-        "veins": [v[1].describe() for v in vessels if v[0] == "vein"], "lesions": lesions,
+        "prostate": prostate.describe(),
+        "transition_zone": tz.describe(),
+        "bladder": urine.describe(),
+        "rectum": lumen.describe(),
+        "arteries": [v[1].describe() for v in vessels if v[0] == "artery"],
+        "veins": [v[1].describe() for v in vessels if v[0] == "vein"],
+        "lesions": lesions,
     }
     return Scene(items), tissues, desc
 
@@ -259,18 +297,26 @@ def build_scene(rng: np.random.Generator, center: np.ndarray, n_lesions: int | N
 # contrasts
 
 
-def _tissue_tables(tissues: dict[str, Tissue], curves: dict[str, np.ndarray], lesion_names: Sequence[str]) -> dict[str, np.ndarray]:
+def _tissue_tables(
+    tissues: dict[str, Tissue], curves: dict[str, np.ndarray], lesion_names: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Per-tissue values of the acquisition-grid channels:
     ``[dce(t)..., pd, t1_pre, dwi_b50, dwi_b800, prostate, pz, tz, lesion1..k]``."""
     P = PROTOCOL
     table = {}
     for name, t in tissues.items():
         s0 = t.PD
-        dce = spgr_signal(s0 * P["dce"]["scale"], t.T1, curves[name], P["dce"]["r1_per_mM_s"], P["dce"]["TR_s"], P["dce"]["flip_deg"])
+        dce = spgr_signal(
+            s0 * P["dce"]["scale"], t.T1, curves[name], P["dce"]["r1_per_mM_s"], P["dce"]["TR_s"], P["dce"]["flip_deg"]
+        )
         pd = spgr_signal(s0 * P["pd"]["scale"], t.T1, 0.0, TR_s=P["pd"]["TR_s"], flip_deg=P["pd"]["flip_deg"])
-        t1 = spgr_signal(s0 * P["t1_pre"]["scale"], t.T1, 0.0, TR_s=P["t1_pre"]["TR_s"], flip_deg=P["t1_pre"]["flip_deg"])
+        t1 = spgr_signal(
+            s0 * P["t1_pre"]["scale"], t.T1, 0.0, TR_s=P["t1_pre"]["TR_s"], flip_deg=P["t1_pre"]["flip_deg"]
+        )
         d = P["dwi"]
-        b0 = spin_echo_signal(s0 * d["scale"], t.T1, t.T2, d["TR_s"], d["TE_s"]) * (d["fat_suppression"] if t.fat else 1.0)
+        b0 = spin_echo_signal(s0 * d["scale"], t.T1, t.T2, d["TR_s"], d["TE_s"]) * (
+            d["fat_suppression"] if t.fat else 1.0
+        )
         b50 = b0 * np.exp(-d["b_low"] * t.ADC)
         b800 = b0 * np.exp(-d["b_mid"] * t.ADC)
         organ = 1.0 if name in ("pz", "tz") or name.startswith("lesion") else 0.0
@@ -297,7 +343,9 @@ def _integer_subgrid(fine: np.ndarray, coarse: np.ndarray, fine_shape, coarse_sh
         return None
     # centre of the first f x f block of fine voxels must be the first coarse voxel centre
     c_fine = fine[:3, :3] @ np.array([(f - 1) / 2, (f - 1) / 2, 0.0]) + fine[:3, 3]
-    if not np.allclose(c_fine, coarse[:3, 3], atol=1e-4) or not np.allclose(fine[:3, :3], coarse[:3, :3] / [f, f, 1], atol=1e-6):
+    if not np.allclose(c_fine, coarse[:3, 3], atol=1e-4) or not np.allclose(
+        fine[:3, :3], coarse[:3, :3] / [f, f, 1], atol=1e-6
+    ):
         return None
     return f
 
@@ -332,7 +380,9 @@ def make_prostate_phantom(
     """
     rng = np.random.default_rng(seed)
     if grid_shape[2] < prepared_slices:
-        raise ValueError(f"the acquisition grid has {grid_shape[2]} slices, fewer than prepared_slices={prepared_slices}")
+        raise ValueError(
+            f"the acquisition grid has {grid_shape[2]} slices, fewer than prepared_slices={prepared_slices}"
+        )
     if n_dce < 2:
         raise ValueError(f"n_dce must be at least 2, got {n_dce}")
     # geometry: prostate centre in scanner coordinates, oblique slice stack around it
@@ -370,7 +420,9 @@ def make_prostate_phantom(
         adc = np.log(np.maximum(b50, 1e-3) / np.maximum(b800, 1e-3)) / (d["b_mid"] - d["b_low"])
     valid = b50 > 8 * d["noise"]
     adc = np.where(valid, np.clip(adc, 0.0, MAX_ADC * 1e-6), 0.0)
-    dwi_hi = np.where(valid, b50 * np.exp(-(d["b_high"] - d["b_low"]) * adc), rician(rng, np.zeros_like(b50), d["noise"]))
+    dwi_hi = np.where(
+        valid, b50 * np.exp(-(d["b_high"] - d["b_low"]) * adc), rician(rng, np.zeros_like(b50), d["noise"])
+    )
     adc_map = quantise(adc * 1e6, MAX_ADC)
     dwi_hi = quantise(dwi_hi)
     organ = (ch[..., T + 4] >= 0.5).astype(np.uint8)
@@ -383,13 +435,19 @@ def make_prostate_phantom(
     del ch
 
     # T2w on its finer grid
-    t2_table = {n: np.array([spin_echo_signal(t.PD * P["t2w"]["scale"], t.T1, t.T2, P["t2w"]["TR_s"], P["t2w"]["TE_s"])], np.float32)
-                for n, t in tissues.items()}
+    t2_table = {
+        n: np.array(
+            [spin_echo_signal(t.PD * P["t2w"]["scale"], t.T1, t.T2, P["t2w"]["TR_s"], P["t2w"]["TE_s"])], np.float32
+        )
+        for n, t in tissues.items()
+    }
     t2 = render(scene, A_t2, t2w_shape, t2_table)[..., 0]
     t2 = quantise(rician(rng, t2 * bias_texture(bias_field, texture, A_t2, t2w_shape), P["t2w"]["noise"]))
 
     # sagittal localizer (bSSFP-like contrast, PD sqrt(T2/T1)), to be ignored by an ingest
-    loc_table = {n: np.array([t.PD * np.sqrt(t.T2 / t.T1) * P["localizer"]["scale"]], np.float32) for n, t in tissues.items()}
+    loc_table = {
+        n: np.array([t.PD * np.sqrt(t.T2 / t.T1) * P["localizer"]["scale"]], np.float32) for n, t in tissues.items()
+    }
     loc = quantise(rician(rng, render(scene, A_loc, (128, 128, 3), loc_table)[..., 0], P["localizer"]["noise"]))
 
     # prepared grid: prostate-centred slices of the acquisition grid (origin shift only)
@@ -415,8 +473,12 @@ def make_prostate_phantom(
         "tissues": {n: t.as_dict() for n, t in tissues.items()},
         "lesions": desc["lesions"],
         "anatomy": {k: v for k, v in desc.items() if k != "lesions"},
-        "aif": {"model": "Parker 2006 (dcmri.aif_parker), whole blood", **PARKER, "bolus_arrival_s": arrival,
-                "haematocrit": HAEMATOCRIT},
+        "aif": {
+            "model": "Parker 2006 (dcmri.aif_parker), whole blood",
+            **PARKER,
+            "bolus_arrival_s": arrival,
+            "haematocrit": HAEMATOCRIT,
+        },
         "kinetics": "extended Tofts (dcmri.conc_tissue kinetics='HF'), Ktrans and kep in 1/min",
         "protocol": PROTOCOL,
         "geometry": {
@@ -424,17 +486,31 @@ def make_prostate_phantom(
             "oblique_deg": angle,
             "acquisition_grid": {"shape": list(grid_shape), "spacing_mm": list(grid_spacing), "affine": A.tolist()},
             "t2w_grid": {"shape": list(t2w_shape), "spacing_mm": list(t2w_spacing), "affine": A_t2.tolist()},
-            "prepared_grid": {"shape": [grid_shape[0], grid_shape[1], prepared_slices], "first_slice": k0,
-                              "affine": A_prep.tolist(), "t2w": t2_prep_how},
+            "prepared_grid": {
+                "shape": [grid_shape[0], grid_shape[1], prepared_slices],
+                "first_slice": k0,
+                "affine": A_prep.tolist(),
+                "t2w": t2_prep_how,
+            },
             "prostate_center_mm": center.tolist(),
         },
         "units": {"adc": "1e-6 mm^2/s", "signals": "arbitrary (integer, 12-bit)", "times": "s"},
         "noise_sigma": {k: v["noise"] for k, v in PROTOCOL.items()},
     }
     return ProstatePhantom(
-        seed=seed, images={"t2w": t2, "adc": adc_map, "pd": pd, "t1_pre": t1, "dwi_highb": dwi_hi},
-        affines=affines, dce=dce, times_s=times, organ_mask=organ, lesion_mask=lesion, zone_mask=zones, localizer=loc,
-        prepared_k0=k0, prepared_slices=prepared_slices, t2w_prepared=t2_prep.astype(np.float32), truth=truth,
+        seed=seed,
+        images={"t2w": t2, "adc": adc_map, "pd": pd, "t1_pre": t1, "dwi_highb": dwi_hi},
+        affines=affines,
+        dce=dce,
+        times_s=times,
+        organ_mask=organ,
+        lesion_mask=lesion,
+        zone_mask=zones,
+        localizer=loc,
+        prepared_k0=k0,
+        prepared_slices=prepared_slices,
+        t2w_prepared=t2_prep.astype(np.float32),
+        truth=truth,
     )
 
 
@@ -459,7 +535,9 @@ def write_native_nifti(ph: ProstatePhantom, folder: str | os.PathLike) -> dict[s
     return out
 
 
-def write_prepared_case(ph: ProstatePhantom, case_dir: str | os.PathLike, case_id: str, extra: dict | None = None) -> dict[str, Any]:
+def write_prepared_case(
+    ph: ProstatePhantom, case_dir: str | os.PathLike, case_id: str, extra: dict | None = None
+) -> dict[str, Any]:
     """Write one prepared case per :mod:`common.layout` and return its manifest.
 
     Every volume lies on the prepared grid (``ph.prepared()``). Integer-valued images (the scanner
@@ -509,7 +587,12 @@ def write_prostate_subject(root: str | os.PathLike, sid: str, seed: Any, dicom: 
 
 
 def write_prostate_phantoms(
-    out: str | os.PathLike, n: int = 10, seed: int = 0, dicom: bool = True, progress: bool = True, workers: int = 1,
+    out: str | os.PathLike,
+    n: int = 10,
+    seed: int = 0,
+    dicom: bool = True,
+    progress: bool = True,
+    workers: int = 1,
     **kwargs,
 ) -> dict[str, Any]:
     """Make ``n`` prostate subjects ``phantom-000``... and write NIfTI, DICOM and prepared cases.
@@ -522,5 +605,7 @@ def write_prostate_phantoms(
 
     root = Path(out) / "prostate"
     jobs = [(root, f"phantom-{i:03d}", [seed, 0, i], dicom) for i in range(n)]
-    subjects = map_subjects(functools.partial(write_prostate_subject, **kwargs), jobs, workers, "prostate phantoms", progress)
+    subjects = map_subjects(
+        functools.partial(write_prostate_subject, **kwargs), jobs, workers, "prostate phantoms", progress
+    )
     return {"root": root, "subjects": subjects, "datalist": write_datalist(root / "prepared")}

@@ -120,7 +120,9 @@ class Ellipsoid:
         r_safe = np.maximum(r, 1e-6)
         if len(self.bumps):
             u = scaled / r_safe[:, None]
-            scale = 1.0 + small_matmul(np.sin(small_matmul(u, self.bumps[:, :3].T) + self.phases.astype(dt)), self.bumps[:, 3])
+            scale = 1.0 + small_matmul(
+                np.sin(small_matmul(u, self.bumps[:, :3].T) + self.phases.astype(dt)), self.bumps[:, 3]
+            )
         else:
             scale = 1.0
         d = dist * (1.0 - scale / r_safe)
@@ -163,8 +165,11 @@ def random_ellipsoid(
     amp = rng.uniform(0.3, 1.0, n_bumps)
     amp = bump * amp / max(amp.sum(), 1e-9)
     return Ellipsoid(
-        center=np.asarray(center, float), radii=radii, rotation=R,
-        bumps=np.concatenate([w, amp[:, None]], axis=1), phases=rng.uniform(0, 2 * np.pi, n_bumps),
+        center=np.asarray(center, float),
+        radii=radii,
+        rotation=R,
+        bumps=np.concatenate([w, amp[:, None]], axis=1),
+        phases=rng.uniform(0, 2 * np.pi, n_bumps),
     )
 
 
@@ -188,8 +193,11 @@ class Tube:
         return np.sqrt(np.maximum(perp2, 0.0)) - dt.type(self.radius)
 
     def describe(self) -> dict:
-        return {"point_mm": np.round(self.point, 2).tolist(), "direction": np.round(self.direction, 3).tolist(),
-                "radius_mm": float(self.radius)}
+        return {
+            "point_mm": np.round(self.point, 2).tolist(),
+            "direction": np.round(self.direction, 3).tolist(),
+            "radius_mm": float(self.radius),
+        }
 
 
 @dataclass
@@ -281,7 +289,9 @@ class BiasField:
     coef: np.ndarray
 
     @classmethod
-    def random(cls, rng: np.random.Generator, center: Sequence[float], scale_mm: float, strength: float = 0.15) -> "BiasField":
+    def random(
+        cls, rng: np.random.Generator, center: Sequence[float], scale_mm: float, strength: float = 0.15
+    ) -> "BiasField":
         """Bias of roughly ``+- strength`` over a region of size ``scale_mm``."""
         return cls(np.asarray(center, float), float(scale_mm), rng.normal(0, strength / 2, 9))
 
@@ -299,7 +309,17 @@ class BiasField:
 
     def _poly(self, x, y, z) -> np.ndarray:
         c = self.coef.astype(np.float32)
-        e = c[0] * x + c[1] * y + c[2] * z + c[3] * x * x + c[4] * y * y + c[5] * z * z + c[6] * x * y + c[7] * x * z + c[8] * y * z
+        e = (
+            c[0] * x
+            + c[1] * y
+            + c[2] * z
+            + c[3] * x * x
+            + c[4] * y * y
+            + c[5] * z * z
+            + c[6] * x * y
+            + c[7] * x * z
+            + c[8] * y * z
+        )
         return np.exp(e).astype(np.float32)
 
 
@@ -361,7 +381,9 @@ def _distance(shp, base: np.ndarray, ax_i: np.ndarray, ax_j: np.ndarray) -> np.n
     return shp.distance((ax_i[:, None, :] + ax_j[None, :, :] + base).reshape(-1, 3))
 
 
-def render(scene: Scene, affine: np.ndarray, shape: Sequence[int], table: dict[str, np.ndarray], width_mm: float | None = None) -> np.ndarray:
+def render(
+    scene: Scene, affine: np.ndarray, shape: Sequence[int], table: dict[str, np.ndarray], width_mm: float | None = None
+) -> np.ndarray:
     """Fraction-weighted tissue values on a grid.
 
     Args:
@@ -430,7 +452,9 @@ def rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.nda
 MAX_SIGNAL = 4095.0  # 12-bit scanner range
 
 
-def bias_texture(bias: BiasField, texture: FourierField, affine: np.ndarray, shape: Sequence[int], amplitude: float = 0.03) -> np.ndarray:
+def bias_texture(
+    bias: BiasField, texture: FourierField, affine: np.ndarray, shape: Sequence[int], amplitude: float = 0.03
+) -> np.ndarray:
     """Coil bias times within-tissue texture ``1 + amplitude * field`` on a grid, float32 ``shape``."""
     return bias.on_grid(affine, shape) * (1.0 + np.float32(amplitude) * texture.on_grid(affine, shape))
 

@@ -3,6 +3,7 @@ around a mask. Input checks live in ``common.transforms.checks``."""
 
 from .checks import CheckImaged, CheckSameGridd
 from .crop import CropAroundMaskd, box_start, crop_or_pad, mask_centroid
+from .degrade import ResampleToReferenced, SimulateLowResolutiond, simulate_low_resolution
 from .intensity import (
     InverseScalePercentilesd,
     InverseTINormd,
@@ -11,11 +12,9 @@ from .intensity import (
     invert_scaling,
     invert_tinorm,
 )
-
-from .degrade import ResampleToReferenced, SimulateLowResolutiond, simulate_low_resolution
-from .reference import ScaleLikeReferenced
 from .phases import SelectPhasesd
 from .post import CopyChannelsd, InvertScalingd, SplitSamplesd
+from .reference import ScaleLikeReferenced
 
 __all__ = [
     "CopyChannelsd",

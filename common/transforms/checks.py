@@ -46,9 +46,13 @@ class CheckImaged(MapTransform):
             arr = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
             where = f"{_name(d, key)} ({key})"
             if self.spatial_dims is not None and arr.ndim != self.spatial_dims + 1:
-                raise ValueError(f"{where}: expected {self.spatial_dims} spatial dims plus channel, got shape {tuple(arr.shape)}")
+                raise ValueError(
+                    f"{where}: expected {self.spatial_dims} spatial dims plus channel, got shape {tuple(arr.shape)}"
+                )
             if self.channels is not None and arr.shape[0] != self.channels:
-                raise ValueError(f"{where}: expected {self.channels} channel(s), got {arr.shape[0]} (shape {tuple(arr.shape)})")
+                raise ValueError(
+                    f"{where}: expected {self.channels} channel(s), got {arr.shape[0]} (shape {tuple(arr.shape)})"
+                )
             if arr.is_floating_point() and not torch.isfinite(arr).all():
                 n = int((~torch.isfinite(arr)).sum())
                 raise ValueError(f"{where}: {n} NaN or infinite voxel(s)")
@@ -72,7 +76,9 @@ class CheckSameGridd(MapTransform):
         atol_mm: largest allowed position difference in mm anywhere in the volume.
     """
 
-    def __init__(self, keys: KeysCollection, reference_key: str, atol_mm: float = 0.1, allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self, keys: KeysCollection, reference_key: str, atol_mm: float = 0.1, allow_missing_keys: bool = True
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.reference_key = reference_key
         self.atol_mm = float(atol_mm)
@@ -91,14 +97,18 @@ class CheckSameGridd(MapTransform):
             x = d[key]
             name = _name(d, key)
             if tuple(x.shape[1:]) != ref_shape:
-                raise ValueError(f"{name} ({key}): grid {tuple(x.shape[1:])} differs from {ref_name} ({self.reference_key}) "
-                                 f"{ref_shape}; every volume of a case must be on one grid (re-run the ingest)")
+                raise ValueError(
+                    f"{name} ({key}): grid {tuple(x.shape[1:])} differs from {ref_name} ({self.reference_key}) "
+                    f"{ref_shape}; every volume of a case must be on one grid (re-run the ingest)"
+                )
             aff = np.asarray(getattr(x, "affine", np.eye(4)), dtype=np.float64)
             extent = np.asarray(ref_shape, dtype=np.float64)
             # position difference at the far corner: |dA[:3,:3]| @ extent + |d origin|
             diff = np.abs(aff[:3, :3] - ref_aff[:3, :3]) @ extent + np.abs(aff[:3, 3] - ref_aff[:3, 3])
             if float(diff.max()) > self.atol_mm:
-                raise ValueError(f"{name} ({key}): not on the grid of {ref_name} ({self.reference_key}): voxel positions differ "
-                                 f"by up to {float(diff.max()):.2f} mm (origin {np.round(aff[:3, 3], 2).tolist()} vs "
-                                 f"{np.round(ref_aff[:3, 3], 2).tolist()}); every volume of a case must be on one grid")
+                raise ValueError(
+                    f"{name} ({key}): not on the grid of {ref_name} ({self.reference_key}): voxel positions differ "
+                    f"by up to {float(diff.max()):.2f} mm (origin {np.round(aff[:3, 3], 2).tolist()} vs "
+                    f"{np.round(ref_aff[:3, 3], 2).tolist()}); every volume of a case must be on one grid"
+                )
         return d

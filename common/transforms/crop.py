@@ -66,7 +66,9 @@ def crop_or_pad(
     size = [int(s) for s in size]
     n = len(size)
     if not 1 <= n <= 3 or array.ndim < n:
-        raise ValueError(f"size {size} needs 1-3 spatial axes and an array with at least that many dims, got shape {array.shape}")
+        raise ValueError(
+            f"size {size} needs 1-3 spatial axes and an array with at least that many dims, got shape {array.shape}"
+        )
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got {affine.shape}")
     if any(s <= 0 for s in size):
@@ -80,7 +82,9 @@ def crop_or_pad(
     if np.all(src_hi > src_lo):
         dst_lo = src_lo - start
         dst_hi = dst_lo + (src_hi - src_lo)
-        out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = array[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
+        out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = array[
+            tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+        ]
     shift = np.zeros(3)
     shift[:n] = start
     new_affine = affine.copy()
@@ -146,20 +150,26 @@ class CropAroundMaskd(MapTransform, InvertibleTransform):
             return d
         shape = np.array(d[keys[0]].shape[1:])
         if len(self.roi_size) != len(shape):
-            raise ValueError(f"roi_size {self.roi_size} has {len(self.roi_size)} dims, images have {len(shape)} spatial dims")
+            raise ValueError(
+                f"roi_size {self.roi_size} has {len(self.roi_size)} dims, images have {len(shape)} spatial dims"
+            )
         size = np.where(np.array(self.roi_size) > 0, self.roi_size, shape)
         if self.mask_key is not None:
             m = d[self.mask_key]
             m = m.detach().cpu().numpy() if hasattr(m, "detach") else np.asarray(m)
             if m.shape[1:] != tuple(shape):
-                raise ValueError(f"CropAroundMaskd: mask {self.mask_key!r} shape {m.shape} does not match images {tuple(shape)}")
+                raise ValueError(
+                    f"CropAroundMaskd: mask {self.mask_key!r} shape {m.shape} does not match images {tuple(shape)}"
+                )
             center = mask_centroid(np.any(m != 0, axis=0))
         else:
             center = (shape - 1) / 2.0
         start = box_start(center, size)
         for key in keys:
             if tuple(d[key].shape[1:]) != tuple(shape):
-                raise ValueError(f"CropAroundMaskd: {key!r} spatial shape {tuple(d[key].shape[1:])} differs from {tuple(shape)}")
+                raise ValueError(
+                    f"CropAroundMaskd: {key!r} spatial shape {tuple(d[key].shape[1:])} differs from {tuple(shape)}"
+                )
             out = _crop_pad(d[key], start, size, self.pad_value)
             d[key] = self.push_transform(out, extra_info={"start": start.tolist(), "orig_shape": shape.tolist()})
         return d

@@ -59,12 +59,12 @@ from typing import Hashable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-
-from common.geometry import array_to_sitk, sitk_affine, sitk_to_array, split_affine
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
+
+from common.geometry import array_to_sitk, sitk_affine, sitk_to_array, split_affine
 
 __all__ = [
     "INTERPOLATORS",
@@ -116,7 +116,9 @@ def _check_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
     return a
 
 
-def low_resolution_grid(affine: np.ndarray, shape: Sequence[int], factors: float | Sequence[float]) -> tuple[np.ndarray, tuple[int, ...]]:
+def low_resolution_grid(
+    affine: np.ndarray, shape: Sequence[int], factors: float | Sequence[float]
+) -> tuple[np.ndarray, tuple[int, ...]]:
     """LR grid of an HR grid: ``(lr_affine, lr_shape)``.
 
     Args:
@@ -140,7 +142,9 @@ def low_resolution_grid(affine: np.ndarray, shape: Sequence[int], factors: float
     return a @ m, shape_lr
 
 
-def high_resolution_grid(affine: np.ndarray, shape: Sequence[int], factors: float | Sequence[float]) -> tuple[np.ndarray, tuple[int, ...]]:
+def high_resolution_grid(
+    affine: np.ndarray, shape: Sequence[int], factors: float | Sequence[float]
+) -> tuple[np.ndarray, tuple[int, ...]]:
     """HR grid of an LR grid with the same FOV corner and spacing divided by ``factors``:
     ``(A_lr @ inv([[diag(f), (f - 1) / 2], [0, 1]]), round(N * f))``.
 
@@ -222,7 +226,9 @@ def _blur(img: sitk.Image, factors: np.ndarray, antialias_sigma: float) -> sitk.
     return out
 
 
-def _downsample(hr: sitk.Image, factors: np.ndarray, lr_interpolator: str, antialias: bool, antialias_sigma: float) -> sitk.Image:
+def _downsample(
+    hr: sitk.Image, factors: np.ndarray, lr_interpolator: str, antialias: bool, antialias_sigma: float
+) -> sitk.Image:
     n = hr.GetDimension()
     size = hr.GetSize()
     spacing = np.asarray(hr.GetSpacing())
@@ -484,6 +490,8 @@ class ResampleToReferenced(MapTransform):
             _, affine = _spatial_affine(x, n)
             tgt_full, tgt_shape = self._target(d, x, n)
             tgt = _reduce_affine(tgt_full, n)
-            out = np.stack([resample_to_grid(arr[c], affine, tgt, tgt_shape, self.interpolator) for c in range(arr.shape[0])])
+            out = np.stack(
+                [resample_to_grid(arr[c], affine, tgt, tgt_shape, self.interpolator) for c in range(arr.shape[0])]
+            )
             d[key] = _like(x, out, tgt_full)
         return d

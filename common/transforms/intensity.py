@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.meta_obj import get_track_meta
 from monai.transforms import InvertibleTransform, MapTransform, ScaleIntensityRange
 from monai.utils import TraceKeys, convert_to_dst_type, convert_to_tensor
-from monai.data.meta_obj import get_track_meta
 
 __all__ = [
     "ScalePercentilesd",
@@ -82,7 +82,10 @@ def invert_scaling(x: Any, a_min: Any, a_max: Any, b_min: Any, b_max: Any) -> An
         raise ValueError("invert_scaling: b_min == b_max, the forward scaling is not invertible")
     xt = x
     if isinstance(x, torch.Tensor):
-        args = [torch.as_tensor(_np(v) if not isinstance(v, torch.Tensor) else v, dtype=torch.float64, device=x.device) for v in (a_min, a_max, b_min, b_max)]
+        args = [
+            torch.as_tensor(_np(v) if not isinstance(v, torch.Tensor) else v, dtype=torch.float64, device=x.device)
+            for v in (a_min, a_max, b_min, b_max)
+        ]
         a0, a1, b0, b1 = args
         xd = x.to(torch.float64)
         scaled = (xd - b0) / (b1 - b0) * (a1 - a0) + a0
@@ -180,7 +183,10 @@ class ScalePercentilesd(MapTransform, InvertibleTransform):
         for key in keys:
             img = convert_to_tensor(d[key], track_meta=get_track_meta())
             img_t = convert_to_tensor(img, track_meta=False)
-            scalers = [ScaleIntensityRange(lo, hi, self.b_min, self.b_max, self.clip, dtype=self.dtype) for lo, hi in ranges[key]]
+            scalers = [
+                ScaleIntensityRange(lo, hi, self.b_min, self.b_max, self.clip, dtype=self.dtype)
+                for lo, hi in ranges[key]
+            ]
             if self.channel_wise:
                 out = torch.stack([convert_to_tensor(s(img_t[c]), track_meta=False) for c, s in enumerate(scalers)])
             else:
@@ -240,10 +246,16 @@ class InverseScalePercentilesd(MapTransform):
 def invert_tinorm(x: Any, mean: Any, std: Any) -> Any:
     """Inverse TI-norm: ``x * std + mean`` in float64, returned in ``x``'s type and dtype."""
     if isinstance(x, torch.Tensor):
-        out = x.to(torch.float64) * torch.as_tensor(_np(std) if not isinstance(std, torch.Tensor) else std, dtype=torch.float64, device=x.device)
-        out = out + torch.as_tensor(_np(mean) if not isinstance(mean, torch.Tensor) else mean, dtype=torch.float64, device=x.device)
+        out = x.to(torch.float64) * torch.as_tensor(
+            _np(std) if not isinstance(std, torch.Tensor) else std, dtype=torch.float64, device=x.device
+        )
+        out = out + torch.as_tensor(
+            _np(mean) if not isinstance(mean, torch.Tensor) else mean, dtype=torch.float64, device=x.device
+        )
     else:
-        out = np.asarray(x, dtype=np.float64) * np.asarray(_np(std), dtype=np.float64) + np.asarray(_np(mean), dtype=np.float64)
+        out = np.asarray(x, dtype=np.float64) * np.asarray(_np(std), dtype=np.float64) + np.asarray(
+            _np(mean), dtype=np.float64
+        )
     return _cast_like(out, x)
 
 
@@ -282,7 +294,9 @@ class TINormd(MapTransform, InvertibleTransform):
             img = convert_to_tensor(d[key], track_meta=get_track_meta())
             x = _np(img)
             if not -x.shape[0] <= self.ref_index < x.shape[0]:
-                raise ValueError(f"TINormd({key}): ref_index {self.ref_index} out of range for {x.shape[0]} time points")
+                raise ValueError(
+                    f"TINormd({key}): ref_index {self.ref_index} out of range for {x.shape[0]} time points"
+                )
             ref = x[self.ref_index].astype(np.float64)
             if self.mask_key is not None:
                 ref = ref[_mask_for(d[self.mask_key], (1, *ref.shape), f"TINormd({key})")[0]]
@@ -292,7 +306,10 @@ class TINormd(MapTransform, InvertibleTransform):
             out = (img.to(torch.float64) - mean) / std
             out = convert_to_dst_type(out, dst=img, dtype=self.dtype)[0]
             d[key] = self.push_transform(out, extra_info={"mean": mean, "std": std})
-            d[f"{key}{self.suffix}"] = {"mean": torch.tensor([mean], dtype=torch.float64), "std": torch.tensor([std], dtype=torch.float64)}
+            d[f"{key}{self.suffix}"] = {
+                "mean": torch.tensor([mean], dtype=torch.float64),
+                "std": torch.tensor([std], dtype=torch.float64),
+            }
         return d
 
     def inverse(self, data: Mapping) -> dict:

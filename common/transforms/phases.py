@@ -162,8 +162,12 @@ class SelectPhasesd(MapTransform):
             x = d[key]
             for name in self.phases:
                 i = idx[name]
-                d[f"{self.output_prefix}{name}"] = x[i : i + 1].clone() if isinstance(x, torch.Tensor) else np.array(x[i : i + 1])
-            d[f"{key}_phases"] = {name: {"index": int(idx[name]), "time_s": float(times[idx[name]])} for name in self.phases}
+                d[f"{self.output_prefix}{name}"] = (
+                    x[i : i + 1].clone() if isinstance(x, torch.Tensor) else np.array(x[i : i + 1])
+                )
+            d[f"{key}_phases"] = {
+                name: {"index": int(idx[name]), "time_s": float(times[idx[name]])} for name in self.phases
+            }
             if self.remove_source:
                 del d[key]
         return d

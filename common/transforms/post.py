@@ -26,7 +26,9 @@ class SplitSamplesd(MapTransform):
             if x.shape[0] == 2 * self.out_channels:
                 d[key], d[f"{key}_std"] = x[: self.out_channels], x[self.out_channels :]
             elif x.shape[0] != self.out_channels:
-                raise ValueError(f"{key}: {x.shape[0]} channels, expected {self.out_channels} or {2 * self.out_channels}")
+                raise ValueError(
+                    f"{key}: {x.shape[0]} channels, expected {self.out_channels} or {2 * self.out_channels}"
+                )
         return d
 
 

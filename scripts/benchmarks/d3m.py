@@ -1,0 +1,149 @@
+"""D3M: per-volume (BraTS 240x240x155) inference at 250 and 50 DDIM steps, time per step, peak
+memory, training iterations per second, for the small and paper-sized networks (untrained: timing
+only). Network, scheduler, inferers and loss are the bundle's, parsed from its configs
+(``scripts.benchmarks.common.bundle_objects``). On a CPU one step of a few slices is measured and
+scaled to the volume (the row says so)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.device import get_device
+
+SHAPE = (240, 240, 155)
+CPU_SLICES = 4  # slices of one measured step on a CPU
+DEMO_RECORD = Path(__file__).resolve().parents[2] / "bundles" / "d3m" / "docs" / "demo_cpu_run.json"
+
+
+def build(preset: str, device_name: str, num_inference_steps: int = 1):
+    """The bundle's network (on ``device_name``) and volume inferer from ``configs/inference.json``."""
+    from scripts.benchmarks.common import bundle_objects
+
+    net, inferer, keys = bundle_objects(
+        "d3m",
+        "network",
+        "inferer",
+        "input_keys",
+        overrides={
+            "network_size": preset,
+            "device": device_name,
+            "num_inference_steps": num_inference_steps,
+            "inferer#progress": False,
+        },
+    )
+    return net, inferer, len(keys)
+
+
+def measure_inference(preset: str, device_name: str, shape: tuple[int, int, int] = SHAPE, steps=(250, 50)) -> dict:
+    """Seconds per step (all slices of the volume batched; on a CPU ``CPU_SLICES`` slices scaled to the volume)."""
+    from scripts.benchmarks.common import n_params, timed
+
+    device = torch.device(device_name)
+    net, one, c_cond = build(preset, device_name, 1)
+    net.eval()
+    d = shape[2] if device.type == "cuda" else CPU_SLICES
+    cond = torch.rand(1, c_cond, shape[0], shape[1], d, device=device)
+    t = timed(lambda: one(cond, net), repeat=1, warmup=1 if device.type == "cuda" else 0, device=device)
+    t_step = t * shape[2] / d
+    out = {
+        "step_s": t_step,
+        "params_m": n_params(net) / 1e6,
+        "scaled": d != shape[2],
+        **{f"vol{n}_s": t_step * n for n in steps},
+    }
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def measure_training(preset: str, device_name: str, batch: int = 16, iters: int = 3, size: int = 256) -> dict:
+    """Training iterations per second of the bundle's ``train#inferer`` + ``train#loss`` + ``train#optimizer``."""
+    from scripts.benchmarks.common import bundle_objects, n_params, timed
+
+    device = torch.device(device_name)
+    net, inferer, loss_fn, opt, sched = bundle_objects(
+        "d3m",
+        "network",
+        "train#inferer",
+        "train#loss",
+        "train#optimizer",
+        "scheduler",
+        config="train.json",
+        overrides={"network_size": preset, "device": device_name},
+    )
+    net.train()
+    x0 = torch.rand(batch, 2, size, size, device=device) * 2 - 1
+    c = torch.rand(batch, 3, size, size, device=device)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
+
+    def step():
+        t = torch.randint(0, sched.num_train_timesteps, (batch,), device=device)
+        noise = torch.randn_like(x0)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            loss = loss_fn(inferer(x0, net, noise, t, condition=c), sched.get_velocity(x0, noise, t))
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    n = iters if preset == "small" or device.type == "cuda" else 1
+    out = {
+        "ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device),
+        "params_m": n_params(net) / 1e6,
+    }
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def rows(tmp: Path) -> list[dict]:
+    from scripts.benchmarks.common import measure_on
+
+    devices = ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
+    out = []
+    for dev in devices:
+        for preset in ("small", "paper"):
+            res, mem = measure_on(dev, measure_inference, preset, dev)
+            for steps in (250, 50):
+                note = f"{res['params_m']:.1f}M params, all slices batched; {mem}"
+                if res["scaled"]:
+                    note += f"; one step of {CPU_SLICES} slices measured and scaled to 155 slices x {steps} steps"
+                out.append(
+                    {
+                        "what": f"d3m inference, one 240x240x155 volume, {steps} DDIM steps, {preset} net",
+                        "value": f"{res[f'vol{steps}_s']:.0f} s ({res['step_s']:.2f} s/step)",
+                        "device": dev,
+                        "note": note,
+                    }
+                )
+            batch = 16 if (preset == "small" or dev == "cuda") else 2
+            train, mem = measure_on(dev, measure_training, preset, dev, batch)
+            out.append(
+                {
+                    "what": f"d3m training, batch {batch} slices 256x256, {preset} net",
+                    "value": f"{train['ips']:.2f} it/s",
+                    "device": dev,
+                    "note": f"Adam, abar-weighted v MSE + smoothness, warp in the graph{', AMP' if dev == 'cuda' else ''}; {mem}"
+                    + ("" if batch == 16 else "; the paper's batch 16 is too large for a CPU run"),
+                }
+            )
+    return out + demo_row()
+
+
+def demo_row() -> list[dict]:
+    """The recorded short CPU training (docs/demo_cpu_run.json), not re-run."""
+    import json
+
+    if not DEMO_RECORD.exists():
+        return []
+    rec = json.loads(DEMO_RECORD.read_text())
+    return [
+        {
+            "what": f"d3m tumour-region PSNR / SSIM on {rec['n_cases']} held-out brain phantoms ({rec['iterations']} iterations)",
+            "value": rec["value"],
+            "device": rec.get("device", "cpu"),
+            "note": f"{rec['note']} (recorded in bundles/d3m/docs/demo_cpu_run.json, not re-run here)",
+        }
+    ]
