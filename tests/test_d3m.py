@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.inferers_d3m import D3MInferer, D3MLoss, D3MPrepareBatch, warp, x0_eps_from_v
+from common.inferers.d3m import D3MInferer, D3MLoss, D3MPrepareBatch, warp, x0_eps_from_v
 from common.networks.d3m import D3MNetwork, DualDecoderDiffusionUNet
 from common.schedulers.sigmoid import SigmoidDDIMScheduler
 
@@ -167,7 +167,7 @@ def _write(path, data, affine=None):
 def test_brats_reader_split_and_bad_inputs(tmp_path):
     from monai.transforms import LoadImaged
 
-    from common.data_brats import BratsMasksd, CheckSameGridd, brats_datalist, split_cases
+    from common.data.brats import BratsMasksd, CheckSameGridd, brats_datalist, split_cases
 
     split = split_cases([f"c{i}" for i in range(10)], seed=0)
     assert [len(split[k]) for k in ("training", "validation", "test")] == [8, 1, 1]
