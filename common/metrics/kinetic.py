@@ -5,6 +5,8 @@
 * :func:`kinetic_curve` -- the mean intensity inside a mask at every time point of a DCE series.
 * :func:`curve_spearman` -- Spearman rank correlation between a predicted and a true kinetic curve.
 * :func:`dtw_distance` -- classic dynamic time warping distance between two curves.
+* :func:`relative_change`, :func:`kinetic_type` -- the kinetic curve type (I persistent, II plateau,
+  III washout) from the change between the first post-contrast phase and the last.
 
 Inputs may be numpy arrays or torch tensors; everything is computed in float64 numpy.
 """
@@ -16,7 +18,17 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-__all__ = ["mean_in_mask", "enhancement_error", "enhancement_errors", "kinetic_curve", "curve_spearman", "dtw_distance"]
+__all__ = [
+    "KINETIC_THRESHOLD",
+    "relative_change",
+    "kinetic_type",
+    "mean_in_mask",
+    "enhancement_error",
+    "enhancement_errors",
+    "kinetic_curve",
+    "curve_spearman",
+    "dtw_distance",
+]
 
 
 def _np(x: Any) -> np.ndarray:
@@ -115,3 +127,34 @@ def dtw_distance(x: Sequence[float], y: Sequence[float]) -> float:
         for j in range(1, m + 1):
             d[i, j] = cost[i - 1, j - 1] + min(d[i - 1, j], d[i, j - 1], d[i - 1, j - 1])
     return float(d[n, m])
+
+
+KINETIC_THRESHOLD = 0.10  # +-10 % change from the first post-contrast phase to the last
+
+
+def relative_change(curve: Sequence[float], times: Sequence[float], relative_to: str = "signal") -> float:
+    """Delayed-phase change of a signal-time curve (pre-contrast first).
+
+    ``(S_last - S_early) / S_early`` (``relative_to="signal"``, the phantoms' ground-truth rule) or
+    ``(S_last - S_early) / (S_early - S_pre)`` (``relative_to="enhancement"``, relative to the early
+    enhancement); S_pre is ``curve[0]``, S_early the first post-contrast phase (the first time point
+    after ``times[0]``), S_last the last phase.
+    """
+    curve, times = np.asarray(curve, float), np.asarray(times, float)
+    if curve.shape != times.shape or curve.ndim != 1 or len(curve) < 3:
+        raise ValueError(f"need a 1D curve of at least 3 points matching times, got {curve.shape} and {times.shape}")
+    if relative_to not in ("signal", "enhancement"):
+        raise ValueError(f"relative_to must be 'signal' or 'enhancement', got {relative_to!r}")
+    early = int(np.nonzero(times > times[0])[0][0])
+    denom = curve[early] if relative_to == "signal" else curve[early] - curve[0]
+    return float((curve[-1] - curve[early]) / denom)
+
+
+def kinetic_type(
+    curve: Sequence[float], times: Sequence[float], threshold: float = KINETIC_THRESHOLD, relative_to: str = "signal"
+) -> str:
+    """Kinetic curve type of a signal-time curve (pre-contrast first): ``"I"`` persistent
+    (:func:`relative_change` > +``threshold``), ``"II"`` plateau (within +-``threshold``) or ``"III"``
+    washout (< -``threshold``)."""
+    r = relative_change(curve, times, relative_to)
+    return "I" if r > threshold else ("III" if r < -threshold else "II")

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.io import save_json, save_nifti
 from common.layout import DATALIST, DCE_TIMES, MANIFEST, split_ids
+from common.metrics.kinetic import KINETIC_THRESHOLD, kinetic_type, relative_change  # noqa: F401 (the rule lives there)
 from common.phantoms.pk import HAEMATOCRIT, PARKER, R1_GD_3T, TissuePK, spgr_signal, tissue_curves
 from common.phantoms.shapes import (
     BiasField,
@@ -42,11 +43,17 @@ from common.phantoms.shapes import (
 
 TIMES_S = (0.0, 85.0, 155.0, 225.0, 295.0, 365.0)
 KINETIC_TYPES = ("I", "II", "III")
-THRESHOLD = 0.10  # +-10 % change from the first post-contrast phase to the last
+THRESHOLD = KINETIC_THRESHOLD  # +-10 % change from the first post-contrast phase to the last
 
 #: SPGR protocol of the breast DCE.
-PROTOCOL = {"TR_s": 0.0045, "flip_deg": 10.0, "r1_per_mM_s": R1_GD_3T, "scale": 20000.0, "noise": 6.0,
-            "fat_suppression": 0.15}
+PROTOCOL = {
+    "TR_s": 0.0045,
+    "flip_deg": 10.0,
+    "r1_per_mM_s": R1_GD_3T,
+    "scale": 20000.0,
+    "noise": 6.0,
+    "fat_suppression": 0.15,
+}
 
 #: Tissue T1 (s), proton density and extended Tofts parameters (Ktrans, kep in 1/min).
 TISSUES: dict[str, dict[str, Any]] = {
@@ -67,32 +74,21 @@ TYPE_RANGES = {
 }
 
 
-def relative_change(curve: Sequence[float], times: Sequence[float]) -> float:
-    """``(S_last - S_early) / S_early``: S_early is the first post-contrast phase (the first time
-    point after ``times[0]``, the pre-contrast phase), S_last the last phase."""
-    curve, times = np.asarray(curve, float), np.asarray(times, float)
-    if curve.shape != times.shape or curve.ndim != 1 or len(curve) < 3:
-        raise ValueError(f"need a 1D curve of at least 3 points matching times, got {curve.shape} and {times.shape}")
-    early = int(np.nonzero(times > times[0])[0][0])
-    return float((curve[-1] - curve[early]) / curve[early])
-
-
-def kinetic_type(curve: Sequence[float], times: Sequence[float], threshold: float = THRESHOLD) -> str:
-    """Kinetic curve type of a signal-time curve (pre-contrast first): ``"I"`` persistent
-    (change from the first post-contrast phase to the last > +10 %), ``"II"`` plateau (within
-    +-10 %) or ``"III"`` washout (< -10 %)."""
-    r = relative_change(curve, times)
-    return "I" if r > threshold else ("III" if r < -threshold else "II")
-
-
 def _lesion_signal(pk: TissuePK, T1: float, PD: float, times: np.ndarray, arrival: float) -> np.ndarray:
     c = tissue_curves(times, {"l": pk}, arrival)["l"]
     P = PROTOCOL
     return spgr_signal(PD * P["scale"], T1, c, P["r1_per_mM_s"], P["TR_s"], P["flip_deg"])
 
 
-def sample_lesion_pk(rng: np.random.Generator, ktype: str, times: np.ndarray, arrival: float, T1: float = 1.4,
-                     PD: float = 0.8, max_tries: int = 500) -> tuple[TissuePK, float]:
+def sample_lesion_pk(
+    rng: np.random.Generator,
+    ktype: str,
+    times: np.ndarray,
+    arrival: float,
+    T1: float = 1.4,
+    PD: float = 0.8,
+    max_tries: int = 500,
+) -> tuple[TissuePK, float]:
     """Tofts parameters whose noise-free curve has kinetic type ``ktype`` with a margin.
 
     Returns:
@@ -159,9 +155,12 @@ def make_breast_phantom(
     directions = np.array([[-1.0, 0, 0], [0, -1.0, 0], [0, 0, 1.0]]).T
     A = grid_affine(shape, spacing, directions, (0.0, 0.0, 0.0))
     size = min(fov[0] * 0.36, 75.0)
-    breast = random_ellipsoid(rng, (0, y_cw, 0), (size, 0.62 * fov[1], min(0.5 * fov[2] + 10, 60)), jitter=0.08, bump=0.04,
-                              rotate_deg=4)
-    inner = Ellipsoid(breast.center + np.array([0, 4.0, 0]), breast.radii - 6.0, breast.rotation, breast.bumps, breast.phases)
+    breast = random_ellipsoid(
+        rng, (0, y_cw, 0), (size, 0.62 * fov[1], min(0.5 * fov[2] + 10, 60)), jitter=0.08, bump=0.04, rotate_deg=4
+    )
+    inner = Ellipsoid(
+        breast.center + np.array([0, 4.0, 0]), breast.radii - 6.0, breast.rotation, breast.bumps, breast.phases
+    )
     skin = Ellipsoid(breast.center, breast.radii + 2.0, breast.rotation, breast.bumps, breast.phases)
     thorax_c = np.array([0.0, y_cw - 130.0, 0.0])
     lung = Ellipsoid(thorax_c, np.array([170.0, 118.0, 400.0]))
@@ -184,21 +183,43 @@ def make_breast_phantom(
         half = fov / 2 - radius - 2 * np.asarray(spacing, float)
         for _ in range(2000):  # in the gland region in front of the chest wall, in the FOV, apart from the others
             p = inner.center + rng.uniform(-1, 1, 3) * inner.radii * 0.8
-            if (inner.distance(p[None])[0] < -radius - 3 and p[1] > y_cw + radius + 8 and np.all(np.abs(p) < half)
-                    and all(np.linalg.norm(p - q) > radius + r + 4 for q, r in placed)):
+            if (
+                inner.distance(p[None])[0] < -radius - 3
+                and p[1] > y_cw + radius + 8
+                and np.all(np.abs(p) < half)
+                and all(np.linalg.norm(p - q) > radius + r + 4 for q, r in placed)
+            ):
                 break
         placed.append((p, radius))
-        shp = random_ellipsoid(rng, p, np.full(3, radius), jitter=0.2, bump=0.15 if ktype == "III" else 0.06, rotate_deg=40)
+        shp = random_ellipsoid(
+            rng, p, np.full(3, radius), jitter=0.2, bump=0.15 if ktype == "III" else 0.06, rotate_deg=40
+        )
         T1 = float(rng.uniform(1.3, 1.5))
         pk, change = sample_lesion_pk(rng, ktype, times, arrival, T1=T1)
         name = f"lesion{i + 1}"
         tissues[name] = {"T1": T1, "PD": 0.8, "pk": pk}
         lesion_items.append((name, shp, breast))
-        lesions.append({"label": i + 1, "kinetic_type": ktype, **pk.as_dict(), "T1_s": T1, **shp.describe(),
-                        "relative_change_noise_free": change})
+        lesions.append(
+            {
+                "label": i + 1,
+                "kinetic_type": ktype,
+                **pk.as_dict(),
+                "T1_s": T1,
+                **shp.describe(),
+                "relative_change_noise_free": change,
+            }
+        )
 
-    scene = Scene(lesion_items + [("lung", lung, None), ("muscle", pectoralis, None), ("fgt", fgt, None),
-                                  ("fat", breast, None), ("skin", skin, None)])
+    scene = Scene(
+        lesion_items
+        + [
+            ("lung", lung, None),
+            ("muscle", pectoralis, None),
+            ("fgt", fgt, None),
+            ("fat", breast, None),
+            ("skin", skin, None),
+        ]
+    )
     curves = tissue_curves(times, {n: t["pk"] for n, t in tissues.items()}, arrival)
     P = PROTOCOL
     table = {}
@@ -219,16 +240,32 @@ def make_breast_phantom(
         lesions[j]["voxels"] = int((lesion_mask == j + 1).sum())
     truth = {
         "seed": seed if isinstance(seed, (int, np.integer)) else list(seed),
-        "tissues": {n: {"T1_s": t["T1"], "PD": t["PD"], **t["pk"].as_dict()} for n, t in tissues.items() if not n.startswith("lesion")},
-        "aif": {"model": "Parker 2006 (dcmri.aif_parker), whole blood", **PARKER, "bolus_arrival_s": arrival,
-                "haematocrit": HAEMATOCRIT},
+        "tissues": {
+            n: {"T1_s": t["T1"], "PD": t["PD"], **t["pk"].as_dict()}
+            for n, t in tissues.items()
+            if not n.startswith("lesion")
+        },
+        "aif": {
+            "model": "Parker 2006 (dcmri.aif_parker), whole blood",
+            **PARKER,
+            "bolus_arrival_s": arrival,
+            "haematocrit": HAEMATOCRIT,
+        },
         "kinetics": "extended Tofts (dcmri.conc_tissue kinetics='HF'), Ktrans and kep in 1/min",
         "protocol": PROTOCOL,
         "kinetic_type_rule": "change from the first post-contrast phase to the last: > +10% I, within +-10% II, < -10% III",
         "fibroglandular_threshold": density,
     }
-    return BreastPhantom(seed=seed, dce=dce, times_s=times, affine=A, breast_mask=breast_mask, lesion_mask=lesion_mask,
-                         lesions=lesions, truth=truth)
+    return BreastPhantom(
+        seed=seed,
+        dce=dce,
+        times_s=times,
+        affine=A,
+        breast_mask=breast_mask,
+        lesion_mask=lesion_mask,
+        lesions=lesions,
+        truth=truth,
+    )
 
 
 def write_breast_case(ph: BreastPhantom, case_dir: str | os.PathLike, case_id: str) -> dict[str, Any]:
@@ -240,9 +277,15 @@ def write_breast_case(ph: BreastPhantom, case_dir: str | os.PathLike, case_id: s
     save_nifti(ph.breast_mask, ph.affine, case_dir / "breast_mask.nii.gz", dtype=np.uint8)
     save_nifti(ph.lesion_mask, ph.affine, case_dir / "lesion_mask.nii.gz", dtype=np.uint8)
     save_json({"times_s": ph.times_s.tolist()}, case_dir / DCE_TIMES)
-    manifest = {"id": case_id, "source": "phantom", "kind": "breast", "times_s": ph.times_s.tolist(),
-                "lesions": ph.lesions, "grid": {"shape": list(ph.breast_mask.shape), "affine": ph.affine.tolist()},
-                "ground_truth": ph.truth}
+    manifest = {
+        "id": case_id,
+        "source": "phantom",
+        "kind": "breast",
+        "times_s": ph.times_s.tolist(),
+        "lesions": ph.lesions,
+        "grid": {"shape": list(ph.breast_mask.shape), "affine": ph.affine.tolist()},
+        "ground_truth": ph.truth,
+    }
     save_json(manifest, case_dir / MANIFEST)
     return manifest
 
@@ -255,8 +298,9 @@ def _write_breast_subject(root: Path, sid: str, seed: Any, **kwargs) -> str:
     return sid
 
 
-def write_breast_phantoms(out: str | os.PathLike, n: int = 4, seed: int = 0, progress: bool = True, workers: int = 1,
-                          **kwargs) -> dict[str, Any]:
+def write_breast_phantoms(
+    out: str | os.PathLike, n: int = 4, seed: int = 0, progress: bool = True, workers: int = 1, **kwargs
+) -> dict[str, Any]:
     """Make ``n`` breast subjects ``breast-000``... under ``<out>/breast`` and its ``datalist.json``.
 
     Subject ``i`` uses the seed ``[seed, 2, i]``; ``kwargs`` go to :func:`make_breast_phantom`.
