@@ -1,0 +1,346 @@
+"""iterU-Net's chain: the network applied time point after time point, for training (the
+``SupervisedTrainer`` inferer) and for whole-volume inference (``SlidingWindowInferer``), plus the
+batch preparation and the DCE frame selection it reads.
+
+Shapes: a DCE series is channel-first, (B, T, X, Y, Z), time point 0 the pre-contrast frame P,
+TI-normed (``common.transforms.TINormd``). Times (B, T) in seconds after the pre-contrast frame (or
+after contrast arrival, for real series).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.inferers import Inferer, SlidingWindowInferer
+from monai.transforms import MapTransform
+
+from common.dce import detect_arrival, mean_curve
+from common.layout import DCE_TIMES
+from common.transforms.phases import _source_file, read_dce_times
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MODES",
+    "run_chain",
+    "IterUNetChainInferer",
+    "IterUNetVolumeInferer",
+    "IterUNetPrepareBatch",
+    "DCEFramesd",
+    "CheckSameGridd",
+    "copy_forward",
+    "linear_extrapolation",
+    "STAGES",
+    "train_mode",
+    "check_init_ckpt",
+]
+
+#: ``teacher``: warm-up, the real frame k is the input of step k -> k+1; ``recursive``: the chain feeds
+#: its own outputs forward from the start phase; ``direct``: the single-time-point baseline, every
+#: target predicted from [P, x_start] with its own target time, no recursion, fresh ConvLSTM state.
+MODES = ("teacher", "recursive", "direct")
+
+
+def _times_at(times: torch.Tensor, k: int, batch: int, time_input: str) -> torch.Tensor | float:
+    if time_input == "index":
+        return float(k)
+    t = times[:, k] if times.ndim == 2 else times[k].reshape(1)
+    return t.expand(batch) if t.numel() == 1 else t
+
+
+def run_chain(
+    network,
+    series: torch.Tensor,
+    times: torch.Tensor,
+    start: int = 1,
+    mode: str = "recursive",
+    time_input: str = "seconds",
+    n_out: int | None = None,
+) -> torch.Tensor:
+    """Predict time points ``start+1 .. start+n_out`` from ``series`` (B, T', *spatial).
+
+    Args:
+        network: ``network(x (B, 2, *sp), time (B,), state) -> (y (B, 1, *sp), state)`` (``IterUNet``).
+        series: TI-normed frames; ``[:, 0]`` is P, ``[:, start]`` the acquired start phase. ``teacher``
+            needs the real frames up to the second-to-last predicted one.
+        times: (B, T) or (T,) seconds of every time point (T >= start + 1 + n_out).
+        start: index of the acquired phase the chain starts from (1: the first post-contrast).
+        mode: one of :data:`MODES`.
+        time_input: ``"seconds"`` (the target's time) or ``"index"`` (the target's index k+1).
+        n_out: steps; default ``T - 1 - start``.
+
+    The ConvLSTM state starts at zero at the start of the chain (a new case) and persists over its
+    steps (``direct`` resets it every step). Returns (B, n_out, *spatial), channel s = time point start+1+s.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if time_input not in ("seconds", "index"):
+        raise ValueError(f"time_input must be 'seconds' or 'index', got {time_input!r}")
+    times = torch.as_tensor(times, device=series.device, dtype=torch.float32)
+    n_times = times.shape[-1]
+    n_out = n_times - 1 - start if n_out is None else int(n_out)
+    if start < 1 or n_out < 1 or start + n_out >= n_times:
+        raise ValueError(f"start phase {start} with {n_out} steps needs more than {n_times} time points")
+    if series.shape[1] <= start:
+        raise ValueError(f"start phase {start} needs {start + 1} frames, the series has {series.shape[1]}")
+    b = series.shape[0]
+    pre, x = series[:, :1], series[:, start : start + 1]
+    state, outs = None, []
+    for k in range(start, start + n_out):
+        if mode == "teacher":
+            x = series[:, k : k + 1]
+        elif mode == "direct":
+            x, state = series[:, start : start + 1], None
+        y, state = network(torch.cat([pre, x.to(pre.dtype)], dim=1), _times_at(times, k + 1, b, time_input), state)
+        outs.append(y)
+        x = y
+    return torch.cat(outs, dim=1)
+
+
+class IterUNetChainInferer(Inferer):
+    """The training forward: :func:`run_chain` on a batch of patches (gradients flow through the chain)."""
+
+    def __init__(self, start: int = 1, mode: str = "recursive", time_input: str = "seconds") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.start, self.mode, self.time_input = int(start), mode, time_input
+
+    def __call__(self, inputs: torch.Tensor, network, times: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return run_chain(network, inputs, times, self.start, self.mode, self.time_input)
+
+
+class IterUNetVolumeInferer(Inferer):
+    """Whole-volume inference: MONAI's ``SlidingWindowInferer`` over the series, the full chain run in
+    every window (each window starts with a fresh ConvLSTM state, as the training patches do).
+
+    Args:
+        roi_size: window (X, Y, Z); a dimension larger than the volume is cropped to it.
+        start, mode, time_input: as :func:`run_chain` (inference: ``recursive`` or ``direct``).
+        sw_batch_size, overlap, blend_mode: ``SlidingWindowInferer``'s.
+        amp: float16 autocast on CUDA (ignored on CPU).
+        progress: tqdm bar over the windows.
+
+    ``__call__(inputs (1, T', *sp), network, times (1, T))`` under ``torch.inference_mode`` returns
+    (1, T - 1 - start, *sp).
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int],
+        start: int = 1,
+        mode: str = "recursive",
+        time_input: str = "seconds",
+        sw_batch_size: int = 1,
+        overlap: float = 0.25,
+        blend_mode: str = "gaussian",
+        amp: bool = False,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode == "teacher":
+            raise ValueError("inference cannot use teacher forcing (it needs the frames it predicts)")
+        self.chain = IterUNetChainInferer(start, mode, time_input)
+        self.roi_size, self.amp = [int(r) for r in roi_size], bool(amp)
+        self.sw = dict(
+            sw_batch_size=int(sw_batch_size), overlap=float(overlap), mode=blend_mode, progress=bool(progress)
+        )
+
+    def __call__(self, inputs: torch.Tensor, network, times: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        roi = [min(r, s) if r > 0 else s for r, s in zip(self.roi_size, inputs.shape[2:])]
+        sw = SlidingWindowInferer(roi_size=roi, **self.sw)
+        times = torch.as_tensor(times)
+        if times.ndim == 2:
+            times = times[0]  # one case per batch: every window shares the case's times
+        frames = inputs[:, : self.chain.start + 1]  # only the acquired frames enter the chain
+        cuda = inputs.device.type == "cuda" and self.amp
+        amp = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            out = sw(frames, lambda patch: self.chain(patch, network, times))
+        return out.float()
+
+
+class IterUNetPrepareBatch:
+    """``SupervisedTrainer``/``Evaluator`` batch: inputs = the series (B, T, *sp), targets = its time
+    points after ``start`` (B, T - 1 - start, *sp) when present (else ``None``), kwargs ``times``."""
+
+    def __init__(self, series_key: str = "dce", times_key: str = "dce_times_s", start: int = 1) -> None:
+        self.series_key, self.times_key, self.start = series_key, times_key, int(start)
+
+    def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
+        x = batchdata[self.series_key]
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        x = x.to(device=device, non_blocking=non_blocking)
+        times = torch.as_tensor(batchdata[self.times_key]).to(device=device, dtype=torch.float32)
+        target = x[:, self.start + 1 :] if x.shape[1] == times.shape[-1] else None
+        return x, target, (), {"times": times}
+
+
+def copy_forward(series: np.ndarray, start: int, n_times: int) -> np.ndarray:
+    """Baseline: the acquired start phase copied to every later time point, (n_times - 1 - start, *sp)."""
+    return np.repeat(np.asarray(series[start : start + 1]), n_times - 1 - start, axis=0)
+
+
+def linear_extrapolation(series: np.ndarray, times: Sequence[float], start: int) -> np.ndarray:
+    """Baseline: the pre -> start-phase enhancement continued linearly in time,
+    ``x_start + (x_start - P) (t_k - t_start) / (t_start - t_0)`` for k > start."""
+    s, t = np.asarray(series, dtype=np.float64), np.asarray(times, dtype=np.float64)
+    slope = (s[start] - s[0]) / (t[start] - t[0])
+    return np.stack([s[start] + slope * (t[k] - t[start]) for k in range(start + 1, len(t))]).astype(np.float32)
+
+
+class DCEFramesd(MapTransform):
+    """Pick the frames of a 4D series (T, *sp) the chain uses and store their times.
+
+    * ``frame_offsets_s=None`` (the breast phantoms, any series acquired at the protocol's times):
+      every frame, with the times of ``dce_times.json``.
+    * ``frame_offsets_s=[85, 155, ...]`` (a real series with many time points, e.g. ProstateX): the
+      pre-contrast frame (the last before contrast arrival, found on the mean curve by
+      ``common.dce.detect_arrival``) and the frames nearest arrival + each offset; the stored times
+      are seconds after arrival (the pre frame negative or zero). Offsets past the end of the series
+      (by more than half a frame interval) are dropped with a warning.
+
+    Times: ``d[times_key]`` (path of a times JSON, or a list) if present, else ``dce_times.json``
+    beside the series file. ``d[output_times_key]`` = float32 tensor (T,), ``d[key + "_frames"]`` = the
+    indices chosen. Raises ``ValueError`` naming the file when the series has fewer than
+    ``min_frames`` frames.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "dce",
+        times_key: Hashable = "dce_times",
+        output_times_key: str = "dce_times_s",
+        frame_offsets_s: Sequence[float] | None = None,
+        min_frames: int = 3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.times_key, self.output_times_key = times_key, output_times_key
+        self.offsets = None if frame_offsets_s in (None, "", []) else [float(o) for o in frame_offsets_s]
+        self.min_frames = int(min_frames)
+
+    def _times(self, d: Mapping, key: Hashable, n: int) -> np.ndarray:
+        where = _source_file(d[key]) or str(key)
+        raw = d.get(self.times_key)
+        if isinstance(raw, (list, tuple, np.ndarray, torch.Tensor)):
+            times = np.asarray(raw, dtype=np.float64)
+        else:
+            from pathlib import Path
+
+            path = Path(raw) if raw else (Path(where).parent / DCE_TIMES)
+            if not path.is_file():
+                raise FileNotFoundError(f"{where}: no DCE times ({path} missing)")
+            times = np.asarray(read_dce_times(path), dtype=np.float64)
+        if times.size != n:
+            raise ValueError(f"{where}: {n} frames but {times.size} times")
+        return times
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            where = _source_file(x) or str(key)
+            if x.ndim != 4:
+                raise ValueError(
+                    f"{where}: expected a 4D DCE series (x, y, z, t), got shape {tuple(x.shape)} channel-first"
+                )
+            n = int(x.shape[0])
+            times = self._times(d, key, n)
+            idx = list(range(n))
+            if self.offsets is not None:
+                arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+                arrival = detect_arrival(times, mean_curve(np.moveaxis(arr, 0, -1)))
+                pre = max(arrival.index - 1, 0)
+                half = float(np.median(np.diff(times))) / 2 if n > 1 else 0.0
+                offsets = [o for o in self.offsets if arrival.time_s + o <= times[-1] + half]
+                if len(offsets) < len(self.offsets):
+                    logger.warning(
+                        "%s: the series ends at %.1f s, %.1f s after arrival: offsets %s s dropped",
+                        where,
+                        times[-1],
+                        times[-1] - arrival.time_s,
+                        [o for o in self.offsets if o not in offsets],
+                    )
+                idx = [pre] + [int(np.argmin(np.abs(times - (arrival.time_s + o)))) for o in offsets]
+                if len(set(idx)) != len(idx) or idx != sorted(idx):
+                    raise ValueError(
+                        f"{where}: frames {idx} for offsets {self.offsets} s after arrival "
+                        f"{arrival.time_s:.1f} s are not distinct and increasing (times {times.tolist()})"
+                    )
+                times = times[idx] - arrival.time_s
+            if len(idx) < self.min_frames:
+                raise ValueError(
+                    f"{where}: {len(idx)} frame(s), the chain needs at least {self.min_frames} "
+                    f"(pre-contrast, the start phase and a later one)"
+                )
+            d[key] = x[idx]
+            d[self.output_times_key] = torch.as_tensor(times, dtype=torch.float32)
+            d[f"{key}_frames"] = torch.as_tensor(idx)
+        return d
+
+
+class CheckSameGridd(MapTransform):
+    """Raise ``ValueError`` naming both files when an image's grid (spatial shape, affine) differs
+    from the reference's (``keys`` and ``reference_key`` loaded as MetaTensors, channel-first)."""
+
+    def __init__(
+        self, keys: KeysCollection, reference_key: str = "dce", atol: float = 1e-4, allow_missing_keys: bool = True
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key, self.atol = reference_key, float(atol)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        ref = d[self.reference_key]
+        ref_name = _source_file(ref) or self.reference_key
+        for key in self.key_iterator(d):
+            if key == self.reference_key:
+                continue
+            x = d[key]
+            name = _source_file(x) or key
+            same_shape = tuple(x.shape[1:]) == tuple(ref.shape[1:])
+            same_affine = (
+                hasattr(x, "affine")
+                and hasattr(ref, "affine")
+                and torch.allclose(x.affine.double(), ref.affine.double(), atol=self.atol)
+            )
+            if not (same_shape and same_affine):
+                raise ValueError(
+                    f"{name} ({key}) is not on the grid of {ref_name}: shape {tuple(x.shape[1:])} vs "
+                    f"{tuple(ref.shape[1:])}, affine\n{getattr(x, 'affine', None)}\nvs\n{getattr(ref, 'affine', None)}"
+                )
+        return d
+
+
+STAGES = ("warmup", "recursive")
+
+
+def train_mode(stage: str, chain_mode: str = "recursive") -> str:
+    """The chain mode a training stage uses: ``warmup`` -> ``teacher``; ``recursive`` -> ``chain_mode``
+    (``recursive``, or ``direct`` for the single-time-point baseline)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if chain_mode not in ("recursive", "direct"):
+        raise ValueError(f"chain_mode must be 'recursive' or 'direct', got {chain_mode!r}")
+    return "teacher" if stage == "warmup" else chain_mode
+
+
+def check_init_ckpt(path: str, resume_path: str = "") -> str:
+    """The warm-up weights the recursive stage starts from: ``""`` (none: the no-warm-up ablation, or a
+    resumed run) or an existing file; a missing file says how to make it."""
+    if not path or resume_path:
+        return ""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"no warm-up weights at {path}: run the warm-up stage first (--stage warmup), pass --init_ckpt <model.pt>, "
+            f"or --init_ckpt '' to train the recursive stage from scratch (the no-warm-up ablation)"
+        )
+    return str(path)

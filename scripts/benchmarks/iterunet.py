@@ -1,0 +1,171 @@
+"""iterU-Net: whole-volume inference per case (one 128x128x32 breast volume, the default phantom grid,
+4 predicted phases by sliding window) and training iterations per second (2 crops, recursive chain of 4
+steps) for the small and paper-sized networks, built from the bundle's configs (untrained: timing only);
+plus the recorded short CPU training vs. copying the early phase forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.device import get_device
+
+SHAPE = (128, 128, 32)
+TIMES = [0.0, 85.0, 155.0, 225.0, 295.0, 365.0]
+DEMO_RECORD = Path(__file__).resolve().parents[2] / "bundles" / "iterunet" / "docs" / "cpu_run.json"
+
+
+def measure_inference(preset: str, device_name: str) -> dict:
+    from scripts.benchmarks.common import bundle_objects, n_params, timed
+
+    net, inferer, roi = bundle_objects(
+        "iterunet",
+        "network",
+        "inferer",
+        "roi_size",
+        overrides={"network_size": preset, "device": device_name, "progress": False},
+    )
+    device = torch.device(device_name)
+    net.eval()
+    series = torch.randn(1, len(TIMES), *SHAPE, device=device)
+    times = torch.tensor([TIMES], device=device)
+    out = {"params_m": n_params(net) / 1e6, "roi": list(roi)}
+    if preset == "paper" and device.type == "cpu":  # one window's chain, scaled by the window count (and said so)
+        from monai.data.utils import dense_patch_slices
+        from monai.inferers.utils import _get_scan_interval
+
+        win = [min(r, s) for r, s in zip(roi, SHAPE)]
+        n_win = len(dense_patch_slices(SHAPE, win, _get_scan_interval(SHAPE, win, 3, (0.25,) * 3)))
+        patch = series[(slice(None), slice(None), *(slice(0, w) for w in win))]
+        t = timed(lambda: inferer(patch, net, times), device=device)
+        out.update(case_s=t * n_win, scaled=f"1 window {t:.1f} s x {n_win} windows")
+    else:
+        out.update(
+            case_s=timed(lambda: inferer(series, net, times), warmup=1 if device.type == "cuda" else 0, device=device),
+            scaled="",
+        )
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def measure_training(preset: str, device_name: str, iters: int = 3) -> dict:
+    """Training iterations per second of the recursive stage (``"ips"``; on CUDA also ``"peak_mib"``)."""
+    from scripts.benchmarks.common import bundle_objects, timed
+
+    net, inferer, loss_fn, opt, roi = bundle_objects(
+        "iterunet",
+        "network",
+        "train#inferer",
+        "train#loss",
+        "train#optimizer",
+        "patch_size",
+        config="train.json",
+        overrides={"network_size": preset, "device": device_name, "stage": "recursive", "init_ckpt": ""},
+    )
+    device = torch.device(device_name)
+    net.train()
+    series = torch.randn(2, len(TIMES), *roi, device=device)
+    times = torch.tensor([TIMES] * 2, device=device)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
+
+    def step():
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            loss = loss_fn(inferer(series, net, times), series[:, 2:])
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    n = iters if preset == "small" or device.type == "cuda" else 1
+    out = {"ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device), "roi": list(roi)}
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def rows(tmp: Path) -> list[dict]:
+    from scripts.benchmarks.common import measure_on
+
+    devices = ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
+    out = []
+    for dev in devices:
+        for preset in ("small", "paper"):
+            res, mem = measure_on(dev, measure_inference, preset, dev)
+            note = f"{res['params_m']:.1f}M params, windows {res['roi']}, 4 chained steps each; {mem}"
+            if res["scaled"]:
+                note += f"; {res['scaled']} (not run in full)"
+            out.append(
+                {
+                    "what": f"iterunet inference, one {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} breast volume -> 4 phases, {preset} net",
+                    "value": f"{res['case_s']:.1f} s / case",
+                    "device": dev,
+                    "note": note,
+                }
+            )
+            train, mem = measure_on(dev, measure_training, preset, dev)
+            out.append(
+                {
+                    "what": f"iterunet training (recursive stage, 4 steps), 2 crops {train['roi']}, {preset} net",
+                    "value": f"{train['ips']:.2f} it/s",
+                    "device": dev,
+                    "note": f"AdamW, 0.1 L1 + SSIM + 0.1 GDL summed over steps{', AMP' if dev == 'cuda' else ''}; {mem}",
+                }
+            )
+    return out + demo_row()
+
+
+def demo_row() -> list[dict]:
+    """The recorded short CPU training (``bundles/iterunet/docs/cpu_run.json``), not re-run here."""
+    import json
+
+    if not DEMO_RECORD.exists():
+        return []
+    rec = json.loads(DEMO_RECORD.read_text())
+    k = rec["kinetics"]
+    fmt = lambda m: (
+        f"enh_err {k[m]['enh_err']['mean']:.3g}, DTW {k[m]['dtw']['mean']:.0f}, "  # noqa: E731
+        f"type agreement {k[m]['type_agree']['mean']:.2f}"
+    )
+    return [
+        {
+            "what": f"iterunet lesion kinetics on {rec['n_lesions']} lesions of {rec['n_cases']} held-out breast phantoms "
+            f"({rec['iterations']})",
+            "value": f"model: {fmt('iterunet')}; copy_forward: {fmt('copy_forward')}",
+            "device": rec["device"],
+            "note": f"{rec['note']} (recorded in bundles/iterunet/docs/cpu_run.json, not re-run here)",
+        }
+    ]
+
+
+def record(eval_dir: str, iterations: str, note: str = "", device: str = "cpu") -> dict:
+    """Record a finished evaluation (its ``kinetics_summary.json`` and ``summary.json``) for the table:
+    ``python -m scripts.benchmarks.iterunet record --eval_dir <dir> --iterations "..." --note "..."``."""
+    import json
+
+    from common.io import save_json
+
+    eval_dir = Path(eval_dir)
+    kin = json.loads((eval_dir / "kinetics_summary.json").read_text())
+    image = json.loads((eval_dir / "summary.json").read_text())["summary"]
+    cases = {r.split("/")[0] for r in (eval_dir / "kinetics.csv").read_text().splitlines()[1:]}
+    rec = {
+        "iterations": iterations,
+        "device": device,
+        "note": note,
+        "n_cases": len(cases),
+        "n_lesions": next(iter(kin["summary"].values()))["dtw"]["n"],
+        "kinetics": kin["summary"],
+        "confusion": kin["confusion"],
+        "wilcoxon": kin["wilcoxon"],
+        "lesion_psnr": {k: v["psnr"]["mean"] for k, v in image.items() if k.endswith("/lesion_mask")},
+    }
+    save_json(rec, DEMO_RECORD)
+    return rec
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"record": record})

@@ -1,0 +1,322 @@
+"""The iterunet bundle end to end on tiny breast phantoms, through the command line a user types."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import bundle, bundle_here, check_bundle_configs, train_two_processes
+from monai.bundle import ConfigParser
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundles" / "iterunet" / "configs"
+TINY = ["--network_size", "small", "--num_workers", "0"]
+SHARED_BLOCKS = (
+    "series_key",
+    "mask_keys",
+    "grid_keys",
+    "start_phase",
+    "frame_offsets_s",
+    "tinorm_ref_index",
+    "tinorm_mask_key",
+    "time_input",
+    "temporal",
+    "chain_mode",
+    "network_size",
+    "patch_size",
+    "roi_size",
+    "network_def",
+    "network",
+    "preprocessing",
+    "prepare_batch",
+)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from common.phantoms import write_phantoms
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(out, kinds=("breast",), n_breast=4, small=True, progress=False)
+    return out / "breast"
+
+
+def test_configs_parse_and_share_their_blocks():
+    check_bundle_configs(
+        CONFIGS,
+        (
+            (
+                ["train.json"],
+                [
+                    "training",
+                    "run",
+                    "train#trainer",
+                    "train#inferer",
+                    "validate#evaluator",
+                    "validate#inferer",
+                    "network_def",
+                    "preprocessing",
+                    "stage",
+                    "init_ckpt",
+                    "train_section",
+                    "val_section",
+                ],
+            ),
+            (["train.json", "multi_gpu_train.json"], ["training", "network", "train#data_sampler"]),
+            (["inference.json", "evaluate.json"], ["evaluating", "run", "evaluator", "inferer", "postprocessing"]),
+        ),
+    )
+    train, infer = (json.loads((CONFIGS / f).read_text()) for f in ("train.json", "inference.json"))
+    for key in SHARED_BLOCKS:
+        assert json.dumps(train[key]) == json.dumps(infer[key]), key
+    p = ConfigParser()
+    p.read_config(str(CONFIGS / "train.json"))
+    p["network_size"] = "small"
+    assert p.get_parsed_content("train_mode") == "teacher" and p.get_parsed_content("init_ckpt") == ""
+    p["stage"] = "recursive"
+    assert p.get_parsed_content("train_mode") == "recursive"
+    assert p.get_parsed_content("init_ckpt") == str(ROOT / "bundles" / "iterunet" / "models" / "warmup" / "model.pt")
+    assert p.get_parsed_content("train#optimizer").defaults["weight_decay"] == 1e-3
+    assert p.get_parsed_content("train#optimizer").defaults["lr"] == 1e-4
+
+
+def test_train_both_stages_infer_evaluate(phantoms, tmp_path):
+    warm, rec, out = tmp_path / "warmup", tmp_path / "recursive", tmp_path / "eval"
+    common = ["--dataset_dir", str(phantoms), "--num_iterations", "2", "--epoch_length", "1", *TINY]
+    bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--output_dir",
+        str(warm),
+        "--val_interval",
+        "2",
+        "--val_max_cases",
+        "1",
+        *common,
+    )
+    assert torch.load(warm / "checkpoints" / "checkpoint_final.pt", weights_only=True)["trainer"]["iteration"] == 2
+    res = bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--output_dir",
+        str(rec),
+        "--stage",
+        "recursive",
+        "--init_ckpt",
+        str(warm / "model.pt"),
+        "--val_interval",
+        "0",
+        *common,
+        cwd=tmp_path,
+    )
+    assert f"Restored all variables from {warm / 'model.pt'}" in res.stdout + res.stderr
+    configs = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']"
+    bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        configs,
+        "--dataset_dir",
+        str(phantoms),
+        "--ckpt_path",
+        str(rec / "model.pt"),
+        "--output_dir",
+        str(out),
+        "--network_size",
+        "small",
+        "--progress",
+        "false",
+    )
+    test_ids = [e["id"] for e in json.loads((phantoms / "datalist.json").read_text())["test"]]
+    for cid in test_ids:
+        src = nib.load(phantoms / cid / "dce.nii.gz")
+        img = nib.load(out / cid / "dce_synth.nii.gz")
+        assert img.shape == src.shape[:3] + (4,) and np.array_equal(img.affine, src.affine)
+        assert np.isfinite(img.get_fdata()).all()
+        kin = json.loads((out / cid / "kinetics.json").read_text())
+        assert kin["times_s"] == [0.0, 85.0, 155.0, 225.0, 295.0, 365.0] and kin["predicted_phases"] == [
+            "t155s",
+            "t225s",
+            "t295s",
+            "t365s",
+        ]
+        dce = src.get_fdata()
+        lesions = nib.load(phantoms / cid / "lesion_mask.nii.gz").get_fdata()
+        for lab, entry in kin["lesions"].items():
+            real = dce[lesions == int(lab)].mean(0)  # the acquired series' mean lesion curve, from the files
+            np.testing.assert_allclose(entry["real"]["curve"], real, rtol=1e-5)
+            np.testing.assert_allclose(entry["copy_forward"]["curve"], list(real[:2]) + [real[1]] * 4, rtol=1e-5)
+        assert (out / cid / "panel.png").stat().st_size > 0 and (out / cid / "kinetics.png").stat().st_size > 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert {r["method"] for r in rows} == {"iterunet", "copy_forward", "linear"}
+    assert {r["region"] for r in rows} == {"whole", "breast_mask", "lesion_mask"}
+    assert {r["phase"] for r in rows} == {"t155s", "t225s", "t295s", "t365s"}
+    kin_rows = list(csv.DictReader(open(out / "kinetics.csv")))
+    cid = test_ids[0]
+    dce = nib.load(phantoms / cid / "dce.nii.gz").get_fdata()
+    lesions = nib.load(phantoms / cid / "lesion_mask.nii.gz").get_fdata()
+    copy1 = next(r for r in kin_rows if r["method"] == "copy_forward" and r["case"] == f"{cid}/lesion1")
+    m = dce[lesions == 1].mean(0)
+    assert float(copy1["enh_err_t365s"]) == pytest.approx(
+        (m[1] - m[5]) ** 2, rel=1e-4
+    )  # squared error of the mean lesion intensity
+    summary = json.loads((out / "kinetics_summary.json").read_text())
+    assert set(summary["wilcoxon"]) == {"iterunet vs copy_forward", "iterunet vs linear"}
+    assert sum(map(sum, summary["confusion"]["copy_forward"])) == len({r["case"] for r in kin_rows})
+    assert (out / "summary.md").exists() and not (phantoms / cid / "panel.png").exists()  # inputs untouched
+
+
+def test_ablations_run_as_overrides(phantoms, tmp_path):
+    common = [
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(phantoms),
+        "--num_iterations",
+        "1",
+        "--epoch_length",
+        "1",
+        "--val_interval",
+        "0",
+        *TINY,
+    ]
+    runs = {
+        "no_warmup": ["--stage", "recursive", "--init_ckpt", ""],
+        "no_temporal": ["--temporal", "false"],
+        "single_time_point": ["--stage", "recursive", "--chain_mode", "direct", "--init_ckpt", ""],
+    }
+    for name, extra in runs.items():
+        bundle_here("run", "training", "--output_dir", str(tmp_path / name), *common, *extra)
+        state = torch.load(tmp_path / name / "model.pt", weights_only=True)
+        assert any(k.startswith("lstm.") for k in state) == (name != "no_temporal"), name
+    # a missing --init_ckpt and a perceptual term without local weights stop with a message: tests/test_iterunet.py
+
+
+def test_multi_gpu_config_trains_the_recursive_stage_with_two_processes(phantoms, tmp_path):
+    train_two_processes(
+        CONFIGS,
+        tmp_path / "ddp",
+        "--dataset_dir",
+        str(phantoms),
+        "--stage",
+        "recursive",
+        "--init_ckpt",
+        "",
+        "--val_interval",
+        "0",
+        *TINY,
+    )
+
+
+def _raises(fn, exc_type, pattern: str):
+    """``fn()`` raises ``exc_type`` matching ``pattern`` itself or as the cause MONAI wraps (``Compose`` re-raises
+    a transform's error as a ``RuntimeError`` from it)."""
+    import re
+
+    with pytest.raises(Exception) as info:
+        fn()
+    err = info.value
+    while err is not None and not (isinstance(err, exc_type) and re.search(pattern, str(err))):
+        err = err.__cause__
+    assert err is not None, f"no {exc_type.__name__} matching {pattern!r} in {info.value!r}"
+
+
+def _preprocessing():
+    p = ConfigParser()
+    p.read_config(str(CONFIGS / "inference.json"))
+    p["network_size"] = "small"
+    return p.get_parsed_content("preprocessing")
+
+
+def test_bad_inputs_name_the_file(phantoms, tmp_path):
+    from common.handlers.iterunet import IterUNetMetrics
+    from common.io import save_nifti
+
+    src = phantoms / "breast-000"
+    dce = nib.load(src / "dce.nii.gz")
+    arr, affine = dce.get_fdata(dtype=np.float32), dce.affine
+    pre = _preprocessing()
+    # too few frames for the start phase and a target
+    short = tmp_path / "short"
+    save_nifti(arr[..., :2], affine, short / "dce.nii.gz")
+    (short / "dce_times.json").write_text(json.dumps({"times_s": [0, 85]}))
+    _raises(
+        lambda: pre({"id": "short", "dce": str(short / "dce.nii.gz")}),
+        ValueError,
+        rf"{short / 'dce.nii.gz'}: 2 frame\(s\)",
+    )
+    # a mask on another grid
+    shifted = affine.copy()
+    shifted[:3, 3] += 5.0
+    save_nifti(nib.load(src / "lesion_mask.nii.gz").get_fdata(), shifted, tmp_path / "other" / "lesion_mask.nii.gz")
+    _raises(
+        lambda: pre(
+            {"id": "b", "dce": str(src / "dce.nii.gz"), "lesion_mask": str(tmp_path / "other" / "lesion_mask.nii.gz")}
+        ),
+        ValueError,
+        r"lesion_mask.nii.gz \(lesion_mask\) is not on the grid of .*breast-000/dce.nii.gz",
+    )
+    # lesion metrics asked for without a lesion mask
+    item = pre({"id": "b", "dce": str(src / "dce.nii.gz"), "dce_times": str(src / "dce_times.json")})
+    out = {"image": item["dce"], "pred": item["dce"][2:], "label": item["dce"][2:]}
+    with pytest.raises(FileNotFoundError, match=rf"{src / 'dce.nii.gz'}: no lesion mask"):
+        IterUNetMetrics(tmp_path / "eval").score(item, out)
+    IterUNetMetrics(tmp_path / "eval", lesion_metrics=False).score(item, out)  # image metrics only: fine
+
+
+def test_runs_on_the_real_prostatex_series(prepared_prostatex, tmp_path):
+    """ProstateX-0218's 70 real DCE time points as prepared by the ingest: the pre frame and the frames
+    nearest arrival + 85..365 s; untrained weights (geometry, times and finiteness are what is checked)."""
+    from common.networks.iterunet import IterUNet
+
+    case = prepared_prostatex["case"]
+    torch.save(IterUNet("small").state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "out"
+    bundle_here(
+        "run",
+        "evaluating",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--case_dir",
+        str(case),
+        "--ckpt_path",
+        str(tmp_path / "model.pt"),
+        "--output_dir",
+        str(out),
+        "--network_size",
+        "small",
+        "--frame_offsets_s",
+        "[85,155,225,295,365]",
+        "--mask_keys",
+        "['organ_mask']",
+        "--progress",
+        "false",
+    )
+    src = nib.load(case / "dce.nii.gz")
+    img = nib.load(out / case.name / "dce_synth.nii.gz")
+    assert img.shape[:3] == src.shape[:3] and np.array_equal(img.affine, src.affine)
+    assert np.isfinite(img.get_fdata()).all()
+    all_times = np.array(json.loads((case / "dce_times.json").read_text())["times_s"])
+    assert len(all_times) == src.shape[3] > 6
+    kin = json.loads((out / case.name / "kinetics.json").read_text())
+    t = np.array(kin["times_s"])
+    spacing = float(np.max(np.diff(all_times)))
+    # the series ends 299 s after its start: offsets past its end are dropped, at least 85/155/225 s remain
+    assert len(t) >= 4 and t[0] <= 0 < t[1] and img.shape[3] == len(t) - 2  # pre before arrival; start phase = 85 s
+    assert np.all(np.abs(t[1:] - [85, 155, 225, 295, 365][: len(t) - 1]) <= spacing / 2 + 1e-3)  # nearest frames
+    assert kin["curve_region"] in (
+        "organ_mask",
+        "enhancing",
+    )  # no lesion mask: the organ, else the most enhancing voxels
+    (entry,) = kin["lesions"].values()
+    assert len(entry["model"]["curve"]) == len(t) and np.isfinite(entry["model"]["curve"]).all()
+    assert entry["model"]["kinetic_type"] in ("I", "II", "III") and (out / case.name / "kinetics.png").exists()
