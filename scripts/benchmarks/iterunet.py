@@ -124,8 +124,8 @@ def demo_row() -> list[dict]:
         return []
     rec = json.loads(DEMO_RECORD.read_text())
     k = rec["kinetics"]
-    fmt = lambda m: (
-        f"enh_err {k[m]['enh_err']['mean']:.3g}, DTW {k[m]['dtw']['mean']:.0f}, "  # noqa: E731
+    fmt = lambda m: (  # noqa: E731
+        f"enh_err {k[m]['enh_err']['mean']:.3g}, DTW {k[m]['dtw']['mean']:.0f}, "
         f"type agreement {k[m]['type_agree']['mean']:.2f}"
     )
     return [
