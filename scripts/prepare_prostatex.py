@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from common.engines import flag  # noqa: E402
+from common.bundle import flag  # noqa: E402
 from common.ingest import IngestConfig, IngestError, RegistrationSettings, prepare_dataset  # noqa: E402
 
 #: IngestConfig fields whose option has another name (kept from the first version of this script).
