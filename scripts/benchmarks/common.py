@@ -76,6 +76,27 @@ def timed(fn: Callable[[], Any], repeat: int = 1, warmup: int = 0, device: torch
     return best
 
 
+def training_rate(compute_loss: Callable[[], torch.Tensor], optimizer, device: torch.device, n: int) -> dict:
+    """Optimiser steps per second (``"ips"``) of ``n`` training steps, AMP with a gradient scaler on CUDA
+    (as the bundles' trainers run), after one warm-up step; on CUDA also the peak GPU memory
+    (``"peak_mib"``). ``compute_loss()`` runs the forward pass and returns the loss."""
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler(enabled=cuda)
+
+    def step():
+        with torch.autocast(device.type, enabled=cuda):
+            loss = compute_loss()
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    out = {"ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device)}
+    if cuda:
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 def _child(conn, fn, args):
     try:
         out = fn(*args)

@@ -60,7 +60,7 @@ def measure_inference(preset: str, device_name: str, shape: tuple[int, int, int]
 
 def measure_training(preset: str, device_name: str, batch: int = 16, iters: int = 3, size: int = 256) -> dict:
     """Training iterations per second of the bundle's ``train#inferer`` + ``train#loss`` + ``train#optimizer``."""
-    from scripts.benchmarks.common import bundle_objects, n_params, timed
+    from scripts.benchmarks.common import bundle_objects, n_params, training_rate
 
     device = torch.device(device_name)
     net, inferer, loss_fn, opt, sched = bundle_objects(
@@ -76,26 +76,14 @@ def measure_training(preset: str, device_name: str, batch: int = 16, iters: int 
     net.train()
     x0 = torch.rand(batch, 2, size, size, device=device) * 2 - 1
     c = torch.rand(batch, 3, size, size, device=device)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
 
-    def step():
+    def loss():
         t = torch.randint(0, sched.num_train_timesteps, (batch,), device=device)
         noise = torch.randn_like(x0)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            loss = loss_fn(inferer(x0, net, noise, t, condition=c), sched.get_velocity(x0, noise, t))
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        return loss_fn(inferer(x0, net, noise, t, condition=c), sched.get_velocity(x0, noise, t))
 
     n = iters if preset == "small" or device.type == "cuda" else 1
-    out = {
-        "ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device),
-        "params_m": n_params(net) / 1e6,
-    }
-    if device.type == "cuda":
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    return {**training_rate(loss, opt, device, n), "params_m": n_params(net) / 1e6}
 
 
 def rows(tmp: Path) -> list[dict]:

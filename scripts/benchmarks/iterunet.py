@@ -52,7 +52,7 @@ def measure_inference(preset: str, device_name: str) -> dict:
 
 def measure_training(preset: str, device_name: str, iters: int = 3) -> dict:
     """Training iterations per second of the recursive stage (``"ips"``; on CUDA also ``"peak_mib"``)."""
-    from scripts.benchmarks.common import bundle_objects, timed
+    from scripts.benchmarks.common import bundle_objects, training_rate
 
     net, inferer, loss_fn, opt, roi = bundle_objects(
         "iterunet",
@@ -68,21 +68,10 @@ def measure_training(preset: str, device_name: str, iters: int = 3) -> dict:
     net.train()
     series = torch.randn(2, len(TIMES), *roi, device=device)
     times = torch.tensor([TIMES] * 2, device=device)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
-
-    def step():
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            loss = loss_fn(inferer(series, net, times), series[:, 2:])
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
 
     n = iters if preset == "small" or device.type == "cuda" else 1
-    out = {"ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device), "roi": list(roi)}
-    if device.type == "cuda":
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    rate = training_rate(lambda: loss_fn(inferer(series, net, times), series[:, 2:]), opt, device, n)
+    return {**rate, "roi": list(roi)}
 
 
 def rows(tmp: Path) -> list[dict]:

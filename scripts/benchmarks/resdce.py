@@ -68,7 +68,7 @@ def measure_training(
     """Training iterations per second (``"ips"``; on CUDA also ``"peak_mib"``, and ``"params_m"``) of
     the bundle's training forward (``train#inferer``), loss (``train#loss``) and optimiser
     (``train#optimizer``) from ``configs/train.json``, on random batches of ``batch`` slices."""
-    from scripts.benchmarks.common import bundle_objects, n_params, timed
+    from scripts.benchmarks.common import bundle_objects, n_params, training_rate
 
     device = torch.device(device_name)
     net, inferer, loss_fn, opt, t_max, in_keys, out_keys = bundle_objects(
@@ -86,25 +86,13 @@ def measure_training(
     net.train()
     x0 = torch.randn(batch, len(out_keys), *shape, device=device)
     y = torch.randn(batch, len(in_keys), *shape, device=device)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
 
-    def step():
+    def loss():
         t = torch.randint(0, t_max, (batch,), device=device)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            loss = loss_fn(inferer(x0, net, torch.randn_like(x0), t, condition=y), x0)
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        return loss_fn(inferer(x0, net, torch.randn_like(x0), t, condition=y), x0)
 
     n = iters if preset == "small" or device.type == "cuda" else 1
-    out = {
-        "ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device),
-        "params_m": n_params(net) / 1e6,
-    }
-    if device.type == "cuda":
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    return {**training_rate(loss, opt, device, n), "params_m": n_params(net) / 1e6}
 
 
 def rows(tmp: Path) -> list[dict]:
