@@ -92,22 +92,17 @@ class ConfigRecord:
         return dict(self.settings)
 
     def mismatches(self, saved: dict) -> list[str]:
-        """``"id: checkpoint has A, this run B"`` for every recorded setting that differs."""
-        return [
-            f"{k}: the checkpoint has {saved[k]!r}, this run {v!r}"
-            for k, v in self.settings.items()
-            if k in saved and saved[k] != v
-        ]
+        """The recorded settings whose value in ``saved`` differs from this run's."""
+        return [k for k, v in self.settings.items() if k in saved and saved[k] != v]
 
     def load_state_dict(self, saved: dict, path: str | os.PathLike | None = None) -> None:
         wrong = self.mismatches(saved)
         if wrong:
             where = f"checkpoint {path}" if path else "the checkpoint"
-            hint = " ".join(
-                f"--{k} {_cli(saved[k])}" for k in self.settings if k in saved and saved[k] != self.settings[k]
-            )
+            what = "; ".join(f"{k}: the checkpoint has {saved[k]!r}, this run {self.settings[k]!r}" for k in wrong)
+            hint = " ".join(f"--{k} {_cli(saved[k])}" for k in wrong)
             raise ValueError(
-                f"{where} was trained with other settings ({'; '.join(wrong)}): pass {hint} "
+                f"{where} was trained with other settings ({what}): pass {hint} "
                 "(or the checkpoint that matches this configuration)"
             )
 
