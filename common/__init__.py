@@ -11,14 +11,21 @@ Sub-modules load on first attribute access (``common.inferers``), so a bundle co
 """
 
 import importlib
+import sys
+
+from common import errors as _errors
 
 __version__ = "0.1.0"
+
+if _errors._is_bundle_run(sys.argv):  # a bundle run ends a user's mistake with one line (common.errors)
+    _errors.install()
 
 _SUBMODULES = (
     "bundle",
     "data",
     "dce",
     "device",
+    "errors",
     "engines",
     "handlers",
     "inferers",

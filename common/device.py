@@ -6,17 +6,31 @@ import torch
 
 
 def get_device(device: str | torch.device | None = None) -> torch.device:
-    """Return ``device`` if given (``"cuda"``, ``"cuda:1"``, ``"cpu"``), else CUDA when available, else CPU.
+    """The device to run on: CUDA when available and ``device`` is not given (``None``, ``""`` or
+    ``"auto"``), else CPU; a given ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``)
+    is checked and returned.
 
-    Asking for CUDA on a machine without it falls back to the CPU instead of failing, so one config
-    runs on a workstation and on a laptop.
+    Raises:
+        ValueError: naming ``--device`` when the string is not a device, or asks for CUDA on a
+        machine without it (or for a GPU index the machine does not have), instead of torch's
+        ``AssertionError: Torch not compiled with CUDA enabled`` at the first ``.to(device)``.
     """
     if device is None or str(device) in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r}: not a device ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                "torch.cuda.is_available() is False); use --device cpu, or leave --device out to choose automatically"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    return dev
 
 
 def amp_enabled(device: str | torch.device | None = None) -> bool:

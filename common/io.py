@@ -49,6 +49,38 @@ def atomic_path(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] 
             tmp.unlink()
 
 
+def output_folder(path: str | os.PathLike, name: str = "output_dir") -> str:
+    """Create ``path`` if needed and check that files can be written there, BEFORE any work is done.
+
+    A run that would only find out after an hour of sampling that its output folder is a file, or is
+    read-only, stops at once with one message naming the setting and the path.
+
+    Args:
+        path: the output folder.
+        name: the setting it came from (``output_dir``, ``out``), named in the message.
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        NotADirectoryError / PermissionError naming ``--{name}`` and the path.
+    """
+    folder = Path(path).expanduser()
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            raise NotADirectoryError(f"--{name} {path}: {p} is a file, not a folder; give a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except PermissionError:
+        raise PermissionError(f"--{name} {path}: cannot write into this folder (permission denied)") from None
+    except OSError as e:
+        raise PermissionError(f"--{name} {path}: cannot write into this folder ({e.strerror or e})") from None
+    return str(path)
+
+
 def save_nifti(
     array: np.ndarray,
     affine: np.ndarray,

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from common.bundle import positive_int
+
 __all__ = ["DiffusionVolumeInferer"]
 
 
@@ -27,8 +29,9 @@ class DiffusionVolumeInferer(Inferer):
         sampler: an object with MONAI's ``DiffusionInferer.sample`` signature (e.g.
             :class:`ResidualShiftInferer` or DCE-diff's noise-level inferer).
         out_channels: channels of the synthesised image C_out.
-        num_inference_steps: if given, ``sampler.scheduler.set_timesteps(num_inference_steps)`` is
-            called before sampling (respaced sampling).
+        num_inference_steps: if given (not ``None``), ``sampler.scheduler.set_timesteps(num_inference_steps)``
+            is called before sampling (respaced sampling); anything but a whole number >= 1 is refused
+            with a message naming ``--num_inference_steps`` (0 once meant "the trained number").
         num_samples: draws per volume; > 1 returns the mean in channels ``[0, C_out)`` and the
             pixel-wise standard deviation in ``[C_out, 2 C_out)``.
         slice_batch_size: slices per forward pass; ``None`` or <= 0 means all slices at once.
@@ -55,12 +58,12 @@ class DiffusionVolumeInferer(Inferer):
         progress: bool = True,
     ) -> None:
         super().__init__()
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.sampler = sampler
         self.out_channels = int(out_channels)
-        self.num_inference_steps = num_inference_steps
-        self.num_samples = int(num_samples)
+        self.num_inference_steps = (
+            None if num_inference_steps is None else positive_int(num_inference_steps, "num_inference_steps")
+        )
+        self.num_samples = positive_int(num_samples, "num_samples")
         self.slice_batch_size = slice_batch_size
         self.spatial_divisor = int(spatial_divisor)
         self.amp = amp
@@ -97,7 +100,7 @@ class DiffusionVolumeInferer(Inferer):
             raise ValueError(f"expected a conditioning volume (B, C, H, W, D), got shape {tuple(inputs.shape)}")
         if not torch.isfinite(inputs).all():
             raise ValueError("the conditioning volume contains NaN or infinite values")
-        if self.num_inference_steps:
+        if self.num_inference_steps is not None:
             self.sampler.scheduler.set_timesteps(int(self.num_inference_steps), device=inputs.device)
         b, c, h, w, d = inputs.shape
         plain = (

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from common.errors import UserError
 
-class IngestError(Exception):
+
+class IngestError(UserError):
     """A study that cannot be ingested: the message names the patient, the series folder and the problem.
 
     Attributes:

@@ -1,7 +1,7 @@
 """MONAI dictionary transforms that MONAI lacks: invertible percentile scaling and TI-norm, crops
 around a mask. Input checks live in ``common.transforms.checks``."""
 
-from .checks import CheckImaged, CheckSameGridd
+from .checks import CheckImaged, CheckPatchSized, CheckSameGridd, ReadImaged
 from .crop import CropAroundMaskd, box_start, crop_or_pad, mask_centroid
 from .degrade import ResampleToReferenced, SimulateLowResolutiond, simulate_low_resolution
 from .intensity import (
@@ -21,7 +21,9 @@ __all__ = [
     "InvertScalingd",
     "SplitSamplesd",
     "CheckImaged",
+    "CheckPatchSized",
     "CheckSameGridd",
+    "ReadImaged",
     "ScaleLikeReferenced",
     "SelectPhasesd",
     "SimulateLowResolutiond",

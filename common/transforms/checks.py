@@ -7,7 +7,7 @@ from typing import Hashable, Mapping
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import LoadImaged, MapTransform
 
 
 def _name(data: Mapping, key: Hashable) -> str:
@@ -112,3 +112,74 @@ class CheckSameGridd(MapTransform):
                     f"{np.round(ref_aff[:3, 3], 2).tolist()}); every volume of a case must be on one grid"
                 )
         return d
+
+
+class CheckPatchSized(MapTransform):
+    """Raise ``ValueError`` naming the setting and the file when a training patch is larger than
+    the image it is cut from.
+
+    MONAI's random crops shrink a too-large ``roi_size`` to the image without a word, so
+    ``--patch_size [256, 256]`` on 160 x 160 slices would silently train on whole slices.
+
+    Args:
+        keys: keys of channel-first images (C, H, W[, D]).
+        patch_size: the requested patch, one entry per leading spatial dim; ``-1`` (or any value
+            <= 0) means the whole extent along that dim. Trailing spatial dims not listed are not
+            checked (e.g. the slice axis of a 2D patch cut from a 3D volume).
+        name: the setting named in the message.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, patch_size, name: str = "patch_size", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.patch_size = [int(p) for p in patch_size]
+        self.name = name
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            shape = tuple(d[key].shape[1:])
+            too_big = [(p, s) for p, s in zip(self.patch_size, shape) if p > s]
+            if too_big:
+                wanted = [p if p > 0 else s for p, s in zip(self.patch_size, shape)]
+                raise ValueError(
+                    f"--{self.name} {self.patch_size}: larger than the image {_name(d, key)} ({key}), "
+                    f"spatial shape {shape}; the patch {wanted} does not fit (use at most "
+                    f"{list(shape[: len(self.patch_size)])}, or -1 for the whole extent)"
+                )
+        return d
+
+
+class ReadImaged(LoadImaged):
+    """MONAI's ``LoadImaged`` that names the file it could not read.
+
+    A truncated ``.nii.gz`` otherwise ends in nibabel's ``EOFError: Compressed file ended before the
+    end-of-stream marker was reached`` under "applying transform LoadImaged", with no file named.
+    Arguments are ``LoadImaged``'s; the output is the same.
+
+    Raises:
+        ValueError: ``"<file> (<key>): cannot be read (<reason>); is it truncated, or not an image?"``.
+    """
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as e:
+            culprit, cause = None, e
+            for key in self.key_iterator(dict(data)):  # the failure path only: find the file that fails alone
+                try:
+                    self._loader(data[key], reader)
+                except Exception as one:
+                    culprit, cause = key, one
+                    break
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            what = (
+                f"{data[culprit]} ({culprit})"
+                if culprit is not None
+                else ", ".join(f"{data[k]} ({k})" for k in self.key_iterator(dict(data)))
+            )
+            first = str(cause).splitlines()[0] if str(cause) else ""
+            reason = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+            raise ValueError(f"{what}: cannot be read ({reason}); is it truncated, or not an image?") from None
