@@ -151,11 +151,9 @@ def check_checkpoint(path: str | os.PathLike, record: ConfigRecord | None = None
             f"no trained weights at {path}: train the bundle first (python -m monai.bundle run training "
             f"--config_file <bundle>/configs/train.json) or pass --ckpt_path <model.pt>"
         )
-    if record is not None:
-        ckpt = _read_checkpoint(path)
-        saved = ckpt.get("config")
-        if isinstance(saved, dict):
-            record.load_state_dict(saved, path)
+    saved = _read_checkpoint(path).get("config")  # a truncated or foreign file is named here, not at load time
+    if record is not None and isinstance(saved, dict):
+        record.load_state_dict(saved, path)
     return str(path)
 
 

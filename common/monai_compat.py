@@ -29,6 +29,8 @@ import copy
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 
+from common.bundle import positive_int
+
 __all__ = ["consistent_timesteps", "ddim_steps_offset", "float64_levels", "float64_tables"]
 
 
@@ -132,7 +134,7 @@ def consistent_timesteps(scheduler: Scheduler, num_inference_steps: int) -> Sche
     """
     if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
         raise ValueError(f"consistent_timesteps needs a DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}")
-    n, t = int(num_inference_steps), int(scheduler.num_train_timesteps)
+    n, t = positive_int(num_inference_steps, "num_inference_steps"), int(scheduler.num_train_timesteps)
     if isinstance(scheduler, DDIMScheduler):
         scheduler.steps_offset = ddim_steps_offset(t, n)
     elif n != t:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,208 @@ def test_datalist_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"lists the case id\(s\) \['case-0'\] more than once"):
         load_datalist(_datalist(tmp_path, json.dumps({"training": [entry, entry]})))
     assert [e["id"] for e in load_datalist(_datalist(tmp_path, json.dumps({"training": [entry]})))] == ["case-0"]
+
+
+# --- settings and files that stop a run before any work, each with one line (common.errors) ---
+
+
+def _raised(parser: ConfigParser, id_: str) -> str:
+    """The one line a user sees when resolving ``id_`` fails (what ``common.errors``' hook prints)."""
+    from common.errors import user_message
+
+    with pytest.raises(Exception) as e:
+        parser.get_parsed_content(id_)
+    message = user_message(e.value)
+    assert message is not None, f"not a one-line user error: {e.value!r}"
+    assert "\n" not in message, message
+    return message
+
+
+def _parser(bundle: str, file: str = "inference.json", **overrides) -> ConfigParser:
+    p = ConfigParser()
+    p.read_config(str(ROOT / "bundles" / bundle / "configs" / file))
+    for k, v in overrides.items():
+        p[k] = v
+    return p
+
+
+def _tree_digest(folder: Path) -> dict:
+    import hashlib
+
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.rglob("*") if f.is_file()
+    }
+
+
+@pytest.mark.parametrize("bundle", ["resdce", "dcediff", "ressrdiff", "iterunet", "d3m"])
+def test_run_stops_before_work_with_one_line(tmp_path, bundle):
+    case = _case(tmp_path / "data")
+    before = _tree_digest(case)
+    out = tmp_path / "out"
+    common = {"case_dir": str(case), "output_dir": str(out), "ckpt_path": str(tmp_path / "missing.pt")}
+    # a device this machine does not have: not the silent CUDA -> CPU fallback, not torch's AssertionError
+    msg = _raised(_parser(bundle, **common, device="cuda:7"), "evaluating")
+    assert msg.startswith("--device cuda:7: "), msg
+    assert "CUDA is not available" in msg or "CUDA device(s)" in msg, msg
+    msg = _raised(_parser(bundle, **common, device="gpu0"), "evaluating")
+    assert msg.startswith("--device 'gpu0': not a device"), msg
+    # output folder that is a file / lies under a file: found before the network is built
+    (tmp_path / "a_file").write_text("x")
+    msg = _raised(_parser(bundle, **{**common, "output_dir": str(tmp_path / "a_file")}, device="cpu"), "evaluating")
+    assert (
+        msg == f"--output_dir {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder; give a folder path"
+    )
+    msg = _raised(
+        _parser(bundle, **{**common, "output_dir": str(tmp_path / "a_file" / "x")}, device="cpu"), "evaluating"
+    )
+    assert "is a file, not a folder" in msg
+    # no weights: named, with the command that makes them
+    msg = _raised(_parser(bundle, **common, device="cpu"), "evaluating")
+    assert msg.startswith(f"no trained weights at {tmp_path / 'missing.pt'}: train the bundle first"), msg
+    # a truncated checkpoint
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+    msg = _raised(_parser(bundle, **{**common, "ckpt_path": str(tmp_path / "broken.pt")}, device="cpu"), "evaluating")
+    assert msg.startswith(f"cannot read the checkpoint {tmp_path / 'broken.pt'}: "), msg
+    assert not out.exists() or not any(out.iterdir()), "nothing may be written when a run stops before work"
+    assert _tree_digest(case) == before, "inputs must be unchanged"
+
+
+def test_unwritable_output_message(tmp_path, monkeypatch):
+    """The permission path of ``output_folder`` (also where the tests run as root)."""
+    import tempfile
+
+    from common.io import output_folder
+
+    def deny(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", deny)
+    with pytest.raises(
+        PermissionError, match=rf"^--out {tmp_path}: cannot write into this folder \(permission denied\)$"
+    ):
+        output_folder(tmp_path, "out")
+
+
+@pytest.mark.parametrize("bundle", ["resdce", "ressrdiff", "dcediff"])
+def test_sampling_settings_below_one_are_refused(bundle):
+    for steps in (0, -3, 2.5):
+        msg = _raised(_parser(bundle, num_inference_steps=steps), "inferer")
+        assert msg == f"--num_inference_steps: expected a whole number >= 1, got {steps!r}", msg
+    msg = _raised(_parser(bundle, num_samples=0), "inferer")
+    assert msg == "--num_samples: expected a whole number >= 1, got 0", msg
+
+
+@pytest.mark.parametrize("bundle", ["resdce", "dcediff", "ressrdiff", "iterunet", "d3m"])
+def test_training_settings_below_one_are_refused(bundle):
+    for key, value in (("num_iterations", 0), ("epoch_length", 0), ("num_iterations", -5)):
+        msg = _raised(_parser(bundle, "train.json", **{key: value}), "epochs")
+        assert msg == f"--{key}: expected a whole number >= 1, got {value!r}", msg
+    if bundle in ("resdce", "dcediff", "ressrdiff"):
+        for value in (0, -4):
+            msg = _raised(_parser(bundle, "train.json", batch_size=value), "slice_batching")
+            assert msg == f"--batch_size: expected a whole number >= 1, got {value!r}", msg
+
+
+@pytest.mark.parametrize("bundle, extra", [("resdce", {}), ("dcediff", {"phase_source": "prepared"})])
+def test_patch_larger_than_image_is_refused(tmp_path, bundle, extra):
+    from common.errors import user_message
+
+    p = _parser(bundle, "train.json", **extra)
+    keys = p.get_parsed_content("input_keys") + p.get_parsed_content("target_keys")
+    rng = np.random.default_rng(0)
+    for k in keys:
+        save_nifti(rng.random((16, 16, 4)).astype(np.float32) + 1.0, _affine(), tmp_path / "case-0" / f"{k}.nii.gz")
+    entry = {"id": "case-0", **{k: f"case-0/{k}.nii.gz" for k in keys}}
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [entry], "validation": [entry]}))
+
+    def first_patch(patch_size):
+        p = _parser(bundle, "train.json", dataset_dir=str(tmp_path), patch_size=patch_size, **extra)
+        return p.get_parsed_content("train#preprocessing")(p.get_parsed_content("train#datalist")[0])[0]
+
+    with pytest.raises(Exception) as e:
+        first_patch([256, 256])
+    msg = user_message(e.value)
+    assert msg is not None and msg.startswith("--patch_size [256, 256]: larger than the image "), msg
+    assert "spatial shape (16, 16, 4)" in msg and "use at most [16, 16]" in msg, msg
+    # a patch that fits, and the whole-slice default, pass
+    assert tuple(first_patch([8, 8])["image"].shape[1:]) == (8, 8)
+    assert tuple(first_patch([-1, -1])["image"].shape[1:]) == (16, 16)
+
+
+def test_truncated_nifti_is_named(tmp_path):
+    case = _case(tmp_path)
+    path = case / "adc.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    p = _parser("resdce", case_dir=str(case))
+    pre = p.get_parsed_content("preprocessing")
+    with pytest.raises(Exception) as e:
+        pre(p.get_parsed_content("datalist")[0])
+    from common.errors import user_message
+
+    msg = user_message(e.value)
+    assert msg == (
+        f"{path} (adc): cannot be read (EOFError: Compressed file ended before the end-of-stream marker was "
+        "reached); is it truncated, or not an image?"
+    ), msg
+
+
+def test_bundle_run_ends_with_one_line_and_debug_shows_the_traceback(tmp_path):
+    """The real command line: ``python -m monai.bundle run`` prints the message alone (exit 1);
+    ``GADOFREE_DEBUG=1`` gives Python's traceback."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(ROOT / "bundles/resdce/configs/inference.json"),
+    ]
+    cmd += ["--device", "cuda:7", "--output_dir", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines[-2].startswith("error: --device cuda:7: "), res.stderr[-2000:]
+    assert lines[-1] == "(set GADOFREE_DEBUG=1 for the full traceback)"
+    assert "Traceback" not in res.stderr
+
+
+def test_debug_flag_and_bugs_keep_the_traceback(monkeypatch, capsys):
+    from common import errors
+
+    def user_error():
+        from common.bundle import positive_int
+
+        try:
+            positive_int(0, "batch_size")
+        except ValueError as e:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from e
+
+    try:
+        user_error()
+    except RuntimeError as e:
+        exc = e
+    errors._hook(type(exc), exc, exc.__traceback__)
+    assert capsys.readouterr().err == (
+        "error: --batch_size: expected a whole number >= 1, got 0\n(set GADOFREE_DEBUG=1 for the full traceback)\n"
+    )
+    monkeypatch.setenv("GADOFREE_DEBUG", "1")
+    errors._hook(type(exc), exc, exc.__traceback__)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "Failed to evaluate ConfigExpression" in err
+    monkeypatch.delenv("GADOFREE_DEBUG")
+    # an error raised outside this package (a bug, or a library's message) keeps its traceback
+    try:
+        {}["x"]
+    except KeyError as e:
+        exc = e
+    assert errors.user_message(exc) is None
+    try:
+        int("x")
+    except ValueError as e:
+        exc = e
+    assert errors.user_message(exc) is None
