@@ -31,6 +31,7 @@ DCE_4D = "dce"
 DCE_TIMES = "dce_times.json"
 MANIFEST = "manifest.json"
 DATALIST = "datalist.json"
+SECTIONS = ("training", "validation", "test")
 
 
 def case_entry(case_dir: str | os.PathLike, root: str | os.PathLike) -> dict[str, str]:
@@ -68,6 +69,37 @@ def split_ids(ids: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1), 
     }
 
 
+def extend_split(
+    previous: Mapping[str, Sequence[str]], ids: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Keep every case where an earlier split put it; place only the new ones.
+
+    Adding studies to a prepared folder must never move a held-out case into training. Each new id
+    (sorted) goes to the split furthest below its share ``fraction * n`` of the grown total
+    (ties: test, then validation, then training), so repeated additions keep the fractions.
+
+    Args:
+        previous: ``{"training": [...], "validation": [...], "test": [...]}`` of the earlier datalist.
+        ids: every case id present now (ids of ``previous`` no longer present are dropped).
+        fractions: training/validation/test shares.
+
+    Returns:
+        ``(split, added)``: the new split and, per section, the ids placed in it now.
+    """
+    names = ("training", "validation", "test")
+    present = set(ids)
+    split = {k: sorted(i for i in previous.get(k, []) if i in present) for k in names}
+    known = {i for v in split.values() for i in v}
+    added: dict[str, list[str]] = {k: [] for k in names}
+    for i in sorted(present - known):
+        n = sum(len(v) for v in split.values()) + 1
+        deficit = {k: f * n - len(split[k]) for k, f in zip(names, fractions)}
+        target = max(reversed(names), key=lambda k: deficit[k] if fractions[names.index(k)] > 0 else -1e9)
+        split[target].append(i)
+        added[target].append(i)
+    return {k: sorted(v) for k, v in split.items()}, added
+
+
 def write_datalist(
     root: str | os.PathLike,
     case_dirs: Iterable[str | os.PathLike] | None = None,
@@ -75,19 +107,63 @@ def write_datalist(
     seed: int = 0,
     extra: Mapping[str, object] | None = None,
 ) -> Path:
+    """:func:`update_datalist`, returning only the path."""
+    return update_datalist(root, case_dirs, fractions, seed, extra)[0]
+
+
+def update_datalist(
+    root: str | os.PathLike,
+    case_dirs: Iterable[str | os.PathLike] | None = None,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    extra: Mapping[str, object] | None = None,
+) -> tuple[Path, dict[str, list[str]]]:
     """Write ``<root>/datalist.json`` for the prepared cases below ``root`` (or ``case_dirs``).
 
-    A case folder counts when it holds a ``manifest.json``. Returns the datalist path.
+    A case folder counts when it holds a ``manifest.json``. When ``datalist.json`` exists already
+    with the same ``fractions`` and ``seed``, every case keeps its section and only new cases are
+    placed (:func:`extend_split`); what was added where is logged. Other settings re-split all cases
+    (:func:`split_ids`) with a warning. Returns the datalist path and, per section, the ids placed
+    in it by this call (every id, on a first or fresh split).
     """
+    import json
+    import logging
+
+    log = logging.getLogger(__name__)
     root = Path(root)
     if case_dirs is None:
         case_dirs = sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
     entries = {Path(c).name: case_entry(c, root) for c in case_dirs}
     if not entries:
         raise FileNotFoundError(f"{root}: no prepared cases (folders with {MANIFEST}) to list")
-    split = split_ids(list(entries), fractions, seed)
+    settings = {"fractions": [float(f) for f in fractions], "seed": seed}
+    previous = None
+    if (root / DATALIST).is_file():
+        try:
+            previous = json.loads((root / DATALIST).read_text())
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s); splitting all cases anew", root / DATALIST, e)
+    old = previous.get("split") if isinstance(previous, dict) else None
+    if (
+        isinstance(old, dict)
+        and [float(f) for f in old.get("fractions", [])] == settings["fractions"]
+        and old.get("seed") == seed
+    ):
+        ids_of = {k: [e["id"] for e in previous.get(k, []) if isinstance(e, dict) and "id" in e] for k in SECTIONS}
+        split, added = extend_split(ids_of, list(entries), fractions)
+        for k, v in added.items():
+            if v:
+                log.info("%s: %d new case(s) placed in %s: %s", root / DATALIST, len(v), k, ", ".join(v))
+        gone = sorted({i for v in ids_of.values() for i in v} - set(entries))
+        if gone:
+            log.warning("%s: case(s) no longer prepared, dropped: %s", root / DATALIST, ", ".join(gone))
+    else:
+        if previous is not None:
+            log.warning("%s: split settings changed (%s -> %s); all cases split anew", root / DATALIST, old, settings)
+        split = split_ids(list(entries), fractions, seed)
+        added = {k: list(v) for k, v in split.items()}
     datalist: dict[str, object] = {k: [entries[i] for i in v] for k, v in split.items()}
-    datalist["split"] = {"fractions": list(fractions), "seed": seed}
+    datalist["split"] = settings
     if extra:
         datalist.update(extra)
-    return save_json(datalist, root / DATALIST)
+    return save_json(datalist, root / DATALIST), added

@@ -187,6 +187,8 @@ def main(src: str, out: str, **values: Any) -> None:
     for s in summary["skipped"]:
         print(f"  skipped {s['id']}: {s['reason']}")
     print(f"datalist: {summary['datalist']}")
+    for section, ids in summary.get("placed", {}).items():
+        print(f"  placed in {section}: {', '.join(ids)}")
     print(f"skipped list: {summary['skipped_json']}")
     if not summary["datalist"]:
         sys.exit(1)

@@ -297,3 +297,51 @@ def test_debug_flag_and_bugs_keep_the_traceback(monkeypatch, capsys):
     except ValueError as e:
         exc = e
     assert errors.user_message(exc) is None
+
+
+def test_split_is_stable_when_studies_are_added(tmp_path, caplog):
+    """35 single-study additions to an ingest output never move a case (the reshuffle once moved
+    22 of 35 held-out cases); the new ones keep the 0.8/0.1/0.1 shares."""
+    import logging
+
+    from common.layout import DATALIST, MANIFEST, split_ids, write_datalist
+
+    def add_case(cid):
+        (tmp_path / cid).mkdir()
+        (tmp_path / cid / MANIFEST).write_text("{}")
+        save_nifti(np.ones((2, 2, 2), np.float32), np.eye(4), tmp_path / cid / "t2w.nii.gz")
+
+    def sections():
+        d = json.loads((tmp_path / DATALIST).read_text())
+        return {e["id"]: k for k in ("training", "validation", "test") for e in d[k]}
+
+    for i in range(10):
+        add_case(f"P{i:03d}")
+    write_datalist(tmp_path)
+    first = sections()
+    assert first == {i: k for k, v in split_ids([f"P{i:03d}" for i in range(10)]).items() for i in v}
+    history = dict(first)
+    for i in range(10, 45):
+        add_case(f"P{i:03d}")
+        with caplog.at_level(logging.INFO, logger="common.layout"):
+            write_datalist(tmp_path)
+        now = sections()
+        assert {c: now[c] for c in history} == history, f"a case moved when P{i:03d} was added"
+        assert f"P{i:03d}" in caplog.text and "new case(s) placed in" in caplog.text
+        history = now
+    counts = {k: sum(v == k for v in history.values()) for k in ("training", "validation", "test")}
+    assert counts == {"training": 36, "validation": 5, "test": 4} or counts == {
+        "training": 36,
+        "validation": 4,
+        "test": 5,
+    }
+    # a removed case is dropped with a warning; other settings re-split everything, with a warning
+    import shutil
+
+    shutil.rmtree(tmp_path / "P003")
+    with caplog.at_level(logging.WARNING, logger="common.layout"):
+        write_datalist(tmp_path)
+    assert "no longer prepared, dropped: P003" in caplog.text and "P003" not in sections()
+    with caplog.at_level(logging.WARNING, logger="common.layout"):
+        write_datalist(tmp_path, seed=1)
+    assert "split settings changed" in caplog.text

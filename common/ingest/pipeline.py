@@ -42,7 +42,7 @@ from common.ingest.rules import Rules, load_rules
 from common.ingest.series import read_frame, scan_study
 from common.ingest.study import StudySelection, classify_study
 from common.io import load_nifti, save_json, save_nifti
-from common.layout import DCE_4D, DCE_TIMES, MANIFEST, write_datalist
+from common.layout import DCE_4D, DCE_TIMES, MANIFEST, update_datalist
 
 log = logging.getLogger(__name__)
 
@@ -853,7 +853,9 @@ def prepare_dataset(
 
     Patients with a finished case (``<out>/<id>/manifest.json``) are skipped unless
     ``config.overwrite``. A study that fails is recorded in ``skipped.json`` with the reason and
-    leaves nothing behind. Returns a summary ``{"prepared", "existing", "skipped", "datalist", ...}``.
+    leaves nothing behind. Cases already in ``datalist.json`` keep their section (new ones are placed,
+    see :func:`common.layout.update_datalist`). Returns a summary ``{"prepared", "existing", "skipped",
+    "datalist", "placed" (section -> ids placed now), ...}``.
     """
     cfg = config or IngestConfig()
     out = Path(out)
@@ -933,9 +935,9 @@ def prepare_dataset(
         out / SKIPPED,
     )
     case_dirs = sorted(p.parent for p in out.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
-    datalist = None
+    datalist, placed = None, {}
     if case_dirs:
-        datalist = write_datalist(
+        datalist, placed = update_datalist(
             out,
             case_dirs,
             fractions=fractions,
@@ -947,6 +949,7 @@ def prepare_dataset(
         "existing": sorted(existing),
         "skipped": [{"id": r["id"], "reason": r["reason"]} for r in skipped],
         "datalist": str(datalist) if datalist else None,
+        "placed": {k: v for k, v in placed.items() if v},
         "skipped_json": str(out / SKIPPED),
         "seconds": round(time.perf_counter() - t0, 2),
         "results": results,
