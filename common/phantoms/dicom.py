@@ -4,90 +4,33 @@ Layout written by :func:`write_prostate_study`::
 
     <root>/<patient>/<MM-DD-YYYY>-NA-MR prostaat/<n>.000000-<SeriesDescription>/1-01.dcm, 1-02.dcm, ...
 
-Geometry: the phantom affines are NIfTI RAS+ (voxel (i, j, k) -> world mm); DICOM patient
-coordinates are LPS, so positions and directions get their first two components negated. Array
-axis ``i`` runs along a DICOM row (``ImageOrientationPatient[:3]``, the direction of increasing
-column index) and ``j`` down the columns (``ImageOrientationPatient[3:]``); a slice's pixel array
-is therefore ``volume[:, :, k].T`` (rows, columns), ``PixelSpacing`` is ``[spacing_j, spacing_i]``
-(row spacing first), and ``ImagePositionPatient`` of slice ``k`` is the LPS position of voxel
-``(0, 0, k)``. Slices are numbered 1..n along the slice normal ``row x column``.
+Geometry (RAS+ affines -> LPS DICOM planes, one file per slice along the normal), rescaling and the
+slice writer live in :mod:`common.dicom_out`, shared with the synthetic series of ``scripts/synthesize.py``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage, generate_uid
 
-from common.io import atomic_path
-
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def _ds(x: float) -> str:
-    """A DICOM decimal string (at most 16 characters) for ``x``."""
-    for digits in range(10, 3, -1):
-        s = f"{x:.{digits}g}"
-        if len(s) <= 16:
-            return s
-    return f"{x:.3e}"
-
-
-def geometry_from_affine(affine: np.ndarray, n_slices: int) -> dict[str, Any]:
-    """DICOM geometry of a NIfTI RAS+ affine.
-
-    Returns:
-        ``ImageOrientationPatient`` (6 floats, LPS, row then column cosine), ``PixelSpacing``
-        ``[row spacing (along j), column spacing (along i)]``, ``SliceThickness``/spacing (mm),
-        and ``positions``: (n_slices, 3) LPS ``ImagePositionPatient`` of each slice.
-    """
-    A = np.asarray(affine, float)
-    sp = np.linalg.norm(A[:3, :3], axis=0)
-    dirs_lps = RAS_TO_LPS @ (A[:3, :3] / sp)
-    origin_lps = RAS_TO_LPS @ A[:3, 3]
-    step_lps = RAS_TO_LPS @ A[:3, 2]
-    normal = np.cross(dirs_lps[:, 0], dirs_lps[:, 1])
-    if normal @ dirs_lps[:, 2] < 0:
-        raise ValueError("the affine is left-handed in (row, column, slice): DICOM slices would run against the normal")
-    return {
-        "ImageOrientationPatient": [*dirs_lps[:, 0], *dirs_lps[:, 1]],
-        "PixelSpacing": [sp[1], sp[0]],
-        "SliceSpacing": sp[2],
-        "positions": origin_lps[None, :] + np.arange(n_slices)[:, None] * step_lps[None, :],
-    }
-
-
-def rescale_for(
-    volume: np.ndarray, slope: float | None = None, intercept: float | None = None
-) -> tuple[float, float, np.dtype]:
-    """``(slope, intercept, stored dtype)`` so ``stored * slope + intercept`` reproduces ``volume``.
-
-    Integer-valued volumes in ``[0, 65535]`` are stored as uint16 with slope 1 (exact, like a
-    Siemens series; ADC included). Other volumes use uint16 (non-negative) or int16 with a slope
-    chosen to fill the range, so the round-trip error is at most ``slope / 2``.
-    """
-    v = np.asarray(volume)
-    lo, hi = float(v.min()), float(v.max())
-    if slope is not None:
-        icpt = 0.0 if intercept is None else float(intercept)
-        dtype = np.uint16 if lo - icpt >= 0 else np.int16
-        return float(slope), icpt, np.dtype(dtype)
-    if lo >= 0 and hi <= 65535 and np.all(v == np.rint(v)):
-        return 1.0, 0.0, np.dtype(np.uint16)
-    if lo >= 0:
-        s = float(_ds(max(hi, 1e-12) / 65000.0))
-        return s, 0.0, np.dtype(np.uint16)
-    s = float(_ds(max(abs(lo), abs(hi), 1e-12) / 32000.0))
-    return s, 0.0, np.dtype(np.int16)
+# the geometry, rescale and slice writer are shared with the synthetic series (common.dicom_out)
+from common.dicom_out import (  # noqa: F401 (re-exported)
+    RAS_TO_LPS,
+    geometry_from_affine,
+    quantise,
+    rescale_for,
+    series_folder_name,
+    set_geometry,
+    set_pixel_module,
+    write_slices,
+)
+from common.dicom_out import decimal_string as _ds
 
 
 def _uid(*parts: Any) -> str:
@@ -135,12 +78,10 @@ def write_series(
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"a DICOM series needs a 3D volume, got shape {volume.shape}")
-    nx, ny, nz = volume.shape
+    nz = volume.shape[2]
     geo = geometry_from_affine(affine, nz)
     slope, intercept, dtype = rescale_for(volume, slope, intercept)
-    stored = np.rint((volume.astype(np.float64) - intercept) / slope)
-    info = np.iinfo(dtype)
-    stored = np.clip(stored, info.min, info.max).astype(dtype)
+    stored = quantise(volume, slope, intercept, dtype)
     folder = Path(folder)
     series_uid = _uid(study["uid_seed"], "series", series_number, description)
     base = Dataset()
@@ -167,104 +108,13 @@ def write_series(
     base.SeriesNumber = int(series_number)
     base.FrameOfReferenceUID = study["FrameOfReferenceUID"]
     base.PositionReferenceIndicator = ""
-    base.ImageOrientationPatient = [_ds(v) for v in geo["ImageOrientationPatient"]]
-    base.PixelSpacing = [_ds(v) for v in geo["PixelSpacing"]]
-    base.SliceThickness = _ds(geo["SliceSpacing"])
-    base.SpacingBetweenSlices = _ds(geo["SliceSpacing"])
-    base.SamplesPerPixel = 1
-    base.PhotometricInterpretation = "MONOCHROME2"
-    base.Rows, base.Columns = ny, nx
-    base.BitsAllocated = 16
-    base.BitsStored = 16
-    base.HighBit = 15
-    base.PixelRepresentation = 0 if dtype == np.uint16 else 1
-    base.RescaleIntercept = _ds(intercept)
-    base.RescaleSlope = _ds(slope)
-    base.RescaleType = "US"
-    lo, hi = float(volume.min()), float(volume.max())
-    base.WindowCenter = _ds((lo + hi) / 2)
-    base.WindowWidth = _ds(max(hi - lo, 1.0))
+    set_geometry(base, geo)
+    set_pixel_module(base, volume.shape, dtype, slope, intercept, (float(volume.min()), float(volume.max())))
     for key, value in (extra or {}).items():
         setattr(base, key, value)
 
-    # The header is the same for every slice but for five elements: encode the shared parts once
-    # (split at the per-slice tags, so the elements stay in tag order) and splice the rest in.
-    segments = _encode_segments(base, _PER_SLICE_TAGS)
-    normal = np.cross(geo["ImageOrientationPatient"][:3], geo["ImageOrientationPatient"][3:])
-    paths = []
-    width = max(2, len(str(nz)))
-    for k in range(nz):
-        sop_uid = _uid(series_uid, k)
-        pos = geo["positions"][k]
-        per_slice = Dataset()
-        per_slice.SOPInstanceUID = sop_uid
-        per_slice.InstanceNumber = k + 1
-        per_slice.ImagePositionPatient = [_ds(v) for v in pos]
-        per_slice.SliceLocation = _ds(float(pos @ normal))
-        per_slice.add_new(_PER_SLICE_TAGS[-1], "OW", np.ascontiguousarray(stored[:, :, k].T).tobytes())
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "GADOFREE_PH"
-        parts = [b"\x00" * 128, b"DICM", _encode_meta(meta)]
-        for seg, tag in zip(segments, _PER_SLICE_TAGS):
-            parts += [seg, _encode(Dataset({tag: per_slice[tag]}))]
-        parts.append(segments[-1])
-        path = folder / f"1-{k + 1:0{width}d}.dcm"
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(b"".join(parts))
-        paths.append(path)
-    return paths
-
-
-#: Elements that differ between the slices of a series, in tag order.
-_PER_SLICE_TAGS = [
-    pydicom.tag.Tag("SOPInstanceUID"),
-    pydicom.tag.Tag("InstanceNumber"),
-    pydicom.tag.Tag("ImagePositionPatient"),
-    pydicom.tag.Tag("SliceLocation"),
-    pydicom.tag.Tag("PixelData"),
-]
-
-
-def _encode(ds: Dataset) -> bytes:
-    """Explicit VR little endian encoding of a dataset's elements (no preamble, no file meta)."""
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
-
-
-def _encode_meta(meta: FileMetaDataset) -> bytes:
-    """Encoded file meta information group (with its group length)."""
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_file_meta_info(fp, meta, enforce_standard=True)
-    return fp.getvalue()
-
-
-def _encode_segments(base: Dataset, split_tags: Sequence) -> list[bytes]:
-    """``base`` encoded in ``len(split_tags) + 1`` pieces: elements before the first split tag,
-    between consecutive split tags, and after the last."""
-    if any(t in base for t in split_tags):
-        raise ValueError("the shared header must not hold the per-slice elements")
-    bounds = [-1, *[int(t) for t in split_tags], 1 << 33]
-    out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        seg = Dataset()
-        for elem in base:
-            if lo < int(elem.tag) < hi:
-                seg.add(elem)
-        out.append(_encode(seg))
-    return out
-
-
-def series_folder_name(number: int, description: str) -> str:
-    """TCIA series folder name ``<n>.000000-<description>`` (path separators replaced)."""
-    safe = re.sub(r"[/\\:]", "_", description)
-    return f"{number}.000000-{safe}"
+    sop_uids = [_uid(series_uid, k) for k in range(nz)]
+    return write_slices(base, stored, geo, folder, sop_uids, "GADOFREE_PH")
 
 
 def format_tt(t_s: float) -> str:

@@ -1,0 +1,381 @@
+#!/usr/bin/env python
+"""One DICOM study in, synthetic DCE phases out as NIfTI and as DICOM series of the same study.
+
+Usage::
+
+    python scripts/synthesize.py --study <TCIA patient or study folder> --bundle resdce --out <dir> \\
+        [--ckpt_path model.pt] [--num_inference_steps 4] [--device cpu] [--<bundle id> <value> ...] \\
+        [--ingest_<option> <value> ...] [--case_id ID] [--first_series_number N]
+
+Steps:
+
+1. ingest the study with the project's ingest (:func:`common.ingest.ingest_study`; the options of
+   ``scripts/prepare_prostatex.py`` as ``--ingest_<option>``, e.g. ``--ingest_crop_size 160,160,16``,
+   ``--ingest_register false``) into ``<out>/prepared/<case>/`` (an existing case of the same study
+   and settings is reused);
+2. run the bundle's ``configs/inference.json`` on that case in this process (``monai.bundle``'s
+   ``create_workflow``, as ``python -m monai.bundle run evaluating``); every other ``--key value`` is a
+   config override of the bundle, typed as on the ``monai.bundle`` command line) ->
+   ``<out>/<bundle>/<case>/<phase>.nii.gz`` and ``panel.png``;
+3. write each synthetic phase as a DICOM MR series of the source study
+   (:func:`common.dicom_out.write_derived_series`) on the exact grid of its NIfTI file ->
+   ``<out>/<bundle>/<case>/dicom/<n>.000000-SYNTHETIC <phase> (<method> <version>)/1-01.dcm ...``,
+   and ``<out>/<bundle>/<case>/synthesis.json`` (what was written, from what).
+
+The source study folder is only read: an ``--out`` inside it is refused, and so is an output
+folder that already holds DICOM series of an earlier run. The series that the synthesis grid came
+from (the ingest's reference grid: the DCE time point used as pre-contrast input, by default) gives
+the patient/study tags, the frame of reference and the ``SourceImageSequence``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.dicom_out import read_source_series, series_folder_name, write_derived_series  # noqa: E402
+from common.ingest import IngestError, ingest_study  # noqa: E402
+from common.io import load_nifti, save_json  # noqa: E402
+from common.layout import MANIFEST  # noqa: E402
+
+log = logging.getLogger("synthesize")
+
+#: bundles whose inference reads a prepared prostate case (the ingest's output) and writes DCE phases.
+SUPPORTED = ("resdce", "dcediff")
+#: bundle ids this script sets itself.
+RESERVED = ("case_dir", "output_dir", "dataset_dir")
+INGEST_PREFIX = "ingest_"
+SYNTHETIC_NOTE = "Not an acquired contrast-enhanced image; research use only."
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
+    """``["--key", "value", "--k2=v2", ...]`` -> ``{"key": value, ...}``, values typed as
+    ``python -m monai.bundle run`` types them (fire: ``4`` -> int, ``[96,96]`` -> list, text stays text).
+
+    Raises:
+        ValueError: a token that is not ``--key``, or a key without a value.
+    """
+    from fire.parser import DefaultParseValue
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise ValueError(f"unexpected argument {tok!r}: overrides are --<id> <value> pairs")
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ValueError(f"--{key} needs a value (--{key} <value>)")
+            value = tokens[i + 1]
+            i += 1
+        out[key] = DefaultParseValue(value)
+        i += 1
+    return out
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(ingest options without the prefix, bundle overrides)`` from the ``--key value`` pairs."""
+    ingest = {k[len(INGEST_PREFIX) :]: v for k, v in options.items() if k.startswith(INGEST_PREFIX)}
+    bundle = {k: v for k, v in options.items() if not k.startswith(INGEST_PREFIX)}
+    return ingest, bundle
+
+
+def ingest_config(options: dict[str, Any]):
+    """The :class:`common.ingest.IngestConfig` of ``--ingest_<option>`` values (``prepare_prostatex``'s
+    options and conversions; ``native`` defaults to False here: only the reference grid is needed)."""
+    from scripts.prepare_prostatex import parse_options
+
+    values = {"native": False, **{k: (str(v) if isinstance(v, bool) else v) for k, v in options.items()}}
+    try:
+        cfg, dataset, script = parse_options(**values)
+    except TypeError as e:
+        raise ValueError(f"--{INGEST_PREFIX}<option>: {e}") from None
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------
+# steps
+
+
+def check_folders(study: Path, out: Path) -> tuple[Path, Path]:
+    """Resolved ``(study, out)``; the study must be a folder and ``out`` must lie outside it.
+
+    Raises:
+        FileNotFoundError: no study folder.
+        ValueError: ``out`` is the study folder or inside it.
+    """
+    study, out = Path(study).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not study.is_dir():
+        raise FileNotFoundError(f"--study {study}: not a folder")
+    if out == study or out.is_relative_to(study):
+        raise ValueError(
+            f"--out {out} lies inside the source study folder {study}: outputs never go into the source "
+            "study; choose a folder outside it"
+        )
+    return study, out
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def prepare_case(study: Path, prepared: Path, case_id: str, cfg) -> tuple[Path, dict[str, Any]]:
+    """Ingest ``study`` into ``prepared/<case_id>`` (or reuse a case made from it with the same settings).
+
+    Returns:
+        ``(case folder, manifest)``.
+
+    Raises:
+        FileExistsError: the case exists but was made from another study or with other settings.
+    """
+    case = prepared / case_id
+    if (case / MANIFEST).exists():
+        manifest = json.loads((case / MANIFEST).read_text())
+        differ = sorted(k for k, v in _plain(cfg.to_dict()).items() if manifest.get("config", {}).get(k) != v)
+        if Path(manifest.get("source", "")) != study or differ:
+            why = f"source {manifest.get('source')}" if Path(manifest.get("source", "")) != study else f"{differ}"
+            raise FileExistsError(
+                f"{case} was prepared differently ({why}): remove it or choose another --out / --case_id"
+            )
+        log.info("reusing the prepared case %s", case)
+        return case, manifest
+    return case, ingest_study(study, prepared, case_id, cfg)
+
+
+def bundle_metadata(bundle: str) -> dict[str, Any]:
+    """The bundle's ``configs/metadata.json`` (name, version, task ...)."""
+    path = ROOT / "bundles" / bundle / "configs" / "metadata.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{path}: cannot read the bundle metadata ({e})") from None
+
+
+def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Run ``bundles/<bundle>/configs/inference.json`` (``evaluating``) on one prepared case folder.
+
+    Returns:
+        The resolved settings the DICOM headers name: ``input_keys``, ``target_keys``, ``ckpt_path``,
+        ``num_inference_steps``.
+    """
+    from monai.bundle.scripts import create_workflow
+
+    reserved = sorted(set(overrides) & set(RESERVED))
+    if reserved:
+        raise ValueError(f"--{', --'.join(reserved)}: set by synthesize.py from --study / --out; leave them out")
+    configs = ROOT / "bundles" / bundle / "configs"
+    root_handlers = list(logging.getLogger().handlers)
+    try:
+        wf = create_workflow(
+            config_file=str(configs / "inference.json"),
+            meta_file=str(configs / "metadata.json"),
+            run_id="evaluating",
+            case_dir=str(case),
+            output_dir=str(output_dir),
+            **overrides,
+        )
+        wf.run()
+        settings = {k: wf.parser.get_parsed_content(k) for k in ("input_keys", "target_keys", "ckpt_path")}
+        settings["num_inference_steps"] = wf.parser.get_parsed_content("num_inference_steps")
+        wf.finalize()
+    finally:  # the bundle's logging.conf adds a console handler: leave the caller's logging as it was
+        logging.getLogger().handlers[:] = root_handlers
+    return settings
+
+
+def grid_source_series(manifest: dict[str, Any]):
+    """The source series of the case's grid (:class:`common.dicom_out.SourceSeries`).
+
+    The grid is the ingest's reference grid, cropped: the DCE time point used as pre-contrast
+    input (``dce.phases.pre``; all DCE time points share its grid), or the ``reference.role``
+    series when another role was the reference.
+    """
+    source, role = Path(manifest["source"]), manifest["reference"]["role"]
+    if role == "dce":
+        tp = manifest["dce"]["series"][manifest["dce"]["phases"]["pre"]["index"]]
+        label, number = tp["folder"], tp["series_number"]
+        uid = next(
+            (
+                r.get("series_uid")
+                for r in manifest.get("series", [])
+                if r.get("folder") == label and r.get("series_number") == number
+            ),
+            None,
+        )
+    else:
+        label, uid = manifest["roles"][role]["folder"], manifest["roles"][role].get("series_uid")
+    return read_source_series(source / label.split("#")[0], uid)
+
+
+def phase_label(key: str) -> str:
+    """``"dce_early"`` -> ``"DCE early"``."""
+    head, _, tail = key.partition("_")
+    return f"{head.upper()} {tail.replace('_', ' ')}".strip() if tail else key.upper()
+
+
+def first_free_series_number(manifest: dict[str, Any], bundle: str) -> int:
+    """``100 * (largest source SeriesNumber // 100 + 1) + 1``, plus ``10 x`` the bundle's place in
+    :data:`SUPPORTED` (resdce 101..., dcediff 111... for a study numbered below 100)."""
+    numbers = [int(r["series_number"]) for r in manifest.get("series", []) if r.get("series_number") is not None]
+    base = 100 * (max(numbers, default=0) // 100 + 1) + 1
+    return base + 10 * (SUPPORTED.index(bundle) if bundle in SUPPORTED else 0)
+
+
+def write_dicom(
+    case_out: Path,
+    manifest: dict[str, Any],
+    bundle: str,
+    meta: dict[str, Any],
+    settings: dict[str, Any],
+    first_series_number: int,
+) -> list[dict[str, Any]]:
+    """Write ``<case_out>/<key>.nii.gz`` of every target key as a DICOM series in ``<case_out>/dicom/``."""
+    source = grid_source_series(manifest)
+    method, version = meta.get("name", bundle), meta.get("version", "?")
+    written = []
+    for i, key in enumerate(settings["target_keys"]):
+        nifti = case_out / f"{key}.nii.gz"
+        volume, affine = load_nifti(nifti)
+        number = first_series_number + i
+        description = f"SYNTHETIC {phase_label(key)} ({method} {version})"[:64]
+        derivation = (
+            f"{phase_label(key)} synthesised by {method} {version} (MONAI bundle {bundle}: {meta.get('task', '')}) "
+            f"from {', '.join(settings['input_keys'])} on the grid of series {source.series_number} "
+            f"({source.folder.name}); checkpoint {Path(str(settings['ckpt_path'])).name}, "
+            f"{settings['num_inference_steps']} sampling steps. {SYNTHETIC_NOTE}"
+        )
+        folder = case_out / "dicom" / series_folder_name(number, description)
+        files = write_derived_series(
+            volume,
+            affine,
+            folder,
+            source,
+            series_number=number,
+            description=description,
+            derivation=derivation,
+            software=f"{bundle} {version}",
+        )
+        written.append(
+            {"key": key, "nifti": str(nifti), "folder": str(folder), "series_number": number, "n_files": len(files)}
+        )
+        log.info("%s: %d files in %s", key, len(files), folder)
+    return written
+
+
+def synthesize(
+    study: str | Path,
+    bundle: str,
+    out: str | Path,
+    case_id: str | None = None,
+    first_series_number: int | None = None,
+    ingest: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Ingest ``study``, run ``bundle``'s inference on it and write the phases as DICOM (module docstring).
+
+    Args:
+        study: a TCIA patient or study folder (only read).
+        bundle: one of :data:`SUPPORTED`.
+        out: output root (outside ``study``).
+        case_id: case name (default: the study folder's name).
+        first_series_number: SeriesNumber of the first synthetic series (default:
+            :func:`first_free_series_number`).
+        ingest: ``prepare_prostatex`` options for the ingest (e.g. ``{"crop_size": "96,96,8"}``).
+        overrides: bundle config overrides (``ckpt_path``, ``num_inference_steps``, ``device`` ...).
+
+    Returns:
+        The summary also written as ``<out>/<bundle>/<case>/synthesis.json``.
+    """
+    if bundle not in SUPPORTED:
+        raise ValueError(
+            f"--bundle {bundle!r}: synthesize.py supports {list(SUPPORTED)} (bundles that read a prepared "
+            "prostate case); d3m (brain) and iterunet (breast) take other inputs than this ingest writes"
+        )
+    t0 = time.perf_counter()
+    study, out = check_folders(Path(study), Path(out))
+    cfg = ingest_config(ingest or {})
+    case_id = case_id or study.name
+    meta = bundle_metadata(bundle)
+    case_out = out / bundle / case_id
+    dicom_dir = case_out / "dicom"
+    if dicom_dir.exists() and any(dicom_dir.iterdir()):
+        raise FileExistsError(
+            f"{dicom_dir} already holds DICOM series of an earlier run: remove it or choose another --out"
+        )
+    case, manifest = prepare_case(study, out / "prepared", case_id, cfg)
+    t_ingest = time.perf_counter()
+    settings = run_inference(bundle, case, out / bundle, overrides)
+    t_infer = time.perf_counter()
+    if first_series_number is None:
+        first_series_number = first_free_series_number(manifest, bundle)
+    series = write_dicom(case_out, manifest, bundle, meta, settings, int(first_series_number))
+    summary = {
+        "study": str(study),
+        "prepared_case": str(case),
+        "bundle": bundle,
+        "bundle_version": meta.get("version"),
+        "method": meta.get("name"),
+        "overrides": _plain(overrides),
+        "settings": _plain(settings),
+        "study_uid": manifest.get("study_uid"),
+        "series": series,
+        "seconds": {
+            "ingest": round(t_ingest - t0, 2),
+            "inference": round(t_infer - t_ingest, 2),
+            "dicom": round(time.perf_counter() - t_infer, 2),
+        },
+    }
+    save_json(summary, case_out / "synthesis.json")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other --<id> <value> is an override of the bundle's inference config "
+        "(e.g. --ckpt_path model.pt --num_inference_steps 4 --device cpu); --ingest_<option> <value> "
+        "sets an option of scripts/prepare_prostatex.py for the ingest (e.g. --ingest_crop_size 160,160,16).",
+    )
+    parser.add_argument("--study", required=True, help="TCIA patient or study folder (only read)")
+    parser.add_argument("--bundle", required=True, help=f"one of {', '.join(SUPPORTED)}")
+    parser.add_argument("--out", required=True, help="output folder (outside the study folder)")
+    parser.add_argument("--case_id", default=None, help="case name (default: the study folder's name)")
+    parser.add_argument("--first_series_number", type=int, default=None, help="SeriesNumber of the first series")
+    parser.add_argument("--log_level", default="INFO", help="logging level")
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO), format="%(levelname)s %(message)s"
+    )
+    try:
+        ingest, overrides = split_options(parse_overrides(rest))
+        summary = synthesize(
+            args.study, args.bundle, args.out, args.case_id, args.first_series_number, ingest, **overrides
+        )
+    except (IngestError, OSError, ValueError, RuntimeError) as e:
+        chain, cause = [str(e)], e.__cause__
+        while cause is not None:
+            chain.append(str(cause))
+            cause = cause.__cause__
+        print("error: " + "\n  caused by: ".join(chain), file=sys.stderr)
+        return 1
+    for s in summary["series"]:
+        print(f"{s['key']}: {s['n_files']} DICOM files in {s['folder']}")
+    print(f"summary: {Path(summary['series'][0]['folder']).parents[1] / 'synthesis.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
