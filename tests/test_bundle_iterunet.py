@@ -263,7 +263,7 @@ def test_bad_inputs_name_the_file(phantoms, tmp_path):
             {"id": "b", "dce": str(src / "dce.nii.gz"), "lesion_mask": str(tmp_path / "other" / "lesion_mask.nii.gz")}
         ),
         ValueError,
-        r"lesion_mask.nii.gz \(lesion_mask\) is not on the grid of .*breast-000/dce.nii.gz",
+        r"lesion_mask.nii.gz \(lesion_mask\): not on the grid of .*breast-000/dce.nii.gz",
     )
     # lesion metrics asked for without a lesion mask
     item = pre({"id": "b", "dce": str(src / "dce.nii.gz"), "dce_times": str(src / "dce_times.json")})

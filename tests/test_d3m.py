@@ -167,7 +167,8 @@ def _write(path, data, affine=None):
 def test_brats_reader_split_and_bad_inputs(tmp_path):
     from monai.transforms import LoadImaged
 
-    from common.data.brats import BratsMasksd, CheckSameGridd, brats_datalist, split_cases
+    from common.data.brats import BratsMasksd, brats_datalist, split_cases
+    from common.transforms import CheckSameGridd
 
     split = split_cases([f"c{i}" for i in range(10)], seed=0)
     assert [len(split[k]) for k in ("training", "validation", "test")] == [8, 1, 1]
@@ -196,8 +197,8 @@ def test_brats_reader_split_and_bad_inputs(tmp_path):
     # contrasts on different grids
     _write(root / c / f"{c}-t2w.nii.gz", rng.random((6, 6, 4)), np.diag([2.0, 1, 1, 1]))
     d = LoadImaged(["t1n", "t2w"], ensure_channel_first=True, image_only=True)(train[0])
-    with pytest.raises(ValueError, match=f"{c}-t2w.nii.gz.*not on the grid of.*{c}-t1n.nii.gz"):
-        CheckSameGridd(["t2w"])(d)
+    with pytest.raises(ValueError, match=f"{c}-t2w.nii.gz.*not on the grid of.*{c}-t1n.nii.gz.*prepare_brain.py"):
+        CheckSameGridd(["t2w"], "t1n", hint="scripts/prepare_brain.py")(d)
     # a missing contrast names the expected file
     (root / c / f"{c}-t2f.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match=f"missing contrast t2f.*{c}-t2f.nii.gz"):

@@ -13,7 +13,6 @@ from monai.data import MetaTensor
 from scipy.stats import spearmanr
 
 from common.inferers.iterunet import (
-    CheckSameGridd,
     DCEFramesd,
     IterUNetVolumeInferer,
     check_init_ckpt,
@@ -25,7 +24,7 @@ from common.inferers.iterunet import (
 from common.losses_iterunet import GradientDifferenceLoss, IterUNetLoss
 from common.metrics.kinetic import curve_spearman, dtw_distance, kinetic_type, relative_change
 from common.networks.iterunet import ConvLSTMCell, IterUNet
-from common.transforms import TINormd
+from common.transforms import CheckSameGridd, TINormd
 
 TIMES = torch.tensor([0.0, 85.0, 155.0, 225.0, 295.0, 365.0])
 
@@ -218,7 +217,7 @@ def test_frame_selection_stages_and_bad_input_name_the_file(tmp_path):
         affine=torch.diag(torch.tensor([2.0, 2, 2, 1])),
         meta={"filename_or_obj": str(tmp_path / "lesion_mask.nii.gz")},
     )
-    with pytest.raises(ValueError, match="lesion_mask.nii.gz .* is not on the grid of .*dce.nii.gz"):
+    with pytest.raises(ValueError, match=r"lesion_mask.nii.gz \(lesion_mask\): not on the grid of .*dce.nii.gz"):
         CheckSameGridd(["lesion_mask"], "dce")({"dce": x, "lesion_mask": other})
     assert train_mode("warmup") == "teacher" and train_mode("recursive") == "recursive"
     assert train_mode("recursive", "direct") == "direct"

@@ -6,7 +6,6 @@
   the same split), and the split is written to ``datalist_file`` (by default beside the bundle's
   outputs, never into the data folder).
 - :func:`brats_case_or_datalist`: one BraTS case folder (``--case_dir``) or a datalist section.
-- :class:`CheckSameGridd`: contrasts of a case on different grids -> ``ValueError`` naming both files.
 - :class:`BratsMasksd`: ``et`` (the ET mask in {-1, +1}), ``tumour`` and ``brain`` (0/1) from the
   seg / a brain-mask file / the T1 support; a seg without any ET label -> ``ValueError`` naming it.
 - :class:`SliceWeightd`: per-voxel sampling weight (brain 1, tumour ``tumour_weight``) for
@@ -28,7 +27,6 @@ from common.data import HOW_TO_MAKE_DATA, load_datalist
 __all__ = [
     "BRATS_KEYS",
     "BratsMasksd",
-    "CheckSameGridd",
     "SliceWeightd",
     "brats_case_or_datalist",
     "brats_datalist",
@@ -130,30 +128,6 @@ def brats_case_or_datalist(
     if case_dir:
         return [brats_entry(case_dir, required_keys)]
     return brats_datalist(dataset_dir, section, required_keys, datalist_file)
-
-
-class CheckSameGridd(MapTransform):
-    """Raise ``ValueError`` naming both files when a key's shape or affine differs from ``reference_key``'s."""
-
-    def __init__(self, keys, reference_key: str = "t1n", atol: float = 1e-3, allow_missing_keys: bool = True) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.reference_key, self.atol = reference_key, float(atol)
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        ref = d[self.reference_key]
-        for key in self.key_iterator(d):
-            x = d[key]
-            same = tuple(x.shape[1:]) == tuple(ref.shape[1:]) and np.allclose(
-                np.asarray(x.affine, float), np.asarray(ref.affine, float), atol=self.atol
-            )
-            if not same:
-                raise ValueError(
-                    f"{_meta_file(d, key)} ({key}, shape {tuple(x.shape[1:])}) is not on the grid of "
-                    f"{_meta_file(d, self.reference_key)} ({self.reference_key}, shape {tuple(ref.shape[1:])}); "
-                    "co-register the contrasts first (scripts/prepare_brain.py)"
-                )
-        return d
 
 
 class BratsMasksd(MapTransform):

@@ -32,7 +32,6 @@ __all__ = [
     "IterUNetVolumeInferer",
     "IterUNetPrepareBatch",
     "DCEFramesd",
-    "CheckSameGridd",
     "copy_forward",
     "linear_extrapolation",
     "STAGES",
@@ -282,39 +281,6 @@ class DCEFramesd(MapTransform):
             d[key] = x[idx]
             d[self.output_times_key] = torch.as_tensor(times, dtype=torch.float32)
             d[f"{key}_frames"] = torch.as_tensor(idx)
-        return d
-
-
-class CheckSameGridd(MapTransform):
-    """Raise ``ValueError`` naming both files when an image's grid (spatial shape, affine) differs
-    from the reference's (``keys`` and ``reference_key`` loaded as MetaTensors, channel-first)."""
-
-    def __init__(
-        self, keys: KeysCollection, reference_key: str = "dce", atol: float = 1e-4, allow_missing_keys: bool = True
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.reference_key, self.atol = reference_key, float(atol)
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        ref = d[self.reference_key]
-        ref_name = _source_file(ref) or self.reference_key
-        for key in self.key_iterator(d):
-            if key == self.reference_key:
-                continue
-            x = d[key]
-            name = _source_file(x) or key
-            same_shape = tuple(x.shape[1:]) == tuple(ref.shape[1:])
-            same_affine = (
-                hasattr(x, "affine")
-                and hasattr(ref, "affine")
-                and torch.allclose(x.affine.double(), ref.affine.double(), atol=self.atol)
-            )
-            if not (same_shape and same_affine):
-                raise ValueError(
-                    f"{name} ({key}) is not on the grid of {ref_name}: shape {tuple(x.shape[1:])} vs "
-                    f"{tuple(ref.shape[1:])}, affine\n{getattr(x, 'affine', None)}\nvs\n{getattr(ref, 'affine', None)}"
-                )
         return d
 
 

@@ -74,14 +74,21 @@ class CheckSameGridd(MapTransform):
         keys: keys of the loaded images (MetaTensors with an ``affine``), channel first.
         reference_key: the image whose grid the others must share (e.g. the DCE pre-contrast).
         atol_mm: largest allowed position difference in mm anywhere in the volume.
+        hint: what to do, appended to the message (the script that puts a case on one grid).
     """
 
     def __init__(
-        self, keys: KeysCollection, reference_key: str, atol_mm: float = 0.1, allow_missing_keys: bool = True
+        self,
+        keys: KeysCollection,
+        reference_key: str,
+        atol_mm: float = 0.1,
+        hint: str = "re-run the ingest",
+        allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.reference_key = reference_key
         self.atol_mm = float(atol_mm)
+        self.hint = hint
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -99,7 +106,7 @@ class CheckSameGridd(MapTransform):
             if tuple(x.shape[1:]) != ref_shape:
                 raise ValueError(
                     f"{name} ({key}): grid {tuple(x.shape[1:])} differs from {ref_name} ({self.reference_key}) "
-                    f"{ref_shape}; every volume of a case must be on one grid (re-run the ingest)"
+                    f"{ref_shape}; every volume of a case must be on one grid ({self.hint})"
                 )
             aff = np.asarray(getattr(x, "affine", np.eye(4)), dtype=np.float64)
             extent = np.asarray(ref_shape, dtype=np.float64)
@@ -109,7 +116,7 @@ class CheckSameGridd(MapTransform):
                 raise ValueError(
                     f"{name} ({key}): not on the grid of {ref_name} ({self.reference_key}): voxel positions differ "
                     f"by up to {float(diff.max()):.2f} mm (origin {np.round(aff[:3, 3], 2).tolist()} vs "
-                    f"{np.round(ref_aff[:3, 3], 2).tolist()}); every volume of a case must be on one grid"
+                    f"{np.round(ref_aff[:3, 3], 2).tolist()}); every volume of a case must be on one grid ({self.hint})"
                 )
         return d
 
