@@ -345,3 +345,41 @@ def test_split_is_stable_when_studies_are_added(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="common.layout"):
         write_datalist(tmp_path, seed=1)
     assert "split settings changed" in caplog.text
+
+
+def test_two_evaluations_into_one_folder_merge(tmp_path, caplog):
+    """The second evaluation into a folder keeps the first one's cases (it once kept only its own),
+    a case scored again replaces its rows, and the summary counts every case."""
+    import logging
+
+    from common.handlers.metrics import report, score_case
+    from common.metrics import read_case_csv
+
+    rng = np.random.default_rng(0)
+
+    def rows(cid, offset):
+        target = rng.random((2, 12, 12, 2)).astype(np.float32)
+        out = []
+        for name, pred in (("model", target + offset), ("copy", target * 0.5)):
+            out += [{"case": cid, "method": name, **r} for r in score_case(pred, target, {}, ["early", "late"])]
+        return out
+
+    report(rows("A", 0.01), tmp_path, "model", ["copy"])
+    with caplog.at_level(logging.WARNING):
+        summary = report(rows("B", 0.02), tmp_path, "model", ["copy"])
+    assert "kept 1 case(s) of an earlier evaluation in this folder (A)" in caplog.text
+    cases = sorted({r["case"] for r in read_case_csv(tmp_path / "metrics.csv")})
+    assert cases == ["A", "B"]
+    assert {r["n"] for r in summary["table"]} == {2}
+    first_psnr = [
+        r["psnr"] for r in read_case_csv(tmp_path / "metrics.csv") if r["case"] == "A" and r["method"] == "model"
+    ]
+    # A scored again with another prediction replaces A's rows, B is kept
+    summary = report(rows("A", 0.2), tmp_path, "model", ["copy"])
+    again = read_case_csv(tmp_path / "metrics.csv")
+    assert sorted(
+        r["case"] for r in again if r["method"] == "model" and r["phase"] == "early" and r["region"] == "whole"
+    ) == ["A", "B"]
+    new_psnr = [r["psnr"] for r in again if r["case"] == "A" and r["method"] == "model"]
+    assert len(new_psnr) == len(first_psnr) and max(new_psnr) < min(first_psnr)
+    assert {r["n"] for r in summary["table"]} == {2}

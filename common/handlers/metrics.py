@@ -14,17 +14,28 @@ methods, and relative enhancement between phases is kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 from ignite.engine import Engine, Events
 
 from common.handlers.writer import as_numpy, case_id
 from common.io import save_json
-from common.metrics import format_table, gmsd, mae, paired_wilcoxon, psnr, ssim, summarize, write_case_csv
+from common.metrics import (
+    format_table,
+    gmsd,
+    mae,
+    paired_wilcoxon,
+    psnr,
+    read_case_csv,
+    ssim,
+    summarize,
+    write_case_csv,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +182,58 @@ class SynthesisMetrics:
         self.summary = report(self.rows, self.output_dir, self.method, self.baselines)
 
 
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder/.metrics.lock`` (POSIX ``flock``), so two evaluations that
+    finish at once into one folder merge one after the other."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".metrics.lock", "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def merge_rows(earlier: list[dict], rows: list[dict]) -> tuple[list[dict], list[str], list[str]]:
+    """Per-case rows of an earlier evaluation in the same folder, plus this one's.
+
+    A case scored now replaces its earlier rows (the same ``case`` id, any method); other cases of
+    the earlier file are kept. Returns ``(merged, kept ids, replaced ids)``."""
+    now = {r["case"] for r in rows}
+    before = {str(r.get("case")) for r in earlier}
+    kept = [r for r in earlier if str(r.get("case")) not in now]
+    return kept + list(rows), sorted(before - now), sorted(before & now)
+
+
 def report(rows: list[dict], output_dir: str | os.PathLike, method: str, baselines: Sequence[str]) -> dict:
-    """Write metrics.csv / summary.{csv,md,json} and print the model-vs-baseline table; return the summary."""
+    """Write metrics.csv / summary.{csv,md,json} and print the model-vs-baseline table; return the summary.
+
+    An existing ``metrics.csv`` in ``output_dir`` (an evaluation of other cases into the same folder)
+    is merged, under a lock, with this one's rows (:func:`merge_rows`), and the summary covers all
+    cases; what was kept and replaced is logged."""
     output_dir = Path(output_dir)
-    metric_names = [k for k in ("psnr", "ssim", "mae", "gmsd", "enh_rel_err", "enh_corr") if k in rows[0]]
+    with _locked(output_dir):
+        if (output_dir / "metrics.csv").is_file():
+            rows, kept, replaced = merge_rows(read_case_csv(output_dir / "metrics.csv"), rows)
+            if kept:
+                logger.warning(
+                    "%s: kept %d case(s) of an earlier evaluation in this folder (%s)%s",
+                    output_dir / "metrics.csv",
+                    len(kept),
+                    ", ".join(kept),
+                    f"; re-scored {', '.join(replaced)}" if replaced else "",
+                )
+        return _report(rows, output_dir, method, baselines)
+
+
+def _report(rows: list[dict], output_dir: Path, method: str, baselines: Sequence[str]) -> dict:
+    metric_names = [k for k in ("psnr", "ssim", "mae", "gmsd", "enh_rel_err", "enh_corr") if any(k in r for r in rows)]
     write_case_csv(rows, output_dir / "metrics.csv")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
