@@ -50,7 +50,8 @@ def atomic_path(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] 
 
 
 def output_folder(path: str | os.PathLike, name: str = "output_dir") -> str:
-    """Create ``path`` if needed and check that files can be written there, BEFORE any work is done.
+    """Check that files can be written to ``path`` (or, when it does not exist yet, to the folder it
+    will be created in), BEFORE any work is done; nothing is created.
 
     A run that would only find out after an hour of sampling that its output folder is a file, or is
     read-only, stops at once with one message naming the setting and the path.
@@ -69,9 +70,9 @@ def output_folder(path: str | os.PathLike, name: str = "output_dir") -> str:
     for p in (folder, *folder.parents):
         if p.exists() and not p.is_dir():
             raise NotADirectoryError(f"--{name} {path}: {p} is a file, not a folder; give a folder path")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # created later, by the first write
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except PermissionError:
