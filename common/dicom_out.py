@@ -328,6 +328,7 @@ class SourceSeries:
         positions_mm: (n,) position of each instance along ``normal`` (mm, ascending).
         normal: (3,) LPS unit slice normal.
         series_number: its SeriesNumber (None when absent).
+        charset: its SpecificCharacterSet (the copied names are in it).
     """
 
     folder: Path
@@ -338,6 +339,7 @@ class SourceSeries:
     positions_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
     normal: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
     series_number: int | None = None
+    charset: str = "ISO_IR 100"
 
     def nearest(self, position_lps: np.ndarray) -> int:
         """Index of the instance whose slice lies nearest to an LPS point (mm) along the normal."""
@@ -354,7 +356,7 @@ def read_source_series(folder: str | os.PathLike, series_uid: str | None = None)
     """
     folder = Path(folder)
     tags = [*STUDY_TAGS, "SeriesInstanceUID", "SeriesNumber", "SOPClassUID", "SOPInstanceUID"]
-    tags += ["ImagePositionPatient", "ImageOrientationPatient"]
+    tags += ["ImagePositionPatient", "ImageOrientationPatient", "SpecificCharacterSet"]
     found: dict[str, list[tuple[Path, Dataset]]] = {}
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         if path.name.startswith(".") or not path.is_file():
@@ -392,6 +394,7 @@ def read_source_series(folder: str | os.PathLike, series_uid: str | None = None)
         positions_mm=pos[order],
         normal=normal,
         series_number=int(number) if number not in (None, "") else None,
+        charset=first.get("SpecificCharacterSet") or "ISO_IR 100",
     )
 
 
@@ -457,7 +460,7 @@ def write_derived_series(
     stored = quantise(volume, slope, intercept, dtype)
     date, time = _now()
     base = Dataset()
-    base.SpecificCharacterSet = "ISO_IR 100"
+    base.SpecificCharacterSet = source.charset
     base.SOPClassUID = MRImageStorage
     base.ImageType = ["DERIVED", "SECONDARY"]
     for key, value in source.study.items():

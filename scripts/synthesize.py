@@ -96,14 +96,14 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 def ingest_config(options: dict[str, Any]):
     """The :class:`common.ingest.IngestConfig` of ``--ingest_<option>`` values (``prepare_prostatex``'s
     options and conversions; ``native`` defaults to False here: only the reference grid is needed)."""
-    from scripts.prepare_prostatex import parse_options
+    from scripts.prepare_prostatex import OPTIONS, parse_options
 
+    known = sorted(o.name for o in OPTIONS if o.target in ("config", "registration"))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown ingest option(s) {[INGEST_PREFIX + k for k in unknown]} (known: {known})")
     values = {"native": False, **{k: (str(v) if isinstance(v, bool) else v) for k, v in options.items()}}
-    try:
-        cfg, dataset, script = parse_options(**values)
-    except TypeError as e:
-        raise ValueError(f"--{INGEST_PREFIX}<option>: {e}") from None
-    return cfg
+    return parse_options(**values)[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -133,7 +133,8 @@ def _plain(obj: Any) -> Any:
 
 
 def prepare_case(study: Path, prepared: Path, case_id: str, cfg) -> tuple[Path, dict[str, Any]]:
-    """Ingest ``study`` into ``prepared/<case_id>`` (or reuse a case made from it with the same settings).
+    """Ingest ``study`` into ``prepared/<case_id>`` (or reuse a case made from it with the same settings;
+    ``--ingest_overwrite true`` ingests it again).
 
     Returns:
         ``(case folder, manifest)``.
@@ -142,9 +143,10 @@ def prepare_case(study: Path, prepared: Path, case_id: str, cfg) -> tuple[Path, 
         FileExistsError: the case exists but was made from another study or with other settings.
     """
     case = prepared / case_id
-    if (case / MANIFEST).exists():
+    if (case / MANIFEST).exists() and not cfg.overwrite:
         manifest = json.loads((case / MANIFEST).read_text())
-        differ = sorted(k for k, v in _plain(cfg.to_dict()).items() if manifest.get("config", {}).get(k) != v)
+        saved = manifest.get("config", {})
+        differ = sorted(k for k, v in _plain(cfg.to_dict()).items() if k != "overwrite" and saved.get(k) != v)
         if Path(manifest.get("source", "")) != study or differ:
             why = f"source {manifest.get('source')}" if Path(manifest.get("source", "")) != study else f"{differ}"
             raise FileExistsError(
@@ -164,6 +166,19 @@ def bundle_metadata(bundle: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: cannot read the bundle metadata ({e})") from None
 
 
+def check_weights(bundle: str, overrides: dict[str, Any]) -> str:
+    """Resolve ``ckpt_path`` with the overrides and check the weights (present, readable, trained with
+    these settings: :func:`common.bundle.check_checkpoint`) before the study is ingested."""
+    from monai.bundle import ConfigParser
+
+    from common.bundle import check_checkpoint
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    parser.update(dict(overrides))
+    return check_checkpoint(parser.get_parsed_content("ckpt_path"), parser.get_parsed_content("checkpoint_record"))
+
+
 def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """Run ``bundles/<bundle>/configs/inference.json`` (``evaluating``) on one prepared case folder.
 
@@ -173,9 +188,6 @@ def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str
     """
     from monai.bundle.scripts import create_workflow
 
-    reserved = sorted(set(overrides) & set(RESERVED))
-    if reserved:
-        raise ValueError(f"--{', --'.join(reserved)}: set by synthesize.py from --study / --out; leave them out")
     configs = ROOT / "bundles" / bundle / "configs"
     root_handlers = list(logging.getLogger().handlers)
     try:
@@ -304,17 +316,21 @@ def synthesize(
             f"--bundle {bundle!r}: synthesize.py supports {list(SUPPORTED)} (bundles that read a prepared "
             "prostate case); d3m (brain) and iterunet (breast) take other inputs than this ingest writes"
         )
-    t0 = time.perf_counter()
     study, out = check_folders(Path(study), Path(out))
     cfg = ingest_config(ingest or {})
     case_id = case_id or study.name
-    meta = bundle_metadata(bundle)
+    reserved = sorted(set(overrides) & set(RESERVED))
+    if reserved:
+        raise ValueError(f"--{', --'.join(reserved)}: set by synthesize.py from --study / --out; leave them out")
     case_out = out / bundle / case_id
     dicom_dir = case_out / "dicom"
     if dicom_dir.exists() and any(dicom_dir.iterdir()):
         raise FileExistsError(
             f"{dicom_dir} already holds DICOM series of an earlier run: remove it or choose another --out"
         )
+    meta = bundle_metadata(bundle)
+    check_weights(bundle, overrides)
+    t0 = time.perf_counter()
     case, manifest = prepare_case(study, out / "prepared", case_id, cfg)
     t_ingest = time.perf_counter()
     settings = run_inference(bundle, case, out / bundle, overrides)

@@ -259,7 +259,8 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
         assert np.abs(aff - aff_nii).max() < 1e-4 and np.abs(arr - vol).max() <= float(ds.RescaleSlope)
         descs.append(str(ds.SeriesDescription))
         numbers.append(int(ds.SeriesNumber))
-    assert descs == ["SYNTHETIC DCE early (DCE-diff 0.2.0)", "SYNTHETIC DCE late (DCE-diff 0.2.0)"]
+    version = json.loads((ROOT / "bundles" / "dcediff" / "configs" / "metadata.json").read_text())["version"]
+    assert descs == [f"SYNTHETIC DCE early (DCE-diff {version})", f"SYNTHETIC DCE late (DCE-diff {version})"]
     assert not set(numbers) & {s["series_number"] for s in resdce_run["summary"]["series"]}
     # a second run into the same folder refuses before any work: the series are never overwritten
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -269,6 +270,14 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
     with pytest.raises(ValueError, match="inside the source study folder"):
         synthesize(phantom_study, "resdce", phantom_study / "out", ckpt_path=str(checkpoints["resdce"]))
     assert _checksum(phantom_study) == before
+    # wrong or missing weights are named before the study is ingested
+    with pytest.raises(FileNotFoundError, match="no trained weights"):
+        synthesize(phantom_study, "resdce", tmp_path / "z", ckpt_path=str(tmp_path / "none.pt"))
+    with pytest.raises(ValueError, match="--network_size small"):
+        synthesize(phantom_study, "resdce", tmp_path / "z", ckpt_path=str(checkpoints["resdce"]), network_size="paper")
+    assert not (tmp_path / "z").exists()
+    with pytest.raises(ValueError, match=r"unknown ingest option\(s\) \['ingest_seed'\]"):
+        synthesize(phantom_study, "resdce", tmp_path / "z", ingest={"seed": 1})
     with pytest.raises(ValueError, match="supports"):
         synthesize(phantom_study, "ressrdiff", tmp_path / "x")
     with pytest.raises(ValueError, match="set by synthesize.py"):
