@@ -425,7 +425,7 @@ def _truncate(study):
 
 
 def _garbage(study):
-    d = _folder(study, "*PD*")
+    d = _folder(study, "t2*tse*tra*")  # a required series (a broken optional one is skipped)
     (sorted(d.glob("*.dcm"))[0]).write_bytes(b"this is not a DICOM file" * 10)
     return d
 
@@ -451,7 +451,7 @@ def _tilt_one(study):
 
 
 def _shrink_one(study):
-    d = _folder(study, "*PD*")
+    d = _folder(study, "*ADC*")
 
     def shrink(ds, k):
         if k == 2:
@@ -481,10 +481,39 @@ def _dce_short(study):
     return d
 
 
+def _duplicate_slice(study):
+    d = _folder(study, "t2*tse*tra*")
+    f = _files_along_normal(d)[3]
+    shutil.copy(f, d / f"copy-{f.name}")
+    return d
+
+
+def _shift_slice(study):
+    """One T2w slice moved 0.8 mm along the normal (of 3.6 mm spacing): SimpleITK only warns."""
+    d = _folder(study, "t2*tse*tra*")
+
+    def shift(ds, k):
+        if k == 3:
+            iop = np.array(ds.ImageOrientationPatient, float)
+            n = np.cross(iop[:3], iop[3:])
+            ds.ImagePositionPatient = [f"{v:.6f}" for v in np.array(ds.ImagePositionPatient, float) + 0.8 * n]
+
+    _edit(d, shift)
+    return d
+
+
 BAD_CASES = {
     "no_dce": (_drop("twist*"), r"no DCE series found"),
     "no_pre": (_drop("fl3d_vibe_pre_flip_1*"), r"no t1_pre series found"),
     "missing_slice": (_drop_middle_slice, r"missing slice: gap of"),
+    "duplicated_slice": (
+        _duplicate_slice,
+        r"duplicated slice: 2 files at position .* where the other positions have 1 \(.*copy-",
+    ),
+    "shifted_slice": (
+        _shift_slice,
+        r"irregular slice spacing: .* mm along the normal, \+0\.[5-8]\d mm off the regular",
+    ),
     "truncated": (_truncate, r"unreadable or truncated DICOM file.*truncated"),
     "unreadable": (_garbage, r"unreadable or truncated DICOM file.*unreadable"),
     "orientation": (_tilt_one, r"slices disagree in orientation"),
@@ -956,3 +985,20 @@ def test_cli_parses_options_through_fire(monkeypatch, capsys):
         mod.parse_options(register="maybe")
     with pytest.raises(ValueError, match="expected 3 integers"):
         mod.parse_options(crop_size="16x16")
+
+
+def test_broken_optional_series_is_skipped_with_a_warning(phantom_src, tmp_path, caplog):
+    """A truncated file in the high-b DWI (no bundle needs it) no longer drops the whole study."""
+    import logging
+
+    _, pdir, _ = phantom_src
+    study = _copy(pdir, tmp_path, "PW")
+    d = _folder(study, "*b1400*")
+    f = sorted(d.glob("*.dcm"))[1]
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="common.ingest"):
+        m = ingest_study(study, tmp_path / "out", "PW")
+    assert "dwi_highb" not in m["roles"] and {"t2w", "adc", "pd", "t1_pre"} <= set(m["roles"])
+    assert not (tmp_path / "out" / "PW" / "dwi_highb.nii.gz").exists()
+    assert (tmp_path / "out" / "PW" / "t2w.nii.gz").exists()
+    assert "optional dwi_highb series skipped" in caplog.text and "truncated" in caplog.text

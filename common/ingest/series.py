@@ -329,13 +329,17 @@ def _min_or_none(vals: Iterable[float | None]) -> float | None:
     return min(vals) if vals else None
 
 
-def check_series(s: DicomSeries, patient: str | None = None, gap_factor: float = 1.5) -> SeriesGeometry:
+def check_series(
+    s: DicomSeries, patient: str | None = None, gap_factor: float = 1.5, spacing_tolerance: float = 0.1
+) -> SeriesGeometry:
     """Validate a series' headers and split it into frames (time points).
 
     Raises:
         IngestError: unreadable/truncated files, missing geometry tags, slices that disagree in
             orientation or size, a missing slice (a gap > ``gap_factor`` x the median spacing),
-            duplicated positions that cannot be split into time points, fewer than 2 slices.
+            a duplicated slice (one position with more files than the others), a slice off the regular
+            grid by more than ``spacing_tolerance`` x the spacing (at least 0.1 mm), duplicated
+            positions that cannot be split into time points, fewer than 2 slices.
     """
     fail = lambda msg: IngestError(msg, patient, s.label)  # noqa: E731
     if s.unreadable:
@@ -401,10 +405,36 @@ def check_series(s: DicomSeries, patient: str | None = None, gap_factor: float =
         raise fail(
             f"irregular slice spacing: {steps[k]:.3g} mm between positions {positions[k]:.2f} and {positions[k + 1]:.2f} (median {med:.3g} mm)"
         )
-    counts = {len(g) for g in groups}
-    if len(counts) > 1:
-        raise fail(f"slice positions have different numbers of images ({sorted(counts)}): a time point misses slices")
-    n_t = counts.pop()
+    # every position on one regular grid: a slice shifted by a fraction of the spacing would be
+    # read onto the wrong place (SimpleITK only warns "Non uniform sampling")
+    grid = positions[0] + med * np.arange(len(positions))
+    off = positions - grid - np.median(positions - grid)
+    k = int(np.argmax(np.abs(off)))
+    if abs(off[k]) > max(0.1, spacing_tolerance * med):
+        name = Path(hs[groups[k][0]].path).name
+        raise fail(
+            f"irregular slice spacing: {name} lies at {positions[k]:.2f} mm along the normal, {off[k]:+.2f} mm off the "
+            f"regular {med:.3g} mm grid of the other slices (tolerance {max(0.1, spacing_tolerance * med):.2g} mm); "
+            "a misplaced slice or a mixed series"
+        )
+    counts = [len(g) for g in groups]
+    if len(set(counts)) > 1:
+        n_t = max(set(counts), key=counts.count)  # images per position in most of the series
+        extra = [g for g in groups if len(g) > n_t]
+        if n_t == 1 or (extra and len(extra) <= len(groups) // 2):
+            g = extra[0]
+            names = ", ".join(Path(hs[i].path).name for i in g)
+            raise fail(
+                f"duplicated slice: {len(g)} files at position {positions[groups.index(g)]:.2f} mm where the other "
+                f"positions have {n_t} ({names}); remove the copy"
+                + (f" ({len(extra)} positions affected)" if len(extra) > 1 else "")
+            )
+        short = [positions[i] for i, c in enumerate(counts) if c < n_t]
+        raise fail(
+            f"slice positions have different numbers of images ({sorted(set(counts))}): a time point misses slices "
+            + (f"at {len(short)} position(s), e.g. {short[0]:.2f} mm" if short else "")
+        )
+    n_t = counts[0]
     frames: list[Frame]
     source = "single"
     if n_t == 1:

@@ -90,7 +90,8 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
 
     Raises:
         IngestError: no DCE, a missing required role, a broken DCE time point, or a broken series
-            that is the only candidate of its role.
+            that is the only candidate of a required role (a broken optional series is skipped with a
+            warning and listed as missing).
     """
     report: dict[int, dict[str, Any]] = {}
     all_series = list(series)
@@ -216,8 +217,14 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
                 )
             ok.append((s, g))
         if not ok:
-            if errors:
+            if errors and rule.role in rules.required:
                 raise errors[0]
+            if errors:  # an optional series (e.g. the high-b DWI) that is broken does not cost the study
+                log.warning(
+                    "patient %s: optional %s series skipped: %s", patient, rule.role, "; ".join(str(e) for e in errors)
+                )
+                missing.append(rule.role)
+                continue
             if rule.role in rules.required:
                 seen = [r for r in report.values() if r["role"] == rule.role]
                 why = (
