@@ -254,19 +254,24 @@ def write_dicom(
     settings: dict[str, Any],
     first_series_number: int,
 ) -> list[dict[str, Any]]:
-    """Write ``<case_out>/<key>.nii.gz`` of every target key as a DICOM series in ``<case_out>/dicom/``."""
+    """Write ``<case_out>/<key>.nii.gz`` of every target key (and ``<key>_std.nii.gz`` where
+    ``--num_samples`` > 1 wrote one) as a DICOM series in ``<case_out>/dicom/``, numbered from
+    ``first_series_number``."""
     source = grid_source_series(manifest)
     method, version = meta.get("name", bundle), meta.get("version", "?")
     written = []
-    for i, key in enumerate(settings["target_keys"]):
+    outputs = [(key, phase_label(key)) for key in settings["target_keys"]]
+    outputs += [(f"{key}_std", f"{label} std") for key, label in outputs if (case_out / f"{key}_std.nii.gz").exists()]
+    for i, (key, label) in enumerate(outputs):
         nifti = case_out / f"{key}.nii.gz"
         volume, affine = load_nifti(nifti)
         number = first_series_number + i
-        description = f"SYNTHETIC {phase_label(key)} ({method} {version})"[:64]
+        description = f"SYNTHETIC {label} ({method} {version})"[:64]
+        what = "pixel-wise standard deviation over the samples of the " if key.endswith("_std") else ""
         derivation = (
-            f"{phase_label(key)} synthesised by {method} {version} (MONAI bundle {bundle}: {meta.get('task', '')}) "
-            f"from {', '.join(settings['input_keys'])} on the grid of series {source.series_number} "
-            f"({source.folder.name}); checkpoint {Path(str(settings['ckpt_path'])).name}, "
+            f"{what}{label.removesuffix(' std')} synthesised by {method} {version} (MONAI bundle {bundle}: "
+            f"{meta.get('task', '')}) from {', '.join(settings['input_keys'])} on the grid of series "
+            f"{source.series_number} ({source.folder.name}); checkpoint {Path(str(settings['ckpt_path'])).name}, "
             f"{settings['num_inference_steps']} sampling steps. {SYNTHETIC_NOTE}"
         )
         folder = case_out / "dicom" / series_folder_name(number, description)

@@ -247,6 +247,7 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "scripts" / "synthesize.py"), *args, "--bundle", "dcediff"]
     cmd += ["--ckpt_path", str(checkpoints["dcediff"]), "--sampler", "ddim", "--num_inference_steps", "2"]
+    cmd += ["--num_samples", "2"]  # the pixel-wise std over the samples becomes a series too
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((out / "dcediff" / "P000" / "synthesis.json").read_text())
@@ -260,7 +261,8 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
         descs.append(str(ds.SeriesDescription))
         numbers.append(int(ds.SeriesNumber))
     version = json.loads((ROOT / "bundles" / "dcediff" / "configs" / "metadata.json").read_text())["version"]
-    assert descs == [f"SYNTHETIC DCE early (DCE-diff {version})", f"SYNTHETIC DCE late (DCE-diff {version})"]
+    names = ["DCE early", "DCE late", "DCE early std", "DCE late std"]
+    assert descs == [f"SYNTHETIC {n} (DCE-diff {version})" for n in names]
     assert not set(numbers) & {s["series_number"] for s in resdce_run["summary"]["series"]}
     # a second run into the same folder refuses before any work: the series are never overwritten
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
