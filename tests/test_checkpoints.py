@@ -112,3 +112,32 @@ def test_kill_during_a_checkpoint_write(tmp_path):
     assert visible == ["model_epoch=1.pt"], visible
     torch.load(tmp_path / "ck" / "model_epoch=1.pt", weights_only=True)
     assert latest_checkpoint(tmp_path / "ck", "model_*.pt").endswith("model_epoch=1.pt")
+
+
+def test_restarts_do_not_pile_up_checkpoints_or_temporaries(tmp_path, caplog):
+    """A resumed run knows only its own files: the numbered checkpoints of the earlier run, and the
+    hidden temporary a killed write left, are removed once the new run has saved."""
+    import logging
+
+    from common.handlers import ResumeLog
+
+    net = torch.nn.Linear(2, 2)
+    for n in (1, 2, 3):  # an earlier run (n_saved 1 would have kept only the last, a crash left more)
+        torch.save({"model": net.state_dict()}, tmp_path / f"model_epoch={n}.pt")
+    (tmp_path / ".model_epoch=4.abc123.tmp.pt").write_bytes(b"PK half")
+    (tmp_path / "other_epoch=1.pt").write_bytes(b"not ours")  # another series of files is left alone
+    engine = _trainer(net)
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1, epoch_level=True, n_saved=1).attach(engine)
+    engine.state.iteration, engine.state.epoch, engine.state.max_epochs, engine.state.epoch_length = 3, 3, 5, 1
+    ResumeLog(tmp_path / "model_epoch=3.pt").attach(engine)
+    with caplog.at_level(logging.INFO):
+        engine.run([0], max_epochs=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_epoch=5.pt", "other_epoch=1.pt"]
+    assert f"resumed from {tmp_path / 'model_epoch=3.pt'}: continuing after iteration 3 (epoch 3 of 5" in caplog.text
+    # a fresh run logs nothing of the kind
+    caplog.clear()
+    fresh = _trainer(net)
+    ResumeLog("").attach(fresh)
+    with caplog.at_level(logging.INFO):
+        fresh.run([0], max_epochs=1)
+    assert "resumed from" not in caplog.text

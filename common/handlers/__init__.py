@@ -1,8 +1,8 @@
 """Ignite handlers that write and score what a bundle produces (NIfTI with exact geometry, PNG
 panels, metrics next to their trivial baselines, FID)."""
 
-from common.handlers.checkpoint import AtomicCheckpointSaver, StopAtIteration
+from common.handlers.checkpoint import AtomicCheckpointSaver, ResumeLog, StopAtIteration
 from common.handlers.metrics import SynthesisMetrics, score_case
 from common.handlers.writer import SynthesisWriter
 
-__all__ = ["AtomicCheckpointSaver", "SynthesisMetrics", "StopAtIteration", "SynthesisWriter", "score_case"]
+__all__ = ["AtomicCheckpointSaver", "ResumeLog", "SynthesisMetrics", "StopAtIteration", "SynthesisWriter", "score_case"]
