@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from monai.bundle import run as bundle_run  # noqa: E402
 
+from common.errors import install as install_error_hook  # noqa: E402
+from common.io import output_folder  # noqa: E402
 from common.phantoms import write_phantoms  # noqa: E402
 
 BUNDLE = ROOT / "bundles" / "resdce" / "configs"
@@ -41,6 +43,7 @@ def main(
     """Make (or reuse) the phantom data, train ResDCE-diff briefly, synthesise the test subjects and score them."""
     t0 = time.time()
     out_dir, data_dir = (ROOT / out).resolve(), (ROOT / phantoms).resolve()
+    output_folder(out_dir, "out")  # a file or read-only folder is named before any work
     prepared = data_dir / "prostate" / "prepared"
     if not (prepared / "datalist.json").exists():
         print(f"[demo] writing phantoms (prostate, brain, breast) to {data_dir}")
@@ -87,4 +90,5 @@ def main(
 
 
 if __name__ == "__main__":
+    install_error_hook()  # a user error ends with one line (GADOFREE_DEBUG=1: the traceback)
     fire.Fire(main)

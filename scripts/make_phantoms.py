@@ -21,6 +21,8 @@ if str(ROOT) not in sys.path:
 
 import fire  # noqa: E402
 
+from common.errors import install as install_error_hook  # noqa: E402
+from common.io import output_folder  # noqa: E402
 from common.phantoms import KINDS, write_phantoms  # noqa: E402
 
 
@@ -40,6 +42,7 @@ def main(
     if overrides.pop("help", False) or overrides.pop("h", False):  # **overrides swallows fire's --help
         print(__doc__)
         return
+    output_folder(out, "out")  # a file or read-only folder is named before any work
     if isinstance(kinds, str):
         kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
     written = write_phantoms(
@@ -67,4 +70,5 @@ def main(
 
 
 if __name__ == "__main__":
+    install_error_hook()  # a user error ends with one line (GADOFREE_DEBUG=1: the traceback)
     fire.Fire(main)

@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
+from common.errors import install as install_error_hook  # noqa: E402
 from common.ingest.brain import brain_settings, prepare_brain_case  # noqa: E402
+from common.io import output_folder  # noqa: E402
 
 
 def main(
@@ -42,6 +44,7 @@ def main(
     max_translation_mm: float = 25.0,
     max_rotation_deg: float = 20.0,
 ) -> dict:
+    output_folder(out, "out")  # a file or read-only folder is named before any work
     srcp = Path(src).expanduser().resolve()
     opt = lambda f: str(srcp / f) if f else None  # noqa: E731
     t1c_path = opt(t1c)
@@ -64,4 +67,5 @@ def main(
 
 
 if __name__ == "__main__":
+    install_error_hook()  # a user error ends with one line (GADOFREE_DEBUG=1: the traceback)
     fire.Fire(main)

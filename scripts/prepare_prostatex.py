@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 
 from common.bundle import flag  # noqa: E402
+from common.errors import install as install_error_hook  # noqa: E402
 from common.ingest import IngestConfig, IngestError, RegistrationSettings, prepare_dataset  # noqa: E402
+from common.io import output_folder  # noqa: E402
 
 #: IngestConfig fields whose option has another name (kept from the first version of this script).
 RENAMED = {"write_native": "native"}
@@ -172,6 +174,7 @@ def parse_options(**values: Any) -> tuple[IngestConfig, dict[str, Any], dict[str
 
 
 def main(src: str, out: str, **values: Any) -> None:
+    output_folder(out, "out")  # a file or read-only folder is named before any work
     cfg, dataset, script = parse_options(**values)
     level = getattr(logging, str(script["log_level"]).upper(), logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -215,4 +218,5 @@ _describe_main()
 
 
 if __name__ == "__main__":
+    install_error_hook()  # a user error ends with one line (GADOFREE_DEBUG=1: the traceback)
     fire.Fire(main)

@@ -383,3 +383,40 @@ def test_two_evaluations_into_one_folder_merge(tmp_path, caplog):
     new_psnr = [r["psnr"] for r in again if r["case"] == "A" and r["method"] == "model"]
     assert len(new_psnr) == len(first_psnr) and max(new_psnr) < min(first_psnr)
     assert {r["n"] for r in summary["table"]} == {2}
+
+
+def test_scripts_refuse_an_out_that_is_a_file_or_inside_the_source(tmp_path):
+    """``--out`` naming a file stops before any work with one line (no FileExistsError traceback);
+    an ``--out`` inside the DICOM source is refused (the source is never written into)."""
+    import subprocess
+    import sys
+
+    from common.ingest import IngestError
+    from common.ingest.pipeline import prepare_dataset
+
+    (tmp_path / "file").write_text("x")
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make_phantoms.py"),
+            "--out",
+            str(tmp_path / "file"),
+            "--kinds",
+            "brain",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-2:] == [
+        f"error: --out {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder; give a folder path",
+        "(set GADOFREE_DEBUG=1 for the full traceback)",
+    ], res.stderr[-2000:]
+    (tmp_path / "src").mkdir()
+    with pytest.raises(
+        IngestError, match=r"--out .*/src/prepared lies inside --src .*src: the source studies are never written"
+    ):
+        prepare_dataset(tmp_path / "src", tmp_path / "src" / "prepared")
+    assert not (tmp_path / "src" / "prepared").exists()

@@ -859,6 +859,12 @@ def prepare_dataset(
     """
     cfg = config or IngestConfig()
     out = Path(out)
+    src_dir, out_dir = Path(src).expanduser().resolve(), out.expanduser().resolve()
+    if out_dir == src_dir or src_dir in out_dir.parents:
+        raise IngestError(
+            f"--out {out} lies inside --src {src}: the source studies are never written into, and the prepared "
+            "cases would be read back as studies; choose a folder outside the source"
+        )
     out.mkdir(parents=True, exist_ok=True)
     patients = find_patients(src)
     ids = [cid for cid, _ in patients]
