@@ -103,6 +103,11 @@ def _checksum(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _listing(folder: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime in ns) of everything below ``folder``: cheaper than hashing a real study."""
+    return [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))]
+
+
 def _tiny_checkpoint(bundle: str, path: Path) -> Path:
     """Untrained ``small`` network of a bundle, saved as its CheckpointSaver would (weights + record)."""
     from monai.bundle import ConfigParser
@@ -347,6 +352,7 @@ def test_resdce_on_prostatex(prostatex_study, tmp_path):
     (about 13 s on 2 cores; the full ingest with registration takes about 37 s), one sampling step."""
     ckpt = _tiny_checkpoint("resdce", tmp_path / "resdce.pt")
     out = tmp_path / "out"
+    before = _listing(prostatex_study)
     summary = synthesize(
         prostatex_study,
         "resdce",
@@ -372,3 +378,4 @@ def test_resdce_on_prostatex(prostatex_study, tmp_path):
         assert ds.StudyInstanceUID == src_uid and ds.SeriesDescription.startswith("SYNTHETIC DCE")
         assert ds.PatientID == grid[0].PatientID and ds.FrameOfReferenceUID == grid[0].FrameOfReferenceUID
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in {g.SOPInstanceUID for g in grid}
+    assert _listing(prostatex_study) == before  # the real study was only read
