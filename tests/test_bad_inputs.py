@@ -420,3 +420,22 @@ def test_scripts_refuse_an_out_that_is_a_file_or_inside_the_source(tmp_path):
     ):
         prepare_dataset(tmp_path / "src", tmp_path / "src" / "prepared")
     assert not (tmp_path / "src" / "prepared").exists()
+
+
+def test_mask_of_another_shape_stops_before_outputs(tmp_path):
+    """A lesion mask of another shape is named by the pre-processing, before a case's outputs are
+    written (the scoring used to find it only after writing them)."""
+    case = _case(tmp_path)
+    save_nifti(np.zeros((16, 15, 4), np.float32), _affine(), case / "lesion_mask.nii.gz")
+    p = _parser("resdce", case_dir=str(case))
+    item = p.get_parsed_content("datalist")[0]
+    assert item.get("lesion_mask"), item
+    with pytest.raises(Exception) as e:
+        p.get_parsed_content("preprocessing")(item)
+    from common.errors import user_message
+
+    msg = user_message(e.value)
+    assert msg == (
+        f"{case / 'lesion_mask.nii.gz'} (lesion_mask): grid (16, 15, 4) differs from {case / 'dce_pre.nii.gz'} "
+        "(dce_pre) (16, 16, 4); every volume of a case must be on one grid (re-run the ingest)"
+    ), msg
