@@ -128,6 +128,17 @@ def check_folders(study: Path, out: Path) -> tuple[Path, Path]:
     return study, out
 
 
+def case_name(study: Path, case_id: str | None = None) -> str:
+    """The case folder name the ingest gives the study (``case_id`` or the folder's name, cleaned as the
+    ingest cleans it); a TCIA study folder (series folders right below it) is named ``<patient>_<study>``."""
+    from common.ingest.pipeline import _clean_id
+
+    if case_id is None:
+        is_study = any(next(d.glob("*.dcm"), None) for d in study.iterdir() if d.is_dir())
+        case_id = f"{study.parent.name}_{study.name}" if is_study else study.name
+    return _clean_id(case_id)
+
+
 def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -307,7 +318,7 @@ def synthesize(
         study: a TCIA patient or study folder (only read).
         bundle: one of :data:`SUPPORTED`.
         out: output root (outside ``study``).
-        case_id: case name (default: the study folder's name).
+        case_id: case name (default: :func:`case_name`).
         first_series_number: SeriesNumber of the first synthetic series (default:
             :func:`first_free_series_number`).
         ingest: ``prepare_prostatex`` options for the ingest (e.g. ``{"crop_size": "96,96,8"}``).
@@ -323,7 +334,7 @@ def synthesize(
         )
     study, out = check_folders(Path(study), Path(out))
     cfg = ingest_config(ingest or {})
-    case_id = case_id or study.name
+    case_id = case_name(study, case_id)
     reserved = sorted(set(overrides) & set(RESERVED))
     if reserved:
         raise ValueError(f"--{', --'.join(reserved)}: set by synthesize.py from --study / --out; leave them out")
@@ -373,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study", required=True, help="TCIA patient or study folder (only read)")
     parser.add_argument("--bundle", required=True, help=f"one of {', '.join(SUPPORTED)}")
     parser.add_argument("--out", required=True, help="output folder (outside the study folder)")
-    parser.add_argument("--case_id", default=None, help="case name (default: the study folder's name)")
+    parser.add_argument("--case_id", default=None, help="case name (default: the patient folder's name)")
     parser.add_argument("--first_series_number", type=int, default=None, help="SeriesNumber of the first series")
     parser.add_argument("--log_level", default="INFO", help="logging level")
     args, rest = parser.parse_known_args(argv)

@@ -34,7 +34,7 @@ from common.dicom_out import (  # noqa: E402
 from common.geometry import sitk_affine, sitk_to_array  # noqa: E402
 from common.ingest.series import check_series, read_frame, scan_study  # noqa: E402
 from common.io import load_nifti  # noqa: E402
-from scripts.synthesize import parse_overrides, split_options, synthesize  # noqa: E402
+from scripts.synthesize import case_name, parse_overrides, split_options, synthesize  # noqa: E402
 
 # a small PROSTATEx-like phantom: 48 x 48 x 6 DCE grid with 12 time points, oblique (8-12 degrees)
 GRID = {
@@ -294,6 +294,9 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
         "patch_size": [96, 96],
         "device": "cpu",
     }
+    assert case_name(phantom_study) == "P000" and case_name(phantom_study, "a b") == "a_b"
+    study_folder = next(d for d in phantom_study.iterdir() if d.is_dir())  # <patient>/<MM-DD-YYYY-NA-...>/
+    assert case_name(study_folder) == f"P000_{study_folder.name}".replace(" ", "_")
     assert split_options({"ingest_register": False, "seed": 1}) == ({"register": False}, {"seed": 1})
     with pytest.raises(ValueError, match="needs a value"):
         parse_overrides(["--device"])
