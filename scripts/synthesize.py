@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.dicom_out import read_source_series, series_folder_name, write_derived_series  # noqa: E402
+from common.errors import DEBUG_ENV, user_message  # noqa: E402
+from common.errors import install as install_error_hook  # noqa: E402
 from common.ingest import IngestError, ingest_study  # noqa: E402
-from common.io import load_nifti, save_json  # noqa: E402
+from common.io import load_nifti, output_folder, save_json  # noqa: E402
 from common.layout import MANIFEST  # noqa: E402
 
 log = logging.getLogger("synthesize")
@@ -116,6 +119,7 @@ def check_folders(study: Path, out: Path) -> tuple[Path, Path]:
     Raises:
         FileNotFoundError: no study folder.
         ValueError: ``out`` is the study folder or inside it.
+        NotADirectoryError, PermissionError: ``out`` cannot be written (:func:`common.io.output_folder`).
     """
     study, out = Path(study).expanduser().resolve(), Path(out).expanduser().resolve()
     if not study.is_dir():
@@ -125,6 +129,7 @@ def check_folders(study: Path, out: Path) -> tuple[Path, Path]:
             f"--out {out} lies inside the source study folder {study}: outputs never go into the source "
             "study; choose a folder outside it"
         )
+    output_folder(out, "out")  # a file or a read-only folder is named before any work
     return study, out
 
 
@@ -396,12 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = synthesize(
             args.study, args.bundle, args.out, args.case_id, args.first_series_number, ingest, **overrides
         )
-    except (IngestError, OSError, ValueError, RuntimeError) as e:
-        chain, cause = [str(e)], e.__cause__
-        while cause is not None:
-            chain.append(str(cause))
-            cause = cause.__cause__
-        print("error: " + "\n  caused by: ".join(chain), file=sys.stderr)
+    except (
+        Exception
+    ) as e:  # a user error ends with one line (GADOFREE_DEBUG=1: the traceback), a bug with its traceback
+        message = user_message(e) or (str(e) if isinstance(e, (IngestError, OSError, ValueError)) else None)
+        if message is None or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     for s in summary["series"]:
         print(f"{s['key']}: {s['n_files']} DICOM files in {s['folder']}")
@@ -410,4 +416,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    install_error_hook()
     sys.exit(main())
