@@ -182,16 +182,19 @@ def bundle_metadata(bundle: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: cannot read the bundle metadata ({e})") from None
 
 
-def check_weights(bundle: str, overrides: dict[str, Any]) -> str:
-    """Resolve ``ckpt_path`` with the overrides and check the weights (present, readable, trained with
-    these settings: :func:`common.bundle.check_checkpoint`) before the study is ingested."""
+def preflight(bundle: str, overrides: dict[str, Any]) -> str:
+    """Before the study is ingested: resolve ``device`` and ``ckpt_path`` with the overrides, check the
+    device (:func:`common.device.get_device`) and the weights (present, readable, trained with these
+    settings: :func:`common.bundle.check_checkpoint`). Returns the checkpoint path."""
     from monai.bundle import ConfigParser
 
     from common.bundle import check_checkpoint
+    from common.device import get_device
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
     parser.update(dict(overrides))
+    get_device(parser.get_parsed_content("device"))
     return check_checkpoint(parser.get_parsed_content("ckpt_path"), parser.get_parsed_content("checkpoint_record"))
 
 
@@ -350,7 +353,7 @@ def synthesize(
             f"{dicom_dir} already holds DICOM series of an earlier run: remove it or choose another --out"
         )
     meta = bundle_metadata(bundle)
-    check_weights(bundle, overrides)
+    preflight(bundle, overrides)
     t0 = time.perf_counter()
     case, manifest = prepare_case(study, out / "prepared", case_id, cfg)
     t_ingest = time.perf_counter()

@@ -282,6 +282,9 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
         synthesize(phantom_study, "resdce", tmp_path / "z", ckpt_path=str(tmp_path / "none.pt"))
     with pytest.raises(ValueError, match="--network_size small"):
         synthesize(phantom_study, "resdce", tmp_path / "z", ckpt_path=str(checkpoints["resdce"]), network_size="paper")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+            synthesize(phantom_study, "resdce", tmp_path / "z", ckpt_path=str(checkpoints["resdce"]), device="cuda")
     assert not (tmp_path / "z").exists()
     with pytest.raises(ValueError, match=r"unknown ingest option\(s\) \['ingest_seed'\]"):
         synthesize(phantom_study, "resdce", tmp_path / "z", ingest={"seed": 1})
