@@ -384,6 +384,7 @@ def synthesize(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # --case must not become --case_id: unknown ids go to the bundle as they are
         description=__doc__.split("\n\n")[0],
         epilog="Every other --<id> <value> is an override of the bundle's inference config "
         "(e.g. --ckpt_path model.pt --num_inference_steps 4 --device cpu); --ingest_<option> <value> "

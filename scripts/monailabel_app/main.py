@@ -1,0 +1,62 @@
+"""MONAI Label app serving this repository's synthesis bundles (``--conf models resdce,dcediff,ressrdiff``).
+
+Start it with ``serve.py`` beside this file (``monailabel start_server`` plus one compatibility fix,
+see README.md). Each bundle's config ids can be overridden with ``--conf <bundle>.<id> <value>``,
+e.g. ``--conf resdce.ckpt_path /path/model.pt --conf resdce.num_inference_steps 4``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import HTTPException
+from lib.infers import BundleSynthesisTask, StudyError, bundle_overrides
+from monailabel.interfaces.app import MONAILabelApp
+
+logger = logging.getLogger(__name__)
+
+# the bundles whose inference takes one study and writes with common.handlers.SynthesisWriter
+SUPPORTED = ("resdce", "dcediff", "ressrdiff")
+
+
+class GadofreeApp(MONAILabelApp):
+    """Infer tasks only (synthesis has no labels to train on): one :class:`BundleSynthesisTask` per
+    bundle named in ``--conf models`` (comma-separated, default ``resdce``)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.models = [m.strip() for m in conf.get("models", "resdce").split(",") if m.strip()]
+        unknown = [m for m in self.models if m not in SUPPORTED]
+        if unknown:
+            raise ValueError(f"--conf models: {', '.join(unknown)} not served by this app (choose from {SUPPORTED})")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="gadofree-bundles",
+            description="Gadolinium-free contrast synthesis and MRI super-resolution (research use only)",
+            version="0.1.0",
+        )
+
+    def init_infers(self) -> dict[str, BundleSynthesisTask]:
+        return {m: BundleSynthesisTask(m, overrides=bundle_overrides(self.conf, m)) for m in self.models}
+
+    def init_trainers(self) -> dict:
+        return {}
+
+    def init_strategies(self) -> dict:
+        return {}
+
+    def init_scoring_methods(self) -> dict:
+        return {}
+
+    def infer(self, request, datastore=None):
+        """``image`` may also be a series path relative to the studies folder (``<case>/t2w.nii.gz``).
+        A request whose image is not part of a study the bundle reads is answered 400 with the reason."""
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.isabs(image) and os.path.isfile(os.path.join(self.studies, image)):
+            request = {**request, "image": os.path.join(self.studies, image)}
+        try:
+            return super().infer(request, datastore)
+        except StudyError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None

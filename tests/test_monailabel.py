@@ -1,0 +1,179 @@
+"""The MONAI Label app (scripts/monailabel_app) served for real: HTTP requests against the bundles' own inference.
+
+One server on a free localhost port serves ``resdce`` and ``ressrdiff`` (tiny phantom case, small
+networks with perturbed random weights so outputs vary, 2 sampling steps); each synthesis it
+returns must have the geometry of the bundle's output and equal what ``monai.bundle run evaluating``
+writes for the same case, seed and weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import bundle_here, free_port
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("monailabel") is None,
+    reason="monailabel is not installed (pip install -r scripts/monailabel_app/requirements.txt)",
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "scripts" / "monailabel_app"
+STEPS = "2"
+
+
+def random_checkpoint(bundle: str, path: Path, seed: int = 0) -> Path:
+    """A small network of ``bundle`` with every weight perturbed (the zero-initialised output layers
+    would make every synthesis constant), saved as the bundle's trainer saves ``model.pt``."""
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    p.update({"network_size": "small", "ckpt_path": str(path)})
+    torch.manual_seed(seed)
+    net = p.get_parsed_content("network_def")
+    with torch.no_grad():
+        for w in net.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    torch.save({"model": net.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``serve.py start_server`` (a copy of the app, so nothing is written in the repository) with
+    resdce and ressrdiff; yields ``{"url", "case", "log", "ckpt": {bundle: path}}``."""
+    from common.phantoms import write_phantoms
+
+    tmp = tmp_path_factory.mktemp("monailabel")
+    write_phantoms(tmp / "ph", kinds=("prostate",), n_prostate=1, dicom=False, small=True, progress=False)
+    studies = tmp / "ph" / "prostate" / "prepared"
+    ckpt = {b: random_checkpoint(b, tmp / f"{b}.pt", seed=i) for i, b in enumerate(("resdce", "ressrdiff"))}
+    app = tmp / "app"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    port = free_port()
+    conf = ["--conf", "models", "resdce,ressrdiff"]
+    for b, path in ckpt.items():
+        conf += ["--conf", f"{b}.ckpt_path", str(path), "--conf", f"{b}.num_inference_steps", STEPS]
+    log = tmp / "server.log"
+    cmd = [sys.executable, str(app / "serve.py"), "start_server", "--app", str(app), "--studies", str(studies)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), *conf]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/info/", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"MONAI Label server did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "studies": studies, "case": studies / "phantom-000", "log": log, "ckpt": ckpt}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def infer(served: dict, model: str, image: str) -> tuple[int, bytes]:
+    """POST /infer/<model>?image=...&output=image; (status, body)."""
+    query = urllib.parse.urlencode({"image": image, "output": "image"})
+    req = urllib.request.Request(f"{served['url']}/infer/{model}?{query}", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def direct(bundle: str, out: Path, ckpt: Path, *source: str) -> None:
+    """The bundle's own inference on the same study (``monai.bundle run evaluating``)."""
+    config = str(ROOT / "bundles" / bundle / "configs" / "inference.json")
+    bundle_here("run", "evaluating", "--config_file", config, "--output_dir", str(out), "--ckpt_path", str(ckpt),
+                "--num_inference_steps", STEPS, *source)  # fmt: skip
+
+
+def load_result(body: bytes, path: Path) -> nib.Nifti1Image:
+    path.write_bytes(body)
+    return nib.load(path)
+
+
+def test_info_lists_the_synthesis_tasks(served):
+    import json
+
+    with urllib.request.urlopen(f"{served['url']}/info/", timeout=10) as r:
+        info = json.loads(r.read())
+    assert set(info["models"]) == {"resdce", "ressrdiff"}
+    assert info["models"]["resdce"]["type"] == "others"  # an image result, not a segmentation label
+    assert info["models"]["resdce"]["config"]["channels"] == ["dce_onset", "dce_early", "dce_late"]
+
+
+def test_resdce_over_http_equals_the_bundle(served, tmp_path):
+    status, body = infer(served, "resdce", str(served["case"] / "t2w.nii.gz"))
+    assert status == 200, body[-2000:]
+    res = load_result(body, tmp_path / "resdce.nii.gz")
+    pre = nib.load(served["case"] / "dce_pre.nii.gz")
+    assert res.shape == (*pre.shape, 3)  # one channel per phase along the 4th axis
+    np.testing.assert_allclose(res.affine, pre.affine, atol=1e-4)
+    direct("resdce", tmp_path / "direct", served["ckpt"]["resdce"], "--case_dir", str(served["case"]))
+    got = res.get_fdata(dtype=np.float32)
+    for c, name in enumerate(["dce_onset", "dce_early", "dce_late"]):
+        ref = nib.load(tmp_path / "direct" / "phantom-000" / f"{name}.nii.gz")
+        want = ref.get_fdata(dtype=np.float32)
+        assert want.std() > 0, f"{name}: constant synthesis, the comparison would prove nothing"
+        np.testing.assert_allclose(got[..., c], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+        np.testing.assert_allclose(res.affine, ref.affine, atol=1e-4)
+
+
+def test_ressrdiff_over_http_equals_the_bundle(served, tmp_path):
+    # a series path relative to the studies folder is accepted as well
+    status, body = infer(served, "ressrdiff", "phantom-000/t2w.nii.gz")
+    assert status == 200, body[-2000:]
+    res = load_result(body, tmp_path / "sr.nii.gz")
+    direct("ressrdiff", tmp_path / "direct", served["ckpt"]["ressrdiff"], "--input_file", str(served["case"] / "t2w.nii.gz"))
+    ref = nib.load(tmp_path / "direct" / "phantom-000" / "sr.nii.gz")
+    assert res.shape == ref.shape
+    np.testing.assert_allclose(res.affine, ref.affine, atol=1e-4)
+    want = ref.get_fdata(dtype=np.float32)
+    assert want.std() > 0
+    np.testing.assert_allclose(res.get_fdata(dtype=np.float32), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_an_incomplete_case_is_named(served, tmp_path):
+    import json
+
+    case = tmp_path / "lonely"
+    case.mkdir()
+    shutil.copy(served["case"] / "t2w.nii.gz", case / "t2w.nii.gz")
+    status, body = infer(served, "resdce", str(case / "t2w.nii.gz"))
+    assert status == 400, body[-2000:]
+    detail = json.loads(body)["detail"]
+    assert f"request image {case / 't2w.nii.gz'} is not part of a complete study" in detail
+    assert "adc.nii.gz" in detail and "dce_pre.nii.gz" in detail  # the missing series, by name
+    # a file beside a complete case that is not one of its series
+    stray = served["case"].parent / "stray.nii.gz"
+    shutil.copy(served["case"] / "t2w.nii.gz", stray)
+    status, body = infer(served, "resdce", str(stray))
+    assert status == 400 and "not part of a complete study" in json.loads(body)["detail"]
