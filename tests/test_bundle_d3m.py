@@ -220,7 +220,7 @@ def test_bad_inputs_are_named(phantoms, tmp_path):
     src = next(phantoms.glob("*/*-t1n.nii.gz"))
     (case / f"{case.name}-t1n.nii.gz").write_bytes(src.read_bytes())
     (case / f"{case.name}-t2w.nii.gz").write_bytes(src.read_bytes())
-    (tmp_path / "none.pt").write_bytes(b"")
+    torch.save({"model": {}}, tmp_path / "none.pt")  # a readable checkpoint: the missing contrast is found first
     with pytest.raises(Exception) as e:
         bundle_here(
             "run",
