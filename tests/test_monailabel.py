@@ -152,7 +152,13 @@ def test_ressrdiff_over_http_equals_the_bundle(served, tmp_path):
     status, body = infer(served, "ressrdiff", "phantom-000/t2w.nii.gz")
     assert status == 200, body[-2000:]
     res = load_result(body, tmp_path / "sr.nii.gz")
-    direct("ressrdiff", tmp_path / "direct", served["ckpt"]["ressrdiff"], "--input_file", str(served["case"] / "t2w.nii.gz"))
+    direct(
+        "ressrdiff",
+        tmp_path / "direct",
+        served["ckpt"]["ressrdiff"],
+        "--input_file",
+        str(served["case"] / "t2w.nii.gz"),
+    )
     ref = nib.load(tmp_path / "direct" / "phantom-000" / "sr.nii.gz")
     assert res.shape == ref.shape
     np.testing.assert_allclose(res.affine, ref.affine, atol=1e-4)
