@@ -208,7 +208,8 @@ def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str
     from monai.bundle.scripts import create_workflow
 
     configs = ROOT / "bundles" / bundle / "configs"
-    root_handlers = list(logging.getLogger().handlers)
+    root = logging.getLogger()
+    root_handlers, root_level = list(root.handlers), root.level
     try:
         wf = create_workflow(
             config_file=str(configs / "inference.json"),
@@ -223,7 +224,8 @@ def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str
         settings["num_inference_steps"] = wf.parser.get_parsed_content("num_inference_steps")
         wf.finalize()
     finally:  # the bundle's logging.conf adds a console handler: leave the caller's logging as it was
-        logging.getLogger().handlers[:] = root_handlers
+        root.handlers[:] = root_handlers
+        root.setLevel(root_level)
     return settings
 
 
