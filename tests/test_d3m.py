@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.inferers.d3m import D3MInferer, D3MLoss, D3MPrepareBatch, warp, x0_eps_from_v
+from common.engines import D3MPrepareBatch
+from common.inferers.d3m import D3MInferer, warp, x0_eps_from_v
+from common.losses import D3MLoss
 from common.networks.d3m import D3MNetwork, DualDecoderDiffusionUNet
 from common.schedulers.sigmoid import SigmoidDDIMScheduler
 

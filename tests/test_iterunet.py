@@ -13,7 +13,6 @@ from monai.data import MetaTensor
 from scipy.stats import spearmanr
 
 from common.inferers.iterunet import (
-    DCEFramesd,
     IterUNetVolumeInferer,
     check_init_ckpt,
     copy_forward,
@@ -21,10 +20,11 @@ from common.inferers.iterunet import (
     run_chain,
     train_mode,
 )
-from common.losses_iterunet import GradientDifferenceLoss, IterUNetLoss
+from common.losses import GradientDifferenceLoss, IterUNetLoss
 from common.metrics.kinetic import curve_spearman, dtw_distance, kinetic_type, relative_change
 from common.networks.iterunet import ConvLSTMCell, IterUNet
 from common.transforms import CheckSameGridd, TINormd
+from common.transforms.phases import DCEFramesd
 
 TIMES = torch.tensor([0.0, 85.0, 155.0, 225.0, 295.0, 365.0])
 

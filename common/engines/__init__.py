@@ -5,6 +5,11 @@ The rest of the bundle plumbing lives where MONAI keeps the same concepts: ``com
 ``common.bundle`` (config and command-line helpers).
 """
 
-from common.engines.prepare_batch import ConditionalDiffusionPrepareBatch, NoiseLevelPrepareBatch
+from common.engines.prepare_batch import (
+    ConditionalDiffusionPrepareBatch,
+    D3MPrepareBatch,
+    IterUNetPrepareBatch,
+    NoiseLevelPrepareBatch,
+)
 
-__all__ = ["ConditionalDiffusionPrepareBatch", "NoiseLevelPrepareBatch"]
+__all__ = ["ConditionalDiffusionPrepareBatch", "D3MPrepareBatch", "IterUNetPrepareBatch", "NoiseLevelPrepareBatch"]

@@ -3,6 +3,8 @@
 
 - :class:`ConditionalDiffusionPrepareBatch`: noise the target, condition on the image.
 - :class:`NoiseLevelPrepareBatch`: also draws Palette's continuous noise level (DCE-diff).
+- :class:`D3MPrepareBatch`: noises [T1c, ET mask] independently, the target is v (D3M).
+- :class:`IterUNetPrepareBatch`: the series and its later time points (iterU-Net, no diffusion).
 
 Key convention of every bundle in this project: in a data dictionary, ``"image"`` is what the
 network is given (the stacked non-contrast inputs, or the low-resolution image) and ``"label"`` is
@@ -116,3 +118,36 @@ class NoiseLevelPrepareBatch(ConditionalDiffusionPrepareBatch):
         images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
         infer_kwargs["gamma"] = self.get_noise_level(infer_kwargs["timesteps"])
         return images, target, args, infer_kwargs
+
+
+class D3MPrepareBatch(ConditionalDiffusionPrepareBatch):
+    """Noise ``label`` = [T1c, ET mask] (B, 2, H, W) with independent noise per channel and one t per
+    sample (uniform 0..T-1); condition on ``image`` (B, 3, H, W); the loss target is v."""
+
+    def __init__(self, scheduler, condition_name: str = "image", target_name: str = "label") -> None:
+        super().__init__(
+            num_train_timesteps=scheduler.num_train_timesteps,
+            condition_name=condition_name,
+            target_name=target_name,
+            predict="noise",
+        )
+        self.scheduler = scheduler
+
+    def get_target(self, images, noise, timesteps):
+        return self.scheduler.get_velocity(images, noise, timesteps)
+
+
+class IterUNetPrepareBatch:
+    """``SupervisedTrainer``/``Evaluator`` batch: inputs = the series (B, T, *sp), targets = its time
+    points after ``start`` (B, T - 1 - start, *sp) when present (else ``None``), kwargs ``times``."""
+
+    def __init__(self, series_key: str = "dce", times_key: str = "dce_times_s", start: int = 1) -> None:
+        self.series_key, self.times_key, self.start = series_key, times_key, int(start)
+
+    def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
+        x = batchdata[self.series_key]
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        x = x.to(device=device, non_blocking=non_blocking)
+        times = torch.as_tensor(batchdata[self.times_key]).to(device=device, dtype=torch.float32)
+        target = x[:, self.start + 1 :] if x.shape[1] == times.shape[-1] else None
+        return x, target, (), {"times": times}

@@ -1,6 +1,7 @@
 """iterU-Net's chain: the network applied time point after time point, for training (the
-``SupervisedTrainer`` inferer) and for whole-volume inference (``SlidingWindowInferer``), plus the
-batch preparation and the DCE frame selection it reads.
+``SupervisedTrainer`` inferer) and for whole-volume inference (``SlidingWindowInferer``), and the
+trivial baselines (the batch preparation is :class:`common.engines.IterUNetPrepareBatch`, the DCE
+frame selection :class:`common.transforms.phases.DCEFramesd`).
 
 Shapes: a DCE series is channel-first, (B, T, X, Y, Z), time point 0 the pre-contrast frame P,
 TI-normed (``common.transforms.TINormd``). Times (B, T) in seconds after the pre-contrast frame (or
@@ -11,17 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.inferers import Inferer, SlidingWindowInferer
-from monai.transforms import MapTransform
-
-from common.dce import detect_arrival, mean_curve
-from common.layout import DCE_TIMES
-from common.transforms.phases import _source_file, read_dce_times
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +25,6 @@ __all__ = [
     "run_chain",
     "IterUNetChainInferer",
     "IterUNetVolumeInferer",
-    "IterUNetPrepareBatch",
-    "DCEFramesd",
     "copy_forward",
     "linear_extrapolation",
     "STAGES",
@@ -164,22 +157,6 @@ class IterUNetVolumeInferer(Inferer):
         return out.float()
 
 
-class IterUNetPrepareBatch:
-    """``SupervisedTrainer``/``Evaluator`` batch: inputs = the series (B, T, *sp), targets = its time
-    points after ``start`` (B, T - 1 - start, *sp) when present (else ``None``), kwargs ``times``."""
-
-    def __init__(self, series_key: str = "dce", times_key: str = "dce_times_s", start: int = 1) -> None:
-        self.series_key, self.times_key, self.start = series_key, times_key, int(start)
-
-    def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
-        x = batchdata[self.series_key]
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        x = x.to(device=device, non_blocking=non_blocking)
-        times = torch.as_tensor(batchdata[self.times_key]).to(device=device, dtype=torch.float32)
-        target = x[:, self.start + 1 :] if x.shape[1] == times.shape[-1] else None
-        return x, target, (), {"times": times}
-
-
 def copy_forward(series: np.ndarray, start: int, n_times: int) -> np.ndarray:
     """Baseline: the acquired start phase copied to every later time point, (n_times - 1 - start, *sp)."""
     return np.repeat(np.asarray(series[start : start + 1]), n_times - 1 - start, axis=0)
@@ -191,97 +168,6 @@ def linear_extrapolation(series: np.ndarray, times: Sequence[float], start: int)
     s, t = np.asarray(series, dtype=np.float64), np.asarray(times, dtype=np.float64)
     slope = (s[start] - s[0]) / (t[start] - t[0])
     return np.stack([s[start] + slope * (t[k] - t[start]) for k in range(start + 1, len(t))]).astype(np.float32)
-
-
-class DCEFramesd(MapTransform):
-    """Pick the frames of a 4D series (T, *sp) the chain uses and store their times.
-
-    * ``frame_offsets_s=None`` (the breast phantoms, any series acquired at the protocol's times):
-      every frame, with the times of ``dce_times.json``.
-    * ``frame_offsets_s=[85, 155, ...]`` (a real series with many time points, e.g. ProstateX): the
-      pre-contrast frame (the last before contrast arrival, found on the mean curve by
-      ``common.dce.detect_arrival``) and the frames nearest arrival + each offset; the stored times
-      are seconds after arrival (the pre frame negative or zero). Offsets past the end of the series
-      (by more than half a frame interval) are dropped with a warning.
-
-    Times: ``d[times_key]`` (path of a times JSON, or a list) if present, else ``dce_times.json``
-    beside the series file. ``d[output_times_key]`` = float32 tensor (T,), ``d[key + "_frames"]`` = the
-    indices chosen. Raises ``ValueError`` naming the file when the series has fewer than
-    ``min_frames`` frames.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "dce",
-        times_key: Hashable = "dce_times",
-        output_times_key: str = "dce_times_s",
-        frame_offsets_s: Sequence[float] | None = None,
-        min_frames: int = 3,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.times_key, self.output_times_key = times_key, output_times_key
-        self.offsets = None if frame_offsets_s in (None, "", []) else [float(o) for o in frame_offsets_s]
-        self.min_frames = int(min_frames)
-
-    def _times(self, d: Mapping, key: Hashable, n: int) -> np.ndarray:
-        where = _source_file(d[key]) or str(key)
-        raw = d.get(self.times_key)
-        if isinstance(raw, (list, tuple, np.ndarray, torch.Tensor)):
-            times = np.asarray(raw, dtype=np.float64)
-        else:
-            from pathlib import Path
-
-            path = Path(raw) if raw else (Path(where).parent / DCE_TIMES)
-            if not path.is_file():
-                raise FileNotFoundError(f"{where}: no DCE times ({path} missing)")
-            times = np.asarray(read_dce_times(path), dtype=np.float64)
-        if times.size != n:
-            raise ValueError(f"{where}: {n} frames but {times.size} times")
-        return times
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            where = _source_file(x) or str(key)
-            if x.ndim != 4:
-                raise ValueError(
-                    f"{where}: expected a 4D DCE series (x, y, z, t), got shape {tuple(x.shape)} channel-first"
-                )
-            n = int(x.shape[0])
-            times = self._times(d, key, n)
-            idx = list(range(n))
-            if self.offsets is not None:
-                arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-                arrival = detect_arrival(times, mean_curve(np.moveaxis(arr, 0, -1)))
-                pre = max(arrival.index - 1, 0)
-                half = float(np.median(np.diff(times))) / 2 if n > 1 else 0.0
-                offsets = [o for o in self.offsets if arrival.time_s + o <= times[-1] + half]
-                if len(offsets) < len(self.offsets):
-                    logger.warning(
-                        "%s: the series ends at %.1f s, %.1f s after arrival: offsets %s s dropped",
-                        where,
-                        times[-1],
-                        times[-1] - arrival.time_s,
-                        [o for o in self.offsets if o not in offsets],
-                    )
-                idx = [pre] + [int(np.argmin(np.abs(times - (arrival.time_s + o)))) for o in offsets]
-                if len(set(idx)) != len(idx) or idx != sorted(idx):
-                    raise ValueError(
-                        f"{where}: frames {idx} for offsets {self.offsets} s after arrival "
-                        f"{arrival.time_s:.1f} s are not distinct and increasing (times {times.tolist()})"
-                    )
-                times = times[idx] - arrival.time_s
-            if len(idx) < self.min_frames:
-                raise ValueError(
-                    f"{where}: {len(idx)} frame(s), the chain needs at least {self.min_frames} "
-                    f"(pre-contrast, the start phase and a later one)"
-                )
-            d[key] = x[idx]
-            d[self.output_times_key] = torch.as_tensor(times, dtype=torch.float32)
-            d[f"{key}_frames"] = torch.as_tensor(idx)
-        return d
 
 
 STAGES = ("warmup", "recursive")

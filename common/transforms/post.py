@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
@@ -90,4 +90,25 @@ class InvertScalingd(MapTransform):
         for key in self.std_keys:
             if d.get(key) is not None:
                 d[key] = d[key] * float(slope)
+        return d
+
+
+class SplitD3MOutputsd(MapTransform):
+    """Post-processing: ``pred`` (4 ch: T1c, mask, u_H, u_W) -> ``pred`` (T1c, 1 ch), ``et_mask``
+    (1 ch, 1.0 where the mask estimate > 0), ``deformation`` (2 ch); ``pred_std`` -> its T1c
+    channel; ``label`` (T1c[, mask]) -> ``label`` (T1c) and ``label_mask`` (1.0 inside the true ET)."""
+
+    def __init__(self) -> None:
+        super().__init__(["pred"])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        p = d["pred"]
+        d["pred"], d["et_mask"], d["deformation"] = p[:1], (p[1:2] > 0).float(), p[2:4]
+        if d.get("pred_std") is not None:
+            d["pred_std"] = d["pred_std"][:1]
+        lab = d.get("label")
+        if lab is not None:
+            d["label"] = lab[:1]
+            d["label_mask"] = (lab[1:2] > 0).float() if lab.shape[0] > 1 else None
         return d
