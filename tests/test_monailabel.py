@@ -1,6 +1,6 @@
 """The MONAI Label app (scripts/monailabel_app) served for real: HTTP requests against the bundles' own inference.
 
-One server on a free localhost port serves ``resdce`` and ``ressrdiff`` (tiny phantom case, small
+One server on a free localhost port serves ``resdce``, ``dcediff`` and ``ressrdiff`` (tiny phantom case, small
 networks with perturbed random weights so outputs vary, 2 sampling steps); each synthesis it
 returns must have the geometry of the bundle's output and equal what ``monai.bundle run evaluating``
 writes for the same case, seed and weights.
@@ -33,6 +33,10 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "scripts" / "monailabel_app"
 STEPS = "2"
+MODELS = ("resdce", "dcediff", "ressrdiff")
+# every bundle: its checkpoint and 2 sampling steps; dcediff's DDPM runs all 1000 steps, its DDIM takes 2
+EXTRA = {"dcediff": {"sampler": "ddim"}}
+PHASES = {"resdce": ["dce_onset", "dce_early", "dce_late"], "dcediff": ["dce_early", "dce_late"]}
 
 
 def random_checkpoint(bundle: str, path: Path, seed: int = 0) -> Path:
@@ -55,19 +59,20 @@ def random_checkpoint(bundle: str, path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """``serve.py start_server`` (a copy of the app, so nothing is written in the repository) with
-    resdce and ressrdiff; yields ``{"url", "case", "log", "ckpt": {bundle: path}}``."""
+    resdce, dcediff and ressrdiff; yields ``{"url", "case", "log", "ckpt": {bundle: path}}``."""
     from common.phantoms import write_phantoms
 
     tmp = tmp_path_factory.mktemp("monailabel")
     write_phantoms(tmp / "ph", kinds=("prostate",), n_prostate=1, dicom=False, small=True, progress=False)
     studies = tmp / "ph" / "prostate" / "prepared"
-    ckpt = {b: random_checkpoint(b, tmp / f"{b}.pt", seed=i) for i, b in enumerate(("resdce", "ressrdiff"))}
+    ckpt = {b: random_checkpoint(b, tmp / f"{b}.pt", seed=i) for i, b in enumerate(MODELS)}
     app = tmp / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     port = free_port()
-    conf = ["--conf", "models", "resdce,ressrdiff"]
+    conf = ["--conf", "models", ",".join(MODELS)]
     for b, path in ckpt.items():
         conf += ["--conf", f"{b}.ckpt_path", str(path), "--conf", f"{b}.num_inference_steps", STEPS]
+        conf += [x for k, v in EXTRA.get(b, {}).items() for x in ("--conf", f"{b}.{k}", v)]
     log = tmp / "server.log"
     cmd = [sys.executable, str(app / "serve.py"), "start_server", "--app", str(app), "--studies", str(studies)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), *conf]
@@ -111,8 +116,9 @@ def infer(served: dict, model: str, image: str) -> tuple[int, bytes]:
 def direct(bundle: str, out: Path, ckpt: Path, *source: str) -> None:
     """The bundle's own inference on the same study (``monai.bundle run evaluating``)."""
     config = str(ROOT / "bundles" / bundle / "configs" / "inference.json")
-    bundle_here("run", "evaluating", "--config_file", config, "--output_dir", str(out), "--ckpt_path", str(ckpt),
-                "--num_inference_steps", STEPS, *source)  # fmt: skip
+    extra = [x for k, v in EXTRA.get(bundle, {}).items() for x in (f"--{k}", v)]
+    args = ["--output_dir", str(out), "--ckpt_path", str(ckpt), "--num_inference_steps", STEPS, *extra, *source]
+    bundle_here("run", "evaluating", "--config_file", config, *args)
 
 
 def load_result(body: bytes, path: Path) -> nib.Nifti1Image:
@@ -125,21 +131,24 @@ def test_info_lists_the_synthesis_tasks(served):
 
     with urllib.request.urlopen(f"{served['url']}/info/", timeout=10) as r:
         info = json.loads(r.read())
-    assert set(info["models"]) == {"resdce", "ressrdiff"}
+    assert set(info["models"]) == set(MODELS)
     assert info["models"]["resdce"]["type"] == "others"  # an image result, not a segmentation label
-    assert info["models"]["resdce"]["config"]["channels"] == ["dce_onset", "dce_early", "dce_late"]
+    for model, phases in PHASES.items():
+        assert info["models"][model]["config"]["channels"] == phases
 
 
-def test_resdce_over_http_equals_the_bundle(served, tmp_path):
-    status, body = infer(served, "resdce", str(served["case"] / "t2w.nii.gz"))
+@pytest.mark.parametrize("model", list(PHASES))
+def test_prostate_synthesis_over_http_equals_the_bundle(served, tmp_path, model):
+    phases = PHASES[model]
+    status, body = infer(served, model, str(served["case"] / "t2w.nii.gz"))
     assert status == 200, body[-2000:]
-    res = load_result(body, tmp_path / "resdce.nii.gz")
+    res = load_result(body, tmp_path / f"{model}.nii.gz")
     pre = nib.load(served["case"] / "dce_pre.nii.gz")
-    assert res.shape == (*pre.shape, 3)  # one channel per phase along the 4th axis
+    assert res.shape == (*pre.shape, len(phases))  # one channel per phase along the 4th axis
     np.testing.assert_allclose(res.affine, pre.affine, atol=1e-4)
-    direct("resdce", tmp_path / "direct", served["ckpt"]["resdce"], "--case_dir", str(served["case"]))
+    direct(model, tmp_path / "direct", served["ckpt"][model], "--case_dir", str(served["case"]))
     got = res.get_fdata(dtype=np.float32)
-    for c, name in enumerate(["dce_onset", "dce_early", "dce_late"]):
+    for c, name in enumerate(phases):
         ref = nib.load(tmp_path / "direct" / "phantom-000" / f"{name}.nii.gz")
         want = ref.get_fdata(dtype=np.float32)
         assert want.std() > 0, f"{name}: constant synthesis, the comparison would prove nothing"

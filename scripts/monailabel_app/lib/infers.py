@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pydoc
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from common.bundle import bundle_root, check_checkpoint
-from common.handlers.writer import as_numpy, source_file
+from common.handlers.writer import SynthesisWriter, as_numpy, source_file
 from common.io import save_nifti
 
 logger = logging.getLogger(__name__)
@@ -147,10 +148,11 @@ class BundleSynthesisTask(BasicInferTask):
 
     def _writer_id(self) -> str:
         for i, h in enumerate(self.bundle_config["handlers"]):
-            if str(h.get("_target_", "")).endswith("SynthesisWriter"):
+            cls = pydoc.locate(str(h.get("_target_", "")))
+            if isinstance(cls, type) and issubclass(cls, SynthesisWriter):
                 return f"handlers#{i}"
         raise NotImplementedError(
-            f"{self.config_file}: no SynthesisWriter handler, so the output geometry of this bundle is not known here"
+            f"{self.config_file}: no common.handlers.SynthesisWriter handler, so this app does not know the output geometry"
         )
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
