@@ -10,6 +10,11 @@ of the dynamic acquisition). The methods use named 3D phases:
 
 Each can instead be fixed in seconds (``{"early": {"time_s": 120}}``, nearest time point) or by
 index (``{"late": {"index": -1}}``) through a :class:`PhaseSpec` mapping.
+
+:data:`PHASE_RULES` names the rules the project uses, so the ingest (which writes ``dce_<phase>``
+once per case, for every bundle) and a bundle that selects from the 4D series itself apply one
+definition: ``arrival`` (the defaults above) and ``dcediff_paper`` (DCE-diff's released code:
+early = the middle time point of the series, late = the last).
 """
 
 from __future__ import annotations
@@ -20,6 +25,22 @@ from typing import Mapping, Sequence
 import numpy as np
 
 DEFAULT_PHASES = ("pre", "onset", "early", "late")
+
+#: name -> per-phase overrides of the defaults (a :class:`PhaseSpec`); ``{}`` = the arrival rule.
+PHASE_RULES: dict[str, dict[str, dict[str, float]]] = {
+    "arrival": {},
+    "dcediff_paper": {"early": {"fraction": 0.5}, "late": {"index": -1}},
+}
+
+
+def phase_rule(name: str, overrides: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, dict[str, float]]:
+    """The :class:`PhaseSpec` of the named rule (:data:`PHASE_RULES`), with per-phase ``overrides``
+    on top. Raises ``ValueError`` naming ``--phase_rule`` for an unknown name."""
+    if name not in PHASE_RULES:
+        raise ValueError(f"--phase_rule {name!r}: unknown; choose from {sorted(PHASE_RULES)}")
+    spec = {k: dict(v) for k, v in PHASE_RULES[name].items()}
+    spec.update({k: dict(v) for k, v in (overrides or {}).items()})
+    return spec
 
 
 @dataclass(frozen=True)

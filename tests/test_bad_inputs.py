@@ -194,12 +194,13 @@ def test_training_settings_below_one_are_refused(bundle):
             assert msg == f"--batch_size: expected a whole number >= 1, got {value!r}", msg
 
 
-@pytest.mark.parametrize("bundle, extra", [("resdce", {}), ("dcediff", {"phase_source": "prepared"})])
+@pytest.mark.parametrize("bundle, extra", [("resdce", {}), ("dcediff", {})])
 def test_patch_larger_than_image_is_refused(tmp_path, bundle, extra):
     from common.errors import user_message
 
     p = _parser(bundle, "train.json", **extra)
     keys = p.get_parsed_content("input_keys") + p.get_parsed_content("target_keys")
+    keys += [k for k in (p.get_parsed_content("target_load_keys") if "target_load_keys" in p else []) if k not in keys]
     rng = np.random.default_rng(0)
     for k in keys:
         save_nifti(rng.random((16, 16, 4)).astype(np.float32) + 1.0, _affine(), tmp_path / "case-0" / f"{k}.nii.gz")

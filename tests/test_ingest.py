@@ -687,6 +687,16 @@ def test_phase_overrides_and_vibe_pre(phantom_src, tmp_path):
     np.testing.assert_array_equal(
         np.asarray(nib.load(case / "dce_pre.nii.gz").dataobj), np.asarray(nib.load(case / "t1_pre.nii.gz").dataobj)
     )
+    assert m["dce"]["phase_rule"] == "arrival"
+    # a named phase rule (common.dce.PHASE_RULES), recorded in the manifest
+    m = ingest_study(
+        pdir, tmp_path / "out2", "PR", crop_size=(16, 16, 4), write_native=False, phase_rule="dcediff_paper"
+    )
+    n = len(times)
+    assert m["dce"]["phase_rule"] == "dcediff_paper"
+    assert m["dce"]["phases"]["early"]["index"] == round(0.5 * (n - 1)) and m["dce"]["phases"]["late"]["index"] == n - 1
+    with pytest.raises(IngestError, match=r"--phase_rule 'middle': unknown"):
+        ingest_study(pdir, tmp_path / "out3", "PQ", crop_size=(16, 16, 4), write_native=False, phase_rule="middle")
 
 
 def test_batch_skips_reruns_and_splits(phantom_src, tmp_path):

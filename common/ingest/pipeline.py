@@ -74,8 +74,14 @@ class IngestConfig:
         'for a DCE reference, the fixed image of the registration: "mean_pre" (mean of the time points up to '
         '"pre"; default), "pre", "mean_post" (from "onset" on) or "mean".',
     )
+    phase_rule: str = _option(
+        "arrival",
+        'named phase rule (common.dce.PHASE_RULES): "arrival" (onset/early after contrast arrival; default) or '
+        '"dcediff_paper" (early = middle time point, late = last); recorded in the manifest.',
+    )
     phases: Mapping[str, Mapping[str, float]] | None = _option(
-        None, 'per-phase overrides for common.dce.select_phases ({"early": {"time_s": 120}}, {"pre": {"index": 3}}).'
+        None,
+        'per-phase overrides on top of phase_rule ({"early": {"time_s": 120}}, {"pre": {"index": 3}}).',
     )
     early_delay_s: float = _option(60.0, "default delay of early after arrival (s).")
     pre_source: str = _option(
@@ -297,6 +303,7 @@ class PhaseChoice:
         curve: (t,) mean curve over the arrival mask, None when not needed.
         curve_mask: the kind of arrival mask used (``IngestConfig.arrival_mask`` or its fallback).
         pre_source: ``IngestConfig.pre_source``.
+        rule: ``IngestConfig.phase_rule`` (a name of :data:`common.dce.PHASE_RULES`).
     """
 
     phases: dict[str, int]
@@ -304,6 +311,7 @@ class PhaseChoice:
     curve: np.ndarray | None
     curve_mask: str
     pre_source: str
+    rule: str = "arrival"
 
     def manifest(self, times: np.ndarray) -> dict[str, Any]:
         """The ``arrival``, ``mean_curve`` and ``phases`` entries of the manifest's ``dce``."""
@@ -319,6 +327,7 @@ class PhaseChoice:
                 "curve_mask": self.curve_mask,
             },
             "mean_curve": None if self.curve is None else [round(float(c), 4) for c in self.curve],
+            "phase_rule": self.rule,
             "phases": {
                 name: {"index": int(idx), "time_s": float(times[idx]), "source": "dce"}
                 for name, idx in self.phases.items()
@@ -496,7 +505,10 @@ def pick_phases(job: IngestJob, study: StudyData, mask: OrganMask | None) -> Pha
     """Stage 3: contrast arrival on the mean curve of the arrival mask, and the phases (:func:`common.dce.select_phases`)."""
     cfg = job.cfg
     times, dce4 = study.times, study.dce4
-    spec = {k: dict(v) for k, v in (cfg.phases or {}).items()}
+    try:
+        spec = dce_mod.phase_rule(cfg.phase_rule, cfg.phases)
+    except ValueError as e:
+        raise IngestError(str(e), job.case_id) from None
     names = list(dce_mod.DEFAULT_PHASES)
     curve_mask_kind = cfg.arrival_mask
     if not any(n not in spec for n in names if n != "late"):  # every phase given: no curve needed
@@ -506,6 +518,7 @@ def pick_phases(job: IngestJob, study: StudyData, mask: OrganMask | None) -> Pha
             None,
             curve_mask_kind,
             cfg.pre_source,
+            cfg.phase_rule,
         )
     if curve_mask_kind == "organ" and mask is not None:
         m_ref = sitk_to_array(resample_to(mask.native, study.ref_frame, None, "nearest")) > 0.5
@@ -521,7 +534,7 @@ def pick_phases(job: IngestJob, study: StudyData, mask: OrganMask | None) -> Pha
         phases = dce_mod.select_phases(times, curve, spec, names, cfg.early_delay_s)
     except ValueError as e:
         raise IngestError(f"DCE phase selection failed: {e}", job.case_id) from e
-    return PhaseChoice(phases, arrival, curve, curve_mask_kind, cfg.pre_source)
+    return PhaseChoice(phases, arrival, curve, curve_mask_kind, cfg.pre_source, cfg.phase_rule)
 
 
 def _register_all(job: IngestJob, study: StudyData, ref_fixed: sitk.Image, dce_fixed: sitk.Image):
