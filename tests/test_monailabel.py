@@ -41,7 +41,8 @@ PHASES = {"resdce": ["dce_onset", "dce_early", "dce_late"], "dcediff": ["dce_ear
 
 def random_checkpoint(bundle: str, path: Path, seed: int = 0) -> Path:
     """A small network of ``bundle`` with every weight perturbed (the zero-initialised output layers
-    would make every synthesis constant), saved as the bundle's trainer saves ``model.pt``."""
+    would make every synthesis constant), saved as the bundle's trainer saves ``model.pt`` (with the
+    settings record the task checks)."""
     from monai.bundle import ConfigParser
 
     p = ConfigParser()
@@ -52,7 +53,8 @@ def random_checkpoint(bundle: str, path: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for w in net.parameters():
             w.add_(0.05 * torch.randn_like(w))
-    torch.save({"model": net.state_dict()}, path)
+    record = p.get_parsed_content("checkpoint_record").state_dict() if "checkpoint_record" in p else None
+    torch.save({"model": net.state_dict(), **({"config": record} if record else {})}, path)
     return path
 
 
