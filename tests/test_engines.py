@@ -81,14 +81,21 @@ def test_volume_inferer_repeated_sampling_mean_std():
     vol = torch.zeros(1, 1, 16, 16, 4)
     inf = DiffusionVolumeInferer(EchoSampler(noise_scale=1.0), out_channels=1, num_samples=64, seed=3, progress=False)
     out = inf(vol, None)
-    assert out.shape == (1, 2, 16, 16, 4)
+    assert out.shape == (1, 3, 16, 16, 4)  # mean, std, first draw
     mean, std = out[:, 0], out[:, 1]
     assert abs(float(mean.mean())) < 0.05 and abs(float(std.mean()) - 1.0) < 0.05
     assert torch.equal(
         out, DiffusionVolumeInferer(EchoSampler(1.0), 1, num_samples=64, seed=3, progress=False)(vol, None)
     )
+    # the first draw is what a single-sample run with the same seed gives (unit-variance noise here)
+    single = DiffusionVolumeInferer(EchoSampler(1.0), 1, num_samples=1, seed=3, progress=False)(vol, None)
+    assert single.shape == (1, 1, 16, 16, 4) and torch.equal(out[:, 2:], single)
+    assert abs(float(out[:, 2].std()) - 1.0) < 0.05 and float(out[:, 2].std()) > 5 * float(mean.std())
     d = SplitSamplesd("pred", out_channels=1)({"pred": out[0]})
-    assert torch.equal(d["pred"], out[0, :1]) and torch.equal(d["pred_std"], out[0, 1:])
+    assert torch.equal(d["pred"], out[0, :1]) and torch.equal(d["pred_std"], out[0, 1:2])
+    assert torch.equal(d["pred_first"], out[0, 2:])
+    with pytest.raises(ValueError, match="pred: 4 channels, expected 1, 2 or 3"):
+        SplitSamplesd("pred", out_channels=1)({"pred": torch.zeros(4, 2, 2, 1)})
 
 
 def test_copy_channels_baseline():

@@ -417,3 +417,34 @@ def test_fid_equals_monai_on_features(tmp_path):
     assert fid(a, b) == pytest.approx(expected, rel=1e-9)
     assert expected > 1e-4
     assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mean_of_draws_and_first_draw_scored_apart(tmp_path):
+    """With num_samples > 1 the model row scores the mean of the draws and a ``_first_draw`` row the
+    first draw alone (``pred_first``), next to the baselines."""
+    from types import SimpleNamespace
+
+    from common.handlers import SynthesisMetrics, score_case
+
+    rng = np.random.default_rng(1)
+    target = rng.random((2, 12, 12, 2)).astype(np.float32)
+    mean, first = target + 0.01, target + 0.2 * rng.standard_normal(target.shape).astype(np.float32)
+    copy = np.repeat(target[:1] * 0.5, 2, axis=0)
+    engine = SimpleNamespace(
+        state=SimpleNamespace(
+            batch=[{"id": "c0", "baseline_copy_pre": torch.as_tensor(copy)}],
+            output=[
+                {"pred": torch.as_tensor(mean), "pred_first": torch.as_tensor(first), "label": torch.as_tensor(target)}
+            ],
+        )
+    )
+    h = SynthesisMetrics(tmp_path, ["early", "late"], baselines=["copy_pre"], mask_keys=[], method="m")
+    h.on_iteration(engine)
+    by = {(r["method"], r["phase"]): r["psnr"] for r in h.rows if r["region"] == "whole"}
+    names = ["early", "late"]
+    expect = {
+        name: {r["phase"]: r["psnr"] for r in score_case(x, target, {}, names) if r["region"] == "whole"}
+        for name, x in (("m", mean), ("m_first_draw", first), ("copy_pre", copy))
+    }
+    assert by == {(m, p): expect[m][p] for m in expect for p in names}
+    assert by[("m", "early")] > by[("m_first_draw", "early")] > by[("copy_pre", "early")]

@@ -114,7 +114,9 @@ class SynthesisMetrics:
         mask_keys: datalist keys of masks to score inside (skipped when absent or empty).
         enhancement_reference: output key holding the pre-contrast image per channel (e.g.
             ``"baseline_copy_pre"``) for the enhancement error; ``None`` disables it.
-        method: the model's name in the tables.
+        method: the model's name in the tables. With ``num_samples > 1`` the model row scores the mean
+            of the draws and a ``<method>_first_draw`` row the first draw alone (``pred_first``),
+            the figure comparable with single-sample papers.
         metrics: image metrics to compute (see :func:`score_case`).
     """
 
@@ -160,6 +162,7 @@ class SynthesisMetrics:
             ref = None if ref is None else as_numpy(ref)
             methods = {
                 self.method: out["pred"],
+                **({f"{self.method}_first_draw": out["pred_first"]} if out.get("pred_first") is not None else {}),
                 **{b: self._lookup(out, item, f"baseline_{b}") for b in self.baselines},
             }
             for name, pred in methods.items():

@@ -32,8 +32,9 @@ class DiffusionVolumeInferer(Inferer):
         num_inference_steps: if given (not ``None``), ``sampler.scheduler.set_timesteps(num_inference_steps)``
             is called before sampling (respaced sampling); anything but a whole number >= 1 is refused
             with a message naming ``--num_inference_steps`` (0 once meant "the trained number").
-        num_samples: draws per volume; > 1 returns the mean in channels ``[0, C_out)`` and the
-            pixel-wise standard deviation in ``[C_out, 2 C_out)``.
+        num_samples: draws per volume; > 1 returns the mean in channels ``[0, C_out)``, the
+            pixel-wise standard deviation in ``[C_out, 2 C_out)`` and the first draw alone in
+            ``[2 C_out, 3 C_out)`` (the figure comparable with single-sample papers).
         slice_batch_size: slices per forward pass; ``None`` or <= 0 means all slices at once.
         spatial_divisor: in-plane padding multiple (2**number of down-samplings of the U-Net).
         amp: autocast to float16 on CUDA; ignored on CPU.
@@ -42,7 +43,7 @@ class DiffusionVolumeInferer(Inferer):
         progress: show a progress bar over the reverse steps.
 
     Returns:
-        (B, C_out * (1 or 2), H, W, D), a MetaTensor carrying the input's affine and metadata.
+        (B, C_out * (1 or 3), H, W, D), a MetaTensor carrying the input's affine and metadata.
     """
 
     def __init__(
@@ -115,7 +116,7 @@ class DiffusionVolumeInferer(Inferer):
                 torch.manual_seed(self.seed)
             draws = torch.stack([self.sample_slices(slices, network) for _ in range(self.num_samples)])
             mean = draws.mean(0)
-            out = mean if self.num_samples == 1 else torch.cat([mean, draws.std(0)], dim=1)
+            out = mean if self.num_samples == 1 else torch.cat([mean, draws.std(0), draws[0]], dim=1)
         out = out.reshape(b, d, out.shape[1], h, w).movedim(1, -1).contiguous()
         if isinstance(inputs, MetaTensor):  # keep the input's geometry and (batched) metadata
             out = MetaTensor(out.clone()).copy_meta_from(inputs, copy_attr=True)

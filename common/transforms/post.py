@@ -12,8 +12,10 @@ from common.transforms import InverseScalePercentilesd
 
 
 class SplitSamplesd(MapTransform):
-    """Split a prediction of 2 * C channels (mean, then pixel-wise std, from repeated sampling) into
-    ``key`` (C channels) and ``f"{key}_std"``; a prediction of C channels is left alone."""
+    """Split a prediction of 3 * C channels (mean, pixel-wise std and first draw, from repeated
+    sampling: :class:`common.inferers.DiffusionVolumeInferer` with ``num_samples > 1``) into ``key``
+    (the mean, C channels), ``f"{key}_std"`` and ``f"{key}_first"``; 2 * C channels (mean, std)
+    give the first two; a prediction of C channels is left alone."""
 
     def __init__(self, keys: KeysCollection, out_channels: int, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -23,12 +25,13 @@ class SplitSamplesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             x = d[key]
-            if x.shape[0] == 2 * self.out_channels:
-                d[key], d[f"{key}_std"] = x[: self.out_channels], x[self.out_channels :]
-            elif x.shape[0] != self.out_channels:
-                raise ValueError(
-                    f"{key}: {x.shape[0]} channels, expected {self.out_channels} or {2 * self.out_channels}"
-                )
+            c = self.out_channels
+            if x.shape[0] in (2 * c, 3 * c):
+                d[key], d[f"{key}_std"] = x[:c], x[c : 2 * c]
+                if x.shape[0] == 3 * c:
+                    d[f"{key}_first"] = x[2 * c :]
+            elif x.shape[0] != c:
+                raise ValueError(f"{key}: {x.shape[0]} channels, expected {c}, {2 * c} or {3 * c}")
         return d
 
 
@@ -105,8 +108,9 @@ class SplitD3MOutputsd(MapTransform):
         d = dict(data)
         p = d["pred"]
         d["pred"], d["et_mask"], d["deformation"] = p[:1], (p[1:2] > 0).float(), p[2:4]
-        if d.get("pred_std") is not None:
-            d["pred_std"] = d["pred_std"][:1]
+        for k in ("pred_std", "pred_first"):
+            if d.get(k) is not None:
+                d[k] = d[k][:1]
         lab = d.get("label")
         if lab is not None:
             d["label"] = lab[:1]
