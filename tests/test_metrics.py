@@ -448,3 +448,46 @@ def test_mean_of_draws_and_first_draw_scored_apart(tmp_path):
     }
     assert by == {(m, p): expect[m][p] for m in expect for p in names}
     assert by[("m", "early")] > by[("m_first_draw", "early")] > by[("copy_pre", "early")]
+
+
+def test_lpips_in_evaluation(tmp_path, lpips_file):
+    """``--metrics [..., lpips] --lpips_weights FILE``: the whole-image LPIPS of each phase is the
+    mean over axial slices of the LPIPS distance of the normalised images; without weights, one
+    clear error."""
+    from types import SimpleNamespace
+
+    from common.handlers import SynthesisMetrics
+    from common.handlers.metrics import target_range
+    from common.metrics.perceptual import LPIPS
+
+    rng = np.random.default_rng(2)
+    target = rng.random((1, 16, 16, 3)).astype(np.float32) * 100
+    pred = target + 5 * rng.standard_normal(target.shape).astype(np.float32)
+    engine = SimpleNamespace(
+        state=SimpleNamespace(
+            batch=[{"id": "c0"}], output=[{"pred": torch.as_tensor(pred), "label": torch.as_tensor(target)}]
+        )
+    )
+    h = SynthesisMetrics(
+        tmp_path, ["hr"], mask_keys=[], method="m", metrics=["psnr", "lpips"], lpips_weights=lpips_file
+    )
+    h.on_iteration(engine)
+    lo, scale = target_range(target)
+    net = LPIPS(lpips_file, data_range=1.0)
+    slices = [
+        float(
+            net(
+                torch.as_tensor((pred[0, ..., k] - lo) / scale)[None, None],
+                torch.as_tensor((target[0, ..., k] - lo) / scale)[None, None],
+            )
+        )
+        for k in range(3)
+    ]
+    (row,) = h.rows
+    assert row["region"] == "whole" and abs(row["lpips"] - np.mean(slices)) < 1e-6 and row["lpips"] > 0
+    h.on_completed(engine)
+    assert "lpips" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(
+        ValueError, match=r"--metrics lists lpips, which needs pretrained weights: pass --lpips_weights"
+    ):
+        SynthesisMetrics(tmp_path, ["hr"], metrics=["lpips"])

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from ignite.engine import Engine, Events
@@ -58,6 +58,7 @@ def score_case(
     reference: np.ndarray | None = None,
     percentiles: tuple[float, float] = (0.5, 99.5),
     metrics: Sequence[str] = ("psnr", "ssim", "mae"),
+    whole_image_metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]] | None = None,
 ) -> list[dict]:
     """Metrics of one prediction against its target.
 
@@ -72,6 +73,8 @@ def score_case(
             exactly for the pre-contrast copied through, 0 for a perfect prediction; the share of
             the true enhancement the prediction misses) and ``enh_corr``, the Pearson correlation
             of predicted and true enhancement (nan when the prediction has no enhancement).
+        whole_image_metrics: name -> ``f(pred, target)`` on one normalised (H, W, D) channel, scored
+            on the whole image only (e.g. LPIPS, see :func:`lpips_metric`).
 
     Returns:
         rows ``{"phase", "region", "psnr", "ssim", "mae"[, "enh_rel_err", "enh_corr"]}``.
@@ -88,10 +91,33 @@ def score_case(
             row = {"phase": name, "region": region}
             for m in metrics:
                 row[m] = float(METRICS[m](p[c], t[c], data_range=1.0, mask=mask))
+            if mask is None:
+                for m, fn in (whole_image_metrics or {}).items():
+                    row[m] = float(fn(p[c], t[c]))
             if r is not None:
                 row.update(enhancement_scores(p[c] - r[c], t[c] - r[c], mask))
             rows.append(row)
     return rows
+
+
+def lpips_metric(weights_path: str | os.PathLike) -> Callable[[np.ndarray, np.ndarray], float]:
+    """LPIPS (VGG16 trunk, :class:`common.metrics.perceptual.LPIPS`, from a LOCAL weights file) of
+    two normalised volumes (H, W, D) in [0, 1]: the mean over axial slices of the per-slice distance.
+    (Res-SRDiff's released code scores LPIPS with AlexNet; the VGG16 figures are not interchangeable
+    with the paper's.)"""
+    import torch
+
+    from common.metrics.perceptual import LPIPS
+
+    net = LPIPS(weights_path, data_range=1.0)
+
+    def lpips(pred: np.ndarray, target: np.ndarray) -> float:
+        x = torch.as_tensor(np.moveaxis(pred, -1, 0)[:, None], dtype=torch.float32)
+        y = torch.as_tensor(np.moveaxis(target, -1, 0)[:, None], dtype=torch.float32)
+        with torch.inference_mode():
+            return float(net(x, y).mean())
+
+    return lpips
 
 
 def enhancement_scores(e_pred: np.ndarray, e_true: np.ndarray, mask: np.ndarray | None = None) -> dict:
@@ -117,7 +143,9 @@ class SynthesisMetrics:
         method: the model's name in the tables. With ``num_samples > 1`` the model row scores the mean
             of the draws and a ``<method>_first_draw`` row the first draw alone (``pred_first``),
             the figure comparable with single-sample papers.
-        metrics: image metrics to compute (see :func:`score_case`).
+        metrics: image metrics to compute (see :func:`score_case`); ``lpips`` (whole image) needs
+            ``lpips_weights``, a local LPIPS VGG16 file.
+        lpips_weights: path of the LPIPS weights (only with ``lpips`` in ``metrics``).
     """
 
     def __init__(
@@ -131,11 +159,20 @@ class SynthesisMetrics:
         id_key: str = "id",
         geometry_key: str = "image",
         metrics: Sequence[str] = ("psnr", "ssim", "mae"),
+        lpips_weights: str | os.PathLike | None = None,
     ) -> None:
-        unknown = [m for m in metrics if m not in METRICS]
+        unknown = [m for m in metrics if m not in METRICS and m != "lpips"]
         if unknown:
-            raise ValueError(f"unknown metrics {unknown}; choose from {sorted(METRICS)}")
-        self.metrics = list(metrics)
+            raise ValueError(f"unknown metrics {unknown}; choose from {sorted([*METRICS, 'lpips'])}")
+        self.whole_image_metrics = {}
+        if "lpips" in metrics:
+            if not lpips_weights:
+                raise ValueError(
+                    "--metrics lists lpips, which needs pretrained weights: pass --lpips_weights <local .pth> "
+                    "(LPIPS VGG16 + linear heads; nothing is downloaded, see common/metrics/perceptual.py)"
+                )
+            self.whole_image_metrics["lpips"] = lpips_metric(lpips_weights)
+        self.metrics = [m for m in metrics if m != "lpips"]
         self.output_dir = Path(output_dir)
         self.output_names = list(output_names)
         self.baselines = list(baselines)
@@ -170,7 +207,15 @@ class SynthesisMetrics:
                     raise KeyError(
                         f"{cid}: baseline {name!r} (key 'baseline_{name}') is in neither the output nor the batch"
                     )
-                for row in score_case(as_numpy(pred), target, masks, self.output_names, ref, metrics=self.metrics):
+                for row in score_case(
+                    as_numpy(pred),
+                    target,
+                    masks,
+                    self.output_names,
+                    ref,
+                    metrics=self.metrics,
+                    whole_image_metrics=self.whole_image_metrics,
+                ):
                     self.rows.append({"case": cid, "method": name, **row})
 
     @staticmethod
@@ -236,7 +281,9 @@ def report(rows: list[dict], output_dir: str | os.PathLike, method: str, baselin
 
 
 def _report(rows: list[dict], output_dir: Path, method: str, baselines: Sequence[str]) -> dict:
-    metric_names = [k for k in ("psnr", "ssim", "mae", "gmsd", "enh_rel_err", "enh_corr") if any(k in r for r in rows)]
+    metric_names = [
+        k for k in ("psnr", "ssim", "mae", "gmsd", "lpips", "enh_rel_err", "enh_corr") if any(k in r for r in rows)
+    ]
     write_case_csv(rows, output_dir / "metrics.csv")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
