@@ -194,3 +194,13 @@ def test_an_incomplete_case_is_named(served, tmp_path):
     shutil.copy(served["case"] / "t2w.nii.gz", stray)
     status, body = infer(served, "resdce", str(stray))
     assert status == 400 and "not part of a complete study" in json.loads(body)["detail"]
+    # a file inside a complete case that is none of its series
+    extra = served["case"] / "notes.nii.gz"
+    shutil.copy(served["case"] / "t2w.nii.gz", extra)
+    try:
+        status, body = infer(served, "resdce", str(extra))
+    finally:
+        extra.unlink()
+    assert status == 400, body[-2000:]
+    detail = json.loads(body)["detail"]
+    assert f"{extra} is not a series of the case {served['case']}" in detail and "t2w.nii.gz" in detail
