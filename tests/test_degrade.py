@@ -356,3 +356,59 @@ def test_speed_320x320x20():
     # baselines), depending on the load; the limits leave room for a busy CI machine
     assert t1 - t0 < 2.0, f"training pair took {t1 - t0:.2f} s"
     assert t2 - t1 < 6.0, f"input + baselines took {t2 - t1:.2f} s"
+
+
+def test_degradation_by_lr_voxel_size_in_mm():
+    """``lr_spacing`` (mm, the paper's 2 x 2 x 3 style) gives exactly the factors it implies, per
+    volume; finer-than-HR or wrongly sized spacings are named."""
+    hr_np, _ = _block_image((13, 11, 7), (3, 3, 2), np.random.default_rng(5))
+    hr = _meta_tensor(hr_np, OBLIQUE)
+    spacing = np.linalg.norm(OBLIQUE[:3, :3], axis=0)
+    by_mm = SimulateLowResolutiond("label", None, lr_spacing=(spacing * [3, 3, 2]).tolist(), lr_key="lr")({"label": hr})
+    by_f = SimulateLowResolutiond("label", [3, 3, 2], lr_key="lr")({"label": hr})
+    for k in ("image", "baseline_bicubic", "baseline_nearest", "lr"):
+        assert torch.equal(by_mm[k], by_f[k]) and torch.equal(by_mm[k].affine, by_f[k].affine), k
+    with pytest.raises(ValueError, match=r"--lr_spacing_mm .*: finer than the HR spacing"):
+        SimulateLowResolutiond("label", None, lr_spacing=(spacing * [0.5, 3, 2]).tolist())({"label": hr})
+    with pytest.raises(ValueError, match=r"--lr_spacing_mm \[2.0, 2.0\]: 2 values for 3 spatial dims"):
+        SimulateLowResolutiond("label", None, lr_spacing=[2.0, 2.0])({"label": hr})
+    with pytest.raises(ValueError, match="give factors or lr_spacing"):
+        SimulateLowResolutiond("label", None)
+
+
+def test_ressrdiff_defaults_bspline_input_and_pads_slices_to_the_network_multiple(tmp_path):
+    """The network input is the B-spline back-projection (the released code; the paper's text says
+    nearest, kept as an option), recorded with the weights; training slices that are not multiples
+    of the network's 8 are padded instead of failing."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    from common.io import save_nifti
+
+    root = Path(__file__).resolve().parents[1] / "bundles" / "ressrdiff" / "configs"
+    p = ConfigParser()
+    p.read_config(str(root / "train.json"))
+    assert p["back_interpolator"] == "bspline" and p["checkpoint_record"]["back_interpolator"] == "@back_interpolator"
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        save_nifti(
+            rng.random((21, 18, 6)).astype(np.float32) + 1,
+            np.diag([0.8, 0.8, 3.0, 1.0]),
+            tmp_path / f"v{i}" / "t2w.nii.gz",
+        )
+    p["dataset_dir"] = str(tmp_path)
+    p["network_size"] = "small"
+    p["factors"] = [3, 3, 2]
+    item = p.get_parsed_content("train#datalist")[0]
+    slices = p.get_parsed_content("train#preprocessing")(item)
+    div = p.get_parsed_content("network_def").spatial_divisor
+    assert div == 8
+    for s in slices:
+        assert tuple(s["image"].shape[1:]) == (24, 24) and tuple(s["label"].shape[1:]) == (24, 24)
+        # replicate padding at the end: the last rows repeat the slice's edge
+        lab = s["label"][0]  # (RandFlipd may have flipped the rows)
+        assert torch.equal(lab[21:], lab[20:21].expand(3, -1)) or torch.equal(lab[:3], lab[3:4].expand(3, -1))
+    net = p.get_parsed_content("network_def")
+    x = torch.cat([slices[0]["image"], slices[0]["label"]])[None].float()
+    assert net(x, timesteps=torch.zeros(1, dtype=torch.long)).shape == (1, 1, 24, 24)

@@ -248,6 +248,11 @@ class SwinDiffusionUNet(DiffusionModelUNet):
         """``SwinDiffusionUNet(preset=name, **kwargs)``; kwargs override the preset."""
         return cls(preset=name, **kwargs)
 
+    @property
+    def spatial_divisor(self) -> int:
+        """Spatial sizes must be multiples of this, 2 ** (levels - 1); pad to it (``DivisiblePadd``)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int | float, **kwargs) -> torch.Tensor:  # type: ignore[override]
         """
         Args:
@@ -261,7 +266,7 @@ class SwinDiffusionUNet(DiffusionModelUNet):
         Returns:
             (B, C_out, H, W) (or (B, C_out, D, H, W)).
         """
-        div = 2 ** (len(self.block_out_channels) - 1)
+        div = self.spatial_divisor
         if any(s % div for s in x.shape[2:]):
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {div}")
         t = torch.as_tensor(timesteps, device=x.device)

@@ -349,7 +349,10 @@ class SimulateLowResolutiond(MapTransform):
         keys: HR key(s), e.g. ``"label"``. With several keys, each key's outputs go to
             ``f"{output_key}_{key}"`` / ``f"{baseline_prefix}{name}_{key}"`` to avoid collisions.
         factors: per voxel axis factors, e.g. ``[3, 3, 2]`` (prostate) or ``[4, 4, 4]`` (brain).
-        back_interpolator: interpolator of the network input (``"nearest"`` as in the paper).
+        lr_spacing: the LR voxel size in mm per voxel axis (e.g. the paper's ``[2, 2, 3]``) instead of
+            ``factors``: each volume's factors are ``lr_spacing / its HR spacing`` (must be >= 1).
+        back_interpolator: interpolator of the network input (the bundle's default ``"bspline"``,
+            as the released code; ``"nearest"`` as the paper's text).
         baseline_interpolators: baselines to write (``()`` for none, e.g. during training).
         output_key: key of the network input.
         baseline_prefix: prefix of the baseline keys.
@@ -371,14 +374,19 @@ class SimulateLowResolutiond(MapTransform):
         lr_key: str | None = None,
         lr_interpolator: str = "linear",
         antialias_sigma: float = 0.5,
+        lr_spacing: Sequence[float] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if factors is None and lr_spacing is None:
+            raise ValueError("SimulateLowResolutiond: give factors or lr_spacing (mm)")
         self.factors = factors
+        self.lr_spacing = None if lr_spacing is None else [float(v) for v in lr_spacing]
         if isinstance(baseline_interpolators, str):
             baseline_interpolators = (baseline_interpolators,)
         for name in (back_interpolator, lr_interpolator, *baseline_interpolators):
             _interpolator(name)  # fail at construction on a typo
-        _factors(factors, len(np.atleast_1d(factors)))  # positive, finite, >= 1
+        if factors is not None:
+            _factors(factors, len(np.atleast_1d(factors)))  # positive, finite, >= 1
         self.back_interpolator = back_interpolator
         self.baseline_interpolators = tuple(baseline_interpolators)
         self.output_key = output_key
@@ -387,6 +395,22 @@ class SimulateLowResolutiond(MapTransform):
         self.antialias_sigma = antialias_sigma
         self.lr_key = lr_key
         self.lr_interpolator = lr_interpolator
+
+    def _factors_of(self, affine: np.ndarray, n: int, key) -> np.ndarray:
+        """The degradation factors of one volume: ``factors``, or ``lr_spacing`` / its HR spacing."""
+        if self.lr_spacing is None:
+            return _factors(self.factors, n)
+        spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:n, :n], axis=0)
+        lr = np.atleast_1d(np.asarray(self.lr_spacing, dtype=np.float64))
+        if lr.size != n:
+            raise ValueError(f"--lr_spacing_mm {self.lr_spacing}: {lr.size} values for {n} spatial dims")
+        f = lr / spacing
+        if np.any(f < 1 - 1e-6):
+            raise ValueError(
+                f"--lr_spacing_mm {self.lr_spacing}: finer than the HR spacing {np.round(spacing, 4).tolist()} mm "
+                f"of {key} along some axis (a factor below 1)"
+            )
+        return _factors(np.maximum(f, 1.0), n)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -398,7 +422,7 @@ class SimulateLowResolutiond(MapTransform):
                 raise ValueError(f"{key}: expected a channel-first array (C, H, W[, D]), got shape {arr.shape}")
             n = arr.ndim - 1
             full_affine, affine = _spatial_affine(x, n)
-            f = _factors(self.factors, n)
+            f = self._factors_of(affine, n, key)
             names = dict.fromkeys([self.back_interpolator, *self.baseline_interpolators])  # ordered, unique
             ups: dict[str, list[np.ndarray]] = {name: [] for name in names}
             lrs = []
