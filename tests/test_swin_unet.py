@@ -129,3 +129,51 @@ def test_swin_sits_at_the_listed_levels(small):
         h.remove()
     assert {s[1:] for s in seen} == {(80, 80), (40, 40), (20, 20)}
     assert {s[0] for s in seen} == set(PRESETS["small"]["channels"][1:])
+
+
+def test_training_crops_and_inference_slices_run_the_same_attention_pattern(monkeypatch):
+    """64 x 64 crops (8 x 8 at the lowest level = the window) once ran unshifted windows there,
+    160 x 160 slices shifted ones; now every Swin block of the second kind shifts at both sizes,
+    and the window is never shrunk."""
+    import monai.networks.nets.swin_unetr as su
+
+    from common.networks import SwinDiffusionUNet
+
+    seen = []
+    real = su.get_window_size
+
+    def spy(x_size, window_size, shift_size=None):
+        out = real(x_size, window_size, shift_size)
+        if shift_size is not None:
+            seen.append((tuple(x_size), tuple(out[0]), tuple(out[1]), tuple(shift_size)))
+        return out
+
+    monkeypatch.setattr(su, "get_window_size", spy)
+    net = SwinDiffusionUNet(preset="small", spatial_dims=2, in_channels=6, out_channels=3).eval()
+    patterns = {}
+    for hw in (64, 160):
+        seen.clear()
+        with torch.no_grad():
+            y = net(torch.randn(1, 6, hw, hw), timesteps=torch.tensor([3]))
+        assert y.shape == (1, 3, hw, hw)
+        patterns[hw] = [(win, shift, asked) for _, win, shift, asked in seen]
+        assert all(win == (8, 8) for win, _, _ in patterns[hw]), patterns[hw]
+        shifted = [shift for _, shift, asked in patterns[hw] if asked != (0, 0)]
+        assert shifted and all(s == (4, 4) for s in shifted), (hw, patterns[hw])
+    assert patterns[64] == patterns[160]
+
+
+def test_padding_a_small_map_leaves_the_rest_of_the_stage_alone():
+    """A map larger than the window goes through MONAI's layer unchanged; a smaller one is padded at
+    the end and cropped back (same shape out)."""
+    from common.networks.swin_unet import SwinStage
+
+    torch.manual_seed(0)
+    stage = SwinStage(2, channels=8, num_heads=1, window_size=4).eval()
+    big = torch.randn(1, 8, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(stage(big), stage.layer(big))
+        small = torch.randn(1, 8, 4, 4)
+        out = stage(small)
+        padded = stage.layer(torch.nn.functional.pad(small, (0, 1, 0, 1)))
+    assert out.shape == small.shape and torch.equal(out, padded[..., :4, :4])

@@ -67,8 +67,14 @@ class SwinStage(nn.Module):
     which permutes (B, C, *spatial) to channels-last, zero-pads to a multiple of the window,
     builds the shifted-window mask, and permutes back. Each block is pre-norm residual,
     x + W-MSA(LN(x)), then x + MLP(LN(x)), so the stage is a residual map like the
-    ``SpatialAttentionBlock`` it replaces. A feature map no larger than the window in some axis uses
-    one window of that size there, unshifted (MONAI's ``get_window_size``).
+    ``SpatialAttentionBlock`` it replaces.
+
+    MONAI's ``get_window_size`` turns the shift OFF along an axis whose feature map is no larger than
+    the window (e.g. the 8 x 8 lowest level of a 64 x 64 training crop with 8 x 8 windows), while
+    the same network on 160 x 160 slices (20 x 20 there) shifts: training and inference would run
+    different attention patterns. So a map no larger than the window is zero-padded (at the end) to
+    ``window + 1``, which MONAI pads on to two windows, and cropped back: the second block always
+    attends over shifted windows, at every input size.
 
     Args:
         spatial_dims: 2 or 3.
@@ -97,6 +103,7 @@ class SwinStage(nn.Module):
         super().__init__()
         if channels % num_heads != 0:
             raise ValueError(f"channels {channels} must be divisible by num_heads {num_heads}")
+        self.window_size = ensure_tuple_rep(window_size, spatial_dims)
         self.layer = BasicLayer(
             dim=channels,
             depth=2,
@@ -113,7 +120,13 @@ class SwinStage(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+        size = x.shape[2:]
+        pad = [max(0, w + 1 - s) for s, w in zip(size, self.window_size)]
+        if not any(pad):
+            return self.layer(x)
+        flat = [p for axis in reversed(pad) for p in (0, axis)]  # F.pad order: last axis first
+        y = self.layer(nn.functional.pad(x, flat))
+        return y[(slice(None), slice(None), *(slice(0, s) for s in size))]
 
 
 class SwinDiffusionUNet(DiffusionModelUNet):
@@ -137,10 +150,10 @@ class SwinDiffusionUNet(DiffusionModelUNet):
         num_heads: attention heads per level (int or one per level); when None and ``channels`` is
             given, about 32 channels per head.
         window_size: Swin window edge in pixels. Feature maps that are not multiples of it are
-            zero-padded inside the Swin stage (e.g. 160 x 160 -> 20 x 20 at level 3 is padded to 24).
-            Keep every Swin feature map at least this large (input >= window * 2 ** (levels - 1),
-            64 for the presets): MONAI shrinks the window of a smaller map, which runs but reads the
-            relative-position bias of the full window at the wrong offsets.
+            zero-padded inside the Swin stage (e.g. 160 x 160 -> 20 x 20 at level 3 is padded to 24);
+            maps no larger than one window (a 64 x 64 crop -> 8 x 8) are padded to two windows
+            (:class:`SwinStage`), so every input size runs full windows and shifted windows: the
+            attention pattern of 64 x 64 training crops is that of 160 x 160 inference.
         mlp_ratio: Swin MLP hidden width relative to the channels.
         dropout: dropout in the Swin stages.
         norm_num_groups: groups of the GroupNorms.
