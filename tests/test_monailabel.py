@@ -120,7 +120,14 @@ def direct(bundle: str, out: Path, ckpt: Path, *source: str) -> None:
     config = str(ROOT / "bundles" / bundle / "configs" / "inference.json")
     extra = [x for k, v in EXTRA.get(bundle, {}).items() for x in (f"--{k}", v)]
     args = ["--output_dir", str(out), "--ckpt_path", str(ckpt), "--num_inference_steps", STEPS, *extra, *source]
-    bundle_here("run", "evaluating", "--config_file", config, *args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # as the server (OMP_NUM_THREADS=1): small per-slice ops crawl with 2 threads on busy cores
+    try:
+        bundle_here("run", "evaluating", "--config_file", config, *args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def load_result(body: bytes, path: Path) -> nib.Nifti1Image:
@@ -204,3 +211,14 @@ def test_an_incomplete_case_is_named(served, tmp_path):
     assert status == 400, body[-2000:]
     detail = json.loads(body)["detail"]
     assert f"{extra} is not a series of the case {served['case']}" in detail and "t2w.nii.gz" in detail
+
+
+def test_missing_weights_are_named(tmp_path, monkeypatch):
+    """The task itself (MONAI Label's BasicInferTask, in this process): no weights -> the file, and how to set it."""
+    monkeypatch.syspath_prepend(str(APP))
+    from lib.infers import BundleSynthesisTask, CheckpointError
+
+    task = BundleSynthesisTask("resdce", {"ckpt_path": str(tmp_path / "none.pt"), "network_size": "small"})
+    assert task.output_names == PHASES["resdce"] and task.geometry_key == "dce_pre"
+    with pytest.raises(CheckpointError, match=r"no trained weights at .*none\.pt.*--conf resdce\.ckpt_path"):
+        task.run_inferer({}, device="cpu")

@@ -11,7 +11,7 @@ import logging
 import os
 
 from fastapi import HTTPException
-from lib.infers import BundleSynthesisTask, StudyError, bundle_overrides
+from lib.infers import BundleSynthesisTask, CheckpointError, StudyError, bundle_overrides
 from monailabel.interfaces.app import MONAILabelApp
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class GadofreeApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """``image`` may also be a series path relative to the studies folder (``<case>/t2w.nii.gz``).
-        A request whose image is not part of a study the bundle reads is answered 400 with the reason."""
+        A request whose image is not part of a study the bundle reads is answered 400 with the reason,
+        one whose task has no usable weights 500 with the file and the reason."""
         image = request.get("image")
         if isinstance(image, str) and not os.path.isabs(image) and os.path.isfile(os.path.join(self.studies, image)):
             request = {**request, "image": os.path.join(self.studies, image)}
@@ -60,3 +61,5 @@ class GadofreeApp(MONAILabelApp):
             return super().infer(request, datastore)
         except StudyError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
+        except CheckpointError as e:
+            raise HTTPException(status_code=500, detail=str(e)) from None

@@ -49,6 +49,10 @@ class StudyError(ValueError):
     """A request whose ``image`` is not a series of a study the bundle can read (the message says why)."""
 
 
+class CheckpointError(RuntimeError):
+    """The task's weights are missing, unreadable or were trained with other settings (the message says which)."""
+
+
 class StudyFromImaged:
     """Fill a request with the bundle's datalist entry of the study its ``image`` belongs to.
 
@@ -165,7 +169,10 @@ class BundleSynthesisTask(BasicInferTask):
         return self.bundle_config.get_parsed_content("inferer")
 
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
-        check_checkpoint(self.path[0], self.record)  # missing, unreadable or contradicting weights, named
+        try:  # missing, unreadable or contradicting weights, named before any work
+            check_checkpoint(self.path[0], self.record)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.name}: {e} (set it with --conf {self.name}.ckpt_path <model.pt>)") from None
         return super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
 
     def writer(self, data: dict, extension=None, dtype=None) -> tuple[str, dict]:
