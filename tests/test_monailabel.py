@@ -1,6 +1,6 @@
 """The MONAI Label app (scripts/monailabel_app) served for real: HTTP requests against the bundles' own inference.
 
-One server on a free localhost port serves ``resdce``, ``dcediff`` and ``ressrdiff`` (tiny phantom case, small
+One server on a free localhost port serves ``resdce``, ``dcediff``, ``ressrdiff`` and ``d3m`` (tiny phantom cases, small
 networks with perturbed random weights so outputs vary, 2 sampling steps); each synthesis it
 returns must have the geometry of the bundle's output and equal what ``monai.bundle run evaluating``
 writes for the same case, seed and weights.
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "scripts" / "monailabel_app"
 STEPS = "2"
-MODELS = ("resdce", "dcediff", "ressrdiff")
+MODELS = ("resdce", "dcediff", "ressrdiff", "d3m")
 # every bundle: its checkpoint and 2 sampling steps; dcediff's DDPM runs all 1000 steps, its DDIM takes 2
 EXTRA = {"dcediff": {"sampler": "ddim"}}
 PHASES = {"resdce": ["dce_onset", "dce_early", "dce_late"], "dcediff": ["dce_early", "dce_late"]}
@@ -61,11 +61,13 @@ def random_checkpoint(bundle: str, path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """``serve.py start_server`` (a copy of the app, so nothing is written in the repository) with
-    resdce, dcediff and ressrdiff; yields ``{"url", "case", "log", "ckpt": {bundle: path}}``."""
+    resdce, dcediff, ressrdiff and d3m; yields ``{"url", "case", "log", "ckpt": {bundle: path}}``."""
     from common.phantoms import write_phantoms
 
     tmp = tmp_path_factory.mktemp("monailabel")
-    write_phantoms(tmp / "ph", kinds=("prostate",), n_prostate=1, dicom=False, small=True, progress=False)
+    write_phantoms(
+        tmp / "ph", kinds=("prostate", "brain"), n_prostate=1, n_brain=1, dicom=False, small=True, progress=False
+    )
     studies = tmp / "ph" / "prostate" / "prepared"
     ckpt = {b: random_checkpoint(b, tmp / f"{b}.pt", seed=i) for i, b in enumerate(MODELS)}
     app = tmp / "app"
@@ -94,7 +96,8 @@ def served(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"MONAI Label server did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield {"url": url, "studies": studies, "case": studies / "phantom-000", "log": log, "ckpt": ckpt}
+        brain = next(p for p in (tmp / "ph" / "brain").iterdir() if p.is_dir())
+        yield {"url": url, "case": studies / "phantom-000", "brain": brain, "log": log, "ckpt": ckpt}
     finally:
         proc.terminate()
         try:
@@ -142,7 +145,7 @@ def test_info_lists_the_synthesis_tasks(served):
         info = json.loads(r.read())
     assert set(info["models"]) == set(MODELS)
     assert info["models"]["resdce"]["type"] == "others"  # an image result, not a segmentation label
-    for model, phases in PHASES.items():
+    for model, phases in {**PHASES, "ressrdiff": ["sr"], "d3m": ["t1c"]}.items():
         assert info["models"][model]["config"]["channels"] == phases
 
 
@@ -182,6 +185,23 @@ def test_ressrdiff_over_http_equals_the_bundle(served, tmp_path):
     np.testing.assert_allclose(res.affine, ref.affine, atol=1e-4)
     want = ref.get_fdata(dtype=np.float32)
     assert want.std() > 0
+    np.testing.assert_allclose(res.get_fdata(dtype=np.float32), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_d3m_over_http_equals_the_bundle(served, tmp_path):
+    case = served["brain"]
+    t1n = case / f"{case.name}-t1n.nii.gz"
+    status, body = infer(served, "d3m", str(t1n))
+    assert status == 200, body[-2000:]
+    res = load_result(body, tmp_path / "t1c.nii.gz")
+    ref_in = nib.load(t1n)
+    assert res.shape == ref_in.shape  # T1c only (the ET mask is not part of the image result)
+    np.testing.assert_allclose(res.affine, ref_in.affine, atol=1e-4)
+    direct("d3m", tmp_path / "direct", served["ckpt"]["d3m"], "--case_dir", str(case))
+    ref = nib.load(tmp_path / "direct" / case.name / "t1c.nii.gz")
+    want = ref.get_fdata(dtype=np.float32)
+    assert want.std() > 0
+    np.testing.assert_allclose(res.affine, ref.affine, atol=1e-4)
     np.testing.assert_allclose(res.get_fdata(dtype=np.float32), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
