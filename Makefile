@@ -13,11 +13,13 @@ PHANTOMS ?= data/phantoms
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile scripts/monailabel_app/requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(FIND_LINKS) torch==$(TORCH_VERSION)
 	$(PIP) install -q $(FIND_LINKS) -e '.[dev]'
+	# MONAI Label's server without its heavy extras (torchvision, sam2): pinned, --no-deps (see the file)
+	$(PIP) install -q --no-deps -r scripts/monailabel_app/requirements.txt
 	touch $(STAMP)
 
 test: $(STAMP)
