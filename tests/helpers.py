@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -24,21 +25,57 @@ def bundle(*args: str, cwd: Path = ROOT, module: str | None = "monai.bundle") ->
 
 
 SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+EVAL_FILES = ("inference.json", "evaluate.json")
+# ids every bundle defines: train.json, train.json + multi_gpu_train.json, inference.json + evaluate.json
+TRAIN_IDS = ("training", "run", "train#trainer", "validate#evaluator", "network_def")
+MULTI_GPU_IDS = ("training", "network", "train#data_sampler")
+EVAL_IDS = ("evaluating", "run", "evaluator", "inferer")
+# the smallest settings of every bundle's training: small network, no loader workers; a short validation
+SMALL = ["--network_size", "small", "--num_workers", "0"]
+TINY_VAL = ["--val_num_inference_steps", "2", "--val_max_cases", "1"]
 
 
-def check_bundle_configs(configs: Path, ids_by_files) -> dict:
-    """Every ``(files, ids)`` pair: the config files (names in ``configs``) parse together and define
-    every id; ``metadata.json`` has a changelog line for its version and validates against the Model
-    Zoo schema (when ``../shared`` is present). Returns the metadata."""
-    import json
+def config_file(configs: Path, *names: str) -> str:
+    """The ``--config_file`` value of ``names`` in ``configs``: one path, or several stacked as ``"['a','b']"``."""
+    if len(names) == 1:
+        return str(configs / names[0])
+    return "[" + ",".join(f"'{configs / n}'" for n in names) + "]"
 
+
+def parser(configs: Path, *names: str, **overrides):
+    """A ``ConfigParser`` of the config files ``names`` in ``configs`` (stacked in order), ``overrides`` set."""
     from monai.bundle import ConfigParser
 
+    p = ConfigParser()
+    p.read_config([str(configs / n) for n in names])
+    for key, value in overrides.items():
+        p[key] = value
+    return p
+
+
+def check_bundle_configs(configs: Path, train=(), evaluate=(), more=(), shared=()) -> dict:
+    """The bundle's config files parse together and define their ids: ``train.json`` :data:`TRAIN_IDS` and
+    ``train``; with ``multi_gpu_train.json`` :data:`MULTI_GPU_IDS`; ``inference.json`` + ``evaluate.json``
+    :data:`EVAL_IDS` and ``evaluate``; every further ``(files, ids)`` of ``more``. The ``shared`` blocks are
+    the same text in ``train.json`` and ``inference.json``; ``bundle_root`` is the bundle's folder;
+    ``metadata.json`` has a changelog line for its version and validates against the Model Zoo schema
+    (when ``../shared`` is present). Returns the metadata."""
+    import json
+
+    ids_by_files = (
+        (["train.json"], [*TRAIN_IDS, *train]),
+        (["train.json", "multi_gpu_train.json"], MULTI_GPU_IDS),
+        (list(EVAL_FILES), [*EVAL_IDS, *evaluate]),
+        *more,
+    )
     for files, ids in ids_by_files:
-        p = ConfigParser()
-        p.read_config([str(configs / f) for f in files])
+        p = parser(configs, *files)
         missing = [i for i in ids if i not in p]
         assert not missing, f"{missing} missing from {files}"
+    train_cfg, infer_cfg = (json.loads((configs / f).read_text()) for f in ("train.json", "inference.json"))
+    for key in shared:
+        assert json.dumps(train_cfg[key]) == json.dumps(infer_cfg[key]), key
+    assert parser(configs, "train.json").get_parsed_content("bundle_root") == str(configs.parent)
     meta = json.loads((configs / "metadata.json").read_text())
     assert meta["version"] in meta["changelog"], f"version {meta['version']} has no changelog line"
     if SCHEMA.exists():
@@ -46,6 +83,94 @@ def check_bundle_configs(configs: Path, ids_by_files) -> dict:
 
         jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
     return meta
+
+
+def tiny_phantoms(out: Path, kind: str, n: int, layout: str = "", **overrides) -> Path:
+    """``n`` small phantom subjects of ``kind`` ("prostate", "brain", "breast"; prostate without DICOM)
+    written below ``out``; returns ``out/<kind>/<layout>`` (``layout``: "prepared", "nifti" or none)."""
+    from common.phantoms import write_phantoms
+
+    if kind == "prostate":
+        overrides.setdefault("dicom", False)
+    write_phantoms(out, kinds=(kind,), small=True, progress=False, **{f"n_{kind}": n}, **overrides)
+    return out / kind / layout if layout else out / kind
+
+
+def held_out(data: Path) -> list[dict]:
+    """The ``test`` section of ``data/datalist.json``."""
+    import json
+
+    return json.loads((data / "datalist.json").read_text())["test"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def train(configs: Path, output_dir: Path, *overrides: str, iterations: int = 2, runner=None, **kw):
+    """``monai.bundle run training`` on ``configs/train.json`` into ``output_dir`` for ``iterations``
+    one-iteration epochs, through ``runner`` (:func:`bundle`, the default, or :func:`bundle_here`)."""
+    args = ("--output_dir", str(output_dir), "--num_iterations", str(iterations), "--epoch_length", "1")
+    return (runner or bundle)("run", "training", "--config_file", str(configs / "train.json"), *args, *overrides, **kw)
+
+
+def evaluate(configs: Path, ckpt: Path, output_dir: Path, *overrides: str, files=EVAL_FILES, runner=None, **kw):
+    """``monai.bundle run evaluating`` on the config ``files`` of ``configs`` (inference + evaluation by
+    default) with the weights ``ckpt``, writing to ``output_dir``, through ``runner`` (as :func:`train`)."""
+    cfg = config_file(configs, *files)
+    args = ("--ckpt_path", str(ckpt), "--output_dir", str(output_dir))
+    return (runner or bundle)("run", "evaluating", "--config_file", cfg, *args, *overrides, **kw)
+
+
+def final_checkpoint(output_dir: Path, iteration: int) -> dict:
+    """Asserts a training run wrote ``model.pt`` and ``checkpoints/checkpoint_final.pt`` at ``iteration``;
+    returns the latter."""
+    import torch
+
+    ckpt = output_dir / "checkpoints" / "checkpoint_final.pt"
+    assert (output_dir / "model.pt").exists() and ckpt.exists()
+    state = torch.load(ckpt, weights_only=True)
+    assert state["trainer"]["iteration"] == iteration
+    return state
+
+
+def assert_restored(res: subprocess.CompletedProcess, source: str = "") -> None:
+    """The run restored its state (a resumed training: from its own checkpoint, or ``from <source>``)."""
+    assert f"Restored all variables{f' from {source}' if source else ''}" in res.stdout + res.stderr
+
+
+def assert_same_grid(out_file: Path, ref, shape: tuple | None = None):
+    """``out_file`` has the shape (``ref``'s, or ``shape``) and the affine of ``ref`` (a file or a loaded
+    image) and finite values; returns it loaded."""
+    import nibabel as nib
+    import numpy as np
+
+    out = nib.load(out_file)
+    ref = nib.load(ref) if isinstance(ref, (str, Path)) else ref
+    assert out.shape == (ref.shape if shape is None else shape) and np.array_equal(out.affine, ref.affine)
+    assert np.isfinite(out.get_fdata()).all()
+    return out
+
+
+def check_dce_evaluation(out: Path, data: Path, ref: str, phases, methods) -> list[dict]:
+    """A DCE bundle's evaluation of ``data``'s test cases in ``out``: every phase on the grid of the case's
+    ``ref`` file, a panel per case, ``metrics.csv`` with ``methods`` (copying the pre-contrast misses all
+    uptake inside the organ), nothing written into ``data``. Returns the metrics rows."""
+    import pytest
+
+    test_ids = [e["id"] for e in held_out(data)]
+    for cid in test_ids:
+        for name in phases:
+            assert_same_grid(out / cid / f"{name}.nii.gz", data / cid / ref)
+        assert (out / cid / "panel.png").exists()
+    rows = read_csv(out / "metrics.csv")
+    assert {r["method"] for r in rows} == set(methods)
+    assert {r["region"] for r in rows} >= {"whole", "organ_mask"}
+    copy_pre = [r for r in rows if r["method"] == "copy_pre" and r["region"] == "organ_mask"]
+    assert all(float(r["enh_rel_err"]) == pytest.approx(1.0) for r in copy_pre)
+    assert not (data / test_ids[0] / "panel.png").exists()  # the inputs were not touched
+    return rows
 
 
 def free_port() -> int:
@@ -59,8 +184,6 @@ def free_port() -> int:
 def train_two_processes(configs: Path, output_dir: Path, *overrides: str) -> dict:
     """``torchrun --nproc_per_node 2`` on train.json + multi_gpu_train.json (gloo on a CPU) for 2
     iterations; asserts the final model and the resumable checkpoint exist and returns the latter."""
-    import torch
-
     bundle(
         "-m",
         "torch.distributed.run",
@@ -83,10 +206,7 @@ def train_two_processes(configs: Path, output_dir: Path, *overrides: str) -> dic
         *overrides,
         module=None,
     )
-    assert (output_dir / "model.pt").exists()
-    state = torch.load(output_dir / "checkpoints" / "checkpoint_final.pt", weights_only=True)
-    assert state["trainer"]["iteration"] == 2
-    return state
+    return final_checkpoint(output_dir, 2)
 
 
 def bundle_here(*args: str) -> subprocess.CompletedProcess:

@@ -2,143 +2,62 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
+import helpers as h
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import bundle, bundle_here, check_bundle_configs, train_two_processes
-from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "d3m" / "configs"
-TINY = [
-    "--network_size",
-    "small",
-    "--num_workers",
-    "0",
-    "--val_num_inference_steps",
-    "2",
-    "--val_max_cases",
-    "1",
-    "--spatial_size",
-    "[64,64]",
-    "--batch_size",
-    "4",
-    "--slices_per_volume",
-    "2",
-]
-EVAL = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']"
+TINY = [*h.SMALL, *h.TINY_VAL, "--spatial_size", "[64,64]", "--batch_size", "4", "--slices_per_volume", "2"]
+# blocks that must be the same text in train.json and inference.json
+SHARED_BLOCKS = (
+    "input_keys target_key seg_key et_labels tumour_labels percentiles network_size dual_decoder "
+    "deformation network_def scheduler num_train_timesteps preprocessing"
+).split()
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    from common.phantoms import write_phantoms
-
-    out = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(out, kinds=("brain",), n_brain=4, small=True, progress=False)
-    return out / "brain"
+    return h.tiny_phantoms(tmp_path_factory.mktemp("phantoms"), "brain", 4)
 
 
 def test_configs_parse_and_share_their_blocks():
-    check_bundle_configs(
+    h.check_bundle_configs(
         CONFIGS,
-        (
-            (
-                ["train.json"],
-                [
-                    "training",
-                    "run",
-                    "train#trainer",
-                    "train#inferer",
-                    "validate#inferer",
-                    "validate#evaluator",
-                    "scheduler",
-                    "network_def",
-                    "preprocessing",
-                    "train#preprocessing",
-                    "et_labels",
-                ],
-            ),
-            (["train.json", "multi_gpu_train.json"], ["training", "network", "train#data_sampler"]),
-            (["inference.json", "evaluate.json"], ["evaluating", "run", "evaluator", "inferer", "postprocessing"]),
-        ),
+        train=["train#inferer", "validate#inferer", "scheduler", "preprocessing", "train#preprocessing", "et_labels"],
+        evaluate=["postprocessing"],
+        shared=SHARED_BLOCKS,
     )
-    train, infer = (json.loads((CONFIGS / f).read_text()) for f in ("train.json", "inference.json"))
-    for key in (
-        "input_keys",
-        "target_key",
-        "seg_key",
-        "et_labels",
-        "tumour_labels",
-        "percentiles",
-        "network_size",
-        "dual_decoder",
-        "deformation",
-        "network_def",
-        "scheduler",
-        "num_train_timesteps",
-        "preprocessing",
-    ):
-        assert json.dumps(train[key]) == json.dumps(infer[key]), key
+    train_cfg, infer_cfg = (json.loads((CONFIGS / f).read_text()) for f in ("train.json", "inference.json"))
     assert (
-        train["et_labels"] == [3] and train["lr"] == 8e-5 and infer["num_inference_steps"] == 250 and infer["eta"] == 0
+        train_cfg["et_labels"] == [3]
+        and train_cfg["lr"] == 8e-5
+        and infer_cfg["num_inference_steps"] == 250
+        and infer_cfg["eta"] == 0
     )
-    p = ConfigParser()
-    p.read_config(str(CONFIGS / "train.json"))
-    assert p.get_parsed_content("bundle_root") == str(ROOT / "bundles" / "d3m")
-    s = p.get_parsed_content("scheduler")
+    s = h.parser(CONFIGS, "train.json").get_parsed_content("scheduler")
     assert s.alphas_cumprod.dtype == torch.float64 and s.prediction_type == "v_prediction"
 
 
 def test_train_infer_evaluate(phantoms, tmp_path):
     models, out = tmp_path / "models", tmp_path / "eval"
-    bundle(
-        "run",
-        "training",
-        "--config_file",
-        str(CONFIGS / "train.json"),
-        "--num_iterations",
-        "2",
-        "--epoch_length",
-        "1",
-        "--val_interval",
-        "2",
-        "--dataset_dir",
-        str(phantoms),
-        "--output_dir",
-        str(models),
-        *TINY,
-    )
-    state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
-    assert state["trainer"]["iteration"] == 2 and (models / "model.pt").exists()
+    data = ("--dataset_dir", str(phantoms))
+    steps = ("--network_size", "small", "--num_inference_steps", "2")
+    h.train(CONFIGS, models, "--val_interval", "2", *data, *TINY)
+    state = h.final_checkpoint(models, 2)
     assert any(k.startswith("displacement.") for k in state["model"]) and any(
         "mask_up_blocks" in k for k in state["model"]
     )
-    bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        EVAL,
-        "--dataset_dir",
-        str(phantoms),
-        "--ckpt_path",
-        str(models / "model.pt"),
-        "--output_dir",
-        str(out),
-        "--network_size",
-        "small",
-        "--num_inference_steps",
-        "2",
-    )
-    (case,) = json.loads((phantoms / "datalist.json").read_text())["test"]
+    h.evaluate(CONFIGS, models / "model.pt", out, *data, *steps)
+    (case,) = h.held_out(phantoms)
     cid = case["id"]
     src = nib.load(phantoms / case["t1n"])
-    t1c = nib.load(out / cid / "t1c.nii.gz")
-    assert t1c.shape == src.shape and np.array_equal(t1c.affine, src.affine) and np.isfinite(t1c.get_fdata()).all()
+    h.assert_same_grid(out / cid / "t1c.nii.gz", src)
     et = nib.load(out / cid / "et_mask.nii.gz")
     assert (
         et.get_data_dtype() == np.uint8
@@ -148,13 +67,13 @@ def test_train_infer_evaluate(phantoms, tmp_path):
     u = nib.load(out / cid / "deformation.nii.gz")
     assert u.shape == (*src.shape, 2) and np.array_equal(u.affine, src.affine)
     assert (out / cid / "panel.png").stat().st_size > 0
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = h.read_csv(out / "metrics.csv")
     assert {r["method"] for r in rows} == {"d3m", "copy_t1n"} and {r["region"] for r in rows} == {
         "whole",
         "brain",
         "tumour",
     }
-    (mask_row,) = list(csv.DictReader(open(out / "mask_metrics.csv")))
+    (mask_row,) = h.read_csv(out / "mask_metrics.csv")
     assert 0.0 <= float(mask_row["dice_et"]) <= 1.0
     seg = nib.load(phantoms / case["seg"]).get_fdata()
     assert float(mask_row["true_ml"]) == pytest.approx(
@@ -167,48 +86,10 @@ def test_train_infer_evaluate(phantoms, tmp_path):
     # the paper's ablations as overrides (each trained for one iteration, then sampled and scored)
     for flag, name in (("--deformation", "d3m_no_mssdm"), ("--dual_decoder", "d3m_no_dsimd")):
         m = tmp_path / name
-        bundle_here(
-            "run",
-            "training",
-            "--config_file",
-            str(CONFIGS / "train.json"),
-            "--num_iterations",
-            "1",
-            "--epoch_length",
-            "1",
-            "--val_interval",
-            "0",
-            "--dataset_dir",
-            str(phantoms),
-            "--output_dir",
-            str(m),
-            flag,
-            "false",
-            *TINY,
-        )
-        bundle_here(
-            "run",
-            "evaluating",
-            "--config_file",
-            EVAL,
-            "--dataset_dir",
-            str(phantoms),
-            "--ckpt_path",
-            str(m / "model.pt"),
-            "--output_dir",
-            str(m / "eval"),
-            "--network_size",
-            "small",
-            "--num_inference_steps",
-            "2",
-            flag,
-            "false",
-            "--num_samples",
-            "2",
-            "--write_deformation",
-            "false",
-        )
-        assert {r["method"] for r in csv.DictReader(open(m / "eval" / "metrics.csv"))} == {name, "copy_t1n"}
+        h.train(CONFIGS, m, "--val_interval", "0", *data, flag, "false", *TINY, iterations=1, runner=h.bundle_here)
+        sampling = (flag, "false", "--num_samples", "2", "--write_deformation", "false")
+        h.evaluate(CONFIGS, m / "model.pt", m / "eval", *data, *steps, *sampling, runner=h.bundle_here)
+        assert {r["method"] for r in h.read_csv(m / "eval" / "metrics.csv")} == {name, "copy_t1n"}
         assert (m / "eval" / cid / "t1c_std.nii.gz").exists() and not (m / "eval" / cid / "deformation.nii.gz").exists()
     st = torch.load(tmp_path / "d3m_no_mssdm" / "model.pt", weights_only=True)
     assert not any(k.startswith("displacement.") for k in st)
@@ -221,24 +102,14 @@ def test_bad_inputs_are_named(phantoms, tmp_path):
     (case / f"{case.name}-t1n.nii.gz").write_bytes(src.read_bytes())
     (case / f"{case.name}-t2w.nii.gz").write_bytes(src.read_bytes())
     torch.save({"model": {}}, tmp_path / "none.pt")  # a readable checkpoint: the missing contrast is found first
+    data = ("--case_dir", str(case), "--network_size", "small")
     with pytest.raises(Exception) as e:
-        bundle_here(
-            "run",
-            "evaluating",
-            "--config_file",
-            str(CONFIGS / "inference.json"),
-            "--case_dir",
-            str(case),
-            "--ckpt_path",
-            str(tmp_path / "none.pt"),
-            "--network_size",
-            "small",
-            "--output_dir",
-            str(tmp_path / "o"),
-        )
+        h.evaluate(CONFIGS, tmp_path / "none.pt", tmp_path / "o", *data, files=["inference.json"], runner=h.bundle_here)
     assert f"{case.name}-t2f.nii.gz" in str(e.value) + repr(e.value.__cause__)
 
 
 def test_multi_gpu_config_trains_with_two_processes_on_cpu(phantoms, tmp_path):
-    state = train_two_processes(CONFIGS, tmp_path / "ddp", "--dataset_dir", str(phantoms), "--val_interval", "0", *TINY)
+    state = h.train_two_processes(
+        CONFIGS, tmp_path / "ddp", "--dataset_dir", str(phantoms), "--val_interval", "0", *TINY
+    )
     assert any(k.startswith("displacement.") for k in state["model"])

@@ -3,45 +3,26 @@ on tiny phantoms through the command line a user types."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
+import helpers as h
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import bundle, check_bundle_configs, train_two_processes
-from monai.bundle import ConfigParser
 from monai.transforms import LoadImaged
 
 from common.transforms import SelectPhasesd
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "dcediff" / "configs"
-TINY = [
-    "--network_size",
-    "small",
-    "--num_workers",
-    "0",
-    "--val_num_inference_steps",
-    "2",
-    "--val_max_cases",
-    "1",
-    "--patch_size",
-    "[32,32]",
-    "--batch_size",
-    "4",
-]
+TINY = [*h.SMALL, *h.TINY_VAL, "--patch_size", "[32,32]", "--batch_size", "4"]
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    from common.phantoms import write_phantoms
-
-    out = tmp_path_factory.mktemp("dcediff_phantoms")
-    write_phantoms(out, kinds=("prostate",), n_prostate=4, dicom=False, small=True, progress=False)
-    return out / "prostate" / "prepared"
+    return h.tiny_phantoms(tmp_path_factory.mktemp("dcediff_phantoms"), "prostate", 4, "prepared")
 
 
 # ---------------------------------------------------------------------------------------- SelectPhasesd
@@ -110,27 +91,18 @@ def test_select_phases_default_rules_match_the_phantom_ground_truth(phantoms):
 
 # ---------------------------------------------------------------------------------------- configs
 def test_configs_parse_with_the_documented_ids(phantoms):
-    check_bundle_configs(
+    h.check_bundle_configs(
         CONFIGS,
-        (
-            (
-                ["train.json"],
-                [
-                    "training",
-                    "run",
-                    "train#trainer",
-                    "validate#evaluator",
-                    "training_schedule",
-                    "trained_noise_levels",
-                    "scheduler",
-                    "ddim_scheduler",
-                    "validate#scheduler",
-                    "network_def",
-                    "train#lr_scheduler",
-                    "num_parameters",
-                ],
-            ),
-            (["train.json", "multi_gpu_train.json"], ["training", "network", "train#data_sampler"]),
+        train=[
+            "training_schedule",
+            "trained_noise_levels",
+            "scheduler",
+            "ddim_scheduler",
+            "validate#scheduler",
+            "train#lr_scheduler",
+            "num_parameters",
+        ],
+        more=[
             (
                 ["inference.json"],
                 [
@@ -143,13 +115,10 @@ def test_configs_parse_with_the_documented_ids(phantoms):
                     "slice_inferer#scheduler",
                     "trained_noise_levels",
                 ],
-            ),
-            (["inference.json", "evaluate.json"], ["evaluating", "run", "evaluator", "inferer"]),
-        ),
+            )
+        ],
     )
-    p = ConfigParser()
-    p.read_config(str(CONFIGS / "train.json"))
-    assert p.get_parsed_content("bundle_root") == str(ROOT / "bundles" / "dcediff")
+    p = h.parser(CONFIGS, "train.json")
     for size, lo, hi in (("small", 1e5, 1e6), ("paper", 115e6, 135e6)):
         p["network_size"] = size
         with torch.device("meta"):  # count without allocating 125M parameters
@@ -159,11 +128,11 @@ def test_configs_parse_with_the_documented_ids(phantoms):
     net = p.get_parsed_content("network_def", lazy=False)
     assert (net.conv_in.conv.in_channels, net.out[-1].conv.out_channels) == (6, 2)  # [noisy early/late, 4 conditions]
     # the published schedules
-    train, infer = p.get_parsed_content("training_schedule"), p.get_parsed_content("validate#scheduler")
+    train_sched, infer = p.get_parsed_content("training_schedule"), p.get_parsed_content("validate#scheduler")
     assert (
-        train.num_train_timesteps == 2000
-        and float(train.betas[0]) == pytest.approx(1e-6)
-        and float(train.betas[-1]) == pytest.approx(0.01)
+        train_sched.num_train_timesteps == 2000
+        and float(train_sched.betas[0]) == pytest.approx(1e-6)
+        and float(train_sched.betas[-1]) == pytest.approx(0.01)
     )
     assert (
         infer.num_train_timesteps == 1000
@@ -171,12 +140,12 @@ def test_configs_parse_with_the_documented_ids(phantoms):
         and float(infer.betas[-1]) == pytest.approx(0.09)
     )
     # stock MONAI schedulers; validation samples by DDIM (train.json's sampler) on float64 tables, consistent chain
-    assert type(train).__name__ == "DDPMScheduler" and type(infer).__name__ == "DDIMScheduler"
+    assert type(train_sched).__name__ == "DDPMScheduler" and type(infer).__name__ == "DDIMScheduler"
     assert infer.alphas_cumprod.dtype == torch.float64 and infer.timesteps.tolist() == list(range(999, -1, -100))
     assert p.get_parsed_content("train#prepare_batch").schedule.num_train_timesteps == 2000
     # the network is only ever told trained levels: (gamma_T of the training schedule, 1], in training and validation
     lo, hi = p.get_parsed_content("trained_noise_levels")
-    assert lo == pytest.approx(float(torch.cumprod(1 - train.betas.double(), 0)[-1]), rel=1e-12) and hi == 1.0
+    assert lo == pytest.approx(float(torch.cumprod(1 - train_sched.betas.double(), 0)[-1]), rel=1e-12) and hi == 1.0
     for inferer in ("train#inferer", "validate#slice_inferer"):
         assert p.get_parsed_content(inferer).noise_level_range == (lo, hi)
     # the ADC ablation: in_channels follow input_keys
@@ -184,9 +153,7 @@ def test_configs_parse_with_the_documented_ids(phantoms):
     assert p.get_parsed_content("network_def", lazy=False).conv_in.conv.in_channels == 5
     # phase_source "prepared" reads dce_early/dce_late files instead of selecting from the 4D series
     for source, n_transforms, selected in (("dce", 9, True), ("prepared", 8, False)):  # + the same-grid check
-        p = ConfigParser()
-        p.read_config(str(CONFIGS / "inference.json"))
-        p.update({"phase_source": source, "dataset_dir": str(phantoms)})
+        p = h.parser(CONFIGS, "inference.json", phase_source=source, dataset_dir=str(phantoms))
         pre = p.get_parsed_content("preprocessing")
         assert (
             len(pre.transforms) == n_transforms
@@ -194,9 +161,7 @@ def test_configs_parse_with_the_documented_ids(phantoms):
         )
         item = pre(p.get_parsed_content("datalist")[0])
         assert tuple(item["image"].shape[:1]) == (4,) and tuple(item["label"].shape[:1]) == (2,)
-    p = ConfigParser()
-    p.read_config(str(CONFIGS / "inference.json"))
-    p["sampler"], p["num_inference_steps"] = "ddim", 50
+    p = h.parser(CONFIGS, "inference.json", sampler="ddim", num_inference_steps=50)
     assert [int(t) for t in p.get_parsed_content("slice_inferer#scheduler").timesteps[:3]] == [999, 979, 959]
     assert p.get_parsed_content("slice_inferer").noise_level_range[1] == 1.0
 
@@ -216,99 +181,32 @@ class _TinyExtractor(torch.nn.Module):
 
 def test_train_resume_infer_evaluate(phantoms, tmp_path):
     models, out = tmp_path / "models", tmp_path / "eval"
-    common = ["--dataset_dir", str(phantoms), "--output_dir", str(models)] + TINY
-    res = bundle(
-        "run",
-        "training",
-        "--config_file",
-        str(CONFIGS / "train.json"),
-        "--num_iterations",
-        "2",
-        "--epoch_length",
-        "1",
-        "--val_interval",
-        "2",
-        "--warmup_steps",
-        "4",
-        *common,
-    )
+    common = ["--dataset_dir", str(phantoms), "--warmup_steps", "4", *TINY]
+    res = h.train(CONFIGS, models, "--val_interval", "2", *common)
     assert "DCE-diff network (small): 0.88M parameters" in res.stdout
-    assert (models / "model.pt").exists() and (models / "checkpoints" / "checkpoint_final.pt").exists()
-    state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
-    assert (
-        state["trainer"]["iteration"] == 2 and state["lr_scheduler"]["last_epoch"] == 2
-    )  # warm-up stepped per iteration
+    state = h.final_checkpoint(models, 2)
+    assert state["lr_scheduler"]["last_epoch"] == 2  # warm-up stepped per iteration
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
         1e-4 * (0.25 + 0.75 * 2 / 4)
     )  # 1/4 -> 1 over 4 iterations
     # resume from another working directory: continues at iteration 2 with the warm-up where it was
-    res = bundle(
-        "run",
-        "training",
-        "--config_file",
-        str(CONFIGS / "train.json"),
-        "--num_iterations",
-        "3",
-        "--epoch_length",
-        "1",
-        "--val_interval",
-        "5",
-        "--warmup_steps",
-        "4",
-        *common,
-        cwd=tmp_path,
-    )
-    assert "Restored all variables" in res.stdout + res.stderr
-    state = torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)
-    assert state["trainer"]["iteration"] == 3 and state["lr_scheduler"]["last_epoch"] == 3
+    h.assert_restored(h.train(CONFIGS, models, "--val_interval", "5", *common, iterations=3, cwd=tmp_path))
+    assert h.final_checkpoint(models, 3)["lr_scheduler"]["last_epoch"] == 3
 
     extractor = tmp_path / "extractor.pt"
     torch.jit.save(torch.jit.trace(_TinyExtractor(), torch.rand(2, 3, 16, 16)), str(extractor))
-    configs = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']"
-    bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        configs,
-        "--dataset_dir",
-        str(phantoms),
-        "--ckpt_path",
-        str(models / "model.pt"),
-        "--output_dir",
-        str(out),
-        "--network_size",
-        "small",
-        "--sampler",
-        "ddim",
-        "--num_inference_steps",
-        "2",
-        "--fid_extractor_path",
-        str(extractor),
-    )
-    test_ids = [e["id"] for e in json.loads((phantoms / "datalist.json").read_text())["test"]]
-    for cid in test_ids:
-        src = nib.load(phantoms / cid / "t1_pre.nii.gz")
-        for name in ("dce_early", "dce_late"):
-            img = nib.load(out / cid / f"{name}.nii.gz")
-            assert img.shape == src.shape and np.array_equal(img.affine, src.affine)
-            assert np.isfinite(img.get_fdata()).all()
-        assert (out / cid / "panel.png").exists()
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
-    assert {r["method"] for r in rows} == {"dcediff", "copy_pre"}
-    assert {r["phase"] for r in rows} == {"dce_early", "dce_late"}
-    assert {r["region"] for r in rows} >= {"whole", "organ_mask"}
-    copy_pre = [r for r in rows if r["method"] == "copy_pre" and r["region"] == "organ_mask"]
-    assert all(float(r["enh_rel_err"]) == pytest.approx(1.0) for r in copy_pre)  # copying pre misses all uptake
-    fid = list(csv.DictReader(open(out / "fid.csv")))
-    assert {(r["method"], r["phase"]) for r in fid} == {
-        (m, p) for m in ("dcediff", "copy_pre") for p in ("dce_early", "dce_late")
-    }
+    sampling = ("--sampler", "ddim", "--num_inference_steps", "2", "--fid_extractor_path", str(extractor))
+    h.evaluate(CONFIGS, models / "model.pt", out, "--dataset_dir", str(phantoms), "--network_size", "small", *sampling)
+    phases = ("dce_early", "dce_late")
+    rows = h.check_dce_evaluation(out, phantoms, "t1_pre.nii.gz", phases, {"dcediff", "copy_pre"})
+    assert {r["phase"] for r in rows} == set(phases)
+    fid = h.read_csv(out / "fid.csv")
+    assert {(r["method"], r["phase"]) for r in fid} == {(m, p) for m in ("dcediff", "copy_pre") for p in phases}
     assert all(np.isfinite(float(r["fid"])) for r in fid)
-    assert not (phantoms / test_ids[0] / "panel.png").exists()  # the inputs were not touched
 
 
 def test_multi_gpu_config_trains_with_two_processes_on_cpu(phantoms, tmp_path):
-    state = train_two_processes(
+    state = h.train_two_processes(
         CONFIGS, tmp_path / "ddp", "--dataset_dir", str(phantoms), "--val_interval", "2", "--warmup_steps", "4", *TINY
     )
     assert state["lr_scheduler"]["last_epoch"] == 2

@@ -2,81 +2,46 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
+import helpers as h
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import bundle, bundle_here, check_bundle_configs, train_two_processes
-from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "iterunet" / "configs"
-TINY = ["--network_size", "small", "--num_workers", "0"]
+# blocks that must be the same text in train.json and inference.json
 SHARED_BLOCKS = (
-    "series_key",
-    "mask_keys",
-    "grid_keys",
-    "start_phase",
-    "frame_offsets_s",
-    "tinorm_ref_index",
-    "tinorm_mask_key",
-    "time_input",
-    "temporal",
-    "chain_mode",
-    "network_size",
-    "patch_size",
-    "roi_size",
-    "network_def",
-    "network",
-    "preprocessing",
-    "prepare_batch",
-)
+    "series_key mask_keys grid_keys start_phase frame_offsets_s tinorm_ref_index tinorm_mask_key "
+    "time_input temporal chain_mode network_size patch_size roi_size network_def network preprocessing "
+    "prepare_batch"
+).split()
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    from common.phantoms import write_phantoms
-
-    out = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(out, kinds=("breast",), n_breast=4, small=True, progress=False)
-    return out / "breast"
+    return h.tiny_phantoms(tmp_path_factory.mktemp("phantoms"), "breast", 4)
 
 
 def test_configs_parse_and_share_their_blocks():
-    check_bundle_configs(
+    h.check_bundle_configs(
         CONFIGS,
-        (
-            (
-                ["train.json"],
-                [
-                    "training",
-                    "run",
-                    "train#trainer",
-                    "train#inferer",
-                    "validate#evaluator",
-                    "validate#inferer",
-                    "network_def",
-                    "preprocessing",
-                    "stage",
-                    "init_ckpt",
-                    "train_section",
-                    "val_section",
-                ],
-            ),
-            (["train.json", "multi_gpu_train.json"], ["training", "network", "train#data_sampler"]),
-            (["inference.json", "evaluate.json"], ["evaluating", "run", "evaluator", "inferer", "postprocessing"]),
-        ),
+        train=[
+            "train#inferer",
+            "validate#inferer",
+            "preprocessing",
+            "stage",
+            "init_ckpt",
+            "train_section",
+            "val_section",
+        ],
+        evaluate=["postprocessing"],
+        shared=SHARED_BLOCKS,
     )
-    train, infer = (json.loads((CONFIGS / f).read_text()) for f in ("train.json", "inference.json"))
-    for key in SHARED_BLOCKS:
-        assert json.dumps(train[key]) == json.dumps(infer[key]), key
-    p = ConfigParser()
-    p.read_config(str(CONFIGS / "train.json"))
-    p["network_size"] = "small"
+    p = h.parser(CONFIGS, "train.json", network_size="small")
     assert p.get_parsed_content("train_mode") == "teacher" and p.get_parsed_content("init_ckpt") == ""
     p["stage"] = "recursive"
     assert p.get_parsed_content("train_mode") == "recursive"
@@ -87,61 +52,17 @@ def test_configs_parse_and_share_their_blocks():
 
 def test_train_both_stages_infer_evaluate(phantoms, tmp_path):
     warm, rec, out = tmp_path / "warmup", tmp_path / "recursive", tmp_path / "eval"
-    common = ["--dataset_dir", str(phantoms), "--num_iterations", "2", "--epoch_length", "1", *TINY]
-    bundle(
-        "run",
-        "training",
-        "--config_file",
-        str(CONFIGS / "train.json"),
-        "--output_dir",
-        str(warm),
-        "--val_interval",
-        "2",
-        "--val_max_cases",
-        "1",
-        *common,
-    )
-    assert torch.load(warm / "checkpoints" / "checkpoint_final.pt", weights_only=True)["trainer"]["iteration"] == 2
-    res = bundle(
-        "run",
-        "training",
-        "--config_file",
-        str(CONFIGS / "train.json"),
-        "--output_dir",
-        str(rec),
-        "--stage",
-        "recursive",
-        "--init_ckpt",
-        str(warm / "model.pt"),
-        "--val_interval",
-        "0",
-        *common,
-        cwd=tmp_path,
-    )
-    assert f"Restored all variables from {warm / 'model.pt'}" in res.stdout + res.stderr
-    configs = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']"
-    bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        configs,
-        "--dataset_dir",
-        str(phantoms),
-        "--ckpt_path",
-        str(rec / "model.pt"),
-        "--output_dir",
-        str(out),
-        "--network_size",
-        "small",
-        "--progress",
-        "false",
-    )
-    test_ids = [e["id"] for e in json.loads((phantoms / "datalist.json").read_text())["test"]]
+    data = ("--dataset_dir", str(phantoms))
+    common = [*data, *h.SMALL]
+    h.train(CONFIGS, warm, "--val_interval", "2", "--val_max_cases", "1", *common)
+    h.final_checkpoint(warm, 2)
+    recursive = ("--stage", "recursive", "--init_ckpt", str(warm / "model.pt"), "--val_interval", "0")
+    h.assert_restored(h.train(CONFIGS, rec, *recursive, *common, cwd=tmp_path), warm / "model.pt")
+    h.evaluate(CONFIGS, rec / "model.pt", out, *data, "--network_size", "small", "--progress", "false")
+    test_ids = [e["id"] for e in h.held_out(phantoms)]
     for cid in test_ids:
         src = nib.load(phantoms / cid / "dce.nii.gz")
-        img = nib.load(out / cid / "dce_synth.nii.gz")
-        assert img.shape == src.shape[:3] + (4,) and np.array_equal(img.affine, src.affine)
-        assert np.isfinite(img.get_fdata()).all()
+        h.assert_same_grid(out / cid / "dce_synth.nii.gz", src, shape=src.shape[:3] + (4,))
         kin = json.loads((out / cid / "kinetics.json").read_text())
         assert kin["times_s"] == [0.0, 85.0, 155.0, 225.0, 295.0, 365.0] and kin["predicted_phases"] == [
             "t155s",
@@ -156,11 +77,11 @@ def test_train_both_stages_infer_evaluate(phantoms, tmp_path):
             np.testing.assert_allclose(entry["real"]["curve"], real, rtol=1e-5)
             np.testing.assert_allclose(entry["copy_forward"]["curve"], list(real[:2]) + [real[1]] * 4, rtol=1e-5)
         assert (out / cid / "panel.png").stat().st_size > 0 and (out / cid / "kinetics.png").stat().st_size > 0
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = h.read_csv(out / "metrics.csv")
     assert {r["method"] for r in rows} == {"iterunet", "copy_forward", "linear"}
     assert {r["region"] for r in rows} == {"whole", "breast_mask", "lesion_mask"}
     assert {r["phase"] for r in rows} == {"t155s", "t225s", "t295s", "t365s"}
-    kin_rows = list(csv.DictReader(open(out / "kinetics.csv")))
+    kin_rows = h.read_csv(out / "kinetics.csv")
     cid = test_ids[0]
     dce = nib.load(phantoms / cid / "dce.nii.gz").get_fdata()
     lesions = nib.load(phantoms / cid / "lesion_mask.nii.gz").get_fdata()
@@ -176,33 +97,21 @@ def test_train_both_stages_infer_evaluate(phantoms, tmp_path):
 
 
 def test_ablations_run_as_overrides(phantoms, tmp_path):
-    common = [
-        "--config_file",
-        str(CONFIGS / "train.json"),
-        "--dataset_dir",
-        str(phantoms),
-        "--num_iterations",
-        "1",
-        "--epoch_length",
-        "1",
-        "--val_interval",
-        "0",
-        *TINY,
-    ]
+    common = ["--dataset_dir", str(phantoms), "--val_interval", "0", *h.SMALL]
     runs = {
         "no_warmup": ["--stage", "recursive", "--init_ckpt", ""],
         "no_temporal": ["--temporal", "false"],
         "single_time_point": ["--stage", "recursive", "--chain_mode", "direct", "--init_ckpt", ""],
     }
     for name, extra in runs.items():
-        bundle_here("run", "training", "--output_dir", str(tmp_path / name), *common, *extra)
+        h.train(CONFIGS, tmp_path / name, *common, *extra, iterations=1, runner=h.bundle_here)
         state = torch.load(tmp_path / name / "model.pt", weights_only=True)
         assert any(k.startswith("lstm.") for k in state) == (name != "no_temporal"), name
     # a missing --init_ckpt and a perceptual term without local weights stop with a message: tests/test_iterunet.py
 
 
 def test_multi_gpu_config_trains_the_recursive_stage_with_two_processes(phantoms, tmp_path):
-    train_two_processes(
+    h.train_two_processes(
         CONFIGS,
         tmp_path / "ddp",
         "--dataset_dir",
@@ -213,7 +122,7 @@ def test_multi_gpu_config_trains_the_recursive_stage_with_two_processes(phantoms
         "",
         "--val_interval",
         "0",
-        *TINY,
+        *h.SMALL,
     )
 
 
@@ -231,10 +140,7 @@ def _raises(fn, exc_type, pattern: str):
 
 
 def _preprocessing():
-    p = ConfigParser()
-    p.read_config(str(CONFIGS / "inference.json"))
-    p["network_size"] = "small"
-    return p.get_parsed_content("preprocessing")
+    return h.parser(CONFIGS, "inference.json", network_size="small").get_parsed_content("preprocessing")
 
 
 def test_bad_inputs_name_the_file(phantoms, tmp_path):
@@ -281,26 +187,9 @@ def test_runs_on_the_real_prostatex_series(prepared_prostatex, tmp_path):
     case = prepared_prostatex["case"]
     torch.save(IterUNet("small").state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
-    bundle_here(
-        "run",
-        "evaluating",
-        "--config_file",
-        str(CONFIGS / "inference.json"),
-        "--case_dir",
-        str(case),
-        "--ckpt_path",
-        str(tmp_path / "model.pt"),
-        "--output_dir",
-        str(out),
-        "--network_size",
-        "small",
-        "--frame_offsets_s",
-        "[85,155,225,295,365]",
-        "--mask_keys",
-        "['organ_mask']",
-        "--progress",
-        "false",
-    )
+    offsets = ("--frame_offsets_s", "[85,155,225,295,365]", "--mask_keys", "['organ_mask']", "--progress", "false")
+    data = ("--case_dir", str(case), "--network_size", "small")
+    h.evaluate(CONFIGS, tmp_path / "model.pt", out, *data, *offsets, files=["inference.json"], runner=h.bundle_here)
     src = nib.load(case / "dce.nii.gz")
     img = nib.load(out / case.name / "dce_synth.nii.gz")
     assert img.shape[:3] == src.shape[:3] and np.array_equal(img.affine, src.affine)

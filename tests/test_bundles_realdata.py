@@ -8,46 +8,22 @@ reason when ``../shared`` is absent (see ``conftest.prepared_prostatex``).
 
 from __future__ import annotations
 
-import csv
-
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from helpers import ROOT
-from helpers import bundle_here as bundle
+from helpers import ROOT, SMALL, assert_same_grid, bundle_here, evaluate, final_checkpoint, read_csv, train
 
 pytestmark = pytest.mark.realdata
 
 BUNDLES = ROOT / "bundles"
-TINY = [
-    "--network_size",
-    "small",
-    "--num_workers",
-    "0",
-    "--num_iterations",
-    "1",
-    "--epoch_length",
-    "1",
-    "--val_interval",
-    "0",
-    "--batch_size",
-    "2",
-]
-
-
-def _eval_files(name: str) -> str:
-    c = BUNDLES / name / "configs"
-    return f"['{c / 'inference.json'}','{c / 'evaluate.json'}']"
+TINY = [*SMALL, "--val_interval", "0", "--batch_size", "2"]
 
 
 def _assert_same_grid(out_file, ref_file):
-    out, ref = nib.load(out_file), nib.load(ref_file)
-    assert out.shape == ref.shape[:3]
-    np.testing.assert_array_equal(out.affine, ref.affine)
+    ref = nib.load(ref_file)
+    assert_same_grid(out_file, ref, shape=ref.shape[:3])
     rot = ref.affine[:3, :3]
     assert np.abs(rot - np.diag(np.diag(rot))).sum() > 1e-3  # ProstateX-0218 is oblique, and so are the outputs
-    assert np.isfinite(out.get_fdata()).all()
 
 
 @pytest.mark.parametrize(
@@ -59,44 +35,18 @@ def _assert_same_grid(out_file, ref_file):
 )
 def test_dce_bundle_on_prostatex(prepared_prostatex, tmp_path, name, phases, extra):
     data, case = prepared_prostatex["out"], prepared_prostatex["case"]
-    models, out = tmp_path / "models", tmp_path / "eval"
-    bundle(
-        "run",
-        "training",
-        "--config_file",
-        str(BUNDLES / name / "configs" / "train.json"),
-        "--dataset_dir",
-        str(data),
-        "--output_dir",
-        str(models),
-        "--patch_size",
-        "[96,96]",
-        *TINY,
-    )
-    assert torch.load(models / "checkpoints" / "checkpoint_final.pt", weights_only=True)["trainer"]["iteration"] == 1
+    models, out, configs = tmp_path / "models", tmp_path / "eval", BUNDLES / name / "configs"
+    crops = ("--dataset_dir", str(data), "--patch_size", "[96,96]")
+    train(configs, models, *crops, *TINY, iterations=1, runner=bundle_here)
+    final_checkpoint(models, 1)
     # the single prepared case is in the training section: evaluate it there
-    res = bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        _eval_files(name),
-        "--dataset_dir",
-        str(data),
-        "--datalist_section",
-        "training",
-        "--ckpt_path",
-        str(models / "model.pt"),
-        "--output_dir",
-        str(out),
-        "--network_size",
-        "small",
-        *extra,
-    )
+    where = ("--dataset_dir", str(data), "--datalist_section", "training", "--network_size", "small")
+    res = evaluate(configs, models / "model.pt", out, *where, *extra, runner=bundle_here)
     assert "copy_pre" in res.stdout
     for phase in phases:
         _assert_same_grid(out / case.name / f"{phase}.nii.gz", case / "dce_pre.nii.gz")
     assert (out / case.name / "panel.png").stat().st_size > 10_000
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = read_csv(out / "metrics.csv")
     assert {r["method"] for r in rows} >= {name, "copy_pre"}
     assert {r["phase"] for r in rows} == set(phases)
 
@@ -105,50 +55,16 @@ def test_ressrdiff_on_the_native_prostatex_t2w(prepared_prostatex, tmp_path):
     data, case = prepared_prostatex["out"], prepared_prostatex["case"]
     t2w = case / "native" / "t2w.nii.gz"
     assert nib.load(t2w).shape == (320, 320, 20)
-    models, out = tmp_path / "models", tmp_path / "eval"
+    models, out, configs = tmp_path / "models", tmp_path / "eval", BUNDLES / "ressrdiff" / "configs"
     # the HR volumes of a folder of studies: glob the native T2w (not the datalist's cropped DCE-grid T2w)
-    bundle(
-        "run",
-        "training",
-        "--config_file",
-        str(BUNDLES / "ressrdiff" / "configs" / "train.json"),
-        "--dataset_dir",
-        str(data),
-        "--datalist_file",
-        "",
-        "--volume_pattern",
-        "*/native/t2w.nii.gz",
-        "--output_dir",
-        str(models),
-        "--patch_size",
-        "[96,96]",
-        "--slices_per_volume",
-        "2",
-        "--warmup_iterations",
-        "1",
-        *TINY,
-    )
-    res = bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        _eval_files("ressrdiff"),
-        "--input_file",
-        str(t2w),
-        "--input_id",
-        case.name,
-        "--ckpt_path",
-        str(models / "model.pt"),
-        "--output_dir",
-        str(out),
-        "--network_size",
-        "small",
-        "--num_inference_steps",
-        "1",
-    )
+    native = ("--dataset_dir", str(data), "--datalist_file", "", "--volume_pattern", "*/native/t2w.nii.gz")
+    patches = ("--patch_size", "[96,96]", "--slices_per_volume", "2", "--warmup_iterations", "1")
+    train(configs, models, *native, *patches, *TINY, iterations=1, runner=bundle_here)
+    one = ("--input_file", str(t2w), "--input_id", case.name, "--network_size", "small", "--num_inference_steps", "1")
+    res = evaluate(configs, models / "model.pt", out, *one, runner=bundle_here)
     assert "bicubic" in res.stdout
     _assert_same_grid(out / case.name / "sr.nii.gz", t2w)
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = read_csv(out / "metrics.csv")
     by = {r["method"]: float(r["psnr"]) for r in rows}
     assert set(by) == {"ressrdiff", "bicubic", "nearest"}
     assert by["nearest"] < by["bicubic"]  # the baselines on the real T2w, 3x3x2 down-sampling

@@ -64,8 +64,7 @@ def test_a_shifted_contrast_is_registered_back_onto_the_t1_grid(tmp_path):
 def test_real_study_prepared_then_sampled_on_the_t1_grid(tmp_path):
     if not STUDY.exists():
         pytest.skip(f"real brain study not found at {STUDY} (../shared is not beside the repo)")
-    from helpers import bundle_here
-    from monai.bundle import ConfigParser
+    from helpers import assert_same_grid, bundle_here, evaluate, parser
 
     from common.ingest.brain import check_same_grid, prepare_brain_case
 
@@ -81,30 +80,12 @@ def test_real_study_prepared_then_sampled_on_the_t1_grid(tmp_path):
     check_same_grid(res["files"])
     src = nib.load(STUDY / "t1.nii.gz")
     # untrained small network from the bundle's own config: geometry and plumbing, not quality
-    p = ConfigParser()
-    p.read_config(str(CONFIGS / "inference.json"))
-    p["network_size"] = "small"
+    p = parser(CONFIGS, "inference.json", network_size="small")
     ckpt = tmp_path / "model.pt"
     torch.save(p.get_parsed_content("network_def").state_dict(), ckpt)
     out = tmp_path / "out"
-    bundle_here(
-        "run",
-        "evaluating",
-        "--config_file",
-        str(CONFIGS / "inference.json"),
-        "--case_dir",
-        str(tmp_path / "brain" / "TCGA-FG-6692"),
-        "--ckpt_path",
-        str(ckpt),
-        "--output_dir",
-        str(out),
-        "--network_size",
-        "small",
-        "--num_inference_steps",
-        "2",
-        "--device",
-        "cpu",
-    )
-    img = nib.load(out / "TCGA-FG-6692" / "t1c.nii.gz")
-    assert img.shape == src.shape and np.array_equal(img.affine, src.affine) and np.isfinite(img.get_fdata()).all()
+    case = ("--case_dir", str(tmp_path / "brain" / "TCGA-FG-6692"), "--network_size", "small")
+    settings = ("--num_inference_steps", "2", "--device", "cpu")
+    evaluate(CONFIGS, ckpt, out, *case, *settings, files=["inference.json"], runner=bundle_here)
+    assert_same_grid(out / "TCGA-FG-6692" / "t1c.nii.gz", src)
     assert np.array_equal(nib.load(out / "TCGA-FG-6692" / "et_mask.nii.gz").affine, src.affine)
