@@ -91,10 +91,7 @@ def training_rate(compute_loss: Callable[[], torch.Tensor], optimizer, device: t
         scaler.step(optimizer)
         scaler.update()
 
-    out = {"ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device)}
-    if cuda:
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    return with_peak_memory({"ips": n / timed(lambda: [step() for _ in range(n)], warmup=1, device=device)}, device)
 
 
 def _child(conn, fn, args):
@@ -170,3 +167,66 @@ def measure_on(device_name: str, fn: Callable, *args) -> tuple[Any, str]:
         return res, f"{res.get('peak_mib', float('nan')):.0f} MiB peak CUDA allocated"
     res, rss = isolated(fn, *args)
     return res, f"{rss:.0f} MiB peak RSS of the process"
+
+
+def devices() -> list[str]:
+    """The devices a section measures: the CPU, then CUDA where this machine has a GPU."""
+    from common.device import get_device
+
+    return ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
+
+
+def per_device(
+    section_rows: Callable[[str, str], list[dict]], presets: Sequence[str] = ("small", "paper")
+) -> list[dict]:
+    """``section_rows(device, preset)`` for every device of :func:`devices` and every preset, in that order."""
+    return [r for dev in devices() for preset in presets for r in section_rows(dev, preset)]
+
+
+def row(what: str, value: str, device: str, note: str) -> dict:
+    """One row of the benchmark table."""
+    return {"what": what, "value": value, "device": device, "note": note}
+
+
+def training_row(
+    device: str,
+    preset: str,
+    measure_training: Callable,
+    what: Callable[..., str],
+    how: str,
+    batch: int | None = None,
+    cpu_batch_note: str = "",
+) -> dict:
+    """The row of ``measure_training(preset, device[, batch])``'s training rate (``"ips"``, :func:`training_rate`),
+    measured by :func:`measure_on`: ``what(result[, batch])`` was measured, ``how`` it trains (", AMP" added on
+    CUDA), the memory note. Where ``batch`` (the paper's) is given, a paper-sized network on a CPU is measured
+    with batch 2 instead and the note ends with ``cpu_batch_note``."""
+    args = () if batch is None else (batch if (preset == "small" or device == "cuda") else 2,)
+    train, mem = measure_on(device, measure_training, preset, device, *args)
+    extra = cpu_batch_note if args and args[0] != batch else ""
+    amp = ", AMP" if device == "cuda" else ""
+    return row(what(train, *args), f"{train['ips']:.2f} it/s", device, f"{how}{amp}; {mem}{extra}")
+
+
+def inference_parts(bundle: str, preset: str, device_name: str, steps: int, *ids: str, **overrides) -> list:
+    """The bundle's ``network`` (on ``device_name``), volume ``inferer`` and ``ids`` from its ``inference.json``
+    with ``network_size=preset``, ``num_inference_steps=steps``, no progress bar, and ``overrides``."""
+    settings = {"network_size": preset, "device": device_name, "num_inference_steps": steps, "inferer#progress": False}
+    return bundle_objects(bundle, "network", "inferer", *ids, overrides={**settings, **overrides})
+
+
+def training_steps(preset: str, device: torch.device, iters: int) -> int:
+    """How many training steps to time: ``iters``, or one for a paper-sized network on a CPU."""
+    return iters if preset == "small" or device.type == "cuda" else 1
+
+
+def warmup_runs(device: torch.device) -> int:
+    """Untimed runs before timing: one on CUDA (allocations, kernel selection), none on a CPU."""
+    return 1 if device.type == "cuda" else 0
+
+
+def with_peak_memory(out: dict, device: torch.device) -> dict:
+    """``out`` with the peak CUDA memory allocated (``"peak_mib"``) on a GPU; unchanged on a CPU."""
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out

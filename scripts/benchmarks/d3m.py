@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from common.device import get_device
-
 SHAPE = (240, 240, 155)
 CPU_SLICES = 4  # slices of one measured step on a CPU
 DEMO_RECORD = Path(__file__).resolve().parents[2] / "bundles" / "d3m" / "docs" / "demo_cpu_run.json"
@@ -19,33 +17,22 @@ DEMO_RECORD = Path(__file__).resolve().parents[2] / "bundles" / "d3m" / "docs" /
 
 def build(preset: str, device_name: str, num_inference_steps: int = 1):
     """The bundle's network (on ``device_name``) and volume inferer from ``configs/inference.json``."""
-    from scripts.benchmarks.common import bundle_objects
+    from scripts.benchmarks.common import inference_parts
 
-    net, inferer, keys = bundle_objects(
-        "d3m",
-        "network",
-        "inferer",
-        "input_keys",
-        overrides={
-            "network_size": preset,
-            "device": device_name,
-            "num_inference_steps": num_inference_steps,
-            "inferer#progress": False,
-        },
-    )
+    net, inferer, keys = inference_parts("d3m", preset, device_name, num_inference_steps, "input_keys")
     return net, inferer, len(keys)
 
 
 def measure_inference(preset: str, device_name: str, shape: tuple[int, int, int] = SHAPE, steps=(250, 50)) -> dict:
     """Seconds per step (all slices of the volume batched; on a CPU ``CPU_SLICES`` slices scaled to the volume)."""
-    from scripts.benchmarks.common import n_params, timed
+    from scripts.benchmarks.common import n_params, timed, warmup_runs, with_peak_memory
 
     device = torch.device(device_name)
     net, one, c_cond = build(preset, device_name, 1)
     net.eval()
     d = shape[2] if device.type == "cuda" else CPU_SLICES
     cond = torch.rand(1, c_cond, shape[0], shape[1], d, device=device)
-    t = timed(lambda: one(cond, net), repeat=1, warmup=1 if device.type == "cuda" else 0, device=device)
+    t = timed(lambda: one(cond, net), repeat=1, warmup=warmup_runs(device), device=device)
     t_step = t * shape[2] / d
     out = {
         "step_s": t_step,
@@ -53,14 +40,12 @@ def measure_inference(preset: str, device_name: str, shape: tuple[int, int, int]
         "scaled": d != shape[2],
         **{f"vol{n}_s": t_step * n for n in steps},
     }
-    if device.type == "cuda":
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    return with_peak_memory(out, device)
 
 
 def measure_training(preset: str, device_name: str, batch: int = 16, iters: int = 3, size: int = 256) -> dict:
     """Training iterations per second of the bundle's ``train#inferer`` + ``train#loss`` + ``train#optimizer``."""
-    from scripts.benchmarks.common import bundle_objects, n_params, training_rate
+    from scripts.benchmarks.common import bundle_objects, n_params, training_rate, training_steps
 
     device = torch.device(device_name)
     net, inferer, loss_fn, opt, sched = bundle_objects(
@@ -82,56 +67,51 @@ def measure_training(preset: str, device_name: str, batch: int = 16, iters: int 
         noise = torch.randn_like(x0)
         return loss_fn(inferer(x0, net, noise, t, condition=c), sched.get_velocity(x0, noise, t))
 
-    n = iters if preset == "small" or device.type == "cuda" else 1
-    return {**training_rate(loss, opt, device, n), "params_m": n_params(net) / 1e6}
+    rate = training_rate(loss, opt, device, training_steps(preset, device, iters))
+    return {**rate, "params_m": n_params(net) / 1e6}
 
 
-def rows(tmp: Path) -> list[dict]:
-    from scripts.benchmarks.common import measure_on
+def _rows(dev: str, preset: str) -> list[dict]:
+    from scripts.benchmarks.common import measure_on, row, training_row
 
-    devices = ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
+    res, mem = measure_on(dev, measure_inference, preset, dev)
     out = []
-    for dev in devices:
-        for preset in ("small", "paper"):
-            res, mem = measure_on(dev, measure_inference, preset, dev)
-            for steps in (250, 50):
-                note = f"{res['params_m']:.1f}M params, all slices batched; {mem}"
-                if res["scaled"]:
-                    note += f"; one step of {CPU_SLICES} slices measured and scaled to 155 slices x {steps} steps"
-                out.append(
-                    {
-                        "what": f"d3m inference, one 240x240x155 volume, {steps} DDIM steps, {preset} net",
-                        "value": f"{res[f'vol{steps}_s']:.0f} s ({res['step_s']:.2f} s/step)",
-                        "device": dev,
-                        "note": note,
-                    }
-                )
-            batch = 16 if (preset == "small" or dev == "cuda") else 2
-            train, mem = measure_on(dev, measure_training, preset, dev, batch)
-            out.append(
-                {
-                    "what": f"d3m training, batch {batch} slices 256x256, {preset} net",
-                    "value": f"{train['ips']:.2f} it/s",
-                    "device": dev,
-                    "note": f"Adam, abar-weighted v MSE + smoothness, warp in the graph{', AMP' if dev == 'cuda' else ''}; {mem}"
-                    + ("" if batch == 16 else "; the paper's batch 16 is too large for a CPU run"),
-                }
-            )
-    return out + demo_row()
+    for steps in (250, 50):
+        note = f"{res['params_m']:.1f}M params, all slices batched; {mem}"
+        if res["scaled"]:
+            note += f"; one step of {CPU_SLICES} slices measured and scaled to 155 slices x {steps} steps"
+        what = f"d3m inference, one 240x240x155 volume, {steps} DDIM steps, {preset} net"
+        out.append(row(what, f"{res[f'vol{steps}_s']:.0f} s ({res['step_s']:.2f} s/step)", dev, note))
+    train = training_row(
+        dev,
+        preset,
+        measure_training,
+        lambda train, batch: f"d3m training, batch {batch} slices 256x256, {preset} net",
+        "Adam, abar-weighted v MSE + smoothness, warp in the graph",
+        batch=16,
+        cpu_batch_note="; the paper's batch 16 is too large for a CPU run",
+    )
+    return out + [train]
 
 
 def demo_row() -> list[dict]:
     """The recorded short CPU training (docs/demo_cpu_run.json), not re-run."""
-    import json
+    from scripts.benchmarks.common import read_record, row
 
-    if not DEMO_RECORD.exists():
+    rec = read_record(DEMO_RECORD)
+    if rec is None:
         return []
-    rec = json.loads(DEMO_RECORD.read_text())
     return [
-        {
-            "what": f"d3m tumour-region PSNR / SSIM on {rec['n_cases']} held-out brain phantoms ({rec['iterations']} iterations)",
-            "value": rec["value"],
-            "device": rec.get("device", "cpu"),
-            "note": f"{rec['note']} (recorded in bundles/d3m/docs/demo_cpu_run.json, not re-run here)",
-        }
+        row(
+            f"d3m tumour-region PSNR / SSIM on {rec['n_cases']} held-out brain phantoms ({rec['iterations']} iterations)",
+            rec["value"],
+            rec.get("device", "cpu"),
+            f"{rec['note']} (recorded in bundles/d3m/docs/demo_cpu_run.json, not re-run here)",
+        )
     ]
+
+
+def rows(tmp: Path) -> list[dict]:
+    from scripts.benchmarks.common import per_device
+
+    return per_device(_rows) + demo_row()

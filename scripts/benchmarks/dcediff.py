@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-from common.device import get_device
-
 SHAPE = (160, 160, 16)
 # a chain whose estimate exceeds this is timed over a few steps and scaled; on a CPU the budget is
 # small so that all CPU rows together stay within a few minutes
@@ -31,21 +29,9 @@ def dcediff_chain_parts(size: str, device_name: str, sampler: str, steps: int):
     """DCE-diff's network (on ``device_name``), volume inferer and number of condition channels from
     ``bundles/dcediff/configs/inference.json`` with ``network_size=size``, ``sampler`` ("ddpm" or
     "ddim") and ``num_inference_steps=steps`` (no progress bar)."""
-    from scripts.benchmarks.common import bundle_objects
+    from scripts.benchmarks.common import inference_parts
 
-    net, inferer, keys = bundle_objects(
-        "dcediff",
-        "network",
-        "inferer",
-        "input_keys",
-        overrides={
-            "network_size": size,
-            "device": device_name,
-            "sampler": sampler,
-            "num_inference_steps": steps,
-            "inferer#progress": False,
-        },
-    )
+    net, inferer, keys = inference_parts("dcediff", size, device_name, steps, "input_keys", sampler=sampler)
     return net.eval(), inferer, len(keys)
 
 
@@ -135,7 +121,7 @@ def measure(
     seconds (paper nets on a CPU) each network is stepped once, without warm-up, and the 50-step DDIM
     chain reuses the DDPM step time (a step is one evaluation of the same network on the same batch
     either way)."""
-    from scripts.benchmarks.common import n_params
+    from scripts.benchmarks.common import n_params, with_peak_memory
 
     device = torch.device(device_name)
     fast = size == "small" or device.type == "cuda"
@@ -153,9 +139,7 @@ def measure(
     if not fast:
         ddpm = out["dcediff_ddpm1000"]
         out["dcediff_ddim50"] = {**ddpm, "total_s": ddpm["step_s"] * 50, "scaled": True, "reused": True}
-    if device.type == "cuda":
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    return with_peak_memory(out, device)
 
 
 def _how(r: dict, steps: int) -> str:
@@ -167,54 +151,53 @@ def _how(r: dict, steps: int) -> str:
     return f"run in full ({r['step_s']:.3f} s/step)"
 
 
+def _rows(dev: str, size: str) -> list[dict]:
+    from scripts.benchmarks.common import row
+
+    if dev == "cpu":  # the machine may be shared: say how loaded it was
+        threads = (
+            f"{torch.get_num_threads()} CPU threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        )
+    else:
+        threads = torch.cuda.get_device_name(0)
+    res = measure(size, dev)
+    mem = f"; peak CUDA allocated {res['peak_mib']:.0f} MiB" if "peak_mib" in res else ""
+    base = f"untrained, 16 slices batched, {threads}{mem}"
+    d1000, d50, r15 = res["dcediff_ddpm1000"], res["dcediff_ddim50"], res["resdce15"]
+    volume = "one 160x160x16 volume"
+    return [
+        row(
+            f"dcediff inference, {volume}, 1000 DDPM steps (paper), {size} net",
+            f"{d1000['total_s']:.1f} s",
+            dev,
+            f"{res['dcediff_params_m']:.2f}M params, {base}; {_how(d1000, 1000)}",
+        ),
+        row(
+            f"dcediff inference, {volume}, 50 DDIM steps, {size} net",
+            f"{d50['total_s']:.1f} s",
+            dev,
+            f"{res['dcediff_params_m']:.2f}M params, {base}; {_how(d50, 50)}",
+        ),
+        row(
+            f"resdce inference (same run), {volume}, 15 steps, {size} net",
+            f"{r15['total_s']:.1f} s",
+            dev,
+            f"{res['resdce_params_m']:.2f}M params, {base}; {_how(r15, 15)}",
+        ),
+        row(
+            f"speed-up of resdce (15 steps) over dcediff, {size} nets",
+            f"{d1000['total_s'] / r15['total_s']:.1f}x vs 1000 DDPM, {d50['total_s'] / r15['total_s']:.2f}x vs 50 DDIM",
+            dev,
+            f"step ratios 66.7 and 3.33; per-step cost dcediff/resdce "
+            f"{d1000['step_s'] / r15['step_s']:.2f} (different networks); the paper reports 3.56x",
+        ),
+    ]
+
+
 def rows(tmp: Path, sizes: tuple[str, ...] = ("small", "paper")) -> list[dict]:
-    devices = ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
-    out = []
-    for dev in devices:
-        for size in sizes:
-            if dev == "cpu":  # the machine may be shared: say how loaded it was
-                threads = f"{torch.get_num_threads()} CPU threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-            else:
-                threads = torch.cuda.get_device_name(0)
-            res = measure(size, dev)
-            mem = f"; peak CUDA allocated {res['peak_mib']:.0f} MiB" if "peak_mib" in res else ""
-            base = f"untrained, 16 slices batched, {threads}{mem}"
-            d1000, d50, r15 = res["dcediff_ddpm1000"], res["dcediff_ddim50"], res["resdce15"]
-            out.append(
-                {
-                    "what": f"dcediff inference, one 160x160x16 volume, 1000 DDPM steps (paper), {size} net",
-                    "value": f"{d1000['total_s']:.1f} s",
-                    "device": dev,
-                    "note": f"{res['dcediff_params_m']:.2f}M params, {base}; {_how(d1000, 1000)}",
-                }
-            )
-            out.append(
-                {
-                    "what": f"dcediff inference, one 160x160x16 volume, 50 DDIM steps, {size} net",
-                    "value": f"{d50['total_s']:.1f} s",
-                    "device": dev,
-                    "note": f"{res['dcediff_params_m']:.2f}M params, {base}; {_how(d50, 50)}",
-                }
-            )
-            out.append(
-                {
-                    "what": f"resdce inference (same run), one 160x160x16 volume, 15 steps, {size} net",
-                    "value": f"{r15['total_s']:.1f} s",
-                    "device": dev,
-                    "note": f"{res['resdce_params_m']:.2f}M params, {base}; {_how(r15, 15)}",
-                }
-            )
-            out.append(
-                {
-                    "what": f"speed-up of resdce (15 steps) over dcediff, {size} nets",
-                    "value": f"{d1000['total_s'] / r15['total_s']:.1f}x vs 1000 DDPM, "
-                    f"{d50['total_s'] / r15['total_s']:.2f}x vs 50 DDIM",
-                    "device": dev,
-                    "note": f"step ratios 66.7 and 3.33; per-step cost dcediff/resdce "
-                    f"{d1000['step_s'] / r15['step_s']:.2f} (different networks); the paper reports 3.56x",
-                }
-            )
-    return out
+    from scripts.benchmarks.common import per_device
+
+    return per_device(_rows, sizes)
 
 
 if __name__ == "__main__":  # python -m scripts.benchmarks.dcediff [small] [paper]

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import torch
 
-from common.device import get_device
-
 SHAPE = (128, 128, 32)
 TIMES = [0.0, 85.0, 155.0, 225.0, 295.0, 365.0]
 DEMO_RECORD = Path(__file__).resolve().parents[2] / "bundles" / "iterunet" / "docs" / "cpu_run.json"
 
 
 def measure_inference(preset: str, device_name: str) -> dict:
-    from scripts.benchmarks.common import bundle_objects, n_params, timed
+    from scripts.benchmarks.common import bundle_objects, n_params, timed, warmup_runs, with_peak_memory
 
     net, inferer, roi = bundle_objects(
         "iterunet",
@@ -42,17 +40,15 @@ def measure_inference(preset: str, device_name: str) -> dict:
         out.update(case_s=t * n_win, scaled=f"1 window {t:.1f} s x {n_win} windows")
     else:
         out.update(
-            case_s=timed(lambda: inferer(series, net, times), warmup=1 if device.type == "cuda" else 0, device=device),
+            case_s=timed(lambda: inferer(series, net, times), warmup=warmup_runs(device), device=device),
             scaled="",
         )
-    if device.type == "cuda":
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    return with_peak_memory(out, device)
 
 
 def measure_training(preset: str, device_name: str, iters: int = 3) -> dict:
     """Training iterations per second of the recursive stage (``"ips"``; on CUDA also ``"peak_mib"``)."""
-    from scripts.benchmarks.common import bundle_objects, training_rate
+    from scripts.benchmarks.common import bundle_objects, training_rate, training_steps
 
     net, inferer, loss_fn, opt, roi = bundle_objects(
         "iterunet",
@@ -68,63 +64,49 @@ def measure_training(preset: str, device_name: str, iters: int = 3) -> dict:
     net.train()
     series = torch.randn(2, len(TIMES), *roi, device=device)
     times = torch.tensor([TIMES] * 2, device=device)
-
-    n = iters if preset == "small" or device.type == "cuda" else 1
+    n = training_steps(preset, device, iters)
     rate = training_rate(lambda: loss_fn(inferer(series, net, times), series[:, 2:]), opt, device, n)
     return {**rate, "roi": list(roi)}
 
 
-def rows(tmp: Path) -> list[dict]:
-    from scripts.benchmarks.common import measure_on
+def _rows(dev: str, preset: str) -> list[dict]:
+    from scripts.benchmarks.common import measure_on, row, training_row
 
-    devices = ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
-    out = []
-    for dev in devices:
-        for preset in ("small", "paper"):
-            res, mem = measure_on(dev, measure_inference, preset, dev)
-            note = f"{res['params_m']:.1f}M params, windows {res['roi']}, 4 chained steps each; {mem}"
-            if res["scaled"]:
-                note += f"; {res['scaled']} (not run in full)"
-            out.append(
-                {
-                    "what": f"iterunet inference, one {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} breast volume -> 4 phases, {preset} net",
-                    "value": f"{res['case_s']:.1f} s / case",
-                    "device": dev,
-                    "note": note,
-                }
-            )
-            train, mem = measure_on(dev, measure_training, preset, dev)
-            out.append(
-                {
-                    "what": f"iterunet training (recursive stage, 4 steps), 2 crops {train['roi']}, {preset} net",
-                    "value": f"{train['ips']:.2f} it/s",
-                    "device": dev,
-                    "note": f"AdamW, 0.1 L1 + SSIM + 0.1 GDL summed over steps{', AMP' if dev == 'cuda' else ''}; {mem}",
-                }
-            )
-    return out + demo_row()
+    res, mem = measure_on(dev, measure_inference, preset, dev)
+    note = f"{res['params_m']:.1f}M params, windows {res['roi']}, 4 chained steps each; {mem}"
+    if res["scaled"]:
+        note += f"; {res['scaled']} (not run in full)"
+    what = f"iterunet inference, one {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} breast volume -> 4 phases, {preset} net"
+    train = training_row(
+        dev,
+        preset,
+        measure_training,
+        lambda train: f"iterunet training (recursive stage, 4 steps), 2 crops {train['roi']}, {preset} net",
+        "AdamW, 0.1 L1 + SSIM + 0.1 GDL summed over steps",
+    )
+    return [row(what, f"{res['case_s']:.1f} s / case", dev, note), train]
 
 
 def demo_row() -> list[dict]:
     """The recorded short CPU training (``bundles/iterunet/docs/cpu_run.json``), not re-run here."""
-    import json
+    from scripts.benchmarks.common import read_record, row
 
-    if not DEMO_RECORD.exists():
+    rec = read_record(DEMO_RECORD)
+    if rec is None:
         return []
-    rec = json.loads(DEMO_RECORD.read_text())
     k = rec["kinetics"]
     fmt = lambda m: (  # noqa: E731
         f"enh_err {k[m]['enh_err']['mean']:.3g}, DTW {k[m]['dtw']['mean']:.0f}, "
         f"type agreement {k[m]['type_agree']['mean']:.2f}"
     )
     return [
-        {
-            "what": f"iterunet lesion kinetics on {rec['n_lesions']} lesions of {rec['n_cases']} held-out breast phantoms "
+        row(
+            f"iterunet lesion kinetics on {rec['n_lesions']} lesions of {rec['n_cases']} held-out breast phantoms "
             f"({rec['iterations']})",
-            "value": f"model: {fmt('iterunet')}; copy_forward: {fmt('copy_forward')}",
-            "device": rec["device"],
-            "note": f"{rec['note']} (recorded in bundles/iterunet/docs/cpu_run.json, not re-run here)",
-        }
+            f"model: {fmt('iterunet')}; copy_forward: {fmt('copy_forward')}",
+            rec["device"],
+            f"{rec['note']} (recorded in bundles/iterunet/docs/cpu_run.json, not re-run here)",
+        )
     ]
 
 
@@ -152,6 +134,12 @@ def record(eval_dir: str, iterations: str, note: str = "", device: str = "cpu") 
     }
     save_json(rec, DEMO_RECORD)
     return rec
+
+
+def rows(tmp: Path) -> list[dict]:
+    from scripts.benchmarks.common import per_device
+
+    return per_device(_rows) + demo_row()
 
 
 if __name__ == "__main__":

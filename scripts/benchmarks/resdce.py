@@ -8,8 +8,6 @@ from pathlib import Path
 
 import torch
 
-from common.device import get_device
-
 SHAPE = (160, 160, 16)
 DEMO_RECORD = Path(__file__).resolve().parents[2] / "bundles" / "resdce" / "docs" / "demo_cpu_run.json"
 PHASES = ("dce_onset", "dce_early", "dce_late")
@@ -20,20 +18,9 @@ def build(preset: str, device_name: str, num_inference_steps: int = 15):
     """The bundle's network (on ``device_name``), volume inferer and number of condition channels,
     from ``configs/inference.json`` with ``network_size=preset`` and ``num_inference_steps`` (no
     progress bar)."""
-    from scripts.benchmarks.common import bundle_objects
+    from scripts.benchmarks.common import inference_parts
 
-    net, inferer, keys = bundle_objects(
-        "resdce",
-        "network",
-        "inferer",
-        "input_keys",
-        overrides={
-            "network_size": preset,
-            "device": device_name,
-            "num_inference_steps": num_inference_steps,
-            "inferer#progress": False,
-        },
-    )
+    net, inferer, keys = inference_parts("resdce", preset, device_name, num_inference_steps, "input_keys")
     return net, inferer, len(keys)
 
 
@@ -41,13 +28,13 @@ def measure_inference(
     preset: str, device_name: str, shape: tuple[int, int, int] = SHAPE, steps: tuple[int, ...] = (15, 4)
 ) -> dict:
     """Seconds per step and per volume of ``shape`` at each of ``steps`` (run in full when affordable)."""
-    from scripts.benchmarks.common import n_params, timed
+    from scripts.benchmarks.common import n_params, timed, warmup_runs, with_peak_memory
 
     device = torch.device(device_name)
     net, one, c_cond = build(preset, device_name, 1)
     net.eval()
     cond = torch.randn(1, c_cond, *shape, device=device)
-    t_step = timed(lambda: one(cond, net), repeat=1, warmup=1 if device.type == "cuda" else 0, device=device)
+    t_step = timed(lambda: one(cond, net), repeat=1, warmup=warmup_runs(device), device=device)
     out = {"step_s": t_step, "params_m": n_params(net) / 1e6}
     for n in steps:
         if t_step * n <= MAX_STEP_SECONDS_FULL * 4:
@@ -57,9 +44,7 @@ def measure_inference(
         else:
             out[f"vol{n}_s"] = t_step * n
             out[f"vol{n}_scaled"] = True
-    if device.type == "cuda":
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    return with_peak_memory(out, device)
 
 
 def measure_training(
@@ -68,7 +53,7 @@ def measure_training(
     """Training iterations per second (``"ips"``; on CUDA also ``"peak_mib"``, and ``"params_m"``) of
     the bundle's training forward (``train#inferer``), loss (``train#loss``) and optimiser
     (``train#optimizer``) from ``configs/train.json``, on random batches of ``batch`` slices."""
-    from scripts.benchmarks.common import bundle_objects, n_params, training_rate
+    from scripts.benchmarks.common import bundle_objects, n_params, training_rate, training_steps
 
     device = torch.device(device_name)
     net, inferer, loss_fn, opt, t_max, in_keys, out_keys = bundle_objects(
@@ -91,49 +76,38 @@ def measure_training(
         t = torch.randint(0, t_max, (batch,), device=device)
         return loss_fn(inferer(x0, net, torch.randn_like(x0), t, condition=y), x0)
 
-    n = iters if preset == "small" or device.type == "cuda" else 1
-    return {**training_rate(loss, opt, device, n), "params_m": n_params(net) / 1e6}
+    rate = training_rate(loss, opt, device, training_steps(preset, device, iters))
+    return {**rate, "params_m": n_params(net) / 1e6}
 
 
-def rows(tmp: Path) -> list[dict]:
-    from scripts.benchmarks.common import measure_on
+def _rows(dev: str, preset: str) -> list[dict]:
+    from scripts.benchmarks.common import measure_on, row, training_row
 
-    devices = ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
+    res, mem = measure_on(dev, measure_inference, preset, dev)
     out = []
-    for dev in devices:
-        for preset in ("small", "paper"):
-            res, mem = measure_on(dev, measure_inference, preset, dev)
-            for steps in (15, 4):
-                note = f"{res['params_m']:.1f}M params, 16 slices batched; {mem}"
-                if res[f"vol{steps}_scaled"]:
-                    note += f"; measured 1 step ({res['step_s']:.1f} s) x {steps}, not run in full"
-                out.append(
-                    {
-                        "what": f"resdce inference, one 160x160x16 volume, {steps} steps, {preset} net",
-                        "value": f"{res[f'vol{steps}_s']:.1f} s ({res['step_s']:.2f} s/step)",
-                        "device": dev,
-                        "note": note,
-                    }
-                )
-            # the paper's batch of 8 whole slices needs > 22 GiB for the paper net on a CPU (killed on a
-            # 24 GiB machine): there it is measured with 2 slices and says so
-            batch = 8 if (preset == "small" or dev == "cuda") else 2
-            train, mem = measure_on(dev, measure_training, preset, dev, batch)
-            out.append(
-                {
-                    "what": f"resdce training, batch {batch} slices 160x160, {preset} net",
-                    "value": f"{train['ips']:.2f} it/s",
-                    "device": dev,
-                    "note": f"Adam, MSE on x0{', AMP' if dev == 'cuda' else ''}; {mem}"
-                    + ("" if batch == 8 else "; the paper's batch 8 does not fit in 24 GiB on a CPU"),
-                }
-            )
-    return out + demo_row()
+    for steps in (15, 4):
+        note = f"{res['params_m']:.1f}M params, 16 slices batched; {mem}"
+        if res[f"vol{steps}_scaled"]:
+            note += f"; measured 1 step ({res['step_s']:.1f} s) x {steps}, not run in full"
+        what = f"resdce inference, one 160x160x16 volume, {steps} steps, {preset} net"
+        out.append(row(what, f"{res[f'vol{steps}_s']:.1f} s ({res['step_s']:.2f} s/step)", dev, note))
+    # the paper's batch of 8 whole slices needs > 22 GiB for the paper net on a CPU (killed on a
+    # 24 GiB machine): there it is measured with 2 slices and says so
+    train = training_row(
+        dev,
+        preset,
+        measure_training,
+        lambda train, batch: f"resdce training, batch {batch} slices 160x160, {preset} net",
+        "Adam, MSE on x0",
+        batch=8,
+        cpu_batch_note="; the paper's batch 8 does not fit in 24 GiB on a CPU",
+    )
+    return out + [train]
 
 
 def demo_row() -> list[dict]:
     """Model vs. copy_pre PSNR of the recorded ``make demo`` run (read from its record, not re-run)."""
-    from scripts.benchmarks.common import read_record
+    from scripts.benchmarks.common import read_record, row
 
     rec = read_record(DEMO_RECORD)
     if rec is None:
@@ -144,15 +118,15 @@ def demo_row() -> list[dict]:
         return " / ".join(f"{m[f'{method}/{p}/{region}']['psnr']:.1f}" for p in PHASES)
 
     return [
-        {
-            "what": f"resdce PSNR onset / early / late on {m['n_cases']} held-out phantom subjects (`make demo`, "
+        row(
+            f"resdce PSNR onset / early / late on {m['n_cases']} held-out phantom subjects (`make demo`, "
             f"{rec['iterations']} iterations)",
-            "value": f"whole image: model {psnr('resdce', 'whole')} dB vs copy_pre {psnr('copy_pre', 'whole')} dB; "
+            f"whole image: model {psnr('resdce', 'whole')} dB vs copy_pre {psnr('copy_pre', 'whole')} dB; "
             f"prostate: model {psnr('resdce', 'organ_mask')} dB vs copy_pre {psnr('copy_pre', 'organ_mask')} dB",
-            "device": rec.get("device", "cpu"),
-            "note": f"{rec['note']} (recorded in {DEMO_RECORD.relative_to(DEMO_RECORD.parents[3])} by `{rec['command']}`, "
+            rec.get("device", "cpu"),
+            f"{rec['note']} (recorded in {DEMO_RECORD.relative_to(DEMO_RECORD.parents[3])} by `{rec['command']}`, "
             "not re-run here)",
-        }
+        )
     ]
 
 
@@ -172,6 +146,12 @@ def record(eval_dir: str = "demo_output/resdce/eval", iterations: int = 300, pat
         device="cuda" if torch.cuda.is_available() else "cpu",
         note=note or f"small net, {iterations} iterations of 8 {patch}x{patch} crops, 15 sampling steps",
     )
+
+
+def rows(tmp: Path) -> list[dict]:
+    from scripts.benchmarks.common import per_device
+
+    return per_device(_rows) + demo_row()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from common.device import get_device
-
 SLICE = (320, 320)
 DEPTH = 20
 STEPS = (4, 15)
@@ -24,20 +22,9 @@ def build(preset: str, device_name: str, steps: int = 4):
     with ``network_size=preset`` and ``num_inference_steps=steps`` (no progress bar); the slice
     batching is the bundle's default (all slices of a volume in one batch on CUDA, one slice per
     forward pass on the CPU)."""
-    from scripts.benchmarks.common import bundle_objects
+    from scripts.benchmarks.common import inference_parts
 
-    net, inferer, c_in = bundle_objects(
-        "ressrdiff",
-        "network",
-        "inferer",
-        "network_def#in_channels",
-        overrides={
-            "network_size": preset,
-            "device": device_name,
-            "num_inference_steps": steps,
-            "inferer#progress": False,
-        },
-    )
+    net, inferer, c_in = inference_parts("ressrdiff", preset, device_name, steps, "network_def#in_channels")
     return net.eval(), inferer, int(c_in) - inferer.out_channels
 
 
@@ -50,7 +37,7 @@ def measure(
 ) -> dict:
     """Seconds for one slice and for one volume of ``slice_shape`` x ``depth``, at each of ``steps``
     (run in full when affordable)."""
-    from scripts.benchmarks.common import n_params, timed
+    from scripts.benchmarks.common import n_params, timed, with_peak_memory
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
@@ -78,9 +65,7 @@ def measure(
         out["volume_step_s"] = out["slice_step_s"] * depth
         for n in steps:
             out[f"volume{n}_s"], out[f"volume{n}_scaled"] = out[f"slice{n}_s"] * depth, "slices"
-    if cuda:
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    return with_peak_memory(out, device)
 
 
 def _scaled_note(flag, step: float, n: int) -> str:
@@ -93,7 +78,7 @@ def _scaled_note(flag, step: float, n: int) -> str:
 
 def phantom_run_row() -> list[dict]:
     """The model-vs-bicubic PSNR of the documented short CPU run (read from its record, not re-run)."""
-    from scripts.benchmarks.common import read_record
+    from scripts.benchmarks.common import read_record, row
 
     rec = read_record(EVAL_RECORD)
     if rec is None:
@@ -101,47 +86,36 @@ def phantom_run_row() -> list[dict]:
     m = rec["means"]
     psnr = {k.split("/")[0]: v["psnr"] for k, v in m.items() if k.endswith("/whole")}
     return [
-        {
-            "what": f"ressrdiff PSNR on {m['n_cases']} held-out phantom T2w volumes (x{'x'.join(map(str, rec['factors']))}), "
+        row(
+            f"ressrdiff PSNR on {m['n_cases']} held-out phantom T2w volumes (x{'x'.join(map(str, rec['factors']))}), "
             f"{rec['iterations']} training iterations",
-            "value": f"model {psnr['ressrdiff']:.2f} dB vs bicubic {psnr['bicubic']:.2f} dB (nearest {psnr['nearest']:.2f} dB)",
-            "device": rec.get("device", "cpu"),
-            "note": f"{rec['note']} (recorded in {EVAL_RECORD.relative_to(EVAL_RECORD.parents[3])} by "
+            f"model {psnr['ressrdiff']:.2f} dB vs bicubic {psnr['bicubic']:.2f} dB (nearest {psnr['nearest']:.2f} dB)",
+            rec.get("device", "cpu"),
+            f"{rec['note']} (recorded in {EVAL_RECORD.relative_to(EVAL_RECORD.parents[3])} by "
             f"`{rec['command']}`, not re-run here)",
-        }
+        )
     ]
 
 
-def rows(tmp: Path) -> list[dict]:
-    from scripts.benchmarks.common import measure_on
+def _rows(dev: str, preset: str) -> list[dict]:
+    from scripts.benchmarks.common import measure_on, row
 
-    devices = ["cpu"] + (["cuda"] if get_device().type == "cuda" else [])
+    res, mem = measure_on(dev, measure, preset, dev)
+    batching = "all slices in one batch" if res["chunk"] == 0 else f"{res['chunk']} slice per forward pass"
     out = []
-    for dev in devices:
-        for preset in ("small", "paper"):
-            res, mem = measure_on(dev, measure, preset, dev)
-            batching = "all slices in one batch" if res["chunk"] == 0 else f"{res['chunk']} slice per forward pass"
-            for n in STEPS:
-                out.append(
-                    {
-                        "what": f"ressrdiff inference, one {SLICE[0]}x{SLICE[1]} slice, {n} steps, {preset} net",
-                        "value": f"{res[f'slice{n}_s']:.2f} s ({res['slice_step_s']:.2f} s/step)",
-                        "device": dev,
-                        "note": f"{res['params_m']:.1f}M params; {mem}"
-                        + _scaled_note(res[f"slice{n}_scaled"], res["slice_step_s"], n),
-                    }
+    # (what, its shape, how it is batched, decimals of its seconds)
+    for what, shape, how, digits in (("slice", SLICE, "", 2), ("volume", (*SLICE, DEPTH), f", {batching}", 1)):
+        for n in STEPS:
+            step = res[f"{what}_step_s"]
+            out.append(
+                row(
+                    f"ressrdiff inference, one {'x'.join(map(str, shape))} {what}, {n} steps, {preset} net",
+                    f"{res[f'{what}{n}_s']:.{digits}f} s ({step:.2f} s/step)",
+                    dev,
+                    f"{res['params_m']:.1f}M params{how}; {mem}" + _scaled_note(res[f"{what}{n}_scaled"], step, n),
                 )
-            for n in STEPS:
-                out.append(
-                    {
-                        "what": f"ressrdiff inference, one {SLICE[0]}x{SLICE[1]}x{DEPTH} volume, {n} steps, {preset} net",
-                        "value": f"{res[f'volume{n}_s']:.1f} s ({res['volume_step_s']:.2f} s/step)",
-                        "device": dev,
-                        "note": f"{res['params_m']:.1f}M params, {batching}; {mem}"
-                        + _scaled_note(res[f"volume{n}_scaled"], res["volume_step_s"], n),
-                    }
-                )
-    return out + phantom_run_row()
+            )
+    return out
 
 
 def record(
@@ -227,6 +201,12 @@ def record(
     )
     print(json.dumps(rec, indent=2))
     return rec
+
+
+def rows(tmp: Path) -> list[dict]:
+    from scripts.benchmarks.common import per_device
+
+    return per_device(_rows) + phantom_run_row()
 
 
 if __name__ == "__main__":
