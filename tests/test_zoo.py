@@ -1,0 +1,393 @@
+"""Model Zoo readiness (issue 14), for every bundle:
+
+- ``configs/metadata.json`` validates against the zoo's schema, has a changelog line for its
+  version, lists the third-party packages its code imports, and its ``network_data_format`` is the
+  network's real input and output: MONAI's ``verify_net_in_out`` (the zoo's ``ci/verify_bundle.py``
+  check) runs the network with the declared channels and the extra forward arguments the metadata
+  declares (the timestep, D3M's alpha_bar, iterU-Net's target time);
+- the zoo's unit-test pattern (``ConfigWorkflow(...)``, ``initialize()``, ``check_properties()``
+  with nothing missing, ``run()``, ``finalize()``) trains and infers on tiny phantoms, and every
+  file ``post_processed_outputs`` declares is written with the declared channels on the input's grid;
+- ``scripts/export_bundle.py`` writes a bundle that passes the zoo's file, metadata and version
+  checks and trains and infers from its own folder in a Python that cannot import this
+  repository's ``common`` (``-S``: no ``.pth`` file runs, so the editable install's finder is
+  absent; ``PYTHONPATH`` is the exported folder and site-packages alone; asserted in that process).
+
+This module imports nothing of ``common`` at import time: the exported bundle's process imports it
+for the same checks (one source for them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+BUNDLES = ["resdce", "dcediff", "ressrdiff", "iterunet", "d3m"]
+#: the phantom folder each bundle reads, and the input whose grid its outputs carry
+DATA = {
+    "resdce": ("prostate/prepared", "{case}/dce_pre.nii.gz"),
+    "dcediff": ("prostate/prepared", "{case}/t1_pre.nii.gz"),
+    "ressrdiff": ("prostate/nifti", "{case}/t2w.nii.gz"),
+    "iterunet": ("breast", "{case}/pre.nii.gz"),
+    "d3m": ("brain", "{case}/{case}-t1n.nii.gz"),
+}
+TINY = {"network_size": "small", "num_workers": 0}
+TRAIN = {
+    "resdce": {"patch_size": [32, 32], "batch_size": 4},
+    "dcediff": {"patch_size": [32, 32], "batch_size": 4},
+    "ressrdiff": {"patch_size": [32, 32], "batch_size": 4, "warmup_iterations": 1},
+    "iterunet": {},
+    "d3m": {"spatial_size": [64, 64], "batch_size": 4, "slices_per_volume": 2},
+}
+INFER = {"dcediff": {"sampler": "ddim"}}
+#: the zoo's required files (ci/verify_bundle.py: necessary and preferred)
+REQUIRED_FILES = ["configs/metadata.json", "configs/inference.json", "LICENSE", "docs/README.md"]
+
+
+def export_module():
+    """``scripts/export_bundle.py`` loaded by path (this repository's root is not put on sys.path)."""
+    spec = importlib.util.spec_from_file_location("export_bundle", ROOT / "scripts" / "export_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _size(dim, n: int = 2, any_: int = 16) -> int:
+    """A concrete size for a metadata dimension: ``8``, ``"8*n"`` (with n), ``"*"`` or ``"B"`` (batch 1)."""
+    if isinstance(dim, int):
+        return dim
+    if dim == "B":
+        return 1
+    if dim == "*":
+        return any_
+    return int(eval(dim, {}, {"n": n}))  # "8*n", "2**p" style expressions of the zoo's spec
+
+
+def forward_args(inputs: dict) -> dict:
+    """The network's forward arguments other than ``image``, as the metadata declares them: the
+    mid-range value (or 1) in the declared dtype and shape."""
+    import torch
+
+    args = {}
+    for name, spec in inputs.items():
+        if name == "image":
+            continue
+        dims = spec["spatial_shape"]
+        shape = (1,) if dims == ["B"] else (1, spec["num_channels"], *(_size(d) for d in dims))
+        lo_hi = spec.get("value_range") or [1, 1]
+        args[name] = torch.full(shape, (lo_hi[0] + lo_hi[-1]) / 2, dtype=getattr(torch, spec["dtype"]))
+    return args
+
+
+def check_network(configs: Path, overrides: dict | None = None) -> dict:
+    """The network of ``inference.json`` run on the input ``metadata.json`` declares: the output must
+    have the declared channels, dtype and the input's spatial size; then MONAI's own
+    ``verify_net_in_out`` (for a network returning ``(pred, state)``, the same check on ``pred``).
+    Returns ``{"input": shape, "output": shape, "extra": names}``."""
+    import torch
+    from monai.bundle import ConfigParser, verify_net_in_out
+
+    fmt = json.loads((configs / "metadata.json").read_text())["network_data_format"]
+    overrides = {**TINY, "ckpt_path": "", **(overrides or {})}
+    overrides.pop("num_workers")
+    parser = ConfigParser()
+    parser.read_config(str(configs / "inference.json"))
+    parser.update(overrides)
+    net = parser.get_parsed_content("network_def").eval()
+    image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
+    x = torch.rand(1, image["num_channels"], *(_size(d) for d in image["spatial_shape"]))
+    extra = forward_args(fmt["inputs"])
+    with torch.no_grad():
+        out = net(x, **extra)
+    returns_state = isinstance(out, tuple)
+    y = out[0] if returns_state else out
+    assert tuple(y.shape) == (1, pred["num_channels"], *x.shape[2:]), (configs, tuple(y.shape))
+    assert y.dtype == getattr(torch, pred["dtype"])
+    if not returns_state:
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(configs / "metadata.json"),
+            config_file=str(configs / "inference.json"),
+            device="cpu",
+            n=2,
+            extra_forward_args=extra,
+            **overrides,
+        )
+    return {"input": list(x.shape), "output": list(y.shape), "extra": sorted(extra)}
+
+
+def run_workflows(configs: Path, dataset_dir: Path, out: Path, bundle: str, ckpt_path: Path | None = None) -> dict:
+    """The zoo's unit-test pattern: ConfigWorkflow train, then infer with the trained weights (or the
+    bundle's own ``models/model.pt`` when ``ckpt_path`` is None). Returns what check_properties
+    said for each and where the outputs lie."""
+    from monai.bundle import ConfigWorkflow
+
+    result = {}
+    files = {"logging_file": str(configs / "logging.conf"), "meta_file": str(configs / "metadata.json")}
+    train = {**TINY, **TRAIN[bundle], "num_iterations": 2, "epoch_length": 1, "val_interval": 0}
+    infer = {"network_size": "small", "num_inference_steps": 2, "progress": False, **INFER.get(bundle, {})}
+    if ckpt_path is not None:
+        infer["ckpt_path"] = str(ckpt_path)
+    for kind, file, extra, output_dir in (
+        ("train", "train.json", train, out / "models"),
+        ("infer", "inference.json", infer, out / "eval"),
+    ):
+        wf = ConfigWorkflow(
+            config_file=str(configs / file),
+            workflow_type=kind,
+            dataset_dir=str(dataset_dir),
+            output_dir=str(output_dir),
+            **files,
+            **extra,
+        )
+        wf.initialize()
+        result[kind] = wf.check_properties()
+        wf.run()
+        wf.finalize()
+    result["model"] = str(out / "models" / "model.pt")
+    result["eval"] = str(out / "eval")
+    return result
+
+
+def check_outputs(meta: dict, eval_dir: Path, dataset_dir: Path, reference: str) -> list[str]:
+    """Every file ``post_processed_outputs`` names (``<output_dir>/<case>/<file>`` in its description)
+    exists for every case, on the grid of the case's ``reference`` input, with the declared channels
+    (a 4th axis when more than one) and dtype. Returns the file names."""
+    import nibabel as nib
+    import numpy as np
+
+    post = meta["network_data_format"]["post_processed_outputs"]
+    names = {}
+    for key, spec in post.items():
+        m = re.search(r"<output_dir>/<case>/(\S+?\.nii\.gz)", spec.get("description", ""))
+        assert m, f"post_processed_outputs#{key} does not name its file (<output_dir>/<case>/...)"
+        names[m.group(1)] = spec
+    cases = sorted(p.name for p in eval_dir.iterdir() if p.is_dir())
+    assert cases, f"no case folder in {eval_dir}"
+    for case in cases:
+        ref = nib.load(dataset_dir / reference.format(case=case))
+        for name, spec in names.items():
+            img = nib.load(eval_dir / case / name)
+            channels = img.shape[3] if img.ndim == 4 else 1
+            assert img.shape[:3] == ref.shape[:3] and np.allclose(img.affine, ref.affine), (case, name)
+            assert channels == spec["num_channels"], (case, name, img.shape)
+            assert img.get_data_dtype() == np.dtype(spec["dtype"]), (case, name, img.get_data_dtype())
+    return sorted(names)
+
+
+def zoo_checks(bundle_dir: Path, weights: bool = True) -> dict:
+    """ci/verify_bundle.py's checks that need no download: required files (the weights or
+    ``large_files.yml`` where ``weights``: a bundle of this repository ships none), version in the
+    changelog, metadata against the schema (when ../shared is present). Returns the metadata."""
+    missing = [f for f in REQUIRED_FILES if not (bundle_dir / f).is_file()]
+    assert not missing, f"{bundle_dir}: missing {missing}"
+    if weights:
+        assert (bundle_dir / "models" / "model.pt").is_file() or (bundle_dir / "large_files.yml").is_file()
+    meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"], f"version {meta['version']} has no changelog line"
+    if SCHEMA.exists():
+        import jsonschema
+
+        jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    return meta
+
+
+def exported_main(args_file: str) -> None:
+    """Run inside the exported bundle's folder (cwd), in the isolated Python: the checks above on
+    the exported copy; writes their results as JSON."""
+    args = json.loads(Path(args_file).read_text())
+    bundle_dir = Path.cwd()
+    found = importlib.util.find_spec("common")
+    result = {"common": None if found is None else str(found.origin)}
+    import scripts.common
+
+    result["vendored"] = scripts.common.__file__
+    result["network"] = check_network(bundle_dir / "configs")
+    result.update(run_workflows(bundle_dir / "configs", Path(args["dataset_dir"]), Path(args["out"]), args["bundle"]))
+    Path(args["result"]).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from common.phantoms import write_phantoms
+
+    out = tmp_path_factory.mktemp("zoo_phantoms")
+    # the native T2w (ressrdiff's HR volume) on a 64 x 64 grid, as tests/test_bundle_ressrdiff.py
+    write_phantoms(
+        out,
+        kinds=("prostate",),
+        n_prostate=3,
+        dicom=False,
+        small=True,
+        progress=False,
+        prostate_t2w_shape=(64, 64, 18),
+        prostate_t2w_spacing=(4.0, 4.6, 3.6),
+    )
+    write_phantoms(out, kinds=("brain",), n_brain=3, small=True, progress=False)
+    write_phantoms(out, kinds=("breast",), n_breast=3, small=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory):
+    """bundle -> run_workflows result on this repository's bundle (run once, on first use)."""
+    done: dict = {}
+
+    def get(bundle: str) -> dict:
+        if bundle not in done:
+            out = tmp_path_factory.mktemp(f"zoo_{bundle}")
+            configs = ROOT / "bundles" / bundle / "configs"
+            done[bundle] = run_workflows(configs, phantoms / DATA[bundle][0], out, bundle, out / "models" / "model.pt")
+        return done[bundle]
+
+    return get
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_is_the_zoo_format_and_lists_the_packages_the_code_imports(bundle):
+    import torch
+    from monai.bundle import ConfigParser
+
+    export = export_module()
+    assert export.bundle_names() == sorted(BUNDLES)
+    meta = zoo_checks(ROOT / "bundles" / bundle, weights=False)
+    required = export.required_packages(bundle)
+    assert sorted(meta["required_packages_version"], key=str.lower) == list(required)
+    assert {"nibabel", "pytorch-ignite", "scipy", "SimpleITK", "tqdm"} <= set(required)
+    assert all(re.fullmatch(r"\d+(\.\d+)+\S*", v) for v in meta["required_packages_version"].values())
+    fmt = meta["network_data_format"]
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    parser["network_size"] = "small"
+    assert fmt["inputs"]["image"]["num_channels"] == parser.get_parsed_content("network_def#in_channels")
+    assert fmt["inputs"]["image"]["dtype"] == "float32" and "post_processed_outputs" in fmt
+    # every diffusion network is told its step; iterU-Net its target time
+    assert {"timesteps"} <= set(fmt["inputs"]) or {"time"} <= set(fmt["inputs"])
+    assert torch.__version__.startswith(meta["pytorch_version"].split("+")[0])
+
+
+EXPECTED_IO = {  # (input channels, output channels, extra forward arguments)
+    "resdce": (6, 3, ["timesteps"]),
+    "dcediff": (6, 2, ["timesteps"]),
+    "ressrdiff": (2, 1, ["timesteps"]),
+    "iterunet": (2, 1, ["time"]),
+    "d3m": (5, 4, ["alpha_bar", "timesteps"]),
+}
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_network_matches_network_data_format(bundle):
+    got = check_network(ROOT / "bundles" / bundle / "configs")
+    cin, cout, extra = EXPECTED_IO[bundle]
+    assert got["input"][1] == cin and got["output"][1] == cout and got["extra"] == extra
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_config_workflow_train_and_infer(bundle, trained, phantoms):
+    result = trained(bundle)
+    assert result["train"] == [] and result["infer"] == []
+    meta = json.loads((ROOT / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    dataset_dir, reference = phantoms / DATA[bundle][0], DATA[bundle][1]
+    assert check_outputs(meta, Path(result["eval"]), dataset_dir, reference)
+
+
+def test_export_refuses_what_it_cannot_do(tmp_path):
+    export = export_module()
+    with pytest.raises(SystemExit, match="unknown bundle 'nosuch'.*resdce"):
+        export.main(["nosuch", "--out", str(tmp_path / "a"), "--weights", "x.pt"])
+    with pytest.raises(SystemExit, match=f"--weights {re.escape(str(tmp_path / 'none.pt'))}: no such file"):
+        export.main(["resdce", "--out", str(tmp_path / "a"), "--weights", str(tmp_path / "none.pt")])
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="bad.pt: not a readable checkpoint"):
+        export.main(["resdce", "--out", str(tmp_path / "a"), "--weights", str(tmp_path / "bad.pt")])
+    with pytest.raises(SystemExit, match="--weights PATH .* or --weights_url"):
+        export.main(["resdce", "--out", str(tmp_path / "a")])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(SystemExit, match="full: exists and is not an empty folder"):
+        export.main(["resdce", "--out", str(tmp_path / "full"), "--weights_url", "https://example.org/m.pt"])
+    assert not (tmp_path / "a").exists()
+
+
+def test_export_with_a_weights_url_writes_large_files(tmp_path, trained):
+    import hashlib
+
+    export = export_module()
+    model = Path(trained("resdce")["model"])
+    out = export.export("resdce", tmp_path / "url", weights=model, weights_url="https://example.org/resdce.pt")
+    md5 = hashlib.md5(model.read_bytes()).hexdigest()
+    assert (out / "large_files.yml").read_text() == (
+        'large_files:\n  - path: "models/model.pt"\n    url: "https://example.org/resdce.pt"\n'
+        f'    hash_val: "{md5}"\n    hash_type: "md5"\n'
+    )
+    assert not (out / "models").exists()  # the URL is where models/model.pt comes from
+    zoo_checks(out)
+    out = export.export("resdce", tmp_path / "hash", weights_url="https://example.org/r.pt", weights_hash="ab12")
+    assert 'hash_val: "ab12"\n    hash_type: "md5"' in (out / "large_files.yml").read_text()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_exported_bundle_runs_without_this_repository(bundle, trained, phantoms, tmp_path):
+    export = export_module()
+    model = Path(trained(bundle)["model"])
+    out = export.export(bundle, tmp_path / bundle, weights=model)
+    # the zoo's layout and checks; the vendored code is exactly what the import walk found
+    meta = zoo_checks(out)
+    assert (out / "models" / "model.pt").read_bytes() == model.read_bytes()
+    modules, _ = export.walk(bundle)
+    vendored = sorted(
+        ".".join(p.relative_to(out / "scripts").with_suffix("").parts).removesuffix(".__init__")
+        for p in (out / "scripts").rglob("*.py")
+        if p != out / "scripts" / "__init__.py"
+    )
+    assert vendored == modules and "common.bundle" in modules and "common.phantoms" not in modules
+    for path in (out / "scripts").rglob("*.py"):
+        assert not re.search(r"^\s*(from|import) common\b", path.read_text(), re.M), path
+    for path in (out / "configs").glob("*.json"):
+        code = "\n".join(export.code_strings(json.loads(path.read_text())))
+        assert not re.search(r"(?<![\w.])common\b", code.replace("scripts.common", "")), path
+    # train and infer from the exported folder in a Python that cannot import this repository
+    site_packages = [p for p in sys.path if p.endswith("site-packages")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(out), *site_packages]), OMP_NUM_THREADS="1")
+    probe = subprocess.run(
+        [sys.executable, "-S", "-c", "import common"], cwd=out, env=env, capture_output=True, text=True
+    )
+    assert probe.returncode != 0 and "No module named 'common'" in probe.stderr
+    args = tmp_path / "args.json"
+    result_file = tmp_path / "result.json"
+    args.write_text(
+        json.dumps(
+            {
+                "bundle": bundle,
+                "dataset_dir": str(phantoms / DATA[bundle][0]),
+                "out": str(tmp_path / "run"),
+                "result": str(result_file),
+            }
+        )
+    )
+    code = f"import sys; sys.path.append({str(Path(__file__).parent)!r}); import test_zoo; test_zoo.exported_main({str(args)!r})"
+    res = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=out, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    result = json.loads(result_file.read_text())
+    assert result["common"] is None
+    assert Path(result["vendored"]) == out / "scripts" / "common" / "__init__.py"
+    assert result["train"] == [] and result["infer"] == []
+    cin, cout, extra = EXPECTED_IO[bundle]
+    assert result["network"]["input"][1] == cin and result["network"]["output"][1] == cout
+    assert result["network"]["extra"] == extra
+    assert Path(result["model"]).is_file()  # trained in the exported copy, into its own output folder
+    assert check_outputs(meta, Path(result["eval"]), phantoms / DATA[bundle][0], DATA[bundle][1])
