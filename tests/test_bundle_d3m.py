@@ -89,7 +89,8 @@ def test_train_infer_evaluate(phantoms, tmp_path):
         h.train(CONFIGS, m, "--val_interval", "0", *data, flag, "false", *TINY, iterations=1, runner=h.bundle_here)
         sampling = (flag, "false", "--num_samples", "2", "--write_deformation", "false")
         h.evaluate(CONFIGS, m / "model.pt", m / "eval", *data, *steps, *sampling, runner=h.bundle_here)
-        assert {r["method"] for r in h.read_csv(m / "eval" / "metrics.csv")} == {name, "copy_t1n"}
+        # num_samples 2: the mean of the draws, and the first draw alone (comparable with single-sample papers)
+        assert {r["method"] for r in h.read_csv(m / "eval" / "metrics.csv")} == {name, f"{name}_first_draw", "copy_t1n"}
         assert (m / "eval" / cid / "t1c_std.nii.gz").exists() and not (m / "eval" / cid / "deformation.nii.gz").exists()
     st = torch.load(tmp_path / "d3m_no_mssdm" / "model.pt", weights_only=True)
     assert not any(k.startswith("displacement.") for k in st)
