@@ -152,7 +152,8 @@ def test_configs_parse_with_the_documented_ids(phantoms):
     p["input_keys"] = ["t2w", "pd", "t1_pre"]
     assert p.get_parsed_content("network_def", lazy=False).conv_in.conv.in_channels == 5
     # phase_source "prepared" reads dce_early/dce_late files instead of selecting from the 4D series
-    for source, n_transforms, selected in (("dce", 9, True), ("prepared", 8, False)):  # + the same-grid check
+    # (+ the same-grid check, the copy_pre baseline copied and repeated, the DCE pre-contrast scaled)
+    for source, n_transforms, selected in (("dce", 12, True), ("prepared", 11, False)):
         p = h.parser(CONFIGS, "inference.json", phase_source=source, dataset_dir=str(phantoms))
         pre = p.get_parsed_content("preprocessing")
         assert (
@@ -198,7 +199,7 @@ def test_train_resume_infer_evaluate(phantoms, tmp_path):
     sampling = ("--sampler", "ddim", "--num_inference_steps", "2", "--fid_extractor_path", str(extractor))
     h.evaluate(CONFIGS, models / "model.pt", out, "--dataset_dir", str(phantoms), "--network_size", "small", *sampling)
     phases = ("dce_early", "dce_late")
-    rows = h.check_dce_evaluation(out, phantoms, "t1_pre.nii.gz", phases, {"dcediff", "copy_pre"})
+    rows = h.check_dce_evaluation(out, phantoms, "dce_pre.nii.gz", phases, {"dcediff", "copy_pre"})
     assert {r["phase"] for r in rows} == set(phases)
     fid = h.read_csv(out / "fid.csv")
     assert {(r["method"], r["phase"]) for r in fid} == {(m, p) for m in ("dcediff", "copy_pre") for p in phases}
