@@ -607,6 +607,11 @@ def _header(data: Path, methods, info, cases, spec, notes: Sequence[str]) -> lis
         f"- mean ± std over cases (sample std); p: paired Wilcoxon signed-rank test against the best method "
         f"(bold; highest mean {BEST_BY.upper()} among the methods) of each phase and region; all metrics' p in comparison.csv"
     )
+    if cases:
+        lines.append(
+            f"- with {len(cases)} paired case(s) the smallest two-sided p the exact test can give is "
+            f"{min(1.0, 2 / 2 ** len(cases)):.3g}"
+        )
     return lines
 
 

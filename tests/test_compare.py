@@ -119,6 +119,7 @@ def test_one_table_for_both_methods_on_the_same_targets(compared, data):
     assert "| p psnr vs best | p ssim vs best |" in md
     assert "| sampler, steps | train it | s / volume |" in md
     assert "DDIM, 2" in md and "ResidualShift, 2" in md
+    assert "with 2 paired case(s) the smallest two-sided p the exact test can give is 0.5" in md
     assert f"{info['dcediff']['s_per_volume']:.1f}" in md
     # one panel per test case next to the table
     for cid in test_ids:
