@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PHANTOMS ?= data/phantoms
 
-.PHONY: install test lint format demo bench clean phantoms
+.PHONY: install test lint format demo bench compare clean phantoms
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py --out benchmark.md
 
+# resdce vs dcediff with one budget on the phantoms' test split (about 15 min on 2 CPU cores)
+compare: $(STAMP)
+	test -f $(PHANTOMS)/prostate/prepared/datalist.json || $(MAKE) phantoms
+	$(PY) scripts/compare.py --dataset_dir $(PHANTOMS)/prostate/prepared --methods resdce,dcediff \
+		--out compare_output --budget scripts/compare_budget.json
+
 clean:
-	rm -rf $(VENV) demo_output data/phantoms benchmark.md .pytest_cache build *.egg-info
+	rm -rf $(VENV) demo_output compare_output synth_out dist data/phantoms benchmark.md .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
