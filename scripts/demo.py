@@ -99,7 +99,11 @@ def print_lesion_first(summary_json: Path, method: str = "resdce", baseline: str
     summary = json.loads(Path(summary_json).read_text())["summary"]
     lines = []
     for region, label in (("lesion_mask", "inside the lesion"), ("organ_mask", "inside the prostate")):
-        phases = sorted({k.split("/")[1] for k in summary if k.startswith(f"{method}/") and k.endswith(f"/{region}")})
+        order = ("dce_onset", "dce_early", "dce_late")
+        phases = sorted(
+            {k.split("/")[1] for k in summary if k.startswith(f"{method}/") and k.endswith(f"/{region}")},
+            key=lambda p: (order.index(p) if p in order else len(order), p),
+        )
         for phase in phases:
             m, b = summary.get(f"{method}/{phase}/{region}", {}), summary.get(f"{baseline}/{phase}/{region}", {})
             if not m:
