@@ -18,15 +18,12 @@ folder is never replaced.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pydicom
@@ -36,7 +33,8 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from common.io import atomic_path
+from common.geometry import LPS_TO_RAS
+from common.io import atomic_folder, atomic_path
 
 __all__ = [
     "RAS_TO_LPS",
@@ -55,7 +53,7 @@ __all__ = [
     "write_slices",
 ]
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+RAS_TO_LPS = LPS_TO_RAS[:3, :3]  # the x/y flip is its own inverse
 
 #: Patient / study level elements a derived series copies from its source series (all Type 2 or 1).
 STUDY_TAGS = (
@@ -290,30 +288,6 @@ def series_folder_name(number: int, description: str) -> str:
     """TCIA series folder name ``<n>.000000-<description>`` (path separators replaced)."""
     safe = re.sub(r"[/\\:]", "_", description)
     return f"{number}.000000-{safe}"
-
-
-@contextlib.contextmanager
-def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; rename it to ``final`` when the block completes.
-
-    Raises:
-        FileExistsError: ``final`` exists (before anything is written, and again if it appeared
-            meanwhile); an existing folder is never replaced. On any error the temporary folder is removed.
-    """
-    final = Path(final)
-    if final.exists():
-        raise FileExistsError(f"{final} exists: refusing to overwrite it (remove it or choose another output folder)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            raise FileExistsError(f"{final} appeared while it was being written: refusing to overwrite it")
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass

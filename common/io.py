@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,6 +49,53 @@ def atomic_path(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] 
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(
+    final: str | os.PathLike,
+    overwrite: bool = False,
+    hint: str = "remove it or choose another output folder",
+    sweep_stale: bool = False,
+) -> Iterator[Path]:
+    """Yield a temporary folder ``.tmp-<name>-<hex>`` beside ``final``; when the block completes,
+    rename it to ``final``. On any error the temporary folder is removed, so a half-written folder
+    never takes the name.
+
+    Args:
+        final: the folder to create.
+        overwrite: replace an existing ``final`` (moved aside, then removed once the new one is in
+            place); else an existing ``final`` is refused, before anything is written and again if
+            it appeared meanwhile.
+        hint: what to do, appended to the refusal.
+        sweep_stale: first remove ``.tmp-<name>-*`` folders a killed run left beside ``final``.
+
+    Raises:
+        FileExistsError: ``final`` exists and ``overwrite`` is False.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists: refusing to overwrite it ({hint})")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if sweep_stale:
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(f"{final} appeared while it was being written: refusing to overwrite it")
+            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def output_folder(path: str | os.PathLike, name: str = "output_dir") -> str:

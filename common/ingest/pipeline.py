@@ -21,11 +21,9 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 import traceback
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from common.ingest.register import RegistrationSettings, RigidResult, register_r
 from common.ingest.rules import Rules, load_rules
 from common.ingest.series import read_frame, scan_study
 from common.ingest.study import StudySelection, classify_study
-from common.io import load_nifti, save_json, save_nifti
+from common.io import atomic_folder, load_nifti, save_json, save_nifti
 from common.layout import DCE_4D, DCE_TIMES, MANIFEST, update_datalist
 
 log = logging.getLogger(__name__)
@@ -691,20 +689,6 @@ def build_manifest(r: IngestResult, files: CaseFiles, timings: Mapping[str, floa
     }
 
 
-def _commit(job: IngestJob, tmp: Path) -> None:
-    """Rename the finished temporary folder into place (replacing an old case when ``overwrite``)."""
-    final = job.final
-    old = None
-    if final.exists():
-        if not job.cfg.overwrite:
-            raise FileExistsError(f"{final} exists (use overwrite=True to replace it)")
-        old = job.out_dir / f".old-{job.case_id}-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_case(r: IngestResult, timings: dict[str, float], t_start: float) -> dict[str, Any]:
     """Stage 6: write into ``<out_dir>/.tmp-<case>-*``, the manifest last, then rename into place.
 
@@ -712,21 +696,14 @@ def write_case(r: IngestResult, timings: dict[str, float], t_start: float) -> di
     Nothing is left behind when it fails. Returns the manifest."""
     job = r.job
     t = time.perf_counter()
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in job.out_dir.glob(f".tmp-{job.case_id}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = job.out_dir / f".tmp-{job.case_id}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(
+        job.final, overwrite=job.cfg.overwrite, hint="use overwrite=True to replace it", sweep_stale=True
+    ) as tmp:
         files = write_volumes(r, tmp)
         timings["write_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start
         manifest = build_manifest(r, files, timings)
         save_json(manifest, tmp / MANIFEST)  # last: a case counts as done when it has a manifest
-        _commit(job, tmp)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     timings["write_s"] = time.perf_counter() - t
     return manifest
 
