@@ -229,3 +229,14 @@ def bundle_here(*args: str) -> subprocess.CompletedProcess:
     finally:  # logging.conf adds a console handler on the (redirected) stdout: take it away again
         logging.getLogger().handlers[:] = root_handlers
     return subprocess.CompletedProcess(list(args), 0, out.getvalue(), err.getvalue())
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below ``folder`` (``"dir"`` for folders): equal before and
+    after a run when the run left the folder untouched."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import helpers as h
 import numpy as np
 import pytest
 import torch
@@ -117,18 +118,10 @@ def _parser(bundle: str, file: str = "inference.json", **overrides) -> ConfigPar
     return p
 
 
-def _tree_digest(folder: Path) -> dict:
-    import hashlib
-
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.rglob("*") if f.is_file()
-    }
-
-
 @pytest.mark.parametrize("bundle", ["resdce", "dcediff", "ressrdiff", "iterunet", "d3m"])
 def test_run_stops_before_work_with_one_line(tmp_path, bundle):
     case = _case(tmp_path / "data")
-    before = _tree_digest(case)
+    before = h.tree_digest(case)
     out = tmp_path / "out"
     common = {"case_dir": str(case), "output_dir": str(out), "ckpt_path": str(tmp_path / "missing.pt")}
     # a device this machine does not have: not the silent CUDA -> CPU fallback, not torch's AssertionError
@@ -155,7 +148,7 @@ def test_run_stops_before_work_with_one_line(tmp_path, bundle):
     msg = _raised(_parser(bundle, **{**common, "ckpt_path": str(tmp_path / "broken.pt")}, device="cpu"), "evaluating")
     assert msg.startswith(f"cannot read the checkpoint {tmp_path / 'broken.pt'}: "), msg
     assert not out.exists() or not any(out.iterdir()), "nothing may be written when a run stops before work"
-    assert _tree_digest(case) == before, "inputs must be unchanged"
+    assert h.tree_digest(case) == before, "inputs must be unchanged"
 
 
 def test_unwritable_output_message(tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ ProstateX-0218 when ``../shared`` is present. Budget: well under 90 s on 2 cores
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ from pydicom.uid import MRImageStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import helpers as h  # noqa: E402
 
 from common.dicom_out import (  # noqa: E402
     STUDY_TAGS,
@@ -93,16 +94,6 @@ TYPE2 = [
 ]
 
 
-def _checksum(folder: Path) -> str:
-    """md5 over every file's relative path and bytes below ``folder``."""
-    h = hashlib.md5()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def _listing(folder: Path) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime in ns) of everything below ``folder``: cheaper than hashing a real study."""
     return [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))]
@@ -156,7 +147,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def resdce_run(phantom_study, checkpoints, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("synth")
-    before = _checksum(phantom_study)
+    before = h.tree_digest(phantom_study)
     summary = synthesize(
         phantom_study,
         "resdce",
@@ -171,7 +162,7 @@ def resdce_run(phantom_study, checkpoints, tmp_path_factory) -> dict:
 
 def test_resdce_dicom_round_trip(resdce_run, phantom_study):
     summary, out = resdce_run["summary"], resdce_run["out"]
-    assert _checksum(phantom_study) == resdce_run["before"]  # the source study was only read
+    assert h.tree_digest(phantom_study) == resdce_run["before"]  # the source study was only read
     meta = json.loads((ROOT / "bundles" / "resdce" / "configs" / "metadata.json").read_text())
     manifest = json.loads((Path(summary["prepared_case"]) / "manifest.json").read_text())
     src = _source_instances(phantom_study)
@@ -273,10 +264,10 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and "already holds DICOM series" in res.stderr
     # an output folder inside the study is refused, and nothing is written there
-    before = _checksum(phantom_study)
+    before = h.tree_digest(phantom_study)
     with pytest.raises(ValueError, match="inside the source study folder"):
         synthesize(phantom_study, "resdce", phantom_study / "out", ckpt_path=str(checkpoints["resdce"]))
-    assert _checksum(phantom_study) == before
+    assert h.tree_digest(phantom_study) == before
     # wrong or missing weights are named before the study is ingested
     with pytest.raises(FileNotFoundError, match="no trained weights"):
         synthesize(phantom_study, "resdce", tmp_path / "z", ckpt_path=str(tmp_path / "none.pt"))
