@@ -86,7 +86,7 @@ def extend_split(
     Returns:
         ``(split, added)``: the new split and, per section, the ids placed in it now.
     """
-    names = ("training", "validation", "test")
+    names = SECTIONS
     present = set(ids)
     split = {k: sorted(i for i in previous.get(k, []) if i in present) for k in names}
     known = {i for v in split.values() for i in v}

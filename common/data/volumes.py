@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Sequence
 
 from common.data.datalist import HOW_TO_MAKE_DATA, load_datalist
-from common.layout import split_ids
+from common.layout import SECTIONS, split_ids
 
 __all__ = ["SECTIONS", "find_volumes", "split_volumes", "volume_datalist", "volume_or_datalist"]
 
-SECTIONS = ("training", "validation", "test")
 _SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 
 
