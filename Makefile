@@ -8,6 +8,8 @@ TORCH_VERSION ?= 2.13.0
 # a local wheel folder (present on the project's CI machines); a user's machine downloads the CUDA build
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PHANTOMS ?= data/phantoms
+# pytest-xdist workers for `make test` (auto: one per core; 0 runs the tests in this process)
+TEST_WORKERS ?= auto
 
 .PHONY: install test lint format demo bench compare clean phantoms
 
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml Makefile scripts/monailabel_app/requirements.txt
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

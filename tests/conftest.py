@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PROSTATEX_0218 = SHARED / "data" / "prostatex" / "ProstateX-0218"
 
-# two cores on CI: keep torch from oversubscribing them when several tests spawn processes
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two cores on CI: keep torch from oversubscribing them when several tests spawn processes; under
+# pytest-xdist (`make test` runs one worker per core) each worker is one core's work
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")

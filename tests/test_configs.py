@@ -131,3 +131,50 @@ def test_checkpoints_are_written_atomically(bundle):
     uses common.handlers.AtomicCheckpointSaver instead (tests/test_checkpoints.py)."""
     text = (ROOT / "bundles" / bundle / "configs" / "train.json").read_text()
     assert '"CheckpointSaver"' not in text and "AtomicCheckpointSaver" in text
+
+
+# --- blocks several bundles share: one source (common/bundle_blocks.json), copies generated and checked
+
+
+def test_shared_blocks_are_copies_of_their_one_source():
+    """Every block a bundle marks ``"_desc_": "shared:<name>"`` equals ``common/bundle_blocks.json``'s
+    ``<name>``, every config file is in the layout ``scripts/sync_configs.py`` writes, and every shared
+    block is used by at least two bundles (else it belongs in its bundle)."""
+    from scripts.sync_configs import bundle_config_files, load_blocks, sync_config
+
+    blocks = load_blocks()
+    users: dict[str, set] = {name: set() for name in blocks}
+    stale = []
+    for path in bundle_config_files(ROOT):
+        text, found = sync_config(path, blocks)
+        for where, name, differs in found:
+            users[name].add(path.parts[-3])
+            if differs:
+                stale.append(f"{path.relative_to(ROOT)} {where} ({name})")
+        if not stale and text != path.read_text():
+            stale.append(f"{path.relative_to(ROOT)}: layout (run python scripts/sync_configs.py)")
+    assert not stale, (
+        "edited copies of shared blocks (edit common/bundle_blocks.json, then run scripts/sync_configs.py): "
+        + "; ".join(stale)
+    )
+    lonely = {n: sorted(u) for n, u in users.items() if len(u) < 2}
+    assert not lonely, f"shared blocks used by fewer than two bundles: {lonely}"
+    assert len(blocks) >= 20
+
+
+def test_sync_fills_a_stub_and_names_an_unknown_block(tmp_path):
+    from scripts.sync_configs import dumps, load_blocks, sync_config
+
+    blocks = load_blocks()
+    cfg = tmp_path / "train.json"
+    cfg.write_text(json.dumps({"x": 1, "train": {"state_handlers": [{"_desc_": "shared:resume_log"}]}}))
+    text, found = sync_config(cfg, blocks)
+    assert found == [("train#state_handlers#0", "resume_log", True)]
+    filled = json.loads(text)["train"]["state_handlers"][0]
+    assert filled == {"_target_": "common.handlers.ResumeLog", "path": "@resume_path", "_desc_": "shared:resume_log"}
+    cfg.write_text(json.dumps({"train": {"trainer": {"_desc_": "shared:no_such_block"}}}))
+    with pytest.raises(KeyError, match="train#trainer asks for shared block 'no_such_block'"):
+        sync_config(cfg, blocks)
+    # the layout: one line when it fits in 120 columns, one entry per line (4 spaces deeper) otherwise
+    assert dumps({"a": [1, 2]}) == '{"a": [1, 2]}'
+    assert dumps({"k": "v" * 130}) == '{\n    "k": "' + "v" * 130 + '"\n}'
