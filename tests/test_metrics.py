@@ -387,6 +387,64 @@ def test_lpips_bad_keys(tmp_path, lpips_file):
     assert len(lpips_state_dict_keys()) == 2 * len(VGG16_CONV_INDICES) + 5 == 31
 
 
+def _random_alex_lpips_state_dict(seed: int = 0) -> dict:
+    """torchvision AlexNet ``features`` shapes (conv i: out, in, k) + LPIPS heads, random values."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, (co, ci, k) in zip(
+        (0, 3, 6, 8, 10), ((64, 3, 11), (192, 64, 5), (384, 192, 3), (256, 384, 3), (256, 256, 3))
+    ):
+        sd[f"features.{i}.weight"] = torch.randn(co, ci, k, k, generator=g) * (2.0 / (ci * k * k)) ** 0.5
+        sd[f"features.{i}.bias"] = torch.randn(co, generator=g) * 0.01
+    for k, c in enumerate((64, 192, 384, 256, 256)):
+        sd[f"lin{k}.model.1.weight"] = torch.rand(1, c, 1, 1, generator=g) / c
+    return sd
+
+
+def _reference_alex_lpips(sd: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Independent functional LPIPS-AlexNet: conv(11, stride 4, pad 2) relu | pool conv(5, pad 2) relu |
+    pool conv(3) relu | conv(3) relu | conv(3) relu, a tap after each relu."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    total = torch.zeros(x.shape[0])
+    hs = [(t.repeat(1, 3, 1, 1) - shift) / scale for t in (x, y)]
+    steps = [(0, 4, 2, False), (3, 1, 2, True), (6, 1, 1, True), (8, 1, 1, False), (10, 1, 1, False)]
+    for k, (i, stride, pad, pool) in enumerate(steps):
+        for j in range(2):
+            h = F.max_pool2d(hs[j], 3, 2) if pool else hs[j]
+            hs[j] = F.relu(
+                F.conv2d(h, sd[f"features.{i}.weight"], sd[f"features.{i}.bias"], stride=stride, padding=pad)
+            )
+        f = [t / (t.norm(dim=1, keepdim=True) + 1e-10) for t in hs]
+        total += ((f[0] - f[1]) ** 2 * sd[f"lin{k}.model.1.weight"].view(1, -1, 1, 1)).sum(1).mean(dim=(1, 2))
+    return total
+
+
+def test_lpips_alexnet_trunk_read_off_the_file(tmp_path, lpips_file):
+    """Res-SRDiff's released code scores LPIPS with AlexNet: a file holding torchvision's AlexNet
+    features is recognised (15 tensors) and gives the closed-form distance."""
+    sd = _random_alex_lpips_state_dict()
+    assert sorted(sd) == sorted(lpips_state_dict_keys("alex")) and len(sd) == 15
+    path = tmp_path / "lpips_alex.pth"
+    torch.save(sd, path)
+    torch.manual_seed(4)
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    net = LPIPS(path)
+    assert net.trunk == "alex" and LPIPS(lpips_file).trunk == "vgg"
+    d = net(x, y)
+    assert torch.all(d > 0) and torch.all(net(x, x) == 0)
+    torch.testing.assert_close(d, _reference_alex_lpips(sd, x, y), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="alex trunk, but net='vgg'"):
+        LPIPS(path, net="vgg")
+    with pytest.raises(ValueError, match="net must be one of"):
+        LPIPS(path, net="squeeze")
+    del sd["features.8.bias"]
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"not an LPIPS alex state dict; missing keys \['features.8.bias'\]"):
+        LPIPS(path)
+
+
 def test_lpips_loss(lpips_file):
     torch.manual_seed(2)
     x = (torch.rand(2, 1, 32, 32) * 2 - 1).requires_grad_(True)

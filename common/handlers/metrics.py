@@ -101,10 +101,10 @@ def score_case(
 
 
 def lpips_metric(weights_path: str | os.PathLike) -> Callable[[np.ndarray, np.ndarray], float]:
-    """LPIPS (VGG16 trunk, :class:`common.metrics.perceptual.LPIPS`, from a LOCAL weights file) of
-    two normalised volumes (H, W, D) in [0, 1]: the mean over axial slices of the per-slice distance.
-    (Res-SRDiff's released code scores LPIPS with AlexNet; the VGG16 figures are not interchangeable
-    with the paper's.)"""
+    """LPIPS (:class:`common.metrics.perceptual.LPIPS`, from a LOCAL weights file: AlexNet trunk as
+    Res-SRDiff's released code scores it, or VGG16, whichever the file holds) of two normalised
+    volumes (H, W, D) in [0, 1]: the mean over axial slices of the per-slice distance. Only AlexNet
+    figures are comparable with the paper's."""
     import torch
 
     from common.metrics.perceptual import LPIPS
@@ -144,7 +144,7 @@ class SynthesisMetrics:
             of the draws and a ``<method>_first_draw`` row the first draw alone (``pred_first``),
             the figure comparable with single-sample papers.
         metrics: image metrics to compute (see :func:`score_case`); ``lpips`` (whole image) needs
-            ``lpips_weights``, a local LPIPS VGG16 file.
+            ``lpips_weights``, a local LPIPS file (AlexNet, as the paper, or VGG16).
         lpips_weights: path of the LPIPS weights (only with ``lpips`` in ``metrics``).
     """
 

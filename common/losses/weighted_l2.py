@@ -6,8 +6,8 @@ LPIPS is used only when a LOCAL weights file is given (``lpips_weights``). Witho
 ``lambda * L2`` alone and the module says so once, at construction, in the log. A weights path that
 does not exist is an error (no silent fall-back to L2).
 
-The LPIPS network itself is :class:`common.metrics.perceptual.LPIPS` (VGG16 + LPIPS v0.1 heads from
-one local state-dict file, per-image distances for ``(N, 1, H, W)`` images); it is imported only when
+The LPIPS network itself is :class:`common.metrics.perceptual.LPIPS` (AlexNet or VGG16 trunk + LPIPS v0.1
+heads from one local state-dict file; the file's trunk is used and named in the log, per-image distances for ``(N, 1, H, W)`` images); it is imported only when
 weights are given. (``common.metrics.perceptual.LPIPSLoss`` already adds an L2 term of its own, so the
 bare ``LPIPS`` distance is used here to count L2 once.)
 """
@@ -88,7 +88,11 @@ class WeightedL2PerceptualLoss(nn.Module):
         self.lpips.requires_grad_(False)
         self.lpips.eval()
         logger.info(
-            "LPIPS enabled with weights %s; loss = %g * L2 + %g * LPIPS", path, self.l2_weight, self.lpips_weight
+            "LPIPS enabled with weights %s (%s trunk); loss = %g * L2 + %g * LPIPS",
+            path,
+            {"alex": "AlexNet", "vgg": "VGG16"}[self.lpips.trunk],
+            self.l2_weight,
+            self.lpips_weight,
         )
 
     def train(self, mode: bool = True) -> "WeightedL2PerceptualLoss":

@@ -1,26 +1,31 @@
-"""Perceptual metrics that run from LOCAL weight files only: LPIPS (VGG16) and FID.
+"""Perceptual metrics that run from LOCAL weight files only: LPIPS (AlexNet or VGG16 trunk) and FID.
 
 Nothing here downloads anything. A missing weights file raises ``FileNotFoundError`` naming the file
 and how to make it on a machine with internet access.
 
 LPIPS weights file
 ------------------
-ONE ``.pth`` state dict (``torch.load(path, weights_only=True)``) holding exactly these 31 tensors:
+ONE ``.pth`` state dict (``torch.load(path, weights_only=True)``) holding a torchvision feature trunk
+with a ``features.`` prefix and the LPIPS v0.1 linear heads (``lpips`` package naming,
+``lin{k}.model.1.weight``, k = 0..4). The trunk is read off the file (the shape of
+``features.0.weight``), so one class serves both:
 
-* the VGG16 feature trunk, torchvision naming (``torchvision.models.vgg16().features.state_dict()``
-  with a ``features.`` prefix): ``features.{i}.weight`` and ``features.{i}.bias`` for the 13 convolutions
-  ``i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)``;
-* the LPIPS v0.1 linear heads, ``lpips`` package naming: ``lin{k}.model.1.weight`` for ``k = 0..4``,
-  shapes (1, 64, 1, 1), (1, 128, 1, 1), (1, 256, 1, 1), (1, 512, 1, 1), (1, 512, 1, 1).
+* ``alex`` (what Res-SRDiff's released code and the ``lpips`` package use by default): the 5
+  convolutions of ``torchvision.models.alexnet().features``, ``features.{i}.weight/bias`` for
+  ``i in (0, 3, 6, 8, 10)``; heads of 64, 192, 384, 256, 256 channels (taps relu1 ... relu5). 15 tensors.
+* ``vgg``: the 13 convolutions of ``torchvision.models.vgg16().features``, ``i in (0, 2, 5, 7, 10, 12,
+  14, 17, 19, 21, 24, 26, 28)``; heads of 64, 128, 256, 512, 512 channels (taps relu1_2 ... relu5_3).
+  31 tensors.
 
-Build it once where torchvision, the ``lpips`` package and internet are available::
+Build it once where torchvision, the ``lpips`` package and internet are available (``alex`` shown;
+``vgg16`` / ``vgg.pth`` for the other)::
 
     import os, torch, torchvision, lpips
     sd = {f"features.{k}": v for k, v in
-          torchvision.models.vgg16(weights="IMAGENET1K_V1").features.state_dict().items()}
-    sd.update(torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights/v0.1/vgg.pth"),
+          torchvision.models.alexnet(weights="IMAGENET1K_V1").features.state_dict().items()}
+    sd.update(torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights/v0.1/alex.pth"),
                          map_location="cpu"))           # lin0.model.1.weight ... lin4.model.1.weight
-    torch.save(sd, "lpips_vgg16.pth")
+    torch.save(sd, "lpips_alex.pth")
 
 FID feature extractor
 ---------------------
@@ -53,28 +58,66 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.metrics import FIDMetric
 
-__all__ = ["LPIPS", "LPIPSLoss", "FIDScore", "VGG16_CONV_INDICES", "LPIPS_CHANNELS", "lpips_state_dict_keys"]
+__all__ = [
+    "LPIPS",
+    "LPIPSLoss",
+    "FIDScore",
+    "LPIPS_TRUNKS",
+    "VGG16_CONV_INDICES",
+    "LPIPS_CHANNELS",
+    "lpips_state_dict_keys",
+    "lpips_trunk_of",
+]
 
 #: indices of the convolutions in ``torchvision.models.vgg16().features``
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-#: ``features`` index after which each LPIPS tap (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3) is taken
-_TAPS = (3, 8, 15, 22, 29)
-#: channels of the five taps
+#: channels of the five VGG16 taps
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+#: torchvision ``alexnet().features``: (out channels, kernel, stride, padding) per convolution, "M" = max-pool 3/2
+_ALEX_CFG = ((64, 11, 4, 2), "M", (192, 5, 1, 2), "M", (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1))
+
+#: per trunk: convolution indices in ``features``, the index after which each of the 5 taps is taken
+#: (a ReLU), the taps' channels, and the kernel size of ``features.0`` (how a file is recognised)
+LPIPS_TRUNKS = {
+    "alex": {"convs": (0, 3, 6, 8, 10), "taps": (1, 4, 7, 9, 11), "channels": (64, 192, 384, 256, 256), "k0": 11},
+    "vgg": {"convs": VGG16_CONV_INDICES, "taps": (3, 8, 15, 22, 29), "channels": LPIPS_CHANNELS, "k0": 3},
+}
 
 _LPIPS_HOWTO = (
-    "Build it offline from torchvision's VGG16 features and the lpips package's v0.1 linear heads: "
-    "sd = {f'features.{k}': v for k, v in torchvision.models.vgg16(weights='IMAGENET1K_V1').features.state_dict().items()}; "
-    "sd.update(torch.load('<lpips package>/weights/v0.1/vgg.pth')); torch.save(sd, PATH). "
+    "Build it offline from torchvision's AlexNet (or VGG16) features and the lpips package's v0.1 linear heads: "
+    "sd = {f'features.{k}': v for k, v in torchvision.models.alexnet(weights='IMAGENET1K_V1').features.state_dict().items()}; "
+    "sd.update(torch.load('<lpips package>/weights/v0.1/alex.pth')); torch.save(sd, PATH). "
     "See common/metrics/perceptual.py for the exact keys."
 )
 
 
-def lpips_state_dict_keys() -> list[str]:
-    """The exact keys an LPIPS weights file must contain."""
-    keys = [f"features.{i}.{p}" for i in VGG16_CONV_INDICES for p in ("weight", "bias")]
+def lpips_state_dict_keys(trunk: str = "vgg") -> list[str]:
+    """The exact keys an LPIPS weights file with the ``trunk`` (``alex`` | ``vgg``) must contain."""
+    keys = [f"features.{i}.{p}" for i in LPIPS_TRUNKS[trunk]["convs"] for p in ("weight", "bias")]
     return keys + [f"lin{k}.model.1.weight" for k in range(5)]
+
+
+def lpips_trunk_of(sd: dict) -> str | None:
+    """``"alex"`` or ``"vgg"`` from the kernel size of ``features.0.weight`` (11 or 3), else None."""
+    w = sd.get("features.0.weight")
+    if not isinstance(w, torch.Tensor) or w.ndim != 4:
+        return None
+    return next((name for name, t in LPIPS_TRUNKS.items() if w.shape[-1] == t["k0"]), None)
+
+
+def _alex_features() -> nn.Sequential:
+    """AlexNet ``features`` up to relu5 (indices 0..11), same indices as torchvision."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for v in _ALEX_CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+        else:
+            c, k, st, pad = v
+            layers += [nn.Conv2d(c_in, c, kernel_size=k, stride=st, padding=pad), nn.ReLU(inplace=False)]
+            c_in = c
+    return nn.Sequential(*layers)
 
 
 def _vgg16_features() -> nn.Sequential:
@@ -128,12 +171,13 @@ def _as_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with a VGG16 trunk (Zhang et al., CVPR 2018), written in plain torch, frozen, eval mode.
+    """LPIPS v0.1 (Zhang et al., CVPR 2018) with an AlexNet or VGG16 trunk, written in plain torch,
+    frozen, eval mode. The trunk is the one the weights file holds (``self.trunk``); ``net`` checks it.
 
     ``forward(x, y)`` takes two batches (N, 1 or 3, H, W) (single-channel MR slices are repeated to 3
     channels) and returns the distance per image, shape (N,), >= 0 (0 for identical images).
 
-    Per tap (relu1_2 ... relu5_3): features are unit-normalised over channels, the squared difference
+    Per tap (AlexNet relu1 ... relu5; VGG16 relu1_2 ... relu5_3): features are unit-normalised over channels, the squared difference
     is weighted by the linear head, averaged over space; the five values are summed. Inputs first go
     through LPIPS's scaling layer ``(x - shift) / scale`` (shift = (-.030, -.088, -.188), scale = (.458,
     .448, .450)), which expects images in [-1, 1].
@@ -142,39 +186,54 @@ class LPIPS(nn.Module):
         weights_path: local ``.pth`` state dict, keys in the module docstring / :func:`lpips_state_dict_keys`.
         data_range: ``None`` if images are in [-1, 1]; a float ``d`` for images in [0, d]; ``(lo, hi)``
             for images in [lo, hi]. Values are not clipped.
+        net: ``None`` (take the file's trunk), ``"alex"`` or ``"vgg"`` (then a file with the other
+            trunk is refused, naming both).
 
     Raises:
         FileNotFoundError: the weights file does not exist (the message says how to make it).
-        ValueError: the file lacks keys, has unexpected keys or wrong shapes.
+        ValueError: the file lacks keys, has unexpected keys or wrong shapes, or another trunk than ``net``.
     """
 
-    def __init__(self, weights_path: str | os.PathLike, data_range: float | Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        weights_path: str | os.PathLike,
+        data_range: float | Sequence[float] | None = None,
+        net: str | None = None,
+    ) -> None:
         super().__init__()
-        path = _check_file(weights_path, "LPIPS (VGG16 + linear heads)", _LPIPS_HOWTO)
-        self.data_range = data_range
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-        with torch.device("meta"):  # no random init: every parameter comes from the file
-            self.features = _vgg16_features()
-            for k, c in enumerate(LPIPS_CHANNELS):
-                setattr(self, f"lin{k}", _NetLinLayer(c))
-        self._load(path)
-        self.requires_grad_(False)
-        self.eval()
-
-    def _load(self, path: Path) -> None:
+        if net not in (None, *LPIPS_TRUNKS):
+            raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_TRUNKS)} (or None: the file's), got {net!r}")
+        path = _check_file(weights_path, "LPIPS (AlexNet or VGG16 + linear heads)", _LPIPS_HOWTO)
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path}: cannot read LPIPS weights as a torch state dict ({e})") from e
         if not isinstance(sd, dict):
             raise ValueError(f"{path}: expected a state dict (dict of tensors), got {type(sd).__name__}")
-        expected = set(lpips_state_dict_keys())
+        found = lpips_trunk_of(sd)
+        if net is not None and found is not None and found != net:
+            raise ValueError(f"{path}: holds LPIPS weights with the {found} trunk, but net={net!r} was asked for")
+        self.trunk = net or found or "vgg"  # an unrecognisable file is named against the VGG16 keys below
+        self.data_range = data_range
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        spec = LPIPS_TRUNKS[self.trunk]
+        self._taps = spec["taps"]
+        with torch.device("meta"):  # no random init: every parameter comes from the file
+            self.features = _alex_features() if self.trunk == "alex" else _vgg16_features()
+            for k, c in enumerate(spec["channels"]):
+                setattr(self, f"lin{k}", _NetLinLayer(c))
+        self._load(path, sd)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _load(self, path: Path, sd: dict) -> None:
+        expected = set(lpips_state_dict_keys(self.trunk))
         missing = sorted(expected - set(sd))
         unexpected = sorted(set(sd) - expected)
         if missing or unexpected:
             raise ValueError(
-                f"{path}: not an LPIPS VGG16 state dict; missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                f"{path}: not an LPIPS {self.trunk} state dict; missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                 f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. {_LPIPS_HOWTO}"
             )
         try:
@@ -202,12 +261,12 @@ class LPIPS(nn.Module):
         k = 0
         for i, layer in enumerate(self.features):
             h = layer(h)
-            if i == _TAPS[k]:
+            if i == self._taps[k]:
                 f = h / (torch.sqrt((h**2).sum(dim=1, keepdim=True)) + 1e-10)
                 d = (f[:n] - f[n:]) ** 2
                 total = total + getattr(self, f"lin{k}")(d).mean(dim=(1, 2, 3))
                 k += 1
-                if k == len(_TAPS):
+                if k == len(self._taps):
                     break
         return total
 
