@@ -106,13 +106,14 @@ def lpips_trunk_of(sd: dict) -> str | None:
     return next((name for name, t in LPIPS_TRUNKS.items() if w.shape[-1] == t["k0"]), None)
 
 
-def _alex_features() -> nn.Sequential:
-    """AlexNet ``features`` up to relu5 (indices 0..11), same indices as torchvision."""
+def _trunk(cfg: Sequence, pool: int) -> nn.Sequential:
+    """A torchvision ``features`` stack with the same indices: ``(out channels, kernel, stride, padding)``
+    per convolution (each followed by a ReLU), ``"M"`` a max-pool of kernel ``pool``, stride 2."""
     layers: list[nn.Module] = []
     c_in = 3
-    for v in _ALEX_CFG:
+    for v in cfg:
         if v == "M":
-            layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+            layers.append(nn.MaxPool2d(kernel_size=pool, stride=2))
         else:
             c, k, st, pad = v
             layers += [nn.Conv2d(c_in, c, kernel_size=k, stride=st, padding=pad), nn.ReLU(inplace=False)]
@@ -120,17 +121,14 @@ def _alex_features() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _alex_features() -> nn.Sequential:
+    """AlexNet ``features`` up to relu5 (indices 0..11), same indices as torchvision."""
+    return _trunk(_ALEX_CFG, pool=3)
+
+
 def _vgg16_features() -> nn.Sequential:
     """VGG16 ``features`` up to relu5_3 (indices 0..29), same indices as torchvision."""
-    layers: list[nn.Module] = []
-    c_in = 3
-    for v in _VGG16_CFG:
-        if v == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [nn.Conv2d(c_in, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
-            c_in = int(v)
-    return nn.Sequential(*layers)
+    return _trunk([v if v == "M" else (v, 3, 1, 1) for v in _VGG16_CFG], pool=2)
 
 
 class _NetLinLayer(nn.Module):
