@@ -22,6 +22,13 @@ Steps:
    ``<out>/<bundle>/<case>/dicom/<n>.000000-SYNTHETIC <phase> (<method> <version>)/1-01.dcm ...``,
    and ``<out>/<bundle>/<case>/synthesis.json`` (what was written, from what).
 
+Bundles: ``resdce`` and ``dcediff`` (DCE phases from the case's other series); ``iterunet`` (the delayed
+frames of the case's 4D DCE series from its pre-contrast and start frames: every frame of
+``dce_synth.nii.gz`` becomes a series ``SYNTHETIC DCE t<seconds>s ...``, seconds after contrast arrival;
+defaults :data:`BUNDLE_DEFAULTS`, the prostate overrides of ``bundles/iterunet/docs/README.md``).
+``d3m`` and ``ressrdiff`` are refused with the reason (:data:`REFUSED`: no DICOM brain ingest; one volume,
+not a study).
+
 The source study folder is only read: an ``--out`` inside it is refused, and so is an output
 folder that already holds DICOM series of an earlier run. The series that the synthesis grid came
 from (the ingest's reference grid: the DCE time point used as pre-contrast input, by default) gives
@@ -51,8 +58,20 @@ from common.layout import MANIFEST  # noqa: E402
 
 log = logging.getLogger("synthesize")
 
-#: bundles whose inference reads a prepared prostate case (the ingest's output) and writes DCE phases.
-SUPPORTED = ("resdce", "dcediff")
+#: bundles whose inference reads a prepared prostate case (the ingest's output) and writes DCE phases
+#: (iterunet: the delayed frames of the case's 4D DCE series, predicted from its pre and start frames).
+SUPPORTED = ("resdce", "dcediff", "iterunet")
+#: bundles that exist but whose input this ingest cannot make, with the reason (one line each).
+REFUSED = {
+    "d3m": "d3m reads a BraTS-named brain case (T1n, T2w, T2-FLAIR, co-registered and skull-stripped NIfTI); "
+    "this script's ingest makes prostate cases from DICOM and there is no DICOM brain ingest yet: "
+    "run the bundle on NIfTI (bundles/d3m/docs/README.md)",
+    "ressrdiff": "ressrdiff super-resolves one volume, not a study: run the bundle on a NIfTI file "
+    "(bundles/ressrdiff/docs/README.md)",
+}
+#: iterunet on a prepared prostate case (bundles/iterunet/docs/README.md): frames picked by their offsets after
+#: contrast arrival, the organ mask as curve region; any of them can be overridden (``--frame_offsets_s ...``).
+BUNDLE_DEFAULTS = {"iterunet": {"frame_offsets_s": [85, 155, 225, 295, 365], "mask_keys": ["organ_mask"]}}
 #: bundle ids this script sets itself.
 RESERVED = ("case_dir", "output_dir", "dataset_dir")
 INGEST_PREFIX = "ingest_"
@@ -195,15 +214,17 @@ def preflight(bundle: str, overrides: dict[str, Any]) -> str:
     parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
     parser.update(dict(overrides))
     get_device(parser.get_parsed_content("device"))
-    return check_checkpoint(parser.get_parsed_content("ckpt_path"), parser.get_parsed_content("checkpoint_record"))
+    record = parser.get_parsed_content("checkpoint_record") if "checkpoint_record" in parser else None
+    return check_checkpoint(parser.get_parsed_content("ckpt_path"), record)
 
 
 def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """Run ``bundles/<bundle>/configs/inference.json`` (``evaluating``) on one prepared case folder.
 
     Returns:
-        The resolved settings the DICOM headers name: ``input_keys``, ``target_keys``, ``ckpt_path``,
-        ``num_inference_steps``.
+        The resolved settings the DICOM headers name: ``ckpt_path``; for the phase bundles ``input_keys``,
+        ``target_keys``, ``num_inference_steps``; for iterunet ``series_key``, ``start_phase`` and
+        ``chain_mode``.
     """
     from monai.bundle.scripts import create_workflow
 
@@ -220,8 +241,8 @@ def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str
             **overrides,
         )
         wf.run()
-        settings = {k: wf.parser.get_parsed_content(k) for k in ("input_keys", "target_keys", "ckpt_path")}
-        settings["num_inference_steps"] = wf.parser.get_parsed_content("num_inference_steps")
+        keys = ("input_keys", "target_keys", "num_inference_steps", "series_key", "start_phase", "chain_mode")
+        settings = {k: wf.parser.get_parsed_content(k) for k in ("ckpt_path", *keys) if k in wf.parser}
         wf.finalize()
     finally:  # the bundle's logging.conf adds a console handler: leave the caller's logging as it was
         root.handlers[:] = root_handlers
@@ -267,6 +288,56 @@ def first_free_series_number(manifest: dict[str, Any], bundle: str) -> int:
     return base + 10 * (SUPPORTED.index(bundle) if bundle in SUPPORTED else 0)
 
 
+def synthetic_outputs(case_out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the bundle wrote for the case, one entry per DICOM series to write: ``key``, ``label`` (for the
+    SeriesDescription), ``nifti``, ``frame`` (index along the 4th axis of a 4D file, else None), ``what``
+    (the derivation's subject) and ``how`` (its method details).
+
+    Phase bundles: ``<key>.nii.gz`` of every target key and ``<key>_std.nii.gz`` where ``--num_samples`` > 1
+    wrote one. iterunet: each frame of ``dce_synth.nii.gz``, named by ``kinetics.json``'s predicted phases
+    (``t<seconds>s``, seconds after contrast arrival).
+    """
+    ckpt = Path(str(settings["ckpt_path"])).name
+    if "target_keys" in settings:
+        how = f"from {', '.join(settings['input_keys'])}; checkpoint {ckpt}, {settings['num_inference_steps']} sampling steps"
+        out = []
+        for key in settings["target_keys"]:
+            label = phase_label(key)
+            out.append({"key": key, "label": label, "nifti": case_out / f"{key}.nii.gz", "frame": None, "what": label})
+        out += [
+            {
+                **o,
+                "key": f"{o['key']}_std",
+                "label": f"{o['label']} std",
+                "nifti": case_out / f"{o['key']}_std.nii.gz",
+                "what": f"pixel-wise standard deviation over the samples of the {o['label']}",
+            }
+            for o in list(out)
+            if (case_out / f"{o['key']}_std.nii.gz").exists()
+        ]
+        for o in out:
+            o["how"] = how
+        return out
+    kinetics = json.loads((case_out / "kinetics.json").read_text())
+    times, start = kinetics["times_s"], int(kinetics["start_phase"])
+    acquired = ", ".join(f"{t:g} s" for t in times[: start + 1])
+    how = (
+        f"from the acquired DCE frames at {acquired} after contrast arrival ({settings.get('chain_mode', '')} chain, "
+        f"start phase {start}); checkpoint {ckpt}"
+    )
+    return [
+        {
+            "key": name,
+            "label": f"DCE {name}",
+            "nifti": case_out / "dce_synth.nii.gz",
+            "frame": c,
+            "what": f"DCE frame at {times[start + 1 + c]:g} s after contrast arrival",
+            "how": how,
+        }
+        for c, name in enumerate(kinetics["predicted_phases"])
+    ]
+
+
 def write_dicom(
     case_out: Path,
     manifest: dict[str, Any],
@@ -275,25 +346,24 @@ def write_dicom(
     settings: dict[str, Any],
     first_series_number: int,
 ) -> list[dict[str, Any]]:
-    """Write ``<case_out>/<key>.nii.gz`` of every target key (and ``<key>_std.nii.gz`` where
-    ``--num_samples`` > 1 wrote one) as a DICOM series in ``<case_out>/dicom/``, numbered from
-    ``first_series_number``."""
+    """Write every output of :func:`synthetic_outputs` as a DICOM series in ``<case_out>/dicom/``, numbered
+    from ``first_series_number``."""
     source = grid_source_series(manifest)
     method, version = meta.get("name", bundle), meta.get("version", "?")
     written = []
-    outputs = [(key, phase_label(key)) for key in settings["target_keys"]]
-    outputs += [(f"{key}_std", f"{label} std") for key, label in outputs if (case_out / f"{key}_std.nii.gz").exists()]
-    for i, (key, label) in enumerate(outputs):
-        nifti = case_out / f"{key}.nii.gz"
-        volume, affine = load_nifti(nifti)
+    volumes: dict[Path, tuple] = {}
+    for i, o in enumerate(synthetic_outputs(case_out, settings)):
+        key, label, nifti = o["key"], o["label"], o["nifti"]
+        if nifti not in volumes:
+            volumes[nifti] = load_nifti(nifti)
+        volume, affine = volumes[nifti]
+        if o["frame"] is not None:
+            volume = volume[..., o["frame"]]
         number = first_series_number + i
         description = f"SYNTHETIC {label} ({method} {version})"[:64]
-        what = "pixel-wise standard deviation over the samples of the " if key.endswith("_std") else ""
         derivation = (
-            f"{what}{label.removesuffix(' std')} synthesised by {method} {version} (MONAI bundle {bundle}: "
-            f"{meta.get('task', '')}) from {', '.join(settings['input_keys'])} on the grid of series "
-            f"{source.series_number} ({source.folder.name}); checkpoint {Path(str(settings['ckpt_path'])).name}, "
-            f"{settings['num_inference_steps']} sampling steps. {SYNTHETIC_NOTE}"
+            f"{o['what']} synthesised by {method} {version} (MONAI bundle {bundle}: {meta.get('task', '')}) "
+            f"{o['how']}; on the grid of series {source.series_number} ({source.folder.name}). {SYNTHETIC_NOTE}"
         )
         folder = case_out / "dicom" / series_folder_name(number, description)
         files = write_derived_series(
@@ -307,7 +377,14 @@ def write_dicom(
             software=f"{bundle} {version}",
         )
         written.append(
-            {"key": key, "nifti": str(nifti), "folder": str(folder), "series_number": number, "n_files": len(files)}
+            {
+                "key": key,
+                "nifti": str(nifti),
+                "frame": o["frame"],
+                "folder": str(folder),
+                "series_number": number,
+                "n_files": len(files),
+            }
         )
         log.info("%s: %d files in %s", key, len(files), folder)
     return written
@@ -337,11 +414,13 @@ def synthesize(
     Returns:
         The summary also written as ``<out>/<bundle>/<case>/synthesis.json``.
     """
+    if bundle in REFUSED:
+        raise ValueError(f"--bundle {bundle}: not supported by synthesize.py: {REFUSED[bundle]}")
     if bundle not in SUPPORTED:
         raise ValueError(
-            f"--bundle {bundle!r}: synthesize.py supports {list(SUPPORTED)} (bundles that read a prepared "
-            "prostate case); d3m (brain) and iterunet (breast) take other inputs than this ingest writes"
+            f"--bundle {bundle!r}: synthesize.py supports {list(SUPPORTED)} (bundles that read a prepared prostate case)"
         )
+    overrides = {**BUNDLE_DEFAULTS.get(bundle, {}), **overrides}
     study, out = check_folders(Path(study), Path(out))
     cfg = ingest_config(ingest or {})
     case_id = case_name(study, case_id)

@@ -1,14 +1,16 @@
 """The MONAI Label app (scripts/monailabel_app) served for real: HTTP requests against the bundles' own inference.
 
-One server on a free localhost port serves ``resdce``, ``dcediff``, ``ressrdiff`` and ``d3m`` (tiny phantom cases, small
-networks with perturbed random weights so outputs vary, 2 sampling steps); each synthesis it
-returns must have the geometry of the bundle's output and equal what ``monai.bundle run evaluating``
-writes for the same case, seed and weights.
+One server on a free localhost port serves ``resdce``, ``dcediff``, ``ressrdiff``, ``d3m`` and ``iterunet`` (tiny
+phantom cases, small networks with perturbed random weights so outputs vary, 2 sampling steps; iterunet on the
+prostate phantom's 20-frame DCE series, 3 frames picked by offsets after arrival); each synthesis it returns must
+have the geometry of the bundle's output and equal what ``monai.bundle run evaluating`` writes for the same case,
+seed and weights.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -33,9 +35,18 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "scripts" / "monailabel_app"
 STEPS = "2"
-MODELS = ("resdce", "dcediff", "ressrdiff", "d3m")
-# every bundle: its checkpoint and 2 sampling steps; dcediff's DDPM runs all 1000 steps, its DDIM takes 2
-EXTRA = {"dcediff": {"sampler": "ddim"}}
+MODELS = ("resdce", "dcediff", "ressrdiff", "d3m", "iterunet")
+DIFFUSION = ("resdce", "dcediff", "ressrdiff", "d3m")  # 2 sampling steps each
+# dcediff's DDPM runs all 1000 steps, its DDIM takes 2; iterunet on a prostate case (bundles/iterunet/docs/README.md:
+# frames picked by offsets after arrival, the organ mask as curve region, the phantom's lesion mask read too)
+EXTRA = {
+    "dcediff": {"sampler": "ddim"},
+    "iterunet": {
+        "frame_offsets_s": "[60,120,180]",
+        "mask_keys": '["organ_mask","lesion_mask"]',
+        "progress": "false",
+    },
+}
 PHASES = {"resdce": ["dce_onset", "dce_early", "dce_late"], "dcediff": ["dce_early", "dce_late"]}
 
 
@@ -75,7 +86,8 @@ def served(tmp_path_factory):
     port = free_port()
     conf = ["--conf", "models", ",".join(MODELS)]
     for b, path in ckpt.items():
-        conf += ["--conf", f"{b}.ckpt_path", str(path), "--conf", f"{b}.num_inference_steps", STEPS]
+        conf += ["--conf", f"{b}.ckpt_path", str(path)]
+        conf += ["--conf", f"{b}.num_inference_steps", STEPS] if b in DIFFUSION else []
         conf += [x for k, v in EXTRA.get(b, {}).items() for x in ("--conf", f"{b}.{k}", v)]
     log = tmp / "server.log"
     cmd = [sys.executable, str(app / "serve.py"), "start_server", "--app", str(app), "--studies", str(studies)]
@@ -107,10 +119,27 @@ def served(tmp_path_factory):
             proc.wait()
 
 
-def infer(served: dict, model: str, image: str) -> tuple[int, bytes]:
-    """POST /infer/<model>?image=...&output=image; (status, body)."""
-    query = urllib.parse.urlencode({"image": image, "output": "image"})
-    req = urllib.request.Request(f"{served['url']}/infer/{model}?{query}", data=b"", method="POST")
+def infer(
+    served: dict, model: str, image: str, output: str = "image", params: dict | None = None
+) -> tuple[int, bytes] | tuple[int, bytes, str]:
+    """POST /infer/<model>?image=...&output=...; ``params`` go in the form field MONAI Label reads them from.
+    ``(status, body)``; with ``output="all"`` ``(status, body, content type)`` (multipart)."""
+    import json
+
+    query = urllib.parse.urlencode({"image": image, "output": output})
+    form = urllib.parse.urlencode({"params": json.dumps(params or {})}).encode()
+    req = urllib.request.Request(
+        f"{served['url']}/infer/{model}?{query}",
+        data=form,
+        method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    if output == "all":
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.read(), r.headers["Content-Type"]
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), ""
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, r.read()
@@ -122,7 +151,8 @@ def direct(bundle: str, out: Path, ckpt: Path, *source: str) -> None:
     """The bundle's own inference on the same study (``monai.bundle run evaluating``)."""
     config = str(ROOT / "bundles" / bundle / "configs" / "inference.json")
     extra = [x for k, v in EXTRA.get(bundle, {}).items() for x in (f"--{k}", v)]
-    args = ["--output_dir", str(out), "--ckpt_path", str(ckpt), "--num_inference_steps", STEPS, *extra, *source]
+    extra += ["--num_inference_steps", STEPS] if bundle in DIFFUSION else []
+    args = ["--output_dir", str(out), "--ckpt_path", str(ckpt), *extra, *source]
     threads = torch.get_num_threads()
     torch.set_num_threads(
         1
@@ -147,6 +177,8 @@ def test_info_lists_the_synthesis_tasks(served):
     assert info["models"]["resdce"]["type"] == "others"  # an image result, not a segmentation label
     for model, phases in {**PHASES, "ressrdiff": ["sr"], "d3m": ["t1c"]}.items():
         assert info["models"][model]["config"]["channels"] == phases
+    assert "after start_phase 1" in info["models"]["iterunet"]["config"]["channels"]  # per case: its times
+    assert info["models"]["d3m"]["config"]["results"] == ["image", "et_mask"]
 
 
 @pytest.mark.parametrize("model", list(PHASES))
@@ -188,6 +220,19 @@ def test_ressrdiff_over_http_equals_the_bundle(served, tmp_path):
     np.testing.assert_allclose(res.get_fdata(dtype=np.float32), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
+def multipart(body: bytes, content_type: str) -> tuple[dict, bytes]:
+    """``(params, image bytes)`` of MONAI Label's ``output=all`` answer (fields ``params``, ``image``)."""
+    import json
+
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    parts = {}
+    for part in MultipartDecoder(body, content_type).parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        parts[disposition.split('name="')[1].split('"')[0]] = part.content
+    return json.loads(parts["params"]), parts["image"]
+
+
 def test_d3m_over_http_equals_the_bundle(served, tmp_path):
     case = served["brain"]
     t1n = case / f"{case.name}-t1n.nii.gz"
@@ -195,7 +240,7 @@ def test_d3m_over_http_equals_the_bundle(served, tmp_path):
     assert status == 200, body[-2000:]
     res = load_result(body, tmp_path / "t1c.nii.gz")
     ref_in = nib.load(t1n)
-    assert res.shape == ref_in.shape  # T1c only (the ET mask is not part of the image result)
+    assert res.shape == ref_in.shape  # the image result: T1c
     np.testing.assert_allclose(res.affine, ref_in.affine, atol=1e-4)
     direct("d3m", tmp_path / "direct", served["ckpt"]["d3m"], "--case_dir", str(case))
     ref = nib.load(tmp_path / "direct" / case.name / "t1c.nii.gz")
@@ -203,6 +248,48 @@ def test_d3m_over_http_equals_the_bundle(served, tmp_path):
     assert want.std() > 0
     np.testing.assert_allclose(res.affine, ref.affine, atol=1e-4)
     np.testing.assert_allclose(res.get_fdata(dtype=np.float32), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    # the enhancing-tumour mask: params {"result_key": "et_mask"} -> the uint8 label volume, its size in the params
+    status, body, ctype = infer(served, "d3m", str(t1n), output="all", params={"result_key": "et_mask"})
+    assert status == 200, body[-2000:]
+    params, image = multipart(body, ctype)
+    mask = load_result(image, tmp_path / "et_mask.nii.gz")
+    ref_mask = nib.load(tmp_path / "direct" / case.name / "et_mask.nii.gz")
+    assert mask.get_data_dtype() == np.uint8 and mask.shape == ref_in.shape
+    np.testing.assert_allclose(mask.affine, ref_in.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(mask.dataobj), np.asanyarray(ref_mask.dataobj))
+    voxel_ml = abs(np.linalg.det(ref_in.affine[:3, :3])) / 1000
+    n = int(np.asanyarray(ref_mask.dataobj).sum())
+    assert params["result_key"] == "et_mask" and params["channels"] == ["et_mask"] and params["et_mask_voxels"] == n
+    assert params["et_mask_ml"] == pytest.approx(n * voxel_ml, abs=1e-4)
+    status, body = infer(served, "d3m", str(t1n), params={"result_key": "deformation"})
+    assert status == 400 and "result_key 'deformation' is not one of ['image', 'et_mask']" in body.decode()
+
+
+def test_iterunet_over_http_equals_the_bundle(served, tmp_path):
+    """A predicted time series: one channel per time point after the start phase, named from the case's times."""
+    from common.handlers.iterunet import phase_names
+
+    dce = served["case"] / "dce.nii.gz"
+    status, body, ctype = infer(served, "iterunet", str(dce), output="all")
+    assert status == 200, body[-2000:]
+    params, image = multipart(body, ctype)
+    res = load_result(image, tmp_path / "iterunet.nii.gz")
+    direct("iterunet", tmp_path / "direct", served["ckpt"]["iterunet"], "--case_dir", str(served["case"]))
+    kin = json.loads((tmp_path / "direct" / "phantom-000" / "kinetics.json").read_text())
+    times = kin["times_s"]  # pre, the start phase and the predicted points, seconds after arrival
+    assert len(times) == 4 and params["start_phase"] == 1
+    assert params["channels"] == phase_names(times, 1) == kin["predicted_phases"]
+    np.testing.assert_allclose(params["times_s"], times[2:], atol=1e-4)
+    src = nib.load(dce)
+    assert res.shape == (*src.shape[:3], 2) and params["geometry"] == str(dce)
+    np.testing.assert_allclose(res.affine, src.affine, atol=1e-4)
+    ref = nib.load(tmp_path / "direct" / "phantom-000" / "dce_synth.nii.gz")
+    want = ref.get_fdata(dtype=np.float32)
+    assert want.shape == res.shape and want.std() > 0
+    np.testing.assert_allclose(res.get_fdata(dtype=np.float32), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    # in input intensity units: the predicted frames lie in the range of the acquired series
+    lo, hi = float(src.get_fdata().min()), float(src.get_fdata().max())
+    assert -0.5 * (hi - lo) < float(want.mean()) < 1.5 * hi
 
 
 def test_an_incomplete_case_is_named(served, tmp_path):

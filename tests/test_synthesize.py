@@ -35,7 +35,7 @@ from common.dicom_out import (  # noqa: E402
 from common.geometry import sitk_affine, sitk_to_array  # noqa: E402
 from common.ingest.series import check_series, read_frame, scan_study  # noqa: E402
 from common.io import load_nifti  # noqa: E402
-from scripts.synthesize import case_name, parse_overrides, split_options, synthesize  # noqa: E402
+from scripts.synthesize import case_name, main, parse_overrides, split_options, synthesize  # noqa: E402
 
 # a small PROSTATEx-like phantom: 48 x 48 x 6 DCE grid with 12 time points, oblique (8-12 degrees)
 GRID = {
@@ -279,8 +279,10 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
     assert not (tmp_path / "z").exists()
     with pytest.raises(ValueError, match=r"unknown ingest option\(s\) \['ingest_seed'\]"):
         synthesize(phantom_study, "resdce", tmp_path / "z", ingest={"seed": 1})
-    with pytest.raises(ValueError, match="supports"):
+    with pytest.raises(ValueError, match="ressrdiff: not supported by synthesize.py: ressrdiff super-resolves one"):
         synthesize(phantom_study, "ressrdiff", tmp_path / "x")
+    with pytest.raises(ValueError, match=r"supports \['resdce', 'dcediff', 'iterunet'\]"):
+        synthesize(phantom_study, "nosuch", tmp_path / "x")
     with pytest.raises(ValueError, match="set by synthesize.py"):
         synthesize(phantom_study, "resdce", tmp_path / "y", output_dir=str(tmp_path), ingest={"crop_size": CROP})
     assert parse_overrides(["--num_inference_steps", "4", "--patch_size=[96,96]", "--device", "cpu"]) == {
@@ -294,6 +296,64 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
     assert split_options({"ingest_register": False, "seed": 1}) == ({"register": False}, {"seed": 1})
     with pytest.raises(ValueError, match="needs a value"):
         parse_overrides(["--device"])
+
+
+def _iterunet_checkpoint(path: Path) -> Path:
+    """A small IterUNet with perturbed weights (the zero-initialised residual head would copy the input)."""
+    from common.networks.iterunet import IterUNet
+
+    torch.manual_seed(0)
+    net = IterUNet("small")
+    with torch.no_grad():
+        for w in net.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    torch.save({"model": net.state_dict()}, path)
+    return path
+
+
+def test_iterunet_delayed_frames_as_dicom(resdce_run, phantom_study, tmp_path, capsys):
+    """iterunet on the prepared case of the resdce run (the ingest is reused): each predicted frame of its 4D
+    output is a DERIVED series of the source study, on the NIfTI's exact grid, within one quantisation step."""
+    out = resdce_run["out"]
+    before = h.tree_digest(phantom_study)
+    summary = synthesize(
+        phantom_study,
+        "iterunet",
+        out,
+        ingest={"crop_size": CROP},
+        ckpt_path=str(_iterunet_checkpoint(tmp_path / "iterunet.pt")),
+        frame_offsets_s=[30, 60, 90],  # the phantom's series ends 160 s after its start
+        device="cpu",
+        progress=False,
+    )
+    assert h.tree_digest(phantom_study) == before and summary["seconds"]["ingest"] < 1.0
+    case_out = out / "iterunet" / "P000"
+    kin = json.loads((case_out / "kinetics.json").read_text())
+    assert [s["key"] for s in summary["series"]] == kin["predicted_phases"] and len(kin["predicted_phases"]) == 2
+    assert summary["overrides"]["mask_keys"] == ["organ_mask"]  # the prostate defaults of BUNDLE_DEFAULTS
+    vol4, aff = load_nifti(case_out / "dce_synth.nii.gz")
+    assert vol4.shape == (40, 40, 4, 2)
+    version = json.loads((ROOT / "bundles" / "iterunet" / "configs" / "metadata.json").read_text())["version"]
+    study_uid = json.loads((Path(summary["prepared_case"]) / "manifest.json").read_text())["study_uid"]
+    resdce_numbers = {s["series_number"] for s in resdce_run["summary"]["series"]}
+    for c, s in enumerate(summary["series"]):
+        assert s["frame"] == c and Path(s["folder"]).parent == case_out / "dicom"
+        arr, aff_back = _read_back(Path(s["folder"]))
+        assert np.abs(aff_back - aff).max() < 1e-4
+        dss = [pydicom.dcmread(f) for f in sorted(Path(s["folder"]).glob("*.dcm"))]
+        slope = float(dss[0].RescaleSlope)
+        assert np.abs(arr - vol4[..., c]).max() <= slope and vol4[..., c].std() > 100 * slope
+        for ds in dss:
+            assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.StudyInstanceUID == study_uid
+            assert ds.SeriesDescription == f"SYNTHETIC DCE {s['key']} (iterU-Net {version})"
+            assert f"at {kin['times_s'][2 + c]:g} s after contrast arrival" in ds.DerivationDescription
+            assert int(ds.SeriesNumber) == s["series_number"] not in resdce_numbers
+            assert not [t for t in TYPE1 if t not in ds or ds[t].value in (None, "", b"")]
+    # d3m: refused in one line that names what is missing
+    assert main(["--study", str(phantom_study), "--bundle", "d3m", "--out", str(tmp_path / "d3m")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no DICOM brain ingest" in err and err.startswith("error: --bundle d3m")
+    assert not (tmp_path / "d3m").exists()
 
 
 def test_writer_oblique_grid_and_atomic(phantom_study, tmp_path):
@@ -375,4 +435,27 @@ def test_resdce_on_prostatex(prostatex_study, tmp_path):
         assert ds.StudyInstanceUID == src_uid and ds.SeriesDescription.startswith("SYNTHETIC DCE")
         assert ds.PatientID == grid[0].PatientID and ds.FrameOfReferenceUID == grid[0].FrameOfReferenceUID
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in {g.SOPInstanceUID for g in grid}
+    # iterunet on the same prepared case (ingest reused): the delayed frames of the real 70-frame series,
+    # picked at the bundle's prostate offsets after arrival (its README: two predicted frames, 156 and 224 s)
+    it = synthesize(
+        prostatex_study,
+        "iterunet",
+        out,
+        ingest={"crop_size": "96,96,8", "register": False},
+        ckpt_path=str(_iterunet_checkpoint(tmp_path / "iterunet.pt")),
+        device="cpu",
+        progress=False,
+    )
+    assert it["seconds"]["ingest"] < 2.0 and len(it["series"]) >= 2
+    vol4, aff_nii = load_nifti(it["series"][0]["nifti"])
+    for s in it["series"]:
+        arr, aff = _read_back(Path(s["folder"]))
+        ds = pydicom.dcmread(sorted(Path(s["folder"]).glob("*.dcm"))[0])
+        assert np.abs(aff - aff_nii).max() < 1e-4 and np.abs(arr - vol4[..., s["frame"]]).max() <= float(
+            ds.RescaleSlope
+        )
+        assert ds.StudyInstanceUID == src_uid and ds.SeriesDescription.startswith(
+            f"SYNTHETIC DCE {s['key']} (iterU-Net"
+        )
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.FrameOfReferenceUID == grid[0].FrameOfReferenceUID
     assert _listing(prostatex_study) == before  # the real study was only read

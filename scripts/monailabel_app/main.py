@@ -1,4 +1,4 @@
-"""MONAI Label app serving this repository's synthesis bundles (``--conf models resdce,dcediff,ressrdiff,d3m``).
+"""MONAI Label app serving this repository's synthesis bundles (``--conf models resdce,dcediff,ressrdiff,d3m,iterunet``).
 
 Start it with ``serve.py`` beside this file (``monailabel start_server`` plus one compatibility fix,
 see README.md). Each bundle's config ids can be overridden with ``--conf <bundle>.<id> <value>``,
@@ -16,8 +16,8 @@ from monailabel.interfaces.app import MONAILabelApp
 
 logger = logging.getLogger(__name__)
 
-# the bundles whose inference takes one study and writes with common.handlers.SynthesisWriter
-SUPPORTED = ("resdce", "dcediff", "ressrdiff", "d3m")
+# the bundles whose inference takes one study (a case folder or one volume) and writes with a known writer
+SUPPORTED = ("resdce", "dcediff", "ressrdiff", "d3m", "iterunet")
 
 
 class GadofreeApp(MONAILabelApp):

@@ -2,8 +2,9 @@
 
 Everything the model does comes from the bundle's own ``configs/inference.json`` through
 :class:`monai.bundle.ConfigParser`: the case (its ``datalist`` expression), ``preprocessing``,
-``network_def`` and its checkpoint, ``inferer``, ``postprocessing`` and the output geometry (the
-config's writer handler). This module only maps MONAI Label's request onto those pieces.
+``network_def`` and its checkpoint, ``prepare_batch`` (where the config has one), ``inferer``,
+``postprocessing`` and the output channels and geometry (read from the config's writer handler,
+:class:`OutputLayout`). This module only maps MONAI Label's request onto those pieces.
 """
 
 from __future__ import annotations
@@ -16,19 +17,83 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
+import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from common.bundle import bundle_root, check_checkpoint
-from common.handlers.writer import SynthesisWriter, as_numpy, source_file
+from common.handlers.writer import as_numpy, source_file
 from common.io import save_nifti
 
 logger = logging.getLogger(__name__)
 
 # config ids through which a bundle's inference.json takes one study: a prepared case folder, or one volume
 SOURCE_IDS = ("case_dir", "input_file")
+# post-processed label outputs a request may ask for instead of the image (``params={"result_key": "et_mask"}``)
+LABEL_OUTPUTS = ("et_mask",)
+
+
+class OutputLayout:
+    """The channel names and output grid of a bundle's writer handler, read from its public attributes.
+
+    Two kinds of writer:
+
+    * fixed channels (``common.handlers.SynthesisWriter`` and its subclasses, e.g. ``D3MWriter``):
+      ``output_names`` (one per ``pred`` channel), ``geometry_key`` and ``reference_grid(item, src)``;
+    * a predicted time series (``common.handlers.iterunet.IterUNetWriter``): ``series_key`` (the 4D
+      series whose file gives the affine and grid), ``times_key`` (the case's frame times, seconds)
+      and ``start`` (the start phase); the channels are the time points after ``start``, named by
+      ``common.handlers.iterunet.phase_names`` (``t<seconds>s``), so they depend on the case.
+
+    Args:
+        writer: the instantiated writer handler of the bundle's ``handlers``.
+
+    Raises:
+        NotImplementedError: a writer with neither set of attributes.
+    """
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+        if hasattr(writer, "output_names") and hasattr(writer, "geometry_key"):
+            self.kind = "fixed"
+            self.geometry_key = writer.geometry_key
+        elif all(hasattr(writer, a) for a in ("series_key", "times_key", "start")):
+            self.kind = "time_series"
+            self.geometry_key = writer.series_key
+        else:
+            raise NotImplementedError(
+                f"{type(writer).__name__}: neither output_names/geometry_key nor series_key/times_key/start, "
+                "so this app does not know the output channels and grid"
+            )
+
+    @property
+    def static_names(self) -> list[str] | None:
+        """The channel names when they do not depend on the case (else None)."""
+        return list(self.writer.output_names) if self.kind == "fixed" else None
+
+    def names(self, data: Mapping) -> list[str]:
+        """Channel names of one post-processed request."""
+        if self.kind == "fixed":
+            return list(self.writer.output_names)
+        from common.handlers.iterunet import phase_names
+
+        return phase_names(self.times(data), int(self.writer.start))
+
+    def times(self, data: Mapping) -> list[float]:
+        """The case's frame times in seconds (T,) (time-series writers only)."""
+        return [float(t) for t in as_numpy(data[self.writer.times_key]).astype(np.float64).ravel()]
+
+    def grid(self, data: Mapping) -> tuple[str, np.ndarray, tuple[int, ...]]:
+        """``(source file, 4x4 affine, spatial shape)`` the outputs are written on, as the writer does."""
+        src = source_file(data, self.geometry_key)
+        if self.kind == "fixed":
+            affine, grid = self.writer.reference_grid(data, src)
+            return src, np.asarray(affine, dtype=np.float64), tuple(grid)
+        ref = nib.load(src)
+        return src, np.asarray(ref.affine, dtype=np.float64), tuple(ref.shape[:3])
 
 
 def config_value(text: str) -> Any:
@@ -71,6 +136,11 @@ class StudyFromImaged:
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
+        result = d.get("result_key") or "image"
+        if result not in ("image", *self.task.label_outputs):
+            raise StudyError(
+                f"{self.task.name}: result_key {result!r} is not one of {['image', *self.task.label_outputs]}"
+            )
         image = d.get("image")
         if not isinstance(image, (str, os.PathLike)):
             raise StudyError(f"{self.task.name}: the request's image must be the path of a series file, got {image!r}")
@@ -101,12 +171,17 @@ class BundleSynthesisTask(BasicInferTask):
 
     The result is an image, not a label: a NIfTI volume in the intensity units of the bundle's
     outputs, with exactly the affine of the input the bundle writes its outputs on (the writer
-    handler's ``geometry_key``), one channel per output along the 4th axis in the order of
-    ``output_names`` (a 3D volume when the bundle has one output, e.g. ``ressrdiff``). The result's
-    ``params`` name the channels. With ``num_samples > 1`` it is the mean of the samples.
+    handler's ``geometry_key``, or ``series_key`` for iterunet), one channel per output along the
+    4th axis in the order of ``output_names`` (a 3D volume when the bundle has one output, e.g.
+    ``ressrdiff``), or, for a bundle that predicts a time series (iterunet), one per predicted time
+    point (``t<seconds>s``, computed per request from the case's times: :class:`OutputLayout`). The
+    result's ``params`` name the channels (and the times). With ``num_samples > 1`` it is the mean
+    of the samples. A request with ``"result_key": "et_mask"`` in its params (d3m) gets the
+    enhancing-tumour mask instead (uint8, same affine); every d3m answer's params give its volume.
 
     Args:
-        bundle: a bundle name (``resdce``, ``dcediff``, ``ressrdiff``) or the path of a bundle folder.
+        bundle: a bundle name (``resdce``, ``dcediff``, ``ressrdiff``, ``d3m``, ``iterunet``) or the path of a
+            bundle folder.
         overrides: config ids and values, as ``--<id> <value>`` on the bundle's command line
             (e.g. ``{"ckpt_path": ..., "num_inference_steps": 4}``).
         description: shown by MONAI Label's ``/info``.
@@ -126,8 +201,13 @@ class BundleSynthesisTask(BasicInferTask):
         if self.source_id is None:
             raise ValueError(f"{self.config_file}: defines none of {SOURCE_IDS}, so it cannot take a single study")
         self.output_writer = self.bundle_config.get_parsed_content(self._writer_id())
-        self.output_names = list(self.output_writer.output_names)
-        self.geometry_key = self.output_writer.geometry_key
+        self.layout = OutputLayout(self.output_writer)
+        self.output_names = self.layout.static_names  # None: per case (a predicted time series)
+        self.geometry_key = self.layout.geometry_key
+        self.label_outputs = [k for k in LABEL_OUTPUTS if self._writes(k)]
+        self.prepare_batch = (
+            self.bundle_config.get_parsed_content("prepare_batch") if "prepare_batch" in self.bundle_config else None
+        )
         self.record = (
             self.bundle_config.get_parsed_content("checkpoint_record")
             if "checkpoint_record" in self.bundle_config
@@ -139,9 +219,24 @@ class BundleSynthesisTask(BasicInferTask):
             type=InferType.OTHERS,
             labels=None,
             dimension=3,
-            description=description or f"{self.name}: synthesises {', '.join(self.output_names)} (an image)",
-            config={"bundle": self.name, "channels": self.output_names},
+            description=description or f"{self.name}: synthesises {self._what()} (an image)",
+            config={
+                "bundle": self.name,
+                "channels": self.output_names if self.output_names is not None else self._what(),
+                "results": ["image", *self.label_outputs],
+            },
         )
+
+    def _what(self) -> str:
+        if self.output_names is not None:
+            return ", ".join(self.output_names)
+        return f"the time points after start_phase {self.output_writer.start} (per case, t<seconds>s)"
+
+    def _writes(self, key: str) -> bool:
+        """Whether the bundle's writer saves the post-processed ``key`` (D3M's ``et_mask``)."""
+        from common.handlers.d3m import D3MWriter
+
+        return key == "et_mask" and isinstance(self.output_writer, D3MWriter)
 
     def parser(self, **extra: Any) -> ConfigParser:
         """The bundle's inference config with the app's overrides and ``extra`` applied."""
@@ -151,12 +246,14 @@ class BundleSynthesisTask(BasicInferTask):
         return p
 
     def _writer_id(self) -> str:
+        """The config id of the handler that writes the outputs: the one whose class has ``write_case``
+        (``SynthesisWriter`` and its subclasses, ``IterUNetWriter``)."""
         for i, h in enumerate(self.bundle_config["handlers"]):
             cls = pydoc.locate(str(h.get("_target_", "")))
-            if isinstance(cls, type) and issubclass(cls, SynthesisWriter):
+            if isinstance(cls, type) and callable(getattr(cls, "write_case", None)):
                 return f"handlers#{i}"
         raise NotImplementedError(
-            f"{self.config_file}: no common.handlers.SynthesisWriter handler, so this app does not know the output geometry"
+            f"{self.config_file}: no writer handler (a class with write_case), so this app does not know the outputs"
         )
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
@@ -173,15 +270,55 @@ class BundleSynthesisTask(BasicInferTask):
             check_checkpoint(self.path[0], self.record)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.name}: {e} (set it with --conf {self.name}.ckpt_path <model.pt>)") from None
-        return super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+        if self.prepare_batch is None:
+            return super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+        # the bundle's own batch preparation (as its evaluator's): inputs, targets, args and kwargs of the
+        # inferer (iterunet: the series and its frame times)
+        network = self._get_network(device, data)
+        batch = {k: torch.as_tensor(v)[None] for k, v in data.items() if isinstance(v, (torch.Tensor, np.ndarray))}
+        inputs, _, args, kwargs = self.prepare_batch(batch, torch.device(device))
+        with torch.no_grad():
+            outputs = self.inferer(data)(inputs, network, *args, **kwargs)
+        data[self.output_label_key] = outputs[0]
+        return data
 
     def writer(self, data: dict, extension=None, dtype=None) -> tuple[str, dict]:
+        """The result file and its params.
+
+        The image (default): float32 NIfTI, one channel per output along the 4th axis (3D for a single
+        fixed output), the writer's affine. ``"result_key": "<key>"`` in the request's params (one of the
+        task's ``results``, e.g. d3m's ``et_mask``) returns that label volume instead (uint8, same
+        affine). ``params``: ``channels``, ``geometry`` (the file whose affine the result has),
+        ``result_key``, for a time series ``times_s`` (the predicted time points) and ``start_phase``, for
+        each label output its voxel count and volume (``<key>_voxels``, ``<key>_ml``).
+        """
         pred = as_numpy(data["pred"])
-        src = source_file(data, self.geometry_key)
-        affine, grid = self.output_writer.reference_grid(data, src)
-        if pred.shape != (len(self.output_names), *grid):
-            raise ValueError(f"{self.name}: prediction {pred.shape} does not fit {self.output_names} on {src} {grid}")
-        fd, path = tempfile.mkstemp(prefix=f"{self.name}_", suffix=".nii.gz")
+        src, affine, grid = self.layout.grid(data)
+        names = self.layout.names(data)
+        if pred.shape != (len(names), *grid):
+            raise ValueError(f"{self.name}: prediction {pred.shape} does not fit {names} on {src} {grid}")
+        params: dict[str, Any] = {"bundle": self.name, "channels": names, "geometry": src}
+        if self.layout.kind == "time_series":
+            start = int(self.output_writer.start)
+            params.update(start_phase=start, times_s=self.layout.times(data)[start + 1 :])
+        voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+        labels = {}
+        for key in self.label_outputs:
+            if data.get(key) is not None:
+                labels[key] = as_numpy(data[key])[0] > 0.5
+                params[f"{key}_voxels"] = int(labels[key].sum())
+                params[f"{key}_ml"] = round(params[f"{key}_voxels"] * voxel_ml, 4)
+        result = str(data.get("result_key") or "image")
+        if result not in ("image", *labels):
+            raise StudyError(f"{self.name}: result_key {result!r} is not one of {['image', *labels]}")
+        params["result_key"] = result
+        fd, path = tempfile.mkstemp(prefix=f"{self.name}_{result}_", suffix=".nii.gz")
         os.close(fd)
-        save_nifti(pred[0] if pred.shape[0] == 1 else np.moveaxis(pred, 0, -1), affine, path)
-        return path, {"bundle": self.name, "channels": self.output_names, "geometry": src}
+        if result != "image":
+            save_nifti(labels[result], affine, path, dtype=np.uint8)
+            params["channels"] = [result]
+        elif self.layout.kind == "fixed" and pred.shape[0] == 1:
+            save_nifti(pred[0], affine, path)
+        else:
+            save_nifti(np.moveaxis(pred, 0, -1), affine, path)
+        return path, params
