@@ -16,8 +16,8 @@ CONFIGS = ROOT / "bundles" / "d3m" / "configs"
 TINY = [*h.SMALL, *h.TINY_VAL, "--spatial_size", "[64,64]", "--batch_size", "4", "--slices_per_volume", "2"]
 # blocks that must be the same text in train.json and inference.json
 SHARED_BLOCKS = (
-    "input_keys target_key seg_key et_labels tumour_labels percentiles network_size dual_decoder "
-    "deformation network_def scheduler num_train_timesteps preprocessing"
+    "input_keys target_key seg_key et_labels tumour_labels percentiles dual_decoder "
+    "deformation network_def checkpoint_record scheduler num_train_timesteps preprocessing"
 ).split()
 
 
@@ -92,8 +92,9 @@ def test_train_infer_evaluate(phantoms, tmp_path):
         # num_samples 2: the mean of the draws, and the first draw alone (comparable with single-sample papers)
         assert {r["method"] for r in h.read_csv(m / "eval" / "metrics.csv")} == {name, f"{name}_first_draw", "copy_t1n"}
         assert (m / "eval" / cid / "t1c_std.nii.gz").exists() and not (m / "eval" / cid / "deformation.nii.gz").exists()
-    st = torch.load(tmp_path / "d3m_no_mssdm" / "model.pt", weights_only=True)
-    assert not any(k.startswith("displacement.") for k in st)
+    saved = torch.load(tmp_path / "d3m_no_mssdm" / "model.pt", weights_only=True)
+    assert saved["config"]["deformation"] is False and saved["config"]["network_size"] == "small"
+    assert len(saved["model"]) > 10 and not any(k.startswith("displacement.") for k in saved["model"])
 
 
 def test_bad_inputs_are_named(phantoms, tmp_path):

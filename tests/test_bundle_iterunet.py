@@ -16,7 +16,7 @@ CONFIGS = ROOT / "bundles" / "iterunet" / "configs"
 # blocks that must be the same text in train.json and inference.json
 SHARED_BLOCKS = (
     "series_key mask_keys grid_keys start_phase frame_offsets_s tinorm_ref_index tinorm_mask_key "
-    "time_input temporal chain_mode network_size patch_size roi_size network_def network preprocessing "
+    "time_input temporal chain_mode patch_size roi_size network_def network checkpoint_record preprocessing "
     "prepare_batch"
 ).split()
 
@@ -105,7 +105,9 @@ def test_ablations_run_as_overrides(phantoms, tmp_path):
     }
     for name, extra in runs.items():
         h.train(CONFIGS, tmp_path / name, *common, *extra, iterations=1, runner=h.bundle_here)
-        state = torch.load(tmp_path / name / "model.pt", weights_only=True)
+        saved = torch.load(tmp_path / name / "model.pt", weights_only=True)
+        state = saved["model"]  # beside the weights, the settings they were trained with
+        assert saved["config"]["temporal"] == (name != "no_temporal"), name
         assert any(k.startswith("lstm.") for k in state) == (name != "no_temporal"), name
     # a missing --init_ckpt and a perceptual term without local weights stop with a message: tests/test_iterunet.py
 

@@ -178,3 +178,33 @@ def test_sync_fills_a_stub_and_names_an_unknown_block(tmp_path):
     # the layout: one line when it fits in 120 columns, one entry per line (4 spaces deeper) otherwise
     assert dumps({"a": [1, 2]}) == '{"a": [1, 2]}'
     assert dumps({"k": "v" * 130}) == '{\n    "k": "' + "v" * 130 + '"\n}'
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_the_network_preset_travels_with_the_weights(bundle, tmp_path):
+    """Every bundle saves its ``checkpoint_record`` in each checkpoint; inference takes
+    ``network_size`` from the checkpoint (paper-sized GPU weights load on a CPU machine with the
+    default config) and names any other recorded setting that differs, before loading."""
+    from common.bundle import check_checkpoint
+
+    train, infer = _configs(bundle)
+    assert train["checkpoint_record"] == infer["checkpoint_record"], f"{bundle}: two checkpoint records"
+    assert "recorded_setting(@ckpt_path, 'network_size'" in infer["network_size"]
+    assert any("check_checkpoint(@ckpt_path, @checkpoint_record)" in s for s in infer["evaluating"])
+    assert any("check_checkpoint(@resume_path, @checkpoint_record)" in s for s in train["training"])
+    p = ConfigParser()
+    p.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    p["device"] = "cpu"
+    record = p.get_parsed_content("checkpoint_record").state_dict()
+    assert record["network_size"] == "small" and len(record) >= 3
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": {}, "config": dict(record, network_size="paper")}, ckpt)
+    p = ConfigParser()
+    p.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    p.update({"device": "cpu", "ckpt_path": str(ckpt)})
+    assert p.get_parsed_content("network_size") == "paper"
+    assert check_checkpoint(ckpt, p.get_parsed_content("checkpoint_record")) == str(ckpt)
+    other = next(k for k in record if k != "network_size")
+    torch.save({"model": {}, "config": dict(record, network_size="paper", **{other: "something else"})}, ckpt)
+    with pytest.raises(ValueError, match=rf"{other}: the checkpoint has 'something else'"):
+        check_checkpoint(ckpt, p.get_parsed_content("checkpoint_record"))
