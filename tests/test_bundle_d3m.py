@@ -92,7 +92,17 @@ def test_train_infer_evaluate(phantoms, tmp_path):
         # num_samples 2: the mean of the draws, and the first draw alone (comparable with single-sample papers)
         assert {r["method"] for r in h.read_csv(m / "eval" / "metrics.csv")} == {name, f"{name}_first_draw", "copy_t1n"}
         assert (m / "eval" / cid / "t1c_std.nii.gz").exists() and not (m / "eval" / cid / "deformation.nii.gz").exists()
-    saved = torch.load(tmp_path / "d3m_no_mssdm" / "model.pt", weights_only=True)
+    # resumed to 2 iterations: the EMA (decay 0.995, released code) is restored and model.pt holds the average
+    m = tmp_path / "d3m_no_mssdm"
+    h.train(
+        CONFIGS, m, "--val_interval", "0", *data, "--deformation", "false", *TINY, iterations=2, runner=h.bundle_here
+    )
+    state = h.final_checkpoint(m, 2)
+    assert int(state["ema"]["n_averaged"]) == 2
+    saved = torch.load(m / "model.pt", weights_only=True)
+    for k, v in saved["model"].items():
+        torch.testing.assert_close(v, state["ema"][f"module.{k}"])
+    assert any(not torch.equal(v, state["model"][k]) for k, v in saved["model"].items())  # not the raw weights
     assert saved["config"]["deformation"] is False and saved["config"]["network_size"] == "small"
     assert len(saved["model"]) > 10 and not any(k.startswith("displacement.") for k in saved["model"])
 

@@ -107,7 +107,7 @@ def test_multi_gpu_overrides_name_handlers_not_positions(bundle):
     train, _ = _configs(bundle)
     assert "is_not_rank0" in train
     handlers = train["train"]["handlers"] + train["train"].get("state_handlers", [])
-    savers = [h for h in handlers if h.get("_target_", "").split(".")[-1] in RANK0_HANDLERS]
+    savers = [h for h in handlers if isinstance(h, dict) and h.get("_target_", "").split(".")[-1] in RANK0_HANDLERS]
     assert savers and all(h.get("_disabled_") == "@is_not_rank0" for h in savers), f"{bundle}: rank-0 handlers"
 
 

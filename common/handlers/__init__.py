@@ -3,6 +3,16 @@ panels, metrics next to their trivial baselines, FID)."""
 
 from common.handlers.checkpoint import AtomicCheckpointSaver, ResumeLog, StopAtIteration
 from common.handlers.metrics import SynthesisMetrics, score_case
+from common.handlers.training import EMAWeights, GradientClipping
 from common.handlers.writer import SynthesisWriter
 
-__all__ = ["AtomicCheckpointSaver", "ResumeLog", "SynthesisMetrics", "StopAtIteration", "SynthesisWriter", "score_case"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "EMAWeights",
+    "GradientClipping",
+    "ResumeLog",
+    "SynthesisMetrics",
+    "StopAtIteration",
+    "SynthesisWriter",
+    "score_case",
+]
