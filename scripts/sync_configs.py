@@ -27,15 +27,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.io import atomic_path  # noqa: E402
+
 BLOCKS = ROOT / "common" / "bundle_blocks.json"
 CONFIG_FILES = ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json")
 MARK = "shared:"
 WIDTH = 120
 
-__all__ = ["load_blocks", "bundle_config_files", "sync_config", "marked_blocks", "dumps", "main"]
+__all__ = ["load_blocks", "bundle_config_files", "sync_config", "dumps", "main"]
 
 
 def load_blocks(path: Path = BLOCKS) -> dict[str, Any]:
@@ -52,20 +56,6 @@ def load_blocks(path: Path = BLOCKS) -> dict[str, Any]:
 def bundle_config_files(root: Path = ROOT) -> list[Path]:
     """The config files of every bundle folder under ``bundles/``."""
     return [p for b in sorted((root / "bundles").iterdir()) for f in CONFIG_FILES if (p := b / "configs" / f).is_file()]
-
-
-def marked_blocks(config: Any, path: str = "") -> Iterator[tuple[str, dict]]:
-    """``(id path, block)`` of every object in ``config`` whose ``_desc_`` is ``shared:<name>``."""
-    if isinstance(config, dict):
-        desc = config.get("_desc_")
-        if isinstance(desc, str) and desc.startswith(MARK):
-            yield path, config
-            return
-        for k, v in config.items():
-            yield from marked_blocks(v, f"{path}#{k}" if path else k)
-    elif isinstance(config, list):
-        for i, v in enumerate(config):
-            yield from marked_blocks(v, f"{path}#{i}")
 
 
 def _fill(config: Any, blocks: dict[str, Any], where: str, found: list[tuple[str, str, bool]], path: str = "") -> Any:
@@ -125,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         drift = [f"{p} ({n})" for p, n, d in found if d]
         stale.append(f"{rel}: " + (f"differs from {BLOCKS.name} at {', '.join(drift)}" if drift else "layout"))
         if not args.check:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
     unused = sorted(set(blocks) - used)
     for line in stale:
         print(("stale: " if args.check else "wrote: ") + line)

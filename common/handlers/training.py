@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
@@ -84,7 +82,7 @@ class EMAWeights:
 
     def update(self, engine: Engine | None = None) -> None:
         if self.decay == 0.0:  # no averaging: the average is the current weights
-            self.averaged.load_state_dict(copy.deepcopy(self.network.state_dict()))
+            self.averaged.load_state_dict(self.network.state_dict())
             return
         self.model.update_parameters(self.network)
 
