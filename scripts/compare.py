@@ -246,25 +246,46 @@ def trained_iterations(ckpt: Path) -> int | None:
 # ---------------------------------------------------------------- checking and tabulating
 
 
-def check_configured_targets(targets: Mapping[str, Sequence[str]]) -> None:
-    """Before any work: every method's inference config reads the same ``target_keys`` (method -> its
-    parsed list, with the budget's overrides); else a ``CompareError`` naming each method's phases."""
+def check_configured_targets(targets: Mapping[str, Sequence[str]]) -> list[str]:
+    """Before any work: the phases (``target_keys``, method -> its parsed list, with the budget's
+    overrides) that every method synthesises; the comparison is made on those. A ``CompareError``
+    naming each method's phases when no phase is shared. Scores of a shared phase do not depend on
+    the other phases a method synthesises (each phase is normalised by its own target,
+    :func:`common.handlers.metrics.channel_ranges`), so e.g. dcediff's two paper phases compare with
+    resdce's three on early and late."""
     first = next(iter(targets))
-    if any(list(t) != list(targets[first]) for t in targets.values()):
+    shared = [k for k in targets[first] if all(k in t for t in targets.values())]
+    if not shared:
         desc = "; ".join(f"{m}: {', '.join(t)}" for m, t in targets.items())
         raise CompareError(
-            f"the methods are configured to synthesise different phases (target_keys: {desc}); a comparison "
-            "needs the same targets (the scores of a shared phase differ too: each case is normalised by the "
-            "range of all its scored phases, common.handlers.metrics.target_range). Set the same target_keys, "
-            'e.g. in the budget file: "methods": {"dcediff": {"target_keys": ["dce_onset", "dce_early", "dce_late"]}}'
+            f"the methods are configured to synthesise no common phase (target_keys: {desc}); a comparison "
+            'needs at least one, e.g. in the budget file: "methods": {"dcediff": {"target_keys": ["dce_early", "dce_late"]}}'
         )
+    return shared
+
+
+def restrict_to_shared_phases(rows_by_method: Mapping[str, list[dict]]) -> tuple[dict[str, list[dict]], list[str]]:
+    """Keep the rows of the phases that every method was scored on (the comparison's targets);
+    returns the rows and a note per method naming the phases it scored that the table leaves out."""
+    phases = {
+        m: list(dict.fromkeys(r["phase"] for r in rows if r.get("method") == m)) for m, rows in rows_by_method.items()
+    }
+    first = next(iter(phases))
+    shared = [p for p in phases[first] if all(p in ps for ps in phases.values())]
+    notes = [
+        f"{m} also synthesised {', '.join(extra)}, not compared (not synthesised by every method)"
+        for m, ps in phases.items()
+        if (extra := [p for p in ps if p not in shared])
+    ]
+    return {m: [r for r in rows if r["phase"] in shared] for m, rows in rows_by_method.items()}, notes
 
 
 def check_same_targets(rows_by_method: Mapping[str, list[dict]], sources: Mapping[str, str] | None = None) -> list[str]:
     """Refuse (``CompareError``) unless every method was scored on the same cases, phases and regions,
     and every trivial baseline two methods share has the same scores (the same arrays against the same
-    targets). ``rows_by_method``: each method's metrics.csv rows (its own and its baselines'); ``sources``:
-    method -> file named in the messages. Returns notes for the table's header."""
+    targets). ``rows_by_method``: each method's metrics.csv rows (its own and its baselines'), restricted
+    to the compared phases (:func:`restrict_to_shared_phases`); ``sources``: method -> file named in the
+    messages. Returns notes for the table's header."""
     sources = sources or {m: f"{m} metrics" for m in rows_by_method}
     methods = list(rows_by_method)
     first = methods[0]
@@ -286,9 +307,7 @@ def check_same_targets(rows_by_method: Mapping[str, list[dict]], sources: Mappin
                     + (f" (only {m}: {', '.join(only_b)})" if only_b else "")
                     + (
                         "; configure the bundles to read the same target_keys (e.g. in the budget: "
-                        '"methods": {"dcediff": {"target_keys": ["dce_onset", "dce_early", "dce_late"]}}); the '
-                        "scores of a shared phase are not comparable either, as every case is normalised by the "
-                        "range of all its scored phases together (common.handlers.metrics.target_range)"
+                        '"methods": {"dcediff": {"target_keys": ["dce_onset", "dce_early", "dce_late"]}})'
                         if field == "phase"
                         else "; run every method on the same --dataset_dir and test section"
                     )
@@ -537,8 +556,11 @@ def main(
         for k, v in plans[m][1].items():
             p[k] = v
         targets[m] = p.get_parsed_content("target_keys")
-    check_configured_targets(targets)
-    log(f"{len(methods)} method(s) on {data}: {', '.join(methods)}; common budget {spec['common']}")
+    shared = check_configured_targets(targets)
+    log(
+        f"{len(methods)} method(s) on {data}: {', '.join(methods)}; compared on {', '.join(shared)}; "
+        f"common budget {spec['common']}"
+    )
 
     info: dict[str, dict] = {}
     rows_by_method: dict[str, list[dict]] = {}
@@ -560,7 +582,8 @@ def main(
         rows_by_method[m] = read_case_csv(evals[m] / "metrics.csv")
 
     sources = {m: str(evals[m] / "metrics.csv") for m in methods}
-    notes = check_same_targets(rows_by_method, sources)
+    rows_by_method, notes = restrict_to_shared_phases(rows_by_method)
+    notes = check_same_targets(rows_by_method, sources) + notes
     table = build_table(rows_by_method, {m: _row_info(info[m]) for m in methods})
     cases = sorted({str(r["case"]) for r in rows_by_method[methods[0]] if r["method"] == methods[0]})
     compared = list(dict.fromkeys(r["phase"] for r in rows_by_method[methods[0]]))

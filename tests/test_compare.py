@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 from common.metrics import read_case_csv  # noqa: E402
 from scripts import compare as C  # noqa: E402
 
-PHASES = ["dce_onset", "dce_early", "dce_late"]
+PHASES = ["dce_early", "dce_late"]  # compared: dcediff's two paper phases, also synthesised by resdce
 # the smallest run of each bundle: 2 one-iteration epochs of 2 slices cropped to 32 x 32, 2 sampling steps
 BUDGET = {
     "num_iterations": 2,
@@ -30,7 +30,7 @@ BUDGET = {
     "val_interval": 0,
     "methods": {
         "resdce": {"num_inference_steps": 2},
-        "dcediff": {"sampler": "ddim", "num_inference_steps": 2, "warmup_steps": 1, "target_keys": PHASES},
+        "dcediff": {"sampler": "ddim", "num_inference_steps": 2, "warmup_steps": 1},  # its own target_keys
     },
 }
 
@@ -82,6 +82,8 @@ def test_one_table_for_both_methods_on_the_same_targets(compared, data):
     scored = read_case_csv(out / "resdce" / "eval" / "metrics.csv")
     regions = {r["region"] for r in scored}
     assert regions >= {"whole", "organ_mask", "lesion_mask"}
+    assert [p for p in dict.fromkeys(r["phase"] for r in table)] == PHASES  # resdce's onset is left out, with a note
+    assert "resdce also synthesised dce_onset, not compared (not synthesised by every method)" in res["notes"]
     for phase in PHASES:
         for region in regions:
             rows = [r for r in table if r["phase"] == phase and r["region"] == region]
@@ -96,6 +98,7 @@ def test_one_table_for_both_methods_on_the_same_targets(compared, data):
     base = {m: read_case_csv(out / m / "eval" / "metrics.csv") for m in ("resdce", "dcediff")}
     rd, dd = ([r for r in base[m] if r["method"] == "copy_pre"] for m in ("resdce", "dcediff"))
     key = lambda r: (r["case"], r["phase"], r["region"])  # noqa: E731
+    rd = [r for r in rd if r["phase"] in PHASES]  # the phases both scored
     assert len(rd) == len(dd) == len(test_ids) * len(PHASES) * len(regions)
     for a, b in zip(sorted(rd, key=key), sorted(dd, key=key)):
         assert key(a) == key(b)
@@ -145,11 +148,26 @@ def test_given_checkpoints_are_not_retrained(compared, data, tmp_path):
     assert {key(r): r["psnr_mean"] for r in res["table"]} == pytest.approx(before)
 
 
-def test_refuses_methods_configured_for_other_phases(data, tmp_path):
+def test_methods_with_other_phase_sets_are_compared_on_the_shared_ones(data, tmp_path):
+    """dcediff's two paper phases against resdce's three: compared on early and late (a phase's scores do
+    not depend on the other phases, common.handlers.metrics.channel_ranges); no shared phase: refused."""
+    assert C.check_configured_targets(
+        {"resdce": ["dce_onset", "dce_early", "dce_late"], "dcediff": ["dce_early", "dce_late"]}
+    ) == ["dce_early", "dce_late"]
+    rows = {
+        "resdce": _rows("resdce", {"psnr": [1.0, 2.0, 3.0]}, phase="onset")
+        + _rows("resdce", {"psnr": [4.0, 5.0, 6.0]}, phase="late"),
+        "dcediff": _rows("dcediff", {"psnr": [7.0, 8.0, 9.0]}, phase="late"),
+    }
+    kept, notes = C.restrict_to_shared_phases(rows)
+    assert {m: sorted({r["phase"] for r in rs}) for m, rs in kept.items()} == {"resdce": ["late"], "dcediff": ["late"]}
+    assert [r["psnr"] for r in kept["resdce"]] == [4.0, 5.0, 6.0]
+    assert notes == ["resdce also synthesised onset, not compared (not synthesised by every method)"]
     spec = json.loads(json.dumps(BUDGET))
-    spec["methods"]["dcediff"]["target_keys"] = ["dce_early", "dce_late"]
+    spec["methods"]["dcediff"]["target_keys"] = ["dce_pre"]
+    spec["methods"]["resdce"] = {"target_keys": ["dce_early", "dce_late"]}
     with pytest.raises(
-        C.CompareError, match=r"different phases \(target_keys: resdce: dce_onset, dce_early, dce_late; "
+        C.CompareError, match=r"no common phase \(target_keys: resdce: dce_early, dce_late; dcediff: dce_pre"
     ):
         C.main(dataset_dir=str(data), out=str(tmp_path / "o"), budget=_budget(tmp_path, spec))
     assert not (tmp_path / "o").exists()  # refused before any training

@@ -154,6 +154,28 @@ def test_score_case_known_values():
     assert rows["organ_mask"]["mae"] == 0.0 and rows["organ_mask"]["enh_rel_err"] == 0.0
 
 
+def test_a_phase_scores_the_same_whatever_other_phases_are_scored():
+    """Each phase is normalised by its own target's percentiles: scoring early alone and early next to
+    a brighter late phase give the same figures (a method with two phases compares with one with three)."""
+    from common.handlers.metrics import channel_ranges, target_range
+
+    rng = np.random.default_rng(3)
+    target = np.stack([rng.random((12, 12, 3)) * 100, rng.random((12, 12, 3)) * 400 + 50]).astype(np.float32)
+    pred = target + rng.standard_normal(target.shape).astype(np.float32) * 5
+    ref = np.repeat(target[:1] * 0.5, 2, axis=0)
+    both = [r for r in score_case(pred, target, {}, ["early", "late"], reference=ref) if r["phase"] == "early"]
+    alone = score_case(pred[:1], target[:1], {}, ["early"], reference=ref[:1])
+    assert both == alone
+    lo, scale = channel_ranges(target)
+    assert lo.shape == scale.shape == (2, 1, 1, 1)
+    for c in range(2):
+        assert (lo[c].item(), scale[c].item()) == pytest.approx(target_range(target[c]))
+    # closed form: PSNR of the early phase with data range = its 0.5-99.5 percentile span
+    span = np.subtract(*np.percentile(target[0], (99.5, 0.5)))
+    mse = np.mean(((pred[0] - target[0]) / span) ** 2)
+    assert alone[0]["psnr"] == pytest.approx(10 * np.log10(1 / mse), rel=1e-4)
+
+
 def test_enhancement_scores_baseline_and_perfect():
     rng = np.random.default_rng(0)
     pre = rng.random((8, 8, 2))

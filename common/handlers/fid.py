@@ -5,8 +5,9 @@ Optional part of a bundle's evaluation: it needs a LOCAL feature-extractor file
 the evaluator runs, so cases of different grids can be pooled; the distance is computed at the end.
 
 Each axial slice of a case becomes one image. Target, prediction and baselines are normalised with
-the target's case-level percentile range (all channels jointly), as :func:`common.handlers.metrics.score_case`
-does, so the extractor sees the same [0, 1] intensity scale for every method.
+the target phase's percentile range, per case and phase (:func:`common.handlers.metrics.channel_ranges`,
+as :func:`common.handlers.metrics.score_case` does), so the extractor sees the same [0, 1] intensity scale
+for every method.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from common.handlers.metrics import target_range
+from common.handlers.metrics import channel_ranges
 from common.handlers.writer import as_numpy
 from common.io import save_json
 from common.metrics import write_case_csv
@@ -91,7 +92,7 @@ class SynthesisFID:
                 keep = (as_numpy(item[self.mask_key])[0] > 0.5).any(axis=(0, 1))
             if not keep.any():
                 continue
-            lo, scale = target_range(target, self.percentiles)
+            lo, scale = channel_ranges(target, self.percentiles)
             methods = {"real": target, self.method: as_numpy(out["pred"])}
             for b in self.baselines:
                 value = out.get(f"baseline_{b}")
@@ -101,7 +102,7 @@ class SynthesisFID:
                 methods[b] = as_numpy(value)
             for name, vol in methods.items():
                 for c, phase in enumerate(self.output_names):
-                    self._add(name, phase, self._slices((vol[c] - lo) / scale, keep))
+                    self._add(name, phase, self._slices((vol[c] - lo[c]) / scale[c], keep))
 
     def on_completed(self, engine: Engine) -> None:
         if not self.features:

@@ -6,10 +6,12 @@ or the paired input channel) per output channel (phase) and per region (whole im
 non-empty mask), and at the end writes a per-case CSV (long format), a summary (mean +- std), a
 paired Wilcoxon test of the model against each baseline, and prints the table.
 
-Intensity normalisation for scoring: target, prediction and baselines are divided by the same
-case-level range of the target (its ``percentiles`` over all output channels jointly, mapped to
-[0, 1]), and PSNR/SSIM use ``data_range = 1``. So figures are comparable between cases and
-methods, and relative enhancement between phases is kept.
+Intensity normalisation for scoring, per case and per phase: the target phase's ``percentiles``
+are mapped to [0, 1], the prediction and baselines of that phase go through the same map, and
+PSNR/SSIM use ``data_range = 1`` (:func:`channel_ranges`). A phase's figures therefore depend on
+that phase alone: a method that synthesises two phases and one that synthesises three score a
+shared phase identically, and figures are comparable between cases. The enhancement metrics
+(``enh_rel_err``, ``enh_corr``) do not depend on the scale at all.
 """
 
 from __future__ import annotations
@@ -44,10 +46,18 @@ METRICS = {"psnr": psnr, "ssim": ssim, "mae": mae, "gmsd": gmsd}
 
 
 def target_range(target: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
-    """``(lo, scale)`` that map the target's ``percentiles`` (over all its channels) to [0, 1]:
-    every image of a case is scored as ``(image - lo) / scale`` (scale 1 for a constant target)."""
+    """``(lo, scale)`` that map the ``percentiles`` of one target image (any shape) to [0, 1]: the
+    image and its predictions are scored as ``(image - lo) / scale`` (scale 1 for a constant target)."""
     lo, hi = np.percentile(target, percentiles)
     return float(lo), (float(hi - lo) if hi > lo else 1.0)
+
+
+def channel_ranges(target: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[np.ndarray, np.ndarray]:
+    """Per phase :func:`target_range`: ``target`` (C, ...) -> ``(lo, scale)``, each (C, 1, ..., 1),
+    so that ``(image - lo) / scale`` maps channel c of any (C, ...) image with channel c's range."""
+    ranges = np.array([target_range(t, percentiles) for t in target], dtype=np.float64)
+    shape = (len(target),) + (1,) * (target.ndim - 1)
+    return ranges[:, 0].reshape(shape), ranges[:, 1].reshape(shape)
 
 
 def score_case(
@@ -79,7 +89,7 @@ def score_case(
     Returns:
         rows ``{"phase", "region", "psnr", "ssim", "mae"[, "enh_rel_err", "enh_corr"]}``.
     """
-    lo, scale = target_range(target, percentiles)
+    lo, scale = channel_ranges(target, percentiles)
     t = (target - lo) / scale
     p = (pred - lo) / scale
     r = None if reference is None else (reference - lo) / scale

@@ -25,7 +25,8 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 __all__ = ["PRESETS", "D3MNetwork", "DisplacementUNet", "DualDecoderDiffusionUNet"]
 
 PRESETS = {
-    # released code: base 64, multipliers (1, 2, 4, 8), attention at the innermost level (~56M parameters)
+    # released code's widths: base 64, multipliers (1, 2, 4, 8), attention at the innermost level; 98.3M here
+    # (MONAI's block layout), 55.7M in the released code's layout (bundles/d3m/docs/README.md)
     "paper": dict(
         channels=(64, 128, 256, 512),
         attention_levels=(False, False, False, True),
