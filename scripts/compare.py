@@ -246,6 +246,12 @@ def trained_iterations(ckpt: Path) -> int | None:
 # ---------------------------------------------------------------- checking and tabulating
 
 
+def _shared_phases(phases: Mapping[str, Sequence[str]]) -> list[str]:
+    """The phases every method has (method -> its phases), in the first method's order."""
+    first = next(iter(phases.values()))
+    return [p for p in first if all(p in ps for ps in phases.values())]
+
+
 def check_configured_targets(targets: Mapping[str, Sequence[str]]) -> list[str]:
     """Before any work: the phases (``target_keys``, method -> its parsed list, with the budget's
     overrides) that every method synthesises; the comparison is made on those. A ``CompareError``
@@ -253,8 +259,7 @@ def check_configured_targets(targets: Mapping[str, Sequence[str]]) -> list[str]:
     the other phases a method synthesises (each phase is normalised by its own target,
     :func:`common.handlers.metrics.channel_ranges`), so e.g. dcediff's two paper phases compare with
     resdce's three on early and late."""
-    first = next(iter(targets))
-    shared = [k for k in targets[first] if all(k in t for t in targets.values())]
+    shared = _shared_phases(targets)
     if not shared:
         desc = "; ".join(f"{m}: {', '.join(t)}" for m, t in targets.items())
         raise CompareError(
@@ -270,8 +275,7 @@ def restrict_to_shared_phases(rows_by_method: Mapping[str, list[dict]]) -> tuple
     phases = {
         m: list(dict.fromkeys(r["phase"] for r in rows if r.get("method") == m)) for m, rows in rows_by_method.items()
     }
-    first = next(iter(phases))
-    shared = [p for p in phases[first] if all(p in ps for ps in phases.values())]
+    shared = _shared_phases(phases)
     notes = [
         f"{m} also synthesised {', '.join(extra)}, not compared (not synthesised by every method)"
         for m, ps in phases.items()

@@ -111,12 +111,12 @@ def sample_lesion_pk(
     T1: float = 1.4,
     PD: float = 0.8,
     max_tries: int = 500,
-) -> tuple[TissuePK, float]:
+) -> tuple[TissuePK, float, float]:
     """Tofts parameters whose noise-free curve has kinetic type ``ktype`` with a margin, and the
     type's early enhancement (both windows of :data:`TYPE_RANGES`).
 
     Returns:
-        ``(pk, relative_change)``.
+        ``(pk, relative_change, early_enhancement)`` of the noise-free curve.
     """
     r = TYPE_RANGES[ktype]
     for _ in range(max_tries):
@@ -125,7 +125,7 @@ def sample_lesion_pk(
         change = relative_change(signal, times)
         early = early_enhancement(signal)
         if r["accept"][0] < change < r["accept"][1] and r["early"][0] < early < r["early"][1]:
-            return pk, change
+            return pk, change, early
     raise RuntimeError(f"no Tofts parameters of type {ktype} found in {max_tries} tries")
 
 
@@ -221,7 +221,7 @@ def make_breast_phantom(
             rng, p, np.full(3, radius), jitter=0.2, bump=0.15 if ktype == "III" else 0.06, rotate_deg=40
         )
         T1 = float(rng.uniform(1.3, 1.5))
-        pk, change = sample_lesion_pk(rng, ktype, times, arrival, T1=T1)
+        pk, change, early = sample_lesion_pk(rng, ktype, times, arrival, T1=T1)
         name = f"lesion{i + 1}"
         tissues[name] = {"T1": T1, "PD": 0.8, "pk": pk}
         lesion_items.append((name, shp, breast))
@@ -233,7 +233,7 @@ def make_breast_phantom(
                 "T1_s": T1,
                 **shp.describe(),
                 "relative_change_noise_free": change,
-                "early_enhancement_noise_free": early_enhancement(_lesion_signal(pk, T1, 0.8, times, arrival)),
+                "early_enhancement_noise_free": early,
             }
         )
 
