@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One DICOM study in, synthetic DCE phases out as NIfTI and as DICOM series of the same study.
+"""One DICOM study in, synthetic series out as NIfTI and as DICOM series of the same study.
 
 Usage::
 
@@ -9,10 +9,13 @@ Usage::
 
 Steps:
 
-1. ingest the study with the project's ingest (:func:`common.ingest.ingest_study`; the options of
-   ``scripts/prepare_prostatex.py`` as ``--ingest_<option>``, e.g. ``--ingest_crop_size 160,160,16``,
-   ``--ingest_register false``) into ``<out>/prepared/<case>/`` (an existing case of the same study
-   and settings is reused);
+1. ingest the study with the project's ingest into ``<out>/prepared/<case>/`` (an existing case of the
+   same study and settings is reused): a prostate study for resdce, dcediff and iterunet
+   (:func:`common.ingest.ingest_study`; the options of ``scripts/prepare_prostatex.py`` as
+   ``--ingest_<option>``, e.g. ``--ingest_crop_size 160,160,16``, ``--ingest_register false``), a brain
+   study for d3m (:func:`common.ingest.brain.ingest_brain_study`: T1, T2, FLAIR and, when present, T1c
+   found by :data:`common.ingest.rules.BRAIN_RULES_PATH`, registered onto the T1 grid; options
+   :data:`BRAIN_INGEST_OPTIONS`, e.g. ``--ingest_rules my_rules.json``, ``--ingest_brain_mask mask.nii.gz``);
 2. run the bundle's ``configs/inference.json`` on that case in this process (``monai.bundle``'s
    ``create_workflow``, as ``python -m monai.bundle run evaluating``); every other ``--key value`` is a
    config override of the bundle, typed as on the ``monai.bundle`` command line) ->
@@ -26,13 +29,14 @@ Bundles: ``resdce`` and ``dcediff`` (DCE phases from the case's other series); `
 frames of the case's 4D DCE series from its pre-contrast and start frames: every frame of
 ``dce_synth.nii.gz`` becomes a series ``SYNTHETIC DCE t<seconds>s ...``, seconds after contrast arrival;
 defaults :data:`BUNDLE_DEFAULTS`, the prostate overrides of ``bundles/iterunet/docs/README.md``).
-``d3m`` and ``ressrdiff`` are refused with the reason (:data:`REFUSED`: no DICOM brain ingest; one volume,
-not a study).
+``d3m`` (the T1 post-contrast as ``SYNTHETIC T1c ...`` and the predicted enhancing-tumour mask as
+``SYNTHETIC ET mask ...``, 1 = ET, both on the T1 grid; plus ``T1c std`` with ``--num_samples`` > 1).
+``ressrdiff`` is refused with the reason (:data:`REFUSED`: one volume, not a study).
 
 The source study folder is only read: an ``--out`` inside it is refused, and so is an output
 folder that already holds DICOM series of an earlier run. The series that the synthesis grid came
-from (the ingest's reference grid: the DCE time point used as pre-contrast input, by default) gives
-the patient/study tags, the frame of reference and the ``SourceImageSequence``.
+from (the ingest's reference grid: the DCE time point used as pre-contrast input, by default; the T1
+of a brain study) gives the patient/study tags, the frame of reference and the ``SourceImageSequence``.
 """
 
 from __future__ import annotations
@@ -58,14 +62,23 @@ from common.layout import MANIFEST  # noqa: E402
 
 log = logging.getLogger("synthesize")
 
-#: bundles whose inference reads a prepared prostate case (the ingest's output) and writes DCE phases
-#: (iterunet: the delayed frames of the case's 4D DCE series, predicted from its pre and start frames).
-SUPPORTED = ("resdce", "dcediff", "iterunet")
+#: bundles whose inference reads a prepared case made by an ingest of this script: a prostate case for the
+#: DCE bundles (iterunet: the delayed frames of the case's 4D DCE series, predicted from its pre and start
+#: frames), a BraTS-layout brain case for d3m (:data:`BRAIN_BUNDLES`).
+SUPPORTED = ("resdce", "dcediff", "iterunet", "d3m")
+#: bundles that read a brain study (:func:`common.ingest.brain.ingest_brain_study`).
+BRAIN_BUNDLES = ("d3m",)
+#: ``--ingest_<option>`` of the brain ingest: option -> (type, meaning).
+BRAIN_INGEST_OPTIONS = {
+    "rules": (str, "series-to-role rules JSON (default common/ingest/brain_rules.json)"),
+    "register": (bool, "rigid registration of T2, FLAIR, T1c onto T1 (false: scanner geometry only)"),
+    "max_translation_mm": (float, "registration bound (default 25)"),
+    "max_rotation_deg": (float, "registration bound (default 20)"),
+    "brain_mask": (str, "a brain mask NIfTI in the T1's scanner space (default: T1 > 0, not skull-stripped)"),
+    "overwrite": (bool, "ingest again even if the prepared case exists"),
+}
 #: bundles that exist but whose input this ingest cannot make, with the reason (one line each).
 REFUSED = {
-    "d3m": "d3m reads a BraTS-named brain case (T1n, T2w, T2-FLAIR, co-registered and skull-stripped NIfTI); "
-    "this script's ingest makes prostate cases from DICOM and there is no DICOM brain ingest yet: "
-    "run the bundle on NIfTI (bundles/d3m/docs/README.md)",
     "ressrdiff": "ressrdiff super-resolves one volume, not a study: run the bundle on a NIfTI file "
     "(bundles/ressrdiff/docs/README.md)",
 }
@@ -113,6 +126,53 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     ingest = {k[len(INGEST_PREFIX) :]: v for k, v in options.items() if k.startswith(INGEST_PREFIX)}
     bundle = {k: v for k, v in options.items() if not k.startswith(INGEST_PREFIX)}
     return ingest, bundle
+
+
+def _as_bool(name: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(v).strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"--{INGEST_PREFIX}{name} {v!r}: expected true or false")
+
+
+def brain_ingest_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The brain ingest's settings from ``--ingest_<option>`` values (:data:`BRAIN_INGEST_OPTIONS`), typed,
+    with the defaults filled in (``rules`` and ``brain_mask`` as absolute paths or None).
+
+    Raises:
+        ValueError: an unknown option or a value of the wrong type.
+        FileNotFoundError: a rules or brain-mask file that does not exist.
+    """
+    unknown = sorted(set(options) - set(BRAIN_INGEST_OPTIONS))
+    if unknown:
+        known = [INGEST_PREFIX + k for k in BRAIN_INGEST_OPTIONS]
+        raise ValueError(
+            f"unknown ingest option(s) {[INGEST_PREFIX + k for k in unknown]} for a brain study (known: {known})"
+        )
+    out: dict[str, Any] = {
+        "rules": None,
+        "register": True,
+        "max_translation_mm": 25.0,
+        "max_rotation_deg": 20.0,
+        "brain_mask": None,
+        "overwrite": False,
+    }
+    for k, v in options.items():
+        kind = BRAIN_INGEST_OPTIONS[k][0]
+        try:
+            out[k] = _as_bool(k, v) if kind is bool else kind(v)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--{INGEST_PREFIX}{k} {v!r}: {e}") from None
+    for k in ("rules", "brain_mask"):
+        if out[k] is not None:
+            path = Path(out[k]).expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"--{INGEST_PREFIX}{k} {path}: no such file")
+            out[k] = str(path)
+    return out
 
 
 def ingest_config(options: dict[str, Any]):
@@ -167,9 +227,27 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+def _reusable(case: Path, study: Path, config: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of an existing prepared ``case`` made from ``study`` with ``config`` (None: ingest it).
+
+    Raises:
+        FileExistsError: the case exists but was made from another study or with other settings.
+    """
+    if not (case / MANIFEST).exists() or overwrite:
+        return None
+    manifest = json.loads((case / MANIFEST).read_text())
+    saved = manifest.get("config", {})
+    differ = sorted(k for k, v in _plain(config).items() if k != "overwrite" and saved.get(k) != v)
+    if Path(manifest.get("source", "")) != study or differ:
+        why = f"source {manifest.get('source')}" if Path(manifest.get("source", "")) != study else f"{differ}"
+        raise FileExistsError(f"{case} was prepared differently ({why}): remove it or choose another --out / --case_id")
+    log.info("reusing the prepared case %s", case)
+    return manifest
+
+
 def prepare_case(study: Path, prepared: Path, case_id: str, cfg) -> tuple[Path, dict[str, Any]]:
-    """Ingest ``study`` into ``prepared/<case_id>`` (or reuse a case made from it with the same settings;
-    ``--ingest_overwrite true`` ingests it again).
+    """Ingest the prostate ``study`` into ``prepared/<case_id>`` (or reuse a case made from it with the same
+    settings; ``--ingest_overwrite true`` ingests it again).
 
     Returns:
         ``(case folder, manifest)``.
@@ -178,18 +256,30 @@ def prepare_case(study: Path, prepared: Path, case_id: str, cfg) -> tuple[Path, 
         FileExistsError: the case exists but was made from another study or with other settings.
     """
     case = prepared / case_id
-    if (case / MANIFEST).exists() and not cfg.overwrite:
-        manifest = json.loads((case / MANIFEST).read_text())
-        saved = manifest.get("config", {})
-        differ = sorted(k for k, v in _plain(cfg.to_dict()).items() if k != "overwrite" and saved.get(k) != v)
-        if Path(manifest.get("source", "")) != study or differ:
-            why = f"source {manifest.get('source')}" if Path(manifest.get("source", "")) != study else f"{differ}"
-            raise FileExistsError(
-                f"{case} was prepared differently ({why}): remove it or choose another --out / --case_id"
-            )
-        log.info("reusing the prepared case %s", case)
-        return case, manifest
-    return case, ingest_study(study, prepared, case_id, cfg)
+    manifest = _reusable(case, study, cfg.to_dict(), cfg.overwrite)
+    return case, manifest if manifest is not None else ingest_study(study, prepared, case_id, cfg)
+
+
+def prepare_brain(study: Path, prepared: Path, case_id: str, options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Ingest the brain ``study`` into ``prepared/<case_id>`` in the BraTS layout (``<case>-t1n.nii.gz`` ...,
+    on the T1 grid) or reuse it, as :func:`prepare_case`; ``options`` from :func:`brain_ingest_options`."""
+    from common.ingest.brain import brain_settings, ingest_brain_study
+
+    case = prepared / case_id
+    config = {k: v for k, v in options.items() if k != "overwrite"}
+    manifest = _reusable(case, study, config, options["overwrite"])
+    if manifest is None:
+        manifest = ingest_brain_study(
+            study,
+            prepared,
+            case_id,
+            rules=options["rules"],
+            register=options["register"],
+            settings=brain_settings(options["max_translation_mm"], options["max_rotation_deg"]),
+            brain_mask=options["brain_mask"],
+            config=config,
+        )
+    return case, manifest
 
 
 def bundle_metadata(bundle: str) -> dict[str, Any]:
@@ -223,8 +313,8 @@ def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str
 
     Returns:
         The resolved settings the DICOM headers name: ``ckpt_path``; for the phase bundles ``input_keys``,
-        ``target_keys``, ``num_inference_steps``; for iterunet ``series_key``, ``start_phase`` and
-        ``chain_mode``.
+        ``target_keys``, ``num_inference_steps``; for d3m ``input_keys``, ``target_key``,
+        ``num_inference_steps``, ``num_samples``; for iterunet ``series_key``, ``start_phase`` and ``chain_mode``.
     """
     from monai.bundle.scripts import create_workflow
 
@@ -241,7 +331,8 @@ def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str
             **overrides,
         )
         wf.run()
-        keys = ("input_keys", "target_keys", "num_inference_steps", "series_key", "start_phase", "chain_mode")
+        keys = ("input_keys", "target_keys", "target_key", "num_inference_steps", "series_key", "start_phase")
+        keys += ("chain_mode", "num_samples")
         settings = {k: wf.parser.get_parsed_content(k) for k in ("ckpt_path", *keys) if k in wf.parser}
         wf.finalize()
     finally:  # the bundle's logging.conf adds a console handler: leave the caller's logging as it was
@@ -295,9 +386,26 @@ def synthetic_outputs(case_out: Path, settings: dict[str, Any]) -> list[dict[str
 
     Phase bundles: ``<key>.nii.gz`` of every target key and ``<key>_std.nii.gz`` where ``--num_samples`` > 1
     wrote one. iterunet: each frame of ``dce_synth.nii.gz``, named by ``kinetics.json``'s predicted phases
-    (``t<seconds>s``, seconds after contrast arrival).
+    (``t<seconds>s``, seconds after contrast arrival). d3m: ``<target_key>.nii.gz`` (T1c), its ``_std`` where
+    written, and ``et_mask.nii.gz`` (the predicted enhancing-tumour mask, 0/1).
     """
     ckpt = Path(str(settings["ckpt_path"])).name
+    if "target_key" in settings:
+        key = settings["target_key"]
+        label = "T1c" if key == "t1c" else key
+        how = (
+            f"from {', '.join(settings['input_keys'])}; checkpoint {ckpt}, {settings['num_inference_steps']} DDIM steps"
+        )
+        out = [{"key": key, "label": label, "nifti": case_out / f"{key}.nii.gz", "what": "T1 post-contrast image"}]
+        if (case_out / f"{key}_std.nii.gz").exists():
+            what = f"pixel-wise standard deviation over {settings.get('num_samples')} samples of the T1 post-contrast"
+            out.append(
+                {"key": f"{key}_std", "label": f"{label} std", "nifti": case_out / f"{key}_std.nii.gz", "what": what}
+            )
+        if (case_out / "et_mask.nii.gz").exists():
+            what = "enhancing-tumour mask (1 = enhancing tumour, 0 = not; predicted jointly with the T1c)"
+            out.append({"key": "et_mask", "label": "ET mask", "nifti": case_out / "et_mask.nii.gz", "what": what})
+        return [{**o, "frame": None, "how": how} for o in out]
     if "target_keys" in settings:
         how = f"from {', '.join(settings['input_keys'])}; checkpoint {ckpt}, {settings['num_inference_steps']} sampling steps"
         out = []
@@ -408,7 +516,8 @@ def synthesize(
         case_id: case name (default: :func:`case_name`).
         first_series_number: SeriesNumber of the first synthetic series (default:
             :func:`first_free_series_number`).
-        ingest: ``prepare_prostatex`` options for the ingest (e.g. ``{"crop_size": "96,96,8"}``).
+        ingest: options of the ingest: ``prepare_prostatex``'s for a prostate study (e.g.
+            ``{"crop_size": "96,96,8"}``), :data:`BRAIN_INGEST_OPTIONS` for d3m's brain study.
         overrides: bundle config overrides (``ckpt_path``, ``num_inference_steps``, ``device`` ...).
 
     Returns:
@@ -418,11 +527,12 @@ def synthesize(
         raise ValueError(f"--bundle {bundle}: not supported by synthesize.py: {REFUSED[bundle]}")
     if bundle not in SUPPORTED:
         raise ValueError(
-            f"--bundle {bundle!r}: synthesize.py supports {list(SUPPORTED)} (bundles that read a prepared prostate case)"
+            f"--bundle {bundle!r}: synthesize.py supports {list(SUPPORTED)} (bundles that read a case its ingest makes)"
         )
     overrides = {**BUNDLE_DEFAULTS.get(bundle, {}), **overrides}
     study, out = check_folders(Path(study), Path(out))
-    cfg = ingest_config(ingest or {})
+    brain = bundle in BRAIN_BUNDLES
+    cfg = brain_ingest_options(ingest or {}) if brain else ingest_config(ingest or {})
     case_id = case_name(study, case_id)
     reserved = sorted(set(overrides) & set(RESERVED))
     if reserved:
@@ -436,7 +546,7 @@ def synthesize(
     meta = bundle_metadata(bundle)
     preflight(bundle, overrides)
     t0 = time.perf_counter()
-    case, manifest = prepare_case(study, out / "prepared", case_id, cfg)
+    case, manifest = (prepare_brain if brain else prepare_case)(study, out / "prepared", case_id, cfg)
     t_ingest = time.perf_counter()
     settings = run_inference(bundle, case, out / bundle, overrides)
     t_infer = time.perf_counter()
@@ -469,7 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="Every other --<id> <value> is an override of the bundle's inference config "
         "(e.g. --ckpt_path model.pt --num_inference_steps 4 --device cpu); --ingest_<option> <value> "
-        "sets an option of scripts/prepare_prostatex.py for the ingest (e.g. --ingest_crop_size 160,160,16).",
+        "sets an option of the ingest: of scripts/prepare_prostatex.py for a prostate study (e.g. "
+        "--ingest_crop_size 160,160,16), of the brain ingest for d3m (--ingest_rules, --ingest_register, "
+        "--ingest_max_translation_mm, --ingest_max_rotation_deg, --ingest_brain_mask, --ingest_overwrite).",
     )
     parser.add_argument("--study", required=True, help="TCIA patient or study folder (only read)")
     parser.add_argument("--bundle", required=True, help=f"one of {', '.join(SUPPORTED)}")

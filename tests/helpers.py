@@ -86,11 +86,11 @@ def check_bundle_configs(configs: Path, train=(), evaluate=(), more=(), shared=(
 
 
 def tiny_phantoms(out: Path, kind: str, n: int, layout: str = "", **overrides) -> Path:
-    """``n`` small phantom subjects of ``kind`` ("prostate", "brain", "breast"; prostate without DICOM)
+    """``n`` small phantom subjects of ``kind`` ("prostate", "brain", "breast"; without DICOM studies)
     written below ``out``; returns ``out/<kind>/<layout>`` (``layout``: "prepared", "nifti" or none)."""
     from common.phantoms import write_phantoms
 
-    if kind == "prostate":
+    if kind in ("prostate", "brain"):
         overrides.setdefault("dicom", False)
     write_phantoms(out, kinds=(kind,), small=True, progress=False, **{f"n_{kind}": n}, **overrides)
     return out / kind / layout if layout else out / kind

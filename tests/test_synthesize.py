@@ -281,7 +281,7 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
         synthesize(phantom_study, "resdce", tmp_path / "z", ingest={"seed": 1})
     with pytest.raises(ValueError, match="ressrdiff: not supported by synthesize.py: ressrdiff super-resolves one"):
         synthesize(phantom_study, "ressrdiff", tmp_path / "x")
-    with pytest.raises(ValueError, match=r"supports \['resdce', 'dcediff', 'iterunet'\]"):
+    with pytest.raises(ValueError, match=r"supports \['resdce', 'dcediff', 'iterunet', 'd3m'\]"):
         synthesize(phantom_study, "nosuch", tmp_path / "x")
     with pytest.raises(ValueError, match="set by synthesize.py"):
         synthesize(phantom_study, "resdce", tmp_path / "y", output_dir=str(tmp_path), ingest={"crop_size": CROP})
@@ -349,11 +349,13 @@ def test_iterunet_delayed_frames_as_dicom(resdce_run, phantom_study, tmp_path, c
             assert f"at {kin['times_s'][2 + c]:g} s after contrast arrival" in ds.DerivationDescription
             assert int(ds.SeriesNumber) == s["series_number"] not in resdce_numbers
             assert not [t for t in TYPE1 if t not in ds or ds[t].value in (None, "", b"")]
-    # d3m: refused in one line that names what is missing
-    assert main(["--study", str(phantom_study), "--bundle", "d3m", "--out", str(tmp_path / "d3m")]) == 1
+    # d3m on a prostate study: its brain ingest stops in one line naming the contrasts it did not find
+    ckpt = _tiny_checkpoint("d3m", tmp_path / "d3m.pt")
+    args = ["--study", str(phantom_study), "--bundle", "d3m", "--out", str(tmp_path / "d3m"), "--ckpt_path", str(ckpt)]
+    assert main(args) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "no DICOM brain ingest" in err and err.startswith("error: --bundle d3m")
-    assert not (tmp_path / "d3m").exists()
+    assert err.count("\n") == 0 and err.startswith("error: patient ") and "no usable T1 / FLAIR series" in err
+    assert "t2_tse_tra" in err and not list((tmp_path / "d3m").rglob("*.dcm"))
 
 
 def test_writer_oblique_grid_and_atomic(phantom_study, tmp_path):

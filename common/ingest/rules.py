@@ -31,8 +31,12 @@ from typing import Any, Mapping, Sequence
 from common.ingest.errors import IngestError
 
 DEFAULT_RULES_PATH = Path(__file__).with_name("default_rules.json")
+#: the brain study rules (T1, T1c, T2, FLAIR) of :mod:`common.ingest.brain`, in the same format.
+BRAIN_RULES_PATH = Path(__file__).with_name("brain_rules.json")
 
 ROLES = ("t2w", "adc", "dwi_highb", "pd", "t1_pre", "dce")
+#: roles of a brain study (:func:`load_brain_rules`): T1 is the reference grid.
+BRAIN_ROLES = ("t1", "t1c", "t2", "flair")
 PREFER_RULES = ("most_slices", "flip_angle_closest_to_dce", "highest_b", "first", "last")
 
 
@@ -124,8 +128,16 @@ class Rules:
         return dict(self.raw) if self.raw else {"source": self.source}
 
 
-def load_rules(rules: str | os.PathLike | Mapping[str, Any] | Rules | None = None) -> Rules:
-    """Read rules from a JSON path, a dict, or the packaged defaults (None).
+def load_rules(
+    rules: str | os.PathLike | Mapping[str, Any] | Rules | None = None,
+    known_roles: Sequence[str] = ROLES,
+    reference_role: str = "dce",
+    default: str | os.PathLike = DEFAULT_RULES_PATH,
+) -> Rules:
+    """Read rules from a JSON path, a dict, or the packaged defaults (None: ``default``).
+
+    ``known_roles`` are the role names a rules file may use and ``reference_role`` the one it must
+    define (it gives the grid): the prostate DCE study by default, :func:`load_brain_rules` for a brain study.
 
     Raises:
         IngestError: on a missing/invalid file or an unknown role / prefer rule.
@@ -133,7 +145,7 @@ def load_rules(rules: str | os.PathLike | Mapping[str, Any] | Rules | None = Non
     if isinstance(rules, Rules):
         return rules
     if rules is None:
-        rules = DEFAULT_RULES_PATH
+        rules = default
     if isinstance(rules, Mapping):
         raw, source = dict(rules), "<dict>"
     else:
@@ -149,8 +161,8 @@ def load_rules(rules: str | os.PathLike | Mapping[str, Any] | Rules | None = Non
         raise IngestError(f"rules {source}: needs a non-empty 'roles' mapping")
     roles = []
     for name, spec in raw["roles"].items():
-        if name not in ROLES:
-            raise IngestError(f"rules {source}: unknown role {name!r} (known: {', '.join(ROLES)})")
+        if name not in known_roles:
+            raise IngestError(f"rules {source}: unknown role {name!r} (known: {', '.join(known_roles)})")
         spec = dict(spec or {})
         prefer = spec.get("prefer", "most_slices")
         if prefer not in PREFER_RULES:
@@ -182,11 +194,11 @@ def load_rules(rules: str | os.PathLike | Mapping[str, Any] | Rules | None = Non
                 multi=bool(spec.get("multi", name == "dce")),
             )
         )
-    if not any(r.role == "dce" for r in roles):
-        raise IngestError(f"rules {source}: a 'dce' role is required (it defines the reference grid)")
+    if not any(r.role == reference_role for r in roles):
+        raise IngestError(f"rules {source}: a {reference_role!r} role is required (it defines the reference grid)")
     ignore = dict(raw.get("ignore") or {})
-    required = tuple(raw.get("required", ("dce", "t1_pre")))
-    bad = [r for r in required if r not in ROLES]
+    required = tuple(raw.get("required", ("dce", "t1_pre") if reference_role == "dce" else (reference_role,)))
+    bad = [r for r in required if r not in known_roles]
     if bad:
         raise IngestError(f"rules {source}: unknown required roles {bad}")
     desc = ignore.get("description", ())
@@ -198,3 +210,9 @@ def load_rules(rules: str | os.PathLike | Mapping[str, Any] | Rules | None = Non
         source=source,
         raw=raw,
     )
+
+
+def load_brain_rules(rules: str | os.PathLike | Mapping[str, Any] | Rules | None = None) -> Rules:
+    """The series-to-role rules of a brain study (roles :data:`BRAIN_ROLES`, reference ``t1``):
+    ``rules`` as in :func:`load_rules`, default :data:`BRAIN_RULES_PATH`."""
+    return load_rules(rules, known_roles=BRAIN_ROLES, reference_role="t1", default=BRAIN_RULES_PATH)

@@ -79,7 +79,8 @@ def write_phantoms(
     """Write the phantom data sets below ``out`` and return what was written.
 
     Layout: ``<out>/prostate/{nifti,dicom,prepared}/...`` (prepared cases + ``datalist.json``),
-    ``<out>/brain/<BraTS case>/...`` + ``datalist.json``, ``<out>/breast/<sid>/...`` + ``datalist.json``.
+    ``<out>/brain/<BraTS case>/...`` + ``datalist.json`` (+ ``dicom/<BraTS case>/``), ``<out>/breast/<sid>/...``
+    + ``datalist.json``.
 
     Args:
         out: output folder.
@@ -87,7 +88,8 @@ def write_phantoms(
         n_prostate, n_brain, n_breast: subjects per kind.
         seed: base seed; subject ``i`` of kind ``k`` uses ``numpy.random.default_rng([seed, k, i])``
             (k: prostate 0, brain 1, breast 2).
-        dicom: also write the prostate DICOM studies.
+        dicom: also write the prostate and brain DICOM studies (``<out>/prostate/dicom/``,
+            ``<out>/brain/dicom/``).
         small: coarse grids (:data:`SMALL`) for quick runs.
         progress: tqdm progress bars.
         workers: subjects made in parallel processes (the output is the same for any value).
@@ -119,7 +121,9 @@ def write_phantoms(
         elif kind == "brain":
             from common.phantoms.brain import write_brain_phantoms
 
-            res = write_brain_phantoms(out, n=n_brain, seed=seed, progress=progress, workers=workers, **params[kind])
+            res = write_brain_phantoms(
+                out, n=n_brain, seed=seed, dicom=dicom, progress=progress, workers=workers, **params[kind]
+            )
         else:
             from common.phantoms.breast import write_breast_phantoms
 

@@ -374,15 +374,29 @@ def write_brain_case(ph: BrainPhantom, root: str | os.PathLike, case: str) -> di
     return out
 
 
-def _write_brain_subject(root: Path, case: str, seed: Any, **kwargs) -> str:
-    write_brain_case(make_brain_phantom(seed=seed, **kwargs), root, case)
+def _write_brain_subject(root: Path, case: str, seed: Any, dicom: bool = False, **kwargs) -> str:
+    ph = make_brain_phantom(seed=seed, **kwargs)
+    write_brain_case(ph, root, case)
+    if dicom:
+        from common.phantoms.dicom import write_brain_study
+
+        write_brain_study(ph, root / "dicom", case)
     return case
 
 
 def write_brain_phantoms(
-    out: str | os.PathLike, n: int = 4, seed: int = 0, progress: bool = True, workers: int = 1, **kwargs
+    out: str | os.PathLike,
+    n: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    workers: int = 1,
+    dicom: bool = False,
+    **kwargs,
 ) -> dict[str, Any]:
-    """Make ``n`` cases ``BraTS-GLI-00000-000``... under ``<out>/brain`` and ``<out>/brain/datalist.json``.
+    """Make ``n`` cases ``BraTS-GLI-00000-000``... under ``<out>/brain`` and ``<out>/brain/datalist.json``;
+    with ``dicom``, each also as a DICOM study ``<out>/brain/dicom/<case>/`` (T1, T2, FLAIR, T1c series on
+    an oblique grid: :func:`common.phantoms.dicom.write_brain_study`), the input of
+    ``scripts/synthesize.py --bundle d3m``.
 
     Case ``i`` uses the seed ``[seed, 1, i]``; ``kwargs`` go to :func:`make_brain_phantom`.
     """
@@ -390,7 +404,8 @@ def write_brain_phantoms(
 
     root = Path(out) / "brain"
     jobs = [(root, brats_name(i), [seed, 1, i]) for i in range(n)]
-    cases = map_subjects(functools.partial(_write_brain_subject, **kwargs), jobs, workers, "brain phantoms", progress)
+    make = functools.partial(_write_brain_subject, dicom=dicom, **kwargs)
+    cases = map_subjects(make, jobs, workers, "brain phantoms", progress)
     split = split_ids(cases)
     entry = lambda c: {"id": c, **{k: f"{c}/{c}-{k}.nii.gz" for k in BRATS_KEYS}}  # noqa: E731
     datalist = {k: [entry(c) for c in v] for k, v in split.items()}

@@ -1,8 +1,9 @@
 """DICOM MR writer for the phantoms: one file per slice, TCIA PROSTATEx folder layout.
 
-Layout written by :func:`write_prostate_study`::
+Layout written by :func:`write_prostate_study` and :func:`write_brain_study`::
 
     <root>/<patient>/<MM-DD-YYYY>-NA-MR prostaat/<n>.000000-<SeriesDescription>/1-01.dcm, 1-02.dcm, ...
+    <root>/<patient>/<MM-DD-YYYY>-NA-MR brain/<n>.000000-<SeriesDescription>/1-01.dcm, ...
 
 Geometry (RAS+ affines -> LPS DICOM planes, one file per slice along the normal), rescaling and the
 slice writer live in :mod:`common.dicom_out`, shared with the synthetic series of ``scripts/synthesize.py``.
@@ -260,6 +261,89 @@ def write_prostate_study(phantom, root: str | os.PathLike, patient_id: str, stud
     return patient_dir
 
 
+#: Series of the simulated brain study: BraTS key -> (series number, description, extra header).
+BRAIN_SERIES: dict[str, tuple[int, str, dict[str, Any]]] = {
+    "t1n": (2, "t1_se_tra", {"ScanningSequence": "SE", "RepetitionTime": 500, "EchoTime": 10, "FlipAngle": 90}),
+    "t2w": (3, "t2_tse_tra", {"ScanningSequence": "SE", "RepetitionTime": 5000, "EchoTime": 100, "FlipAngle": 150}),
+    "t2f": (
+        4,
+        "t2_tirm_tra_dark-fluid",
+        {"ScanningSequence": ["SE", "IR"], "RepetitionTime": 9000, "EchoTime": 100, "InversionTime": 2500},
+    ),
+    "t1c": (
+        6,
+        "t1_se_tra_post_Gd",
+        {"ScanningSequence": "SE", "RepetitionTime": 500, "EchoTime": 10, "FlipAngle": 90, "ContrastBolusAgent": "Gd"},
+    ),
+}
+
+
+def tilted_affine(affine: np.ndarray, shape: Sequence[int], tilt_deg: float) -> np.ndarray:
+    """``affine`` (4x4 RAS+) rotated by ``tilt_deg`` about the left-right axis through the grid centre: the
+    same voxels on an oblique (pitched) plane, as an axial acquisition angled to the AC-PC line."""
+    a = np.radians(float(tilt_deg))
+    rot = np.eye(4)
+    rot[1:3, 1:3] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    centre = np.asarray(affine, float) @ np.r_[(np.asarray(shape[:3], float) - 1) / 2, 1.0]
+    to, back = np.eye(4), np.eye(4)
+    to[:3, 3], back[:3, 3] = -centre[:3], centre[:3]
+    return back @ rot @ to @ np.asarray(affine, float)
+
+
+def write_brain_study(
+    phantom,
+    root: str | os.PathLike,
+    patient_id: str,
+    study_date: str = "20200101",
+    contrasts: Sequence[str] = ("t1n", "t2w", "t2f", "t1c"),
+    tilt_deg: float = 10.0,
+) -> Path:
+    """Write a brain phantom as a DICOM study (TCIA layout); returns the patient folder.
+
+    Series (number, description, :data:`BRAIN_SERIES`): 2 ``t1_se_tra`` (T1), 3 ``t2_tse_tra``,
+    4 ``t2_tirm_tra_dark-fluid`` (FLAIR), 6 ``t1_se_tra_post_Gd`` (T1 post-contrast), each one volume
+    on the phantom's grid pitched by ``tilt_deg`` (:func:`tilted_affine`; 0 = the phantom's own axes).
+
+    Args:
+        phantom: a :class:`common.phantoms.brain.BrainPhantom`.
+        root: folder that receives ``<patient_id>/``.
+        patient_id: PatientID and folder name.
+        study_date: DICOM date ``YYYYMMDD``.
+        contrasts: the BraTS keys to write (leave one out to make an incomplete study).
+    """
+    unknown = sorted(set(contrasts) - set(BRAIN_SERIES))
+    if unknown:
+        raise ValueError(f"unknown brain contrast(s) {unknown}; choose from {sorted(BRAIN_SERIES)}")
+    study_dir = Path(root) / patient_id / study_folder_name(study_date, "MR brain")
+    uid_seed = f"{patient_id}|{phantom.seed}|{study_date}|brain"
+    study = {
+        "PatientID": patient_id,
+        "PatientName": patient_id,
+        "PatientSex": "F",
+        "StudyDate": study_date,
+        "StudyTime": 36000.0,
+        "StudyInstanceUID": _uid(uid_seed, "study"),
+        "FrameOfReferenceUID": _uid(uid_seed, "frame"),
+        "StudyDescription": "MR brain",
+        "uid_seed": uid_seed,
+    }
+    affine = tilted_affine(phantom.affine, phantom.seg.shape, tilt_deg)
+    t = 36000.0 + 60.0
+    for key in sorted(contrasts, key=lambda k: BRAIN_SERIES[k][0]):
+        number, desc, extra = BRAIN_SERIES[key]
+        write_series(
+            phantom.images[key],
+            affine,
+            study_dir / series_folder_name(number, desc),
+            study=study,
+            series_number=number,
+            description=desc,
+            acquisition_time_s=t + 180.0 * number,
+            extra=extra,
+        )
+    return Path(root) / patient_id
+
+
 def read_series_sitk(folder: str | os.PathLike):
     """Read a series folder with SimpleITK's ``ImageSeriesReader`` (files ordered by GDCM along the normal)."""
     import SimpleITK as sitk
@@ -284,6 +368,9 @@ __all__: Sequence[str] = (
     "rescale_for",
     "write_series",
     "write_prostate_study",
+    "write_brain_study",
+    "tilted_affine",
+    "BRAIN_SERIES",
     "series_folder_name",
     "study_folder_name",
     "format_tt",
