@@ -19,6 +19,22 @@ def _window(img: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
+#: colours of the outlines drawn by :func:`synthesis_panel` (``contours``), in order.
+CONTOUR_COLOURS = ("#ff3b30", "#34c759", "#0a84ff", "#ffcc00")
+
+
+def _draw_contours(ax, masks: Mapping[str, np.ndarray]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for (label, mask), colour in zip(masks.items(), CONTOUR_COLOURS):
+        m = np.rot90(np.asarray(mask, dtype=np.float32))
+        if m.any() and not m.all():
+            ax.contour(m, levels=[0.5], colors=[colour], linewidths=0.8)
+        handles.append(Line2D([], [], color=colour, lw=1.2, label=f"{label} ({int(np.asarray(mask).sum())} px)"))
+    ax.legend(handles=handles, loc="upper left", fontsize=5, framealpha=0.6, borderpad=0.3, handlelength=1.2)
+
+
 def best_slice(volume_shape: tuple[int, ...], mask: np.ndarray | None = None) -> int:
     """Index along the last axis to show: the slice with the largest mask area, else the middle one."""
     if mask is not None and np.any(mask):
@@ -32,6 +48,7 @@ def synthesis_panel(
     outputs: Mapping[str, np.ndarray],
     targets: Mapping[str, np.ndarray] | None = None,
     title: str = "",
+    contours: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> str:
     """Write a PNG grid of 2D slices.
 
@@ -41,6 +58,9 @@ def synthesis_panel(
     Args:
         path: PNG file, written atomically.
         inputs, outputs, targets: name -> 2D array (H, W), already the slice to show.
+        contours: output name -> {legend label: 2D boolean mask (H, W)}: each mask's outline is drawn
+            on that output's synthesised and target images (e.g. the predicted and the true
+            enhancing-tumour mask), in :data:`CONTOUR_COLOURS` order, with a legend.
     """
     targets = targets or {}
     rows = [("input", dict(inputs)), ("synthesised", dict(outputs))]
@@ -69,6 +89,8 @@ def synthesis_panel(
                 cmap = "gray"
             ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax)
             ax.set_title(f"{label}: {name}", fontsize=8)
+            if label in ("synthesised", "target") and name in (contours or {}):
+                _draw_contours(ax, contours[name])
     if title:
         fig.suptitle(title, fontsize=10)
     save_figure(fig, path)

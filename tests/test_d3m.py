@@ -205,3 +205,31 @@ def test_brats_reader_split_and_bad_inputs(tmp_path):
     (root / c / f"{c}-t2f.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match=f"missing contrast t2f.*{c}-t2f.nii.gz"):
         brats_datalist(root, "training")
+
+
+def test_panel_outlines_the_predicted_and_true_et_mask(tmp_path):
+    """The writer's panel draws the predicted ET (red) and the true ET (green) outlines on the T1c."""
+    import matplotlib.image as mpimg
+
+    from common.handlers.d3m import D3MWriter
+    from common.visualize import CONTOUR_COLOURS, synthesis_panel
+
+    pred, true = torch.zeros(1, 32, 32, 3), torch.zeros(1, 32, 32, 3)
+    pred[0, 8:16, 8:16, 1], true[0, 18:26, 18:26, 1] = 1, 1
+    w = D3MWriter(output_dir=str(tmp_path), output_names=["t1c"], geometry_key="t1n", input_keys=["t1n"])
+    got = w.panel_contours({}, {"et_mask": pred, "label_mask": true}, z=1)
+    assert list(got) == ["t1c"] and list(got["t1c"]) == ["predicted ET", "true ET"]
+    assert got["t1c"]["predicted ET"].sum() == 64 and got["t1c"]["true ET"][18:26, 18:26].all()
+    assert w.panel_contours({}, {"et_mask": None}, z=1) is None
+    img = np.full((32, 32), 0.5, np.float32)
+    path = synthesis_panel(tmp_path / "p.png", {"t1n": img}, {"t1c": img}, {"t1c": img}, contours=got)
+    rgb = mpimg.imread(path)[..., :3]
+
+    def n_pixels(hex_colour: str) -> int:
+        c = np.array([int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+        return int((np.abs(rgb - c).max(-1) < 0.08).sum())
+
+    assert n_pixels(CONTOUR_COLOURS[0]) > 40 and n_pixels(CONTOUR_COLOURS[1]) > 40  # both outlines drawn
+    plain = mpimg.imread(synthesis_panel(tmp_path / "q.png", {"t1n": img}, {"t1c": img}, {"t1c": img}))[..., :3]
+    c = np.array([int(CONTOUR_COLOURS[0][i : i + 2], 16) / 255 for i in (1, 3, 5)])
+    assert int((np.abs(plain - c).max(-1) < 0.08).sum()) == 0

@@ -12,7 +12,7 @@ __all__ = ["D3MMetrics", "D3MWriter", "dice"]
 
 
 class D3MWriter(SynthesisWriter):
-    """:class:`common.handlers.SynthesisWriter` (``t1c.nii.gz`` [+ ``t1c_std``], ``panel.png``) plus
+    """:class:`common.handlers.SynthesisWriter` (``t1c.nii.gz`` [+ ``t1c_std``], ``panel.png`` with the predicted and true ET outlined) plus
     ``et_mask.nii.gz`` (uint8 label volume, 1 = predicted enhancing tumour) and, with
     ``write_deformation``, ``deformation.nii.gz`` (H, W, D, 2: the last DDIM step's field in pixels,
     in-plane axes 0 and 1), all with the exact affine of the ``geometry_key`` file."""
@@ -39,6 +39,17 @@ class D3MWriter(SynthesisWriter):
             u = np.moveaxis(as_numpy(out["deformation"]), 0, -1)
             written["deformation"] = str(save_nifti(u, affine, case_dir / "deformation.nii.gz", protect=protect))
         return written
+
+    def panel_contours(self, item: dict, out: dict, z: int) -> dict[str, dict[str, np.ndarray]] | None:
+        """The predicted ET mask and, when the case has a seg, the true ET mask, outlined on the T1c."""
+        from common.handlers.writer import as_numpy
+
+        masks = {}
+        if out.get("et_mask") is not None:
+            masks["predicted ET"] = as_numpy(out["et_mask"])[0][..., z] > 0.5
+        if out.get("label_mask") is not None:
+            masks["true ET"] = as_numpy(out["label_mask"])[0][..., z] > 0.5
+        return {self.output_names[0]: masks} if masks else None
 
 
 def dice(pred: np.ndarray, true: np.ndarray) -> float:

@@ -163,4 +163,10 @@ class SynthesisWriter:
         if out.get("label") is not None:
             label = as_numpy(out["label"])
             targets = {n: label[c][..., z] for c, n in enumerate(self.output_names)}
-        return synthesis_panel(path, inputs, outputs, targets, title=f"{cid}  slice {z}")
+        contours = self.panel_contours(item, out, z)
+        return synthesis_panel(path, inputs, outputs, targets, title=f"{cid}  slice {z}", contours=contours)
+
+    def panel_contours(self, item: dict, out: dict, z: int) -> dict[str, dict[str, np.ndarray]] | None:
+        """Mask outlines to draw on the panel's output and target images at slice ``z`` (output name ->
+        {label: 2D mask}; see :func:`common.visualize.synthesis_panel`). None here; subclasses add some."""
+        return None
