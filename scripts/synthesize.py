@@ -72,8 +72,8 @@ BRAIN_BUNDLES = ("d3m",)
 BRAIN_INGEST_OPTIONS = {
     "rules": (str, "series-to-role rules JSON (default common/ingest/brain_rules.json)"),
     "register": (bool, "rigid registration of T2, FLAIR, T1c onto T1 (false: scanner geometry only)"),
-    "max_translation_mm": (float, "registration bound (default 25)"),
-    "max_rotation_deg": (float, "registration bound (default 20)"),
+    "max_translation_mm": (float, "registration bound (default common.ingest.brain.MAX_TRANSLATION_MM)"),
+    "max_rotation_deg": (float, "registration bound (default common.ingest.brain.MAX_ROTATION_DEG)"),
     "brain_mask": (str, "a brain mask NIfTI in the T1's scanner space (default: T1 > 0, not skull-stripped)"),
     "overwrite": (bool, "ingest again even if the prepared case exists"),
 }
@@ -128,16 +128,6 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return ingest, bundle
 
 
-def _as_bool(name: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if str(v).strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(v).strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"--{INGEST_PREFIX}{name} {v!r}: expected true or false")
-
-
 def brain_ingest_options(options: dict[str, Any]) -> dict[str, Any]:
     """The brain ingest's settings from ``--ingest_<option>`` values (:data:`BRAIN_INGEST_OPTIONS`), typed,
     with the defaults filled in (``rules`` and ``brain_mask`` as absolute paths or None).
@@ -146,6 +136,9 @@ def brain_ingest_options(options: dict[str, Any]) -> dict[str, Any]:
         ValueError: an unknown option or a value of the wrong type.
         FileNotFoundError: a rules or brain-mask file that does not exist.
     """
+    from common.bundle import flag
+    from common.ingest.brain import MAX_ROTATION_DEG, MAX_TRANSLATION_MM
+
     unknown = sorted(set(options) - set(BRAIN_INGEST_OPTIONS))
     if unknown:
         known = [INGEST_PREFIX + k for k in BRAIN_INGEST_OPTIONS]
@@ -155,15 +148,18 @@ def brain_ingest_options(options: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "rules": None,
         "register": True,
-        "max_translation_mm": 25.0,
-        "max_rotation_deg": 20.0,
+        "max_translation_mm": MAX_TRANSLATION_MM,
+        "max_rotation_deg": MAX_ROTATION_DEG,
         "brain_mask": None,
         "overwrite": False,
     }
     for k, v in options.items():
         kind = BRAIN_INGEST_OPTIONS[k][0]
+        if kind is bool:
+            out[k] = flag(v, f"--{INGEST_PREFIX}{k}")  # names the option and the value
+            continue
         try:
-            out[k] = _as_bool(k, v) if kind is bool else kind(v)
+            out[k] = kind(v)
         except (TypeError, ValueError) as e:
             raise ValueError(f"--{INGEST_PREFIX}{k} {v!r}: {e}") from None
     for k in ("rules", "brain_mask"):

@@ -254,3 +254,36 @@ def test_d3m_on_tcga_as_dicom(d3m_ckpt, tmp_path):
         assert np.abs(aff - t1_affine).max() < 1e-4 and np.abs(aff_nii - t1_affine).max() < 1e-4
         assert np.abs(arr - vol).max() <= float(ds.RescaleSlope)
         assert ds.StudyInstanceUID == study["StudyInstanceUID"] and ds.PatientID == "TCGA-FG-6692"
+
+
+def test_several_series_of_a_role_are_decided_by_the_prefer_rule(brain_phantom, tmp_path):
+    """Two T1 series: the rules' ``most_slices`` picks the full one (the shared prefer rule of the
+    prostate ingest), and the report says why the other was left."""
+    from common.phantoms.dicom import series_folder_name, tilted_affine, write_brain_study, write_series
+
+    patient = write_brain_study(brain_phantom, tmp_path / "src", "TWO_T1")
+    study_dir = next(patient.iterdir())
+    t1_file = next((study_dir / series_folder_name(2, "t1_se_tra")).glob("*.dcm"))
+    ds = pydicom.dcmread(t1_file, stop_before_pixels=True)
+    study = {
+        "PatientID": "TWO_T1",
+        "StudyDate": ds.StudyDate,
+        "StudyInstanceUID": ds.StudyInstanceUID,
+        "FrameOfReferenceUID": ds.FrameOfReferenceUID,
+        "StudyDescription": "MR brain",
+        "uid_seed": "TWO_T1|short",
+    }
+    affine = tilted_affine(brain_phantom.affine, brain_phantom.seg.shape, 10.0)
+    write_series(
+        brain_phantom.images["t1n"][..., :20],
+        affine,
+        study_dir / series_folder_name(9, "t1_se_tra_short"),
+        study=study,
+        series_number=9,
+        description="t1_se_tra_short",
+    )
+    sel = select_brain_series(patient)
+    assert sel.picked["t1"][0].description == "t1_se_tra"
+    (left,) = [r for r in sel.report if r["description"] == "t1_se_tra_short"]
+    n = brain_phantom.seg.shape[2]
+    assert left["status"] == "ignored" and f"another t1 series was chosen (most slices ({n}), latest" in left["reason"]

@@ -30,6 +30,7 @@ from common.ingest.errors import IngestError
 from common.ingest.register import RegistrationSettings, register_rigid, resample_to
 from common.ingest.rules import Rules, load_brain_rules
 from common.ingest.series import DicomSeries, SeriesGeometry, check_series, read_frame, scan_study
+from common.ingest.study import prefer_series
 from common.io import save_json, save_nifti
 from common.layout import MANIFEST
 
@@ -50,7 +51,13 @@ MOVING = {"t2w": "t2", "t2f": "flair", "t1c": "t1c"}  # BraTS key -> argument na
 Source = Union[str, os.PathLike, sitk.Image]
 
 
-def brain_settings(max_translation_mm: float = 25.0, max_rotation_deg: float = 20.0) -> RegistrationSettings:
+#: default bounds of the brain registration (mm, degrees): see :func:`brain_settings`.
+MAX_TRANSLATION_MM, MAX_ROTATION_DEG = 25.0, 20.0
+
+
+def brain_settings(
+    max_translation_mm: float = MAX_TRANSLATION_MM, max_rotation_deg: float = MAX_ROTATION_DEG
+) -> RegistrationSettings:
     """The ingest's rigid settings with wider bounds: series of one brain study can be minutes apart
     with head motion (TCGA-FG-6692: T2 and FLAIR 15-18 mm / 3-15 deg from T1, checked visually)."""
     return RegistrationSettings(max_translation_mm=max_translation_mm, max_rotation_deg=max_rotation_deg)
@@ -161,14 +168,6 @@ class BrainSelection:
     report: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _pick(role: str, prefer: str, cands: list[tuple[DicomSeries, SeriesGeometry, str]]):
-    if prefer == "first":
-        return min(cands, key=lambda c: (c[0].number if c[0].number is not None else 10**9, c[0].label))
-    if prefer == "last":
-        return max(cands, key=lambda c: (c[0].number if c[0].number is not None else -1, c[0].label))
-    return max(cands, key=lambda c: (len(c[1].positions), -(c[0].number or 0)))  # most_slices, then the earliest
-
-
 def select_brain_series(
     study_dir: str | os.PathLike, rules: str | os.PathLike | Mapping[str, Any] | Rules | None = None
 ) -> BrainSelection:
@@ -200,7 +199,7 @@ def select_brain_series(
     for s in series:
         studies.setdefault(s.study_uid, []).append(s)
     study_uid = max(studies.items(), key=lambda kv: (len({roles[id(s)][0] for s in kv[1]} - {None}), len(kv[1])))[0]
-    cands: dict[str, list[tuple[DicomSeries, SeriesGeometry, str]]] = {}
+    cands: dict[str, list[tuple[DicomSeries, SeriesGeometry]]] = {}
     for s in series:
         role, why = roles[id(s)]
         if s.study_uid != study_uid:
@@ -218,18 +217,18 @@ def select_brain_series(
             if len(geom.frames) != 1:
                 note(s, role, "broken", f"{why}, but holds {len(geom.frames)} volumes (a structural series has one)")
                 continue
-            cands.setdefault(role, []).append((s, geom, why))
+            cands.setdefault(role, []).append((s, geom))
             note(s, role, "candidate", why)
     picked = {}
     for role, items in cands.items():
-        rule = rules.role(role)
-        picked[role] = _pick(role, rule.prefer if rule else "most_slices", items)
-        for s, _, why in items:
-            if s is picked[role][0]:
-                report[id(s)].update(status="used", reason=why)
+        (chosen, geom), how = prefer_series(rules.role(role).prefer, items)
+        picked[role] = (chosen, geom, roles[id(chosen)][1])
+        for s, _ in items:
+            if s is chosen:
+                report[id(s)]["status"] = "used"
             else:
                 report[id(s)].update(
-                    status="ignored", reason=f"{why}; another {role} series was preferred ({rule.prefer})"
+                    status="ignored", reason=f"{roles[id(s)][1]}; another {role} series was chosen ({how})"
                 )
     missing = [r for r in rules.required if r not in picked]
     if missing:

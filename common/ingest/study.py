@@ -233,7 +233,7 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
                 raise IngestError(f"no {rule.role} series found (required by the rules {rules.source}): {why}", patient)
             missing.append(rule.role)
             continue
-        chosen, why = _prefer(rule.prefer, ok, ref_normal, dce_flip)
+        chosen, why = prefer_series(rule.prefer, ok, ref_normal, dce_flip)
         roles[rule.role] = chosen[0]
         geoms[rule.role] = chosen[1]
         report[id(chosen[0])]["status"] = "chosen"
@@ -277,14 +277,22 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
     )
 
 
-def _prefer(rule: str, ok: list[tuple[DicomSeries, SeriesGeometry]], ref_normal: np.ndarray, dce_flip: float | None):
-    """Pick one ``(series, geometry)`` by the named rule; returns it and a sentence saying why."""
+def prefer_series(
+    rule: str,
+    ok: list[tuple[DicomSeries, SeriesGeometry]],
+    ref_normal: np.ndarray | None = None,
+    dce_flip: float | None = None,
+):
+    """Pick one ``(series, geometry)`` by the named rule (:data:`common.ingest.rules.PREFER_RULES`); returns it
+    and a sentence saying why. ``ref_normal`` (the DCE plane) breaks slice-count ties where given;
+    ``dce_flip`` serves ``flip_angle_closest_to_dce``."""
     if len(ok) == 1:
         return ok[0], "only candidate"
 
     def slices_key(item):
         s, g = item
-        return (-len(g.positions), normal_angle_deg(g.normal, ref_normal), -(s.number or 0))
+        angle = normal_angle_deg(g.normal, ref_normal) if ref_normal is not None else 0.0
+        return (-len(g.positions), angle, -(s.number or 0))
 
     if rule == "flip_angle_closest_to_dce" and dce_flip is not None and any(s.flip_angle is not None for s, _ in ok):
         best = min(
@@ -305,7 +313,8 @@ def _prefer(rule: str, ok: list[tuple[DicomSeries, SeriesGeometry]], ref_normal:
         best = max(ok, key=lambda it: it[0].number or 0)
         return best, "last series number"
     best = min(ok, key=slices_key)
-    return best, f"most slices ({len(best[1].positions)}), closest to the DCE plane, latest series number"
+    plane = ", closest to the DCE plane" if ref_normal is not None else ""
+    return best, f"most slices ({len(best[1].positions)}){plane}, latest series number"
 
 
 def _order_dce(items: list[tuple[DicomSeries, SeriesGeometry]], patient: str) -> tuple[list[DceTimePoint], str]:
