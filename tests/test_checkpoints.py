@@ -17,11 +17,13 @@ from common.bundle import latest_checkpoint
 from common.handlers.checkpoint import AtomicCheckpointSaver
 
 
-def _trainer(net):
+def _trainer(net, history=None):
     def step(engine, batch):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(1.0)
+        if history is not None:  # the exact float32 weights after each step, to compare bit for bit
+            history.append({k: v.detach().clone() for k, v in net.state_dict().items()})
         return 0.0
 
     return Engine(step)
@@ -29,7 +31,8 @@ def _trainer(net):
 
 def test_previous_checkpoint_kept_until_the_next_is_complete(tmp_path, monkeypatch):
     net = torch.nn.Linear(2, 2)
-    engine = _trainer(net)
+    history = []
+    engine = _trainer(net, history)
     saver = AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1, epoch_level=True, n_saved=1)
     saver.attach(engine)
     real_save = torch.save
@@ -50,9 +53,10 @@ def test_previous_checkpoint_kept_until_the_next_is_complete(tmp_path, monkeypat
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["model_epoch=2.pt"], files  # epoch 1 removed after epoch 2 was complete; no partial file
     state = torch.load(tmp_path / "model_epoch=2.pt", weights_only=True)
-    assert (
-        float(state["bias"][0]) == float(net.bias.detach()[0]) - 1.0
-    )  # the weights after 2 epochs (3rd step ran, save died)
+    assert len(history) == 3  # the 3rd step ran, its save died
+    for k in ("weight", "bias"):  # the file holds exactly the weights after 2 epochs, not after 1 or 3
+        assert torch.equal(state[k], history[1][k]), k
+        assert not torch.equal(state[k], history[2][k]) and not torch.equal(state[k], history[0][k]), k
     assert latest_checkpoint(tmp_path, "model_*.pt") == str(tmp_path / "model_epoch=2.pt")
 
 
