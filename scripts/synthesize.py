@@ -48,7 +48,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,6 +57,7 @@ from common.dicom_out import read_source_series, series_folder_name, write_deriv
 from common.errors import DEBUG_ENV, user_message  # noqa: E402
 from common.errors import install as install_error_hook  # noqa: E402
 from common.ingest import IngestError, ingest_study  # noqa: E402
+from common.ingest.brain import MAX_ROTATION_DEG, MAX_TRANSLATION_MM  # noqa: E402
 from common.io import load_nifti, output_folder, save_json  # noqa: E402
 from common.layout import MANIFEST  # noqa: E402
 
@@ -68,14 +69,14 @@ log = logging.getLogger("synthesize")
 SUPPORTED = ("resdce", "dcediff", "iterunet", "d3m")
 #: bundles that read a brain study (:func:`common.ingest.brain.ingest_brain_study`).
 BRAIN_BUNDLES = ("d3m",)
-#: ``--ingest_<option>`` of the brain ingest: option -> (type, meaning).
+#: ``--ingest_<option>`` of the brain ingest: option -> (type, default, meaning).
 BRAIN_INGEST_OPTIONS = {
-    "rules": (str, "series-to-role rules JSON (default common/ingest/brain_rules.json)"),
-    "register": (bool, "rigid registration of T2, FLAIR, T1c onto T1 (false: scanner geometry only)"),
-    "max_translation_mm": (float, "registration bound (default common.ingest.brain.MAX_TRANSLATION_MM)"),
-    "max_rotation_deg": (float, "registration bound (default common.ingest.brain.MAX_ROTATION_DEG)"),
-    "brain_mask": (str, "a brain mask NIfTI in the T1's scanner space (default: T1 > 0, not skull-stripped)"),
-    "overwrite": (bool, "ingest again even if the prepared case exists"),
+    "rules": (str, None, "series-to-role rules JSON (default common/ingest/brain_rules.json)"),
+    "register": (bool, True, "rigid registration of T2, FLAIR, T1c onto T1 (false: scanner geometry only)"),
+    "max_translation_mm": (float, MAX_TRANSLATION_MM, "registration bound (mm)"),
+    "max_rotation_deg": (float, MAX_ROTATION_DEG, "registration bound (degrees)"),
+    "brain_mask": (str, None, "a brain mask NIfTI in the T1's scanner space (default: T1 > 0, not skull-stripped)"),
+    "overwrite": (bool, False, "ingest again even if the prepared case exists"),
 }
 #: bundles that exist but whose input this ingest cannot make, with the reason (one line each).
 REFUSED = {
@@ -137,7 +138,6 @@ def brain_ingest_options(options: dict[str, Any]) -> dict[str, Any]:
         FileNotFoundError: a rules or brain-mask file that does not exist.
     """
     from common.bundle import flag
-    from common.ingest.brain import MAX_ROTATION_DEG, MAX_TRANSLATION_MM
 
     unknown = sorted(set(options) - set(BRAIN_INGEST_OPTIONS))
     if unknown:
@@ -145,14 +145,7 @@ def brain_ingest_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"unknown ingest option(s) {[INGEST_PREFIX + k for k in unknown]} for a brain study (known: {known})"
         )
-    out: dict[str, Any] = {
-        "rules": None,
-        "register": True,
-        "max_translation_mm": MAX_TRANSLATION_MM,
-        "max_rotation_deg": MAX_ROTATION_DEG,
-        "brain_mask": None,
-        "overwrite": False,
-    }
+    out: dict[str, Any] = {k: default for k, (_, default, _) in BRAIN_INGEST_OPTIONS.items()}
     for k, v in options.items():
         kind = BRAIN_INGEST_OPTIONS[k][0]
         if kind is bool:
@@ -375,6 +368,23 @@ def first_free_series_number(manifest: dict[str, Any], bundle: str) -> int:
     return base + 10 * (SUPPORTED.index(bundle) if bundle in SUPPORTED else 0)
 
 
+def _std_entries(outputs: list[dict[str, Any]], case_out: Path, over: Callable[[dict], str]) -> list[dict[str, Any]]:
+    """The ``<key>_std`` entries of :func:`synthetic_outputs` for each of ``outputs`` whose
+    ``<key>_std.nii.gz`` was written (``--num_samples`` > 1); ``over(entry)`` completes the text
+    "pixel-wise standard deviation ..." of that entry's std."""
+    return [
+        {
+            **o,
+            "key": f"{o['key']}_std",
+            "label": f"{o['label']} std",
+            "nifti": case_out / f"{o['key']}_std.nii.gz",
+            "what": f"pixel-wise standard deviation {over(o)}",
+        }
+        for o in outputs
+        if (case_out / f"{o['key']}_std.nii.gz").exists()
+    ]
+
+
 def synthetic_outputs(case_out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """What the bundle wrote for the case, one entry per DICOM series to write: ``key``, ``label`` (for the
     SeriesDescription), ``nifti``, ``frame`` (index along the 4th axis of a 4D file, else None), ``what``
@@ -393,11 +403,8 @@ def synthetic_outputs(case_out: Path, settings: dict[str, Any]) -> list[dict[str
             f"from {', '.join(settings['input_keys'])}; checkpoint {ckpt}, {settings['num_inference_steps']} DDIM steps"
         )
         out = [{"key": key, "label": label, "nifti": case_out / f"{key}.nii.gz", "what": "T1 post-contrast image"}]
-        if (case_out / f"{key}_std.nii.gz").exists():
-            what = f"pixel-wise standard deviation over {settings.get('num_samples')} samples of the T1 post-contrast"
-            out.append(
-                {"key": f"{key}_std", "label": f"{label} std", "nifti": case_out / f"{key}_std.nii.gz", "what": what}
-            )
+        n = settings.get("num_samples")
+        out += _std_entries(out, case_out, lambda o: f"over {n} samples of the T1 post-contrast")
         if (case_out / "et_mask.nii.gz").exists():
             what = "enhancing-tumour mask (1 = enhancing tumour, 0 = not; predicted jointly with the T1c)"
             out.append({"key": "et_mask", "label": "ET mask", "nifti": case_out / "et_mask.nii.gz", "what": what})
@@ -408,17 +415,7 @@ def synthetic_outputs(case_out: Path, settings: dict[str, Any]) -> list[dict[str
         for key in settings["target_keys"]:
             label = phase_label(key)
             out.append({"key": key, "label": label, "nifti": case_out / f"{key}.nii.gz", "frame": None, "what": label})
-        out += [
-            {
-                **o,
-                "key": f"{o['key']}_std",
-                "label": f"{o['label']} std",
-                "nifti": case_out / f"{o['key']}_std.nii.gz",
-                "what": f"pixel-wise standard deviation over the samples of the {o['label']}",
-            }
-            for o in list(out)
-            if (case_out / f"{o['key']}_std.nii.gz").exists()
-        ]
+        out += _std_entries(out, case_out, lambda o: f"over the samples of the {o['label']}")
         for o in out:
             o["how"] = how
         return out
@@ -576,8 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Every other --<id> <value> is an override of the bundle's inference config "
         "(e.g. --ckpt_path model.pt --num_inference_steps 4 --device cpu); --ingest_<option> <value> "
         "sets an option of the ingest: of scripts/prepare_prostatex.py for a prostate study (e.g. "
-        "--ingest_crop_size 160,160,16), of the brain ingest for d3m (--ingest_rules, --ingest_register, "
-        "--ingest_max_translation_mm, --ingest_max_rotation_deg, --ingest_brain_mask, --ingest_overwrite).",
+        "--ingest_crop_size 160,160,16), of the brain ingest for d3m ("
+        + ", ".join(f"--{INGEST_PREFIX}{k}" for k in BRAIN_INGEST_OPTIONS)
+        + ").",
     )
     parser.add_argument("--study", required=True, help="TCIA patient or study folder (only read)")
     parser.add_argument("--bundle", required=True, help=f"one of {', '.join(SUPPORTED)}")

@@ -210,17 +210,10 @@ def test_d3m_on_tcga_as_dicom(d3m_ckpt, tmp_path):
     study, then through synthesize.py: the synthetic series lie on the T1 series' grid."""
     if not TCGA.exists():
         pytest.skip(f"real brain study not found at {TCGA} (../shared is not beside the repo)")
-    from common.phantoms.dicom import series_folder_name, study_folder_name, write_series
+    from common.phantoms.dicom import series_folder_name, study_folder_name, study_tags, write_series
 
     study_dir = tmp_path / "src" / "TCGA-FG-6692" / study_folder_name("20000101", "MR brain")
-    study = {
-        "PatientID": "TCGA-FG-6692",
-        "StudyDate": "20000101",
-        "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1",
-        "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.2",
-        "StudyDescription": "MR brain",
-        "uid_seed": "TCGA-FG-6692",
-    }
+    study = study_tags("TCGA-FG-6692", "20000101", "MR brain", uid_seed="TCGA-FG-6692")
     names = {"t1": (2, "AX T1"), "t2": (3, "AX T2 FSE"), "flair": (4, "AX T2 FLAIR"), "t1c": (7, "AX T1 POST GD")}
     for key, (number, desc) in names.items():
         vol, affine = _right_handed(TCGA / f"{key}.nii.gz")

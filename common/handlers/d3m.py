@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from common.handlers.metrics import SynthesisMetrics
-from common.handlers.writer import SynthesisWriter
+from common.handlers.writer import SynthesisWriter, as_numpy, case_id, loaded_files, source_file
+from common.io import save_nifti
 
 __all__ = ["D3MMetrics", "D3MWriter", "dice"]
 
@@ -22,9 +23,6 @@ class D3MWriter(SynthesisWriter):
         self.write_deformation = bool(write_deformation)
 
     def write_case(self, item: dict, out: dict) -> dict[str, str]:
-        from common.handlers.writer import as_numpy, case_id, loaded_files, source_file
-        from common.io import save_nifti
-
         written = super().write_case(item, out)
         src = source_file(item, self.geometry_key)
         affine, _ = self.reference_grid(item, src)
@@ -42,8 +40,6 @@ class D3MWriter(SynthesisWriter):
 
     def panel_contours(self, item: dict, out: dict, z: int) -> dict[str, dict[str, np.ndarray]] | None:
         """The predicted ET mask and, when the case has a seg, the true ET mask, outlined on the T1c."""
-        from common.handlers.writer import as_numpy
-
         masks = {}
         if out.get("et_mask") is not None:
             masks["predicted ET"] = as_numpy(out["et_mask"])[0][..., z] > 0.5

@@ -333,7 +333,7 @@ class D3MDualDecoderUNet(nn.Module):
     ``mask_up_blocks``/``mask_out``) read the same skips with separate parameters; the heads keep
     PyTorch's default initialisation (as the released code; MONAI's DiffusionModelUNet zeroes its head).
 
-    Knowing differences from the released code (``denoising_diffusion_pytorch/D3M.py``):
+    Known differences from the released code (``denoising_diffusion_pytorch/D3M.py``):
 
     - full attention (MONAI ``SABlock``) has no learned memory key/value tokens (the released
       ``Attention`` appends 4 per head): 1,024 parameters fewer per full-attention block, 4,096 with

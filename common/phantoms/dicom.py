@@ -185,6 +185,23 @@ def study_folder_name(study_date: str, description: str = "MR prostaat") -> str:
     return f"{d:%m-%d-%Y}-NA-{description}"
 
 
+def study_tags(patient_id: str, study_date: str, description: str, uid_seed: str, **extra: Any) -> dict[str, Any]:
+    """The patient/study tags of a simulated study (the ``study`` argument of :func:`write_series`):
+    study time 10:00:00, study and frame-of-reference UIDs derived from ``uid_seed`` (the same seed gives
+    the same UIDs), ``extra`` tags added."""
+    return {
+        "PatientID": patient_id,
+        "PatientName": patient_id,
+        **extra,
+        "StudyDate": study_date,
+        "StudyTime": 36000.0,
+        "StudyInstanceUID": _uid(uid_seed, "study"),
+        "FrameOfReferenceUID": _uid(uid_seed, "frame"),
+        "StudyDescription": description,
+        "uid_seed": uid_seed,
+    }
+
+
 def write_prostate_study(phantom, root: str | os.PathLike, patient_id: str, study_date: str = "20200101") -> Path:
     """Write a prostate phantom as a DICOM study in the TCIA PROSTATEx layout; returns the patient folder.
 
@@ -203,17 +220,7 @@ def write_prostate_study(phantom, root: str | os.PathLike, patient_id: str, stud
     root = Path(root)
     patient_dir = root / patient_id
     study_dir = patient_dir / study_folder_name(study_date)
-    uid_seed = f"{patient_id}|{phantom.truth.get('seed')}|{study_date}"
-    study = {
-        "PatientID": patient_id,
-        "PatientName": patient_id,
-        "StudyDate": study_date,
-        "StudyTime": 36000.0,
-        "StudyInstanceUID": _uid(uid_seed, "study"),
-        "FrameOfReferenceUID": _uid(uid_seed, "frame"),
-        "StudyDescription": "MR prostaat",
-        "uid_seed": uid_seed,
-    }
+    study = study_tags(patient_id, study_date, "MR prostaat", f"{patient_id}|{phantom.truth.get('seed')}|{study_date}")
     t = 36000.0 + 60.0  # 10:01:00, then series in protocol order
     vols = {"localizer": (phantom.localizer, phantom.affines["localizer"])}
     for role in ("t2w", "adc", "dwi_highb", "pd", "t1_pre"):
@@ -316,17 +323,7 @@ def write_brain_study(
         raise ValueError(f"unknown brain contrast(s) {unknown}; choose from {sorted(BRAIN_SERIES)}")
     study_dir = Path(root) / patient_id / study_folder_name(study_date, "MR brain")
     uid_seed = f"{patient_id}|{phantom.seed}|{study_date}|brain"
-    study = {
-        "PatientID": patient_id,
-        "PatientName": patient_id,
-        "PatientSex": "F",
-        "StudyDate": study_date,
-        "StudyTime": 36000.0,
-        "StudyInstanceUID": _uid(uid_seed, "study"),
-        "FrameOfReferenceUID": _uid(uid_seed, "frame"),
-        "StudyDescription": "MR brain",
-        "uid_seed": uid_seed,
-    }
+    study = study_tags(patient_id, study_date, "MR brain", uid_seed, PatientSex="F")
     affine = tilted_affine(phantom.affine, phantom.seg.shape, tilt_deg)
     t = 36000.0 + 60.0
     for key in sorted(contrasts, key=lambda k: BRAIN_SERIES[k][0]):
@@ -369,6 +366,7 @@ __all__: Sequence[str] = (
     "write_series",
     "write_prostate_study",
     "write_brain_study",
+    "study_tags",
     "tilted_affine",
     "BRAIN_SERIES",
     "series_folder_name",
