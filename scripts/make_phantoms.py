@@ -7,7 +7,11 @@ Usage::
         [--prostate_grid_shape "(96,96,20)"] [--brain_shape "(64,64,48)"] [--breast_shape "(96,96,24)"]
 
 ``--small`` uses coarse grids (same fields of view) for quick runs; ``--workers`` makes subjects in
-parallel processes (same output for any value).
+parallel processes (same output for any value). With ``--dicom`` (default) the prostate and brain
+phantoms are also written as DICOM studies, and the breast phantoms as DICOM studies in both layouts of
+the public breast DCE collections (``<out>/breast/dicom/series_per_phase/``: Duke-Breast-Cancer-MRI, one
+series per phase; ``<out>/breast/dicom/multi_phase/``: I-SPY, one multi-phase series), the input of
+``scripts/prepare_breast.py``.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ def main(
         workers=workers,
         **overrides,
     )
+    if dicom and "breast" in written:
+        from common.phantoms.breast import write_breast_dicom
+
+        written["breast"]["dicom"] = write_breast_dicom(written["breast"]["root"], written["breast"]["subjects"])
     for kind, res in written.items():
         print(
             f"[phantoms] {kind}: {len(res['subjects'])} subjects in {res['root']} ({res['seconds']:.1f} s); "
@@ -67,6 +75,8 @@ def main(
                 f"[phantoms]   prepared cases: {Path(res['root']) / 'prepared'}"
                 + (f"; DICOM studies: {Path(res['root']) / 'dicom'}" if dicom else "")
             )
+        if kind == "breast" and res.get("dicom"):
+            print(f"[phantoms]   DICOM studies: {', '.join(f'{k}: {v}' for k, v in res['dicom'].items())}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ Public API::
 - :func:`prepare_dataset` (every patient below a folder, in parallel; ``datalist.json`` and
   ``skipped.json``), CLI: ``scripts/prepare_prostatex.py``,
 - :func:`time_ingest` (seconds per stage, for ``scripts/benchmark.py``),
+- :func:`ingest_breast_study` / :func:`prepare_breast_dataset` (breast DCE DICOM studies, one series per
+  phase or one multi-phase series -> iterunet cases), CLI: ``scripts/prepare_breast.py``,
 - lower level: :func:`scan_study`, :func:`classify_study`, :func:`load_rules`,
   :func:`register_rigid`, :func:`read_frame`.
 """
 
+from common.ingest.breast import ingest_breast_study, load_breast_rules, plan_breast_study, prepare_breast_dataset
 from common.ingest.errors import IngestError
 from common.ingest.pipeline import (
     IngestConfig,
@@ -46,9 +49,13 @@ __all__ = [
     "check_series",
     "classify_study",
     "find_patients",
+    "ingest_breast_study",
     "ingest_study",
+    "load_breast_rules",
     "load_rules",
     "parse_tt",
+    "plan_breast_study",
+    "prepare_breast_dataset",
     "prepare_dataset",
     "read_frame",
     "register_rigid",

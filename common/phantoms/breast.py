@@ -9,7 +9,10 @@ echo; pre-contrast at 0 s and five post-contrast phases at 85, 155, 225, 295 and
 
 Written per subject (``<out>/breast/<sid>/``): ``dce.nii.gz`` (x, y, z, t), ``dce_times.json``,
 ``pre.nii.gz``, ``breast_mask.nii.gz``, ``lesion_mask.nii.gz`` (lesion i labelled i) and
-``manifest.json``; and ``<out>/breast/datalist.json``.
+``manifest.json``; and ``<out>/breast/datalist.json``. :func:`write_breast_dicom` also writes each
+subject as DICOM studies in both layouts of the public collections (``<out>/breast/dicom/series_per_phase/``:
+Duke-Breast-Cancer-MRI, one series per phase; ``<out>/breast/dicom/multi_phase/``: I-SPY, one multi-phase
+series), for ``scripts/prepare_breast.py``.
 """
 
 from __future__ import annotations
@@ -342,3 +345,41 @@ def write_breast_phantoms(
     datalist = {k: [entry(s) for s in v] for k, v in split.items()}
     datalist["split"] = {"fractions": [0.8, 0.1, 0.1], "seed": 0}
     return {"root": root, "subjects": ids, "datalist": save_json(datalist, root / DATALIST)}
+
+
+#: oblique pitch (degrees) of the breast DICOM studies (:func:`common.phantoms.dicom.tilted_affine`).
+DICOM_TILT_DEG = 10.0
+
+
+def write_breast_dicom(
+    root: str | os.PathLike,
+    subjects: Sequence[str] | None = None,
+    layouts: Sequence[str] = ("series_per_phase", "multi_phase"),
+    tilt_deg: float = DICOM_TILT_DEG,
+) -> dict[str, Path]:
+    """Write the breast subjects of ``root`` (``<root>/<sid>/dce.nii.gz`` + ``dce_times.json``, as written by
+    :func:`write_breast_phantoms`) as DICOM studies ``<root>/dicom/<layout>/<sid>/<study>/<series>/*.dcm``.
+
+    The DICOM voxels are the NIfTI series' voxels (integers: stored exactly) on the subject's grid pitched
+    by ``tilt_deg`` (oblique); the phase times are the phantom's (:func:`common.phantoms.dicom.write_breast_study`).
+    Returns ``{layout: folder}`` (each a TCIA root for ``scripts/prepare_breast.py --src``).
+    """
+    import json
+
+    import nibabel as nib
+
+    from common.phantoms.dicom import write_breast_study
+
+    root = Path(root)
+    if subjects is None:
+        subjects = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}"))
+    out = {}
+    for layout in layouts:
+        folder = root / "dicom" / layout
+        for sid in subjects:
+            img = nib.load(str(root / sid / "dce.nii.gz"))
+            times = json.loads((root / sid / DCE_TIMES).read_text())["times_s"]
+            dce = np.asarray(img.dataobj)
+            write_breast_study(dce, times, img.affine, folder, sid, layout=layout, tilt_deg=tilt_deg)
+        out[layout] = folder
+    return out

@@ -376,3 +376,117 @@ __all__: Sequence[str] = (
     "sitk_to_ras",
     "PROSTATE_SERIES",
 )
+
+
+# ------------------------------------------------------------------------------------------
+# breast DCE studies (both layouts of the public collections)
+
+#: layouts of :func:`write_breast_study`: Duke-Breast-Cancer-MRI (one series per phase) and I-SPY / GE
+#: (one multi-phase series).
+BREAST_LAYOUTS = ("series_per_phase", "multi_phase")
+BREAST_MULTI_PHASE_DESCRIPTION = "Ax Vibrant MultiPhase"
+
+
+def ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ... ``11th``."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def duke_phase_description(i: int) -> str:
+    """Duke-Breast-Cancer-MRI series description of phase ``i`` (0: ``ax dyn pre``, 1: ``ax dyn 1st pass``, ...)."""
+    return "ax dyn pre" if i == 0 else f"ax dyn {ordinal(i)} pass"
+
+
+def write_breast_study(
+    dce: np.ndarray,
+    times_s: Sequence[float],
+    affine: np.ndarray,
+    root: str | os.PathLike,
+    patient_id: str,
+    layout: str = "series_per_phase",
+    study_date: str = "20200101",
+    tilt_deg: float = 10.0,
+    uid_seed: str = "",
+) -> Path:
+    """Write a breast DCE series ``dce`` (x, y, z, t) as a DICOM study in the TCIA layout; returns the patient folder.
+
+    ``layout``:
+
+    - ``"series_per_phase"`` (Duke-Breast-Cancer-MRI): series 3, 4, ... ``ax dyn pre``, ``ax dyn 1st pass``, ...,
+      one per phase; the phase times are in ``AcquisitionTime`` (10:05:00 + ``times_s``), no ``TriggerTime``;
+    - ``"multi_phase"`` (I-SPY / GE): one series ``Ax Vibrant MultiPhase`` (number 3) holding every phase, files
+      ``<phase>-<slice>.dcm``, with ``TemporalPositionIdentifier`` (1..t), ``NumberOfTemporalPositions``,
+      ``TriggerTime`` (ms after the pre-contrast phase) and ``AcquisitionTime``.
+
+    The voxels lie on ``affine`` pitched by ``tilt_deg`` about the left-right axis (:func:`tilted_affine`; an
+    oblique acquisition; 0 keeps ``affine``). One rescale for all phases (integer data: slope 1, exact).
+    """
+    if layout not in BREAST_LAYOUTS:
+        raise ValueError(f"unknown breast DICOM layout {layout!r}; choose from {BREAST_LAYOUTS}")
+    import shutil
+
+    import pydicom
+
+    dce = np.asarray(dce)
+    times = np.asarray(times_s, float)
+    if dce.ndim != 4 or dce.shape[-1] != len(times):
+        raise ValueError(f"dce must be (x, y, z, t) with t = {len(times)} times, got {dce.shape}")
+    study_dir = Path(root) / patient_id / study_folder_name(study_date, "MRI BREAST BILATERAL")
+    seed = uid_seed or f"{patient_id}|{study_date}|breast"
+    study = study_tags(patient_id, study_date, "MRI BREAST BILATERAL", seed, PatientSex="F")
+    aff = tilted_affine(affine, dce.shape[:3], tilt_deg) if tilt_deg else np.asarray(affine, float)
+    slope, intercept, _ = rescale_for(dce)
+    n_t, nz = dce.shape[-1], dce.shape[2]
+    t0 = 36000.0 + 300.0  # 10:05:00: the pre-contrast phase
+    common = {"ScanningSequence": "GR", "RepetitionTime": 4.5, "EchoTime": 2.0, "FlipAngle": 10}
+    if layout == "series_per_phase":
+        for i in range(n_t):
+            desc = duke_phase_description(i)
+            write_series(
+                dce[..., i],
+                aff,
+                study_dir / series_folder_name(3 + i, desc),
+                study=study,
+                series_number=3 + i,
+                description=desc,
+                slope=slope,
+                intercept=intercept,
+                acquisition_time_s=t0 + times[i],
+                extra=dict(common),
+            )
+        return Path(root) / patient_id
+    desc = BREAST_MULTI_PHASE_DESCRIPTION
+    folder = study_dir / series_folder_name(3, desc)
+    series_uid = _uid(seed, "series", 3, desc)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_t):
+        tmp = folder / f".phase{i + 1}"
+        extra = {
+            **common,
+            "SeriesInstanceUID": series_uid,
+            "TemporalPositionIdentifier": i + 1,
+            "NumberOfTemporalPositions": n_t,
+            "TriggerTime": _ds(times[i] * 1000.0),
+        }
+        files = write_series(
+            dce[..., i],
+            aff,
+            tmp,
+            study={**study, "uid_seed": f"{seed}|phase{i + 1}"},  # distinct SOP instance UIDs per phase
+            series_number=3,
+            description=desc,
+            slope=slope,
+            intercept=intercept,
+            acquisition_time_s=t0 + times[i],
+            extra=extra,
+        )
+        for k, f in enumerate(files):
+            ds = pydicom.dcmread(str(f))
+            ds.InstanceNumber = i * nz + k + 1
+            ds.save_as(str(folder / f"{i + 1}-{k + 1:0{max(2, len(str(nz)))}d}.dcm"), enforce_file_format=True)
+        shutil.rmtree(tmp)
+    return Path(root) / patient_id
+
+
+__all__ = (*__all__, "BREAST_LAYOUTS", "duke_phase_description", "ordinal", "write_breast_study")
