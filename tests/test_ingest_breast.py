@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from common.ingest import IngestError, prepare_breast_dataset
-from common.ingest.breast import phase_number
+from common.ingest.breast import load_breast_rules, phase_number
 from common.io import save_nifti
 from common.phantoms.breast import DICOM_TILT_DEG, write_breast_dicom
 from common.phantoms.dicom import duke_phase_description, study_tags, tilted_affine, write_series
@@ -108,6 +108,25 @@ def test_phase_numbers_of_the_public_collections():
     assert [phase_number(duke_phase_description(i)) for i in range(1, 6)] == [1, 2, 3, 4, 5]
     assert phase_number("ax dyn pre") is None
     assert phase_number("Ph3/ax 3d dyn") == 3 and phase_number("T1 FS post 2") == 2
+    rules = load_breast_rules()
+    expected = {
+        "ax dyn pre": "pre",
+        "ax 3d dyn pre": "pre",
+        "ax dyn 1st pass": "post",
+        "ax 3d dyn 2nd pass": "post",
+        "ax dyn 1st pas": "post",
+        "Ph2/ax 3d dyn": "dynamic",
+        "Ax Vibrant MultiPhase": "dynamic",
+        "Dynamic-3dfgre": "dynamic",
+        "SAG 3D DYNAMIC": "dynamic",
+        "t1_fl3d_tra_dynaVIEWS_spair": "dynamic",
+        "ax dyn 1st pass SUB": None,
+        "ISPY2: VOLSER: uni-lateral cropped: SER": None,
+        "localizer": None,
+        "AX T2 FSE": None,
+        "ax t1": None,
+    }
+    assert {d: rules.classify(d)[0] for d in expected} == expected
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -262,6 +281,16 @@ def test_out_of_order_times_stop_with_one_line(breast, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 1 and lines[0].startswith("error: patient breast-000: series ") and "3rd pass" in lines[0]
     assert len(lines) == 2 and not (tmp_path / "cli").exists()
+
+
+def test_skip_bad_prepares_the_others_and_lists_the_bad_study(breast, tmp_path):
+    src, study = _copy(breast, "series_per_phase", tmp_path)
+    shutil.copytree(breast["dicom"]["series_per_phase"] / "breast-001", src / "breast-001")
+    _edit(sorted(next(study.glob("*-ax dyn 3rd pass")).glob("*.dcm")), AcquisitionTime="100520.000000")
+    res = prepare_breast_dataset(src, tmp_path / "out", skip_bad=True)
+    assert res["prepared"] == ["breast-001"] and [s["id"] for s in res["skipped"]] == ["breast-000"]
+    skipped = json.loads((tmp_path / "out" / "skipped.json").read_text())["skipped"]
+    assert "3rd pass" in skipped[0]["reason"] and not (tmp_path / "out" / "breast-000").exists()
 
 
 def test_duplicated_times_in_a_multi_phase_series(breast, tmp_path):

@@ -190,7 +190,7 @@ def _orientation_difference(ref: SeriesGeometry, g: SeriesGeometry) -> float:
     return float(max(np.abs(ref.row - g.row).max(), np.abs(ref.col - g.col).max()))
 
 
-def _order_key(s: DicomSeries, patterns: Sequence[str]):
+def _series_number(s: DicomSeries) -> int:
     return s.number if s.number is not None else 10**9
 
 
@@ -281,13 +281,13 @@ def plan_breast_study(
     phases: list[BreastPhase]
     if pre_single and post_single:
         layout = "series_per_phase"
-        pre = max(pre_single, key=lambda it: _order_key(it[0], patterns))  # the latest pre series (a repeat)
+        pre = max(pre_single, key=lambda it: _series_number(it[0]))  # the latest pre series (a repeat)
         nums = [phase_number(s.description, patterns) for s, _ in post_single]
         if all(n is not None for n in nums) and len(set(nums)) == len(nums):
             posts = [it for _, it in sorted(zip(nums, post_single), key=lambda x: x[0])]
             order = "phase number in the description"
         else:
-            posts = sorted(post_single, key=lambda it: _order_key(it[0], patterns))
+            posts = sorted(post_single, key=lambda it: _series_number(it[0]))
             order = "series number"
         for s, _ in pre_single:
             if s is not pre[0]:
@@ -295,7 +295,7 @@ def plan_breast_study(
         chosen = [pre, *posts]
     elif multi:
         layout, order = "multi_phase_series", "temporal position"
-        best = max(multi, key=lambda it: (len(it[1].frames), _order_key(it[0], patterns)))
+        best = max(multi, key=lambda it: (len(it[1].frames), _series_number(it[0])))
         chosen = [best]
         for s, g in multi:
             if s is not best[0]:
@@ -312,7 +312,7 @@ def plan_breast_study(
             chosen = [it for _, it in sorted(zip(nums, dyn_single), key=lambda x: x[0])]
             order = "phase number in the description (the first is the pre-contrast phase)"
         else:
-            chosen = sorted(dyn_single, key=lambda it: _order_key(it[0], patterns))
+            chosen = sorted(dyn_single, key=lambda it: _series_number(it[0]))
             order = "series number (the first is the pre-contrast phase)"
     else:
         seen = "; ".join(f"{s.label!r} ({s.description!r}: {report[id(s)]['reason']})" for s in series[:40])
@@ -538,10 +538,12 @@ def _mask_for(spec: str | os.PathLike | None, case_id: str, n_cases: int, name: 
     hits = sorted(p.glob(f"{case_id}*.nii*"))
     if hits:
         return hits[0]
-    if (p / case_id).is_dir():
-        return p / case_id
-    if n_cases == 1 and any(_is_dicom_seg(f) for f in p.iterdir() if f.is_file()):
-        return p
+    for folder in (p / case_id, p) if n_cases == 1 else (p / case_id,):
+        if folder.is_dir() and any(_is_dicom_seg(f) for f in folder.iterdir() if f.is_file()):
+            return folder
+    log.warning(
+        "%s: no %s in %s (<case>.nii.gz, <case>/%s.nii.gz or a DICOM SEG); prepared without", case_id, name, p, name
+    )
     return None
 
 
@@ -654,10 +656,7 @@ def ingest_breast_study(
             "masks": {name: src for name, (_, src) in masks.items()},
             "files": {k: Path(v).name for k, v in files.items()} | {"dce_times": DCE_TIMES},
             "series": plan.report,
-            "config": {
-                "rules": str(rules) if rules is not None and not isinstance(rules, Mapping) else rules,
-                "resample": resample,
-            },
+            "config": {"rules": load_breast_rules(rules).source, "resample": resample},
         }
         save_json(manifest, tmp / MANIFEST)  # last: a case counts as done when it has a manifest
     log.info("%s: prepared %s (%d phases, %s)", case_id, final, dce.shape[-1], plan.layout)
