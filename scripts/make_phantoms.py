@@ -76,7 +76,9 @@ def main(
                 + (f"; DICOM studies: {Path(res['root']) / 'dicom'}" if dicom else "")
             )
         if kind == "breast" and res.get("dicom"):
-            print(f"[phantoms]   DICOM studies: {', '.join(f'{k}: {v}' for k, v in res['dicom'].items())}")
+            print(
+                f"[phantoms]   DICOM studies and their masks: {', '.join(f'{k}: {v}' for k, v in res['dicom'].items())}"
+            )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main(
     overwrite: bool = False,
     seed: int = 0,
     fractions: tuple = (0.8, 0.1, 0.1),
-) -> dict:
+) -> None:
     output_folder(out, "out")  # a file or read-only folder is named before any work
     if not Path(src).is_dir():
         raise FileNotFoundError(f"--src {src}: not a folder")
@@ -67,7 +67,6 @@ def main(
         overwrite=flag(overwrite, "overwrite"),
     )
     print(json.dumps(res, indent=1))
-    return res
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import pytest
 
 from common.ingest import IngestError, prepare_breast_dataset
 from common.ingest.breast import load_breast_rules, phase_number
-from common.io import save_nifti
 from common.phantoms.breast import DICOM_TILT_DEG, write_breast_dicom
 from common.phantoms.dicom import duke_phase_description, study_tags, tilted_affine, write_series
 
@@ -38,7 +37,7 @@ def breast(tmp_path_factory) -> dict:
     root = h.tiny_phantoms(tmp, "breast", 3)
     sids = sorted(p.parent.name for p in root.glob("*/manifest.json"))
     dicom = write_breast_dicom(root, sids)
-    masks = tmp / "masks"
+    masks = dicom.pop("masks")
     truth = {}
     for sid in sids:
         img = nib.load(root / sid / "dce.nii.gz")
@@ -49,9 +48,9 @@ def breast(tmp_path_factory) -> dict:
             "times": json.loads((root / sid / "dce_times.json").read_text())["times_s"],
         }
         for name in ("breast_mask", "lesion_mask"):
-            arr = np.asarray(nib.load(root / sid / f"{name}.nii.gz").dataobj).astype(np.uint8)
-            truth[sid][name] = arr
-            save_nifti(arr, oblique, masks / sid / f"{name}.nii.gz", dtype=np.uint8)
+            truth[sid][name] = np.asarray(nib.load(root / sid / f"{name}.nii.gz").dataobj)
+            m = nib.load(masks / sid / f"{name}.nii.gz")  # the phantom's masks on the studies' oblique grid
+            assert np.array_equal(m.dataobj, truth[sid][name]) and np.allclose(m.affine, oblique)
     seg = tmp / "seg" / "lesion_seg.dcm"
     _write_seg(truth["breast-000"]["lesion_mask"], dicom["multi_phase"] / "breast-000", seg)
     return {"root": root, "dicom": dicom, "masks": masks, "truth": truth, "ids": sids, "seg": seg}

@@ -362,7 +362,9 @@ def write_breast_dicom(
 
     The DICOM voxels are the NIfTI series' voxels (integers: stored exactly) on the subject's grid pitched
     by ``tilt_deg`` (oblique); the phase times are the phantom's (:func:`common.phantoms.dicom.write_breast_study`).
-    Returns ``{layout: folder}`` (each a TCIA root for ``scripts/prepare_breast.py --src``).
+    The subjects' masks on that oblique grid (the same voxels, the DICOM affine) go to
+    ``<root>/dicom/masks/<sid>/{breast_mask,lesion_mask}.nii.gz``, ready for ``--breast_mask`` / ``--lesion_mask``.
+    Returns ``{layout: folder}`` (each a TCIA root for ``scripts/prepare_breast.py --src``) and ``{"masks": folder}``.
     """
     import json
 
@@ -373,7 +375,16 @@ def write_breast_dicom(
     root = Path(root)
     if subjects is None:
         subjects = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}"))
+    from common.phantoms.dicom import tilted_affine
+
     out = {}
+    for sid in subjects:
+        img = nib.load(str(root / sid / "dce.nii.gz"))
+        oblique = tilted_affine(img.affine, img.shape[:3], tilt_deg) if tilt_deg else img.affine
+        for name in ("breast_mask", "lesion_mask"):
+            arr = np.asarray(nib.load(str(root / sid / f"{name}.nii.gz")).dataobj).astype(np.uint8)
+            save_nifti(arr, oblique, root / "dicom" / "masks" / sid / f"{name}.nii.gz", dtype=np.uint8)
+    out["masks"] = root / "dicom" / "masks"
     for layout in layouts:
         folder = root / "dicom" / layout
         for sid in subjects:
