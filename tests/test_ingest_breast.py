@@ -326,3 +326,33 @@ def test_phase_on_another_grid_is_resampled_or_refused(breast, tmp_path):
     assert np.all(got[:2, :, :, 2] == 0) and np.array_equal(got[..., [0, 1, 3, 4, 5]], t["dce"][..., [0, 1, 3, 4, 5]])
     man = json.loads((out / "breast-000" / "manifest.json").read_text())
     assert [p["resampled"] for p in man["phases"]] == [False, False, True, False, False, False]
+
+
+def _pre_plus_multi_phase_post(breast, tmp_path, fix_count: bool) -> Path:
+    """breast-000 as a separate pre-contrast series + a multi-phase series of the 5 post-contrast phases."""
+    src, study = _copy(breast, "multi_phase", tmp_path)
+    multi = next(study.glob("*-Ax Vibrant MultiPhase"))
+    for f in multi.glob("1-*.dcm"):  # temporal position 1 (the pre-contrast phase) goes to its own series
+        f.unlink()
+    pre = next((breast["dicom"]["series_per_phase"] / "breast-000").glob("*/*-ax dyn pre"))
+    shutil.copytree(pre, study / pre.name)
+    tags = {"SeriesDescription": "Ax Vibrant MultiPhase post"}
+    _edit(sorted(multi.glob("*.dcm")), **(dict(tags, NumberOfTemporalPositions=5) if fix_count else tags))
+    return src
+
+
+def test_pre_series_and_multi_phase_post_series(breast, tmp_path):
+    src = _pre_plus_multi_phase_post(breast, tmp_path, fix_count=True)
+    out = tmp_path / "out"
+    prepare_breast_dataset(src, out)
+    t = breast["truth"]["breast-000"]
+    np.testing.assert_array_equal(nib.load(out / "breast-000" / "dce.nii.gz").get_fdata(), t["dce"])
+    man = json.loads((out / "breast-000" / "manifest.json").read_text())
+    assert man["layout"] == "pre_series_and_multi_phase_post" and man["time_source"].startswith("AcquisitionTime")
+    assert man["times_s"] == pytest.approx(t["times"], abs=1e-5)
+    assert [p["temporal_position"] for p in man["phases"]] == [None, 2, 3, 4, 5, 6]
+
+
+def test_temporal_position_count_disagreeing_with_the_header(breast, tmp_path):
+    src = _pre_plus_multi_phase_post(breast, tmp_path, fix_count=False)
+    _refused(src, tmp_path / "out", r"NumberOfTemporalPositions says 6 but the series holds 5 images per slice")

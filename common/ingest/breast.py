@@ -6,7 +6,8 @@ Public breast DCE collections ship the dynamic series in one of two layouts:
   ``ax dyn 2nd pass``, ...): the pre-contrast phase and each post-contrast phase are separate series;
 - **one multi-phase series** (I-SPY, GE ``Ax Vibrant MultiPhase``): one series whose slices repeat
   at every position, one image per temporal position (``TemporalPositionIdentifier``, else
-  ``TriggerTime``, else ``AcquisitionTime``; :func:`common.ingest.series.check_series` splits them).
+  ``TriggerTime``, else ``AcquisitionTime``; :func:`common.ingest.series.check_series` splits them);
+- and the mix of both: a pre-contrast series and one multi-phase series of the post-contrast phases.
 
 The series are recognised by the rules of ``common/ingest/breast_rules.json`` (same format as the
 prostate rules, :mod:`common.ingest.rules`; roles ``pre``, ``post``, ``dynamic``), checked with the
@@ -50,6 +51,7 @@ from common.ingest.errors import IngestError
 from common.ingest.register import resample_to
 from common.ingest.rules import Rules, load_rules
 from common.ingest.series import DicomSeries, Frame, SeriesGeometry, check_series, read_frame, scan_study
+from common.ingest.study import prefer_series
 from common.io import atomic_folder, save_json, save_nifti
 from common.layout import DATALIST, DCE_TIMES, MANIFEST, update_datalist
 
@@ -69,7 +71,7 @@ __all__ = [
 
 BREAST_RULES_PATH = Path(__file__).with_name("breast_rules.json")
 BREAST_ROLES = ("pre", "post", "dynamic")
-LAYOUTS = ("series_per_phase", "multi_phase_series")
+LAYOUTS = ("series_per_phase", "multi_phase_series", "pre_series_and_multi_phase_post")
 DEFAULT_PHASE_NUMBER = (r"(\d+)\s*(?:st|nd|rd|th)\b", r"\bph(?:ase)?\s*[-_#]?\s*(\d+)", r"post\s*[-_#]?\s*(\d+)")
 DEFAULT_TIME_TAGS = {
     "series_per_phase": ("AcquisitionTime", "TriggerTime", "ContentTime"),
@@ -233,7 +235,8 @@ def plan_breast_study(
     """Find, check and order the DCE phases of a breast study (headers only; nothing is written).
 
     Layout choice: a ``pre`` series and at least one ``post`` series -> one series per phase (pre, then
-    the posts ordered by the phase number in their descriptions, else by series number); else the
+    the posts ordered by the phase number in their descriptions, else by series number); else a ``pre`` series
+    and a multi-phase ``post`` series -> the pre, then the post's temporal positions; else the
     ``pre``/``post``/``dynamic`` series with the most temporal positions (at least 2) -> a multi-phase series;
     else two or more single-volume ``dynamic`` series -> one series per phase, the first the pre-contrast.
 
@@ -279,9 +282,10 @@ def plan_breast_study(
     multi = [(s, g) for r in BREAST_ROLES for s, g in cands[r] if len(g.frames) > 1]
     dyn_single = [(s, g) for s, g in cands["dynamic"] if len(g.frames) == 1]
     phases: list[BreastPhase]
+    multi_post = [(s, g) for s, g in cands["post"] if len(g.frames) > 1]
+    pre, pre_why = prefer_series(rules.role("pre").prefer, pre_single) if pre_single else (None, "")
     if pre_single and post_single:
         layout = "series_per_phase"
-        pre = max(pre_single, key=lambda it: _series_number(it[0]))  # the latest pre series (a repeat)
         nums = [phase_number(s.description, patterns) for s, _ in post_single]
         if all(n is not None for n in nums) and len(set(nums)) == len(nums):
             posts = [it for _, it in sorted(zip(nums, post_single), key=lambda x: x[0])]
@@ -291,8 +295,12 @@ def plan_breast_study(
             order = "series number"
         for s, _ in pre_single:
             if s is not pre[0]:
-                note(s, "pre", "ignored", "ignored: another pre-contrast series was chosen (latest series number)")
+                note(s, "pre", "ignored", f"ignored: another pre-contrast series was chosen ({pre_why})")
         chosen = [pre, *posts]
+    elif pre_single and multi_post:
+        layout, order = "pre_series_and_multi_phase_post", "the pre-contrast series, then temporal position"
+        best = max(multi_post, key=lambda it: (len(it[1].frames), _series_number(it[0])))
+        chosen = [pre, best]
     elif multi:
         layout, order = "multi_phase_series", "temporal position"
         best = max(multi, key=lambda it: (len(it[1].frames), _series_number(it[0])))
@@ -326,7 +334,7 @@ def plan_breast_study(
         phases = [BreastPhase(s, g, g.frames[0], 0.0) for s, g in chosen]
         tags = _time_tags(rules)["series_per_phase"]
     else:
-        s, g = chosen[0]
+        s, g = chosen[-1]
         n_declared = _declared_positions(s)
         if n_declared is not None and n_declared != len(g.frames):
             raise IngestError(
@@ -337,6 +345,9 @@ def plan_breast_study(
             )
         phases = [BreastPhase(s, g, f, 0.0, f.temporal_position) for f in g.frames]
         tags = _time_tags(rules)["multi_phase"]
+        if layout == "pre_series_and_multi_phase_post":  # times across two series: the scanner clock first
+            phases.insert(0, BreastPhase(pre[0], pre[1], pre[1].frames[0], 0.0))
+            tags = _time_tags(rules)["series_per_phase"]
     if len(phases) < 2:
         raise IngestError(
             f"the dynamic series has a single phase ({phases[0].describe()}); 2 or more are needed", patient
@@ -510,10 +521,13 @@ def read_label_image(path: str | os.PathLike, reference: sitk.Image, name: str =
         ) from e
     if img.GetDimension() != 3:
         raise IngestError(f"{name} {path}: a 3D label image is needed, got {img.GetDimension()}D")
+    if not np.any(sitk.GetArrayViewFromImage(img)):
+        raise IngestError(f"{name} {path}: the mask is empty (no labelled voxel)")
     arr = sitk_to_array(resample_to(img, reference, None, "nearest"))
     if not np.any(arr):
         raise IngestError(
-            f"{name} {path}: no labelled voxel inside the pre-contrast grid (is it in this study's space?)"
+            f"{name} {path}: no labelled voxel falls inside the pre-contrast grid: the mask is not in this study's "
+            "scanner space"
         )
     return np.rint(arr).astype(np.uint8)
 
