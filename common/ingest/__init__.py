@@ -9,9 +9,12 @@ Public API::
   ``skipped.json``), CLI: ``scripts/prepare_prostatex.py``,
 - :func:`time_ingest` (seconds per stage, for ``scripts/benchmark.py``),
 - lower level: :func:`scan_study`, :func:`classify_study`, :func:`load_rules`,
-  :func:`register_rigid`, :func:`read_frame`.
+  :func:`register_rigid`, :func:`read_frame`;
+- :class:`FitADC` / :class:`FitADCd` (:mod:`common.ingest.adc`): the ADC fitted from a multi-b DWI,
+  which the ingest uses when a study has no ADC series.
 """
 
+from common.ingest.adc import FitADC, FitADCd
 from common.ingest.errors import IngestError
 from common.ingest.pipeline import (
     IngestConfig,
@@ -36,6 +39,8 @@ from common.ingest.study import StudySelection, classify_study, parse_tt
 __all__ = [
     "DEFAULT_RULES_PATH",
     "DicomSeries",
+    "FitADC",
+    "FitADCd",
     "IngestConfig",
     "IngestError",
     "RegistrationSettings",
