@@ -1102,3 +1102,24 @@ def test_adc_from_dwi_bad_input(case, phantom_src, tmp_path):
     if folder is not None:
         assert ei.value.series and folder.name in ei.value.series, msg
     _no_leftovers(out, "PD")
+
+
+def test_adc_source_option_chooses_the_adc(phantom_src):
+    """Headers only: "auto" and "scanner" take the ADC series, "dwi" plans the fit from the b = 50, 400,
+    800 series and ignores the ADC series, saying why; an unknown value is refused."""
+    from common.ingest import classify_study, scan_study
+
+    _, pdir, _ = phantom_src
+    series = scan_study(pdir, "P")
+    rules = load_rules()
+    for source in ("auto", "scanner"):
+        sel = classify_study(series, rules, "P", adc_source=source)
+        assert sel.adc_plan is None and sel.roles["adc"].description == "ep2d_diff_tra_ADC"
+    sel = classify_study(series, rules, "P", adc_source="dwi", adc_min_b=50.0, adc_max_b=600.0)
+    assert sel.roles["adc"].description == "ep2d_diff_tra_DYNDIST"
+    assert sel.adc_plan.b_used == [50.0, 400.0] and sel.adc_plan.b_found == [50.0, 400.0, 800.0]
+    rec = {r["description"]: r for r in sel.report}
+    assert rec["ep2d_diff_tra_ADC"]["status"] == "ignored" and "adc_source='dwi'" in rec["ep2d_diff_tra_ADC"]["reason"]
+    assert rec["ep2d_diff_tra_DYNDIST"]["status"] == "chosen"
+    with pytest.raises(IngestError, match="unknown adc_source 'both'"):
+        classify_study(series, rules, "P", adc_source="both")
