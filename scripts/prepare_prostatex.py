@@ -12,7 +12,9 @@ The options are built from :class:`common.ingest.IngestConfig` (one per field, i
 :func:`common.ingest.prepare_dataset`'s ``--workers``, ``--seed``, ``--fractions``, ``--progress``
 (defaults from its signature) and ``--log_level``. Examples: ``--crop_size 160,160,16`` (or
 ``160x160x16``), ``--phases '{"early": {"time_s": 120}}'``, ``--pre_source t1_pre``,
-``--register False``, ``--overwrite``, ``--fractions 0.8,0.1,0.1``.
+``--register False``, ``--overwrite``, ``--fractions 0.8,0.1,0.1``; a study without an ADC series
+gets its ADC fitted from a multi-b DWI (``--adc_min_b 50`` and ``--adc_max_b`` bound the b-values,
+``--adc_source dwi`` fits it even where the scanner's ADC exists, ``--adc_source scanner`` never fits).
 
 Writes ``<out>/<patient>/`` per patient (layout: ``common/layout.py``), ``<out>/datalist.json``
 (patient-level split, seeded) and ``<out>/skipped.json`` (studies that could not be
@@ -101,8 +103,22 @@ def _is_mapping(hint) -> bool:
     )
 
 
+def _optional_float(name: str) -> Callable[[Any], float | None]:
+    def convert(v: Any) -> float | None:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")):
+            return None
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a number or None, got {v!r}") from None
+
+    return convert
+
+
 def _converter(name: str, default: Any, hint: Any = None) -> Callable[[Any], Any]:
     """How the command-line value of option ``name`` becomes a field value, from the field's default and type."""
+    if default is None and hint is not None and set(typing.get_args(hint)) == {float, type(None)}:
+        return _optional_float(name)
     if isinstance(default, bool):
         return lambda v: flag(v, name)
     if isinstance(default, int):

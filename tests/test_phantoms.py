@@ -214,7 +214,8 @@ def test_prostate_study_layout_and_round_trip(phantom_set):
         assert f"{number}.000000-{desc}" in names
     times = json.loads((out / "prostate" / "nifti" / "phantom-000" / "dce_times.json").read_text())["times_s"]
     dce_dirs = [f"{27 + i}.000000-Twist_dynamic_Wip576_TT={t:.1f}s" for i, t in enumerate(times)]
-    assert set(dce_dirs) <= set(names) and len(names) == len(PROSTATE_SERIES) + len(times)
+    assert "7.000000-ep2d_diff_tra_DYNDIST" in names  # the multi-b DWI (b = 50, 400, 800) in one series
+    assert set(dce_dirs) <= set(names) and len(names) == len(PROSTATE_SERIES) + 1 + len(times)
     assert dce_dirs[0].endswith("TT=8.0s")
     nifti = out / "prostate" / "nifti" / "phantom-000"
     dce, A_dce = _nii(nifti / "dce.nii.gz")

@@ -11,10 +11,13 @@ Public API::
 - :func:`ingest_breast_study` / :func:`prepare_breast_dataset` (breast DCE DICOM studies, one series per
   phase or one multi-phase series -> iterunet cases), CLI: ``scripts/prepare_breast.py``,
 - lower level: :func:`scan_study`, :func:`classify_study`, :func:`load_rules`,
-  :func:`register_rigid`, :func:`read_frame`.
+  :func:`register_rigid`, :func:`read_frame`;
+- :class:`FitADC` / :class:`FitADCd` (:mod:`common.ingest.adc`): the ADC fitted from a multi-b DWI,
+  which the ingest uses when a study has no ADC series.
 """
 
 from common.ingest.breast import ingest_breast_study, load_breast_rules, plan_breast_study, prepare_breast_dataset
+from common.ingest.adc import FitADC, FitADCd
 from common.ingest.errors import IngestError
 from common.ingest.pipeline import (
     IngestConfig,
@@ -39,6 +42,8 @@ from common.ingest.study import StudySelection, classify_study, parse_tt
 __all__ = [
     "DEFAULT_RULES_PATH",
     "DicomSeries",
+    "FitADC",
+    "FitADCd",
     "IngestConfig",
     "IngestError",
     "RegistrationSettings",

@@ -34,11 +34,12 @@ import SimpleITK as sitk
 
 from common import dce as dce_mod
 from common.geometry import array_to_sitk, sitk_affine, sitk_to_array
+from common.ingest.adc import compute_adc
 from common.ingest.errors import IngestError
 from common.ingest.register import RegistrationSettings, RigidResult, register_rigid, resample_to
 from common.ingest.rules import Rules, load_rules
 from common.ingest.series import read_frame, scan_study
-from common.ingest.study import StudySelection, classify_study
+from common.ingest.study import ADC_SOURCES, StudySelection, classify_study
 from common.io import atomic_folder, load_nifti, save_json, save_nifti
 from common.layout import DCE_4D, DCE_TIMES, MANIFEST, update_datalist
 
@@ -110,6 +111,19 @@ class IngestConfig:
         factory=lambda: {"dwi_highb": "adc"},
         help="roles that reuse another role's transform when both series lie on the same grid "
         "(the high-b DWI and the ADC come from one acquisition).",
+    )
+    adc_source: str = _option(
+        "auto",
+        '"auto" (the scanner\'s ADC series; fitted from a multi-b DWI when the study has none), "scanner" (never '
+        'fit: a study without an ADC series is refused) or "dwi" (always fit from the DWI, the ADC series ignored).',
+    )
+    adc_min_b: float = _option(
+        50.0, "lowest b-value (s/mm^2) of the DWI images an ADC is fitted from (mono-exponential least squares)."
+    )
+    adc_max_b: float | None = _option(None, "highest b-value (s/mm^2) of the ADC fit; None: no upper bound.")
+    adc_background: float = _option(
+        0.1,
+        "fitted ADC voxels whose lowest-b signal is below this fraction of its 99th percentile are set to 0 (air).",
     )
     write_native: bool = _option(True, "also write each chosen series on its own grid under native/.")
     overwrite: bool = _option(False, "replace an existing case (else ingest_study raises).")
@@ -242,6 +256,17 @@ class StudyData:
     native: dict[str, sitk.Image]
 
     @property
+    def adc_record(self) -> dict[str, Any] | None:
+        """The manifest's ``adc`` entry: where the ADC came from (None without an ADC)."""
+        sel = self.sel
+        if sel.adc_plan is not None:
+            return sel.adc_plan.record()
+        if "adc" in sel.roles:
+            s = sel.roles["adc"]
+            return {"source": "scanner ADC series", "folder": s.label, "description": s.description}
+        return None
+
+    @property
     def ref_frame(self) -> sitk.Image:
         """The first DCE time point: its grid is the DCE grid."""
         return self.frames[0]
@@ -255,7 +280,14 @@ class StudyData:
         """``roles`` ... ``ignored`` entries of the manifest."""
         sel = self.sel
         return {
-            "roles": {role: {**s.summary(), "native_grid": _grid(self.native[role])} for role, s in sel.roles.items()},
+            "roles": {
+                role: {
+                    **s.summary(),
+                    "native_grid": _grid(self.native[role]),
+                    **({"computed_from_dwi": sel.adc_plan.record()} if role == "adc" and sel.adc_plan else {}),
+                }
+                for role, s in sel.roles.items()
+            },
             "missing_roles": sel.missing,
             "choices": sel.choices,
             "series": sel.report,
@@ -444,6 +476,10 @@ def make_job(
         raise IngestError(f"pre_source must be 'dce' or 't1_pre', got {cfg.pre_source!r}", cid)
     if len(tuple(cfg.crop_size)) != 3:
         raise IngestError(f"crop_size must have 3 values, got {cfg.crop_size}", cid)
+    if cfg.adc_source not in ADC_SOURCES:
+        raise IngestError(f"unknown adc_source {cfg.adc_source!r} (known: {ADC_SOURCES})", cid)
+    if cfg.adc_max_b is not None and cfg.adc_max_b <= cfg.adc_min_b:
+        raise IngestError(f"adc_max_b ({cfg.adc_max_b:g}) must exceed adc_min_b ({cfg.adc_min_b:g})", cid)
     return job
 
 
@@ -453,7 +489,7 @@ def select_series(job: IngestJob, rules: Rules) -> StudySelection:
     series = scan_study(job.study_dir, cid)
     if not series:
         raise IngestError(f"no DICOM files found below {job.study_dir}", cid)
-    sel = classify_study(series, rules, cid)
+    sel = classify_study(series, rules, cid, cfg.adc_source, cfg.adc_min_b, cfg.adc_max_b)
     if cfg.reference_role != "dce" and cfg.reference_role not in sel.roles:
         raise IngestError(f"reference role {cfg.reference_role!r} has no series in the study", cid)
     if cfg.pre_source == "t1_pre" and "t1_pre" not in sel.roles:
@@ -475,6 +511,11 @@ def read_study(job: IngestJob, sel: StudySelection) -> StudyData:
         _check_values(dce4[..., k], cid, tp.series.label, f"DCE time point {k} ({tp.time_s:g} s)")
     native: dict[str, sitk.Image] = {}
     for role, s in sel.roles.items():
+        if role == "adc" and sel.adc_plan is not None:  # fitted from the DWI (common.ingest.adc)
+            img = compute_adc(sel.adc_plan, cid, job.cfg.adc_background)
+            _check_values(sitk.GetArrayViewFromImage(img), cid, s.label, "ADC fitted from the DWI")
+            native[role] = img
+            continue
         g = sel.geoms[role]
         img = read_frame(g.frames[0], g, cid, s.label)
         _check_values(sitk.GetArrayViewFromImage(img), cid, s.label, role)
@@ -677,6 +718,7 @@ def build_manifest(r: IngestResult, files: CaseFiles, timings: Mapping[str, floa
         "study_uid": sel.study_uid,
         "rules": r.rules.source,
         **r.study.manifest_series(),
+        "adc": r.study.adc_record,
         "dce": {**r.study.manifest_dce(), **r.phases.manifest(r.study.times)},
         "reference": r.registration.manifest_reference(),
         "registration": r.registration.records,

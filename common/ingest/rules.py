@@ -16,7 +16,9 @@ ingest as ``rules=``/``--rules``). Layout::
 
 Patterns are shell-style (:mod:`fnmatch`) on ``SeriesDescription``. A series goes to the *first*
 role (in file order) that matches it. ``prefer`` names the rule that picks one series when several
-match a single-series role (see :data:`PREFER_RULES`); ``multi`` roles (the DCE) keep every match.
+match a single-series role (see :data:`PREFER_RULES`); ``multi`` roles (the DCE, the multi-b ``dwi``)
+keep every match. The ``dwi`` series (one holding several b-values, or one per b-value) are read only
+when the study has no ``adc`` series: the ADC is then fitted from them (:mod:`common.ingest.adc`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ DEFAULT_RULES_PATH = Path(__file__).with_name("default_rules.json")
 #: the brain study rules (T1, T1c, T2, FLAIR) of :mod:`common.ingest.brain`, in the same format.
 BRAIN_RULES_PATH = Path(__file__).with_name("brain_rules.json")
 
-ROLES = ("t2w", "adc", "dwi_highb", "pd", "t1_pre", "dce")
+ROLES = ("t2w", "adc", "dwi_highb", "dwi", "pd", "t1_pre", "dce")
 #: roles of a brain study (:func:`load_brain_rules`): T1 is the reference grid.
 BRAIN_ROLES = ("t1", "t1c", "t2", "flair")
 PREFER_RULES = ("most_slices", "flip_angle_closest_to_dce", "highest_b", "first", "last")

@@ -56,6 +56,13 @@ HEADER_TAGS = [
     "SamplesPerPixel",
     "NumberOfFrames",
     "Modality",
+    # vendor b-value fields and their private creators (see header_b_value)
+    0x00190010,
+    0x0019100C,
+    0x00430010,
+    0x00431039,
+    0x20010010,
+    0x20011003,
 ]
 DICOM_SUFFIXES = {".dcm", ".ima", ".dicom", ""}
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
@@ -104,6 +111,7 @@ class SliceHeader:
     trigger_time_ms: float | None
     temporal_position: int | None
     n_frames: int = 1
+    b_value: float | None = None
 
 
 @dataclass
@@ -170,6 +178,44 @@ def parse_b_value(description: str) -> float | None:
     return max(vals) if vals else None
 
 
+#: vendor b-value fields: (private creator tag, creator substring, value tag)
+VENDOR_B_TAGS = (
+    (0x00190010, "SIEMENS", 0x0019100C),  # Siemens B_value
+    (0x00430010, "GEMS", 0x00431039),  # GE slop_int_6 (b-value, sometimes + 1e9)
+    (0x20010010, "PHILIPS", 0x20011003),  # Philips diffusion b-factor
+)
+
+
+def _number(value) -> float | None:
+    """The first number of a DICOM value (bytes of an unknown-VR private element, a string, a list)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("latin-1", "replace").replace("\x00", " ")
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[\\\s]+", value.strip()) if p]
+        value = parts[0] if parts else None
+    elif isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0] if len(value) else None
+    return _float(value)
+
+
+def header_b_value(ds: pydicom.Dataset) -> float | None:
+    """The b-value (s/mm^2) of one DWI file: ``DiffusionBValue`` (0018,9087), else the vendor fields
+    (Siemens (0019,100C) ``B_value``, GE (0043,1039) first value, Philips (2001,1003)) when their
+    private creator names the vendor; None when no tag holds it."""
+    b = _float(ds.get("DiffusionBValue"))
+    if b is not None:
+        return b
+    for creator_tag, vendor, tag in VENDOR_B_TAGS:
+        creator = ds.get(creator_tag)
+        elem = ds.get(tag)
+        if creator is None or elem is None or vendor not in str(creator.value).upper():
+            continue
+        v = _number(elem.value)
+        if v is not None:
+            return v % 1e9 if v >= 1e9 else v  # GE adds 1e9 on some software versions
+    return None
+
+
 def _read_header(path: Path) -> tuple[pydicom.Dataset | None, SliceHeader | None, str | None]:
     """``(dataset, header, None)`` or ``(None, None, reason)`` for an unreadable/truncated file."""
     try:
@@ -216,6 +262,7 @@ def _read_header(path: Path) -> tuple[pydicom.Dataset | None, SliceHeader | None
         if _float(ds.get("TemporalPositionIdentifier")) is not None
         else None,
         n_frames=n_frames,
+        b_value=header_b_value(ds),
     )
     return ds, h, None
 

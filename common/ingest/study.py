@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from common.ingest.adc import AdcPlan, plan_adc_fit
 from common.ingest.errors import IngestError
 from common.ingest.rules import Rules
 from common.ingest.series import DicomSeries, Frame, SeriesGeometry, check_series, normal_angle_deg
@@ -53,6 +54,9 @@ class StudySelection:
         report: per-series records (folder, description, role, status, reason) for the manifest.
         choices: the choices made where several series matched a role.
         missing: optional roles with no series.
+        adc_plan: when the ADC is fitted from the DWI (no ADC series, or ``adc_source="dwi"``): the
+            DWI volumes to fit (:func:`common.ingest.adc.plan_adc_fit`); ``roles["adc"]`` is then the
+            lowest-b DWI series. None when the scanner's ADC series is used.
     """
 
     patient: str
@@ -64,6 +68,7 @@ class StudySelection:
     choices: list[dict[str, Any]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     study_uid: str = ""
+    adc_plan: AdcPlan | None = None
 
     @property
     def times_s(self) -> np.ndarray:
@@ -85,14 +90,32 @@ def _describe(s: DicomSeries) -> str:
     return f"{s.number} {s.description!r} ({s.label})"
 
 
-def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> StudySelection:
+ADC_SOURCES = ("auto", "scanner", "dwi")
+
+
+def classify_study(
+    series: list[DicomSeries],
+    rules: Rules,
+    patient: str,
+    adc_source: str = "auto",
+    adc_min_b: float = 50.0,
+    adc_max_b: float | None = None,
+) -> StudySelection:
     """Assign roles to the scanned series of one patient (see the module docstring).
+
+    The ADC: ``adc_source="auto"`` uses the scanner's ADC series and, when the study has none, plans
+    its fit from the ``dwi`` series with b-values in ``[adc_min_b, adc_max_b]`` (s/mm^2;
+    :func:`common.ingest.adc.plan_adc_fit`); ``"scanner"`` never fits; ``"dwi"`` always fits (the ADC
+    series is ignored).
 
     Raises:
         IngestError: no DCE, a missing required role, a broken DCE time point, or a broken series
             that is the only candidate of a required role (a broken optional series is skipped with a
-            warning and listed as missing).
+            warning and listed as missing); no ADC series and no DWI with two b-values to fit one from,
+            a DWI with a single b-value or b-values missing from the tags.
     """
+    if adc_source not in ADC_SOURCES:
+        raise IngestError(f"unknown adc_source {adc_source!r} (known: {ADC_SOURCES})", patient)
     report: dict[int, dict[str, Any]] = {}
     all_series = list(series)
 
@@ -189,9 +212,28 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
     geoms: dict[str, SeriesGeometry] = {"dce": best[0][1]}
     choices: list[dict[str, Any]] = []
     missing: list[str] = []
+    adc_plan: AdcPlan | None = None
+
+    def in_plane(s: DicomSeries, role: str) -> bool:
+        n = s.normal()
+        ang = normal_angle_deg(n, ref_normal) if n is not None else 0.0
+        if ang > rules.max_normal_angle_deg:
+            note(
+                s,
+                role,
+                "ignored",
+                f"ignored: slice normal {ang:.1f} deg from the DCE normal (limit {rules.max_normal_angle_deg:g})",
+            )
+            return False
+        return True
+
     for rule in rules.roles:
-        if rule.role == "dce":
+        if rule.role in ("dce", "dwi"):
             continue
+        if rule.role == "adc" and adc_source == "dwi":
+            for s in cands.get("adc", []):
+                note(s, "adc", "ignored", "ignored: adc_source='dwi' (the ADC is fitted from the DWI)")
+            cands["adc"] = []
         ok: list[tuple[DicomSeries, SeriesGeometry]] = []
         errors: list[IngestError] = []
         for s in cands.get(rule.role, []):
@@ -216,6 +258,29 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
                     "patient %s: %s has %d images per position; using the first", patient, _describe(s), len(g.frames)
                 )
             ok.append((s, g))
+        if not ok and rule.role == "adc" and adc_source != "scanner" and not errors:
+            dwi = [s for s in cands.get("dwi", []) if in_plane(s, "dwi")]
+            if dwi:
+                adc_plan = plan_adc_fit(dwi, patient, adc_min_b, adc_max_b)
+                first = adc_plan.images[0]
+                roles["adc"], geoms["adc"] = first.series, first.geom
+                for s in adc_plan.series:
+                    bs = sorted({im.b for im in adc_plan.images if im.series is s})
+                    report[id(s)]["status"] = "chosen"
+                    report[id(s)]["reason"] += f"; the ADC is fitted from it (b = {bs})"
+                for s in dwi:
+                    if report[id(s)]["status"] != "chosen":
+                        report[id(s)]["status"] = "ignored"
+                        report[id(s)]["reason"] = "ignored: no b-value in the ADC fit range"
+                log.info("patient %s: no ADC series; the ADC is fitted from the DWI b = %s", patient, adc_plan.b_used)
+                continue
+            if adc_source == "dwi":
+                dwi_rule = rules.role("dwi")
+                raise IngestError(
+                    "adc_source='dwi' but no DWI series found (rule 'dwi' patterns "
+                    f"{list(dwi_rule.description) if dwi_rule else []})",
+                    patient,
+                )
         if not ok:
             if errors and rule.role in rules.required:
                 raise errors[0]
@@ -230,6 +295,18 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
                 why = (
                     "; ".join(f"{r['folder']}: {r['reason']}" for r in seen)
                 ) or f"no series description matches {list(rule.description)}"
+                if rule.role == "adc" and adc_source != "scanner":
+                    highb = [s for s in cands.get("dwi_highb", []) if s.headers]
+                    if highb:  # the only diffusion series holds one b-value: say so, naming it
+                        s = highb[0]
+                        b = next((h.b_value for h in s.headers if h.b_value is not None), s.b_value)
+                        raise IngestError(
+                            "no adc series found and no multi-b DWI series to fit one from; this DWI series holds a "
+                            f"single b-value ({'unknown' if b is None else f'{b:g}'} s/mm^2): an ADC needs at least two",
+                            patient,
+                            s.label,
+                        )
+                    why += "; no DWI series with two or more b-values to fit one from either"
                 raise IngestError(f"no {rule.role} series found (required by the rules {rules.source}): {why}", patient)
             missing.append(rule.role)
             continue
@@ -259,6 +336,12 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
                     "why": why,
                 }
             )
+    for s in cands.get("dwi", []):
+        if report[id(s)]["status"] == "candidate":
+            report[id(s)]["status"] = "ignored"
+            report[id(s)]["reason"] = (
+                "ignored: the study's ADC series is used (the DWI is read only to fit a missing ADC)"
+            )
     rep = [
         report[id(s)]
         for s in sorted(all_series, key=lambda s: (s.number if s.number is not None else 10**9, s.label))
@@ -274,6 +357,7 @@ def classify_study(series: list[DicomSeries], rules: Rules, patient: str) -> Stu
         choices=choices,
         missing=missing,
         study_uid=study_uid,
+        adc_plan=adc_plan,
     )
 
 

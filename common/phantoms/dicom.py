@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 
@@ -176,6 +178,19 @@ PROSTATE_SERIES: dict[str, tuple[int, str, dict[str, Any]]] = {
     ),
 }
 DCE_FIRST_SERIES = 27
+#: the multi-b DWI of the simulated study (:func:`write_dwi_series`): series number, description, header.
+DWI_SERIES: tuple[int, str, dict[str, Any]] = (
+    7,
+    "ep2d_diff_tra_DYNDIST",
+    {
+        "ImageType": ["ORIGINAL", "PRIMARY", "DIFFUSION", "TRACEW", "ND"],
+        "ScanningSequence": "EP",
+        "RepetitionTime": 4000,
+        "EchoTime": 60,
+        "FlipAngle": 90,
+    },
+)
+DWI_LAYOUTS = ("one_series", "per_b")
 DCE_DESCRIPTION = "Twist_dynamic_Wip576_{tt}"
 
 
@@ -208,6 +223,7 @@ def write_prostate_study(phantom, root: str | os.PathLike, patient_id: str, stud
     Series (number, description): 1 ``localizer`` (sagittal, 3 slices, to be ignored by an ingest),
     5 ``t2_tse_tra`` (fine grid), 9 ``ep2d_diff_tra_ADC`` (1e-6 mm^2/s, slope 1),
     19 ``ep2d_diff_tra_CALC_BVAL_b1400``, 23 ``fl3d_vibe_pre_flip_2deg_PD``,
+    7 ``ep2d_diff_tra_DYNDIST`` (the multi-b DWI, b = 50, 400, 800 in one series: :func:`write_dwi_series`),
     24 ``fl3d_vibe_pre_flip_12deg`` and one series per DCE time point from 27,
     ``Twist_dynamic_Wip576_TT=<t>s``, with ``TriggerTime`` (ms) and ``AcquisitionTime`` per point.
 
@@ -238,6 +254,9 @@ def write_prostate_study(phantom, root: str | os.PathLike, patient_id: str, stud
             extra=extra,
         )
         t += 120.0
+    if getattr(phantom, "dwi", None):
+        write_dwi_series(phantom.dwi, phantom.affines["adc"], study_dir, study, acquisition_time_s=t)
+        t += 120.0
     # DCE: one series per time point; one rescale for all (integer data: slope 1)
     slope, intercept, _ = rescale_for(phantom.dce)
     n_t = phantom.dce.shape[-1]
@@ -266,6 +285,79 @@ def write_prostate_study(phantom, root: str | os.PathLike, patient_id: str, stud
             extra=extra,
         )
     return patient_dir
+
+
+def write_dwi_series(
+    dwi: dict[float, np.ndarray],
+    affine: np.ndarray,
+    study_dir: str | os.PathLike,
+    study: dict[str, Any],
+    layout: str = "one_series",
+    series_number: int | None = None,
+    description: str | None = None,
+    acquisition_time_s: float = 36000.0,
+) -> list[Path]:
+    """Write a multi-b DWI (``{b-value s/mm^2: (x, y, z) volume}``, one ``affine``) into ``study_dir``.
+
+    Layouts (``layout``):
+
+    - ``"one_series"``: one series (``series_number``, default 7, ``ep2d_diff_tra_DYNDIST``) holding
+      every b-value, ``DiffusionBValue`` (0018,9087) per file, files ``1-01.dcm``... b-value by b-value
+      (``InstanceNumber`` running over the whole series);
+    - ``"per_b"``: one series per b-value (numbers from ``series_number``, descriptions
+      ``<description>_b<b>``) whose b-value is only in the Siemens private field (0019,100C) ``B_value``
+      (private creator ``SIEMENS MR HEADER``), as some vendors export it.
+
+    Returns:
+        the series folders written.
+    """
+    if layout not in DWI_LAYOUTS:
+        raise ValueError(f"unknown DWI layout {layout!r} (known: {DWI_LAYOUTS})")
+    number0, desc0, extra0 = DWI_SERIES
+    number0 = number0 if series_number is None else int(series_number)
+    desc0 = desc0 if description is None else description
+    study_dir = Path(study_dir)
+    bs = sorted(float(b) for b in dwi)
+    slope, intercept, _ = rescale_for(np.stack([np.asarray(dwi[b]) for b in bs]))
+    folders: list[Path] = []
+    tmp_root = study_dir / f".tmp-dwi-{number0}"
+    try:
+        for j, b in enumerate(bs):
+            if layout == "one_series":
+                number, desc, final = number0, desc0, study_dir / series_folder_name(number0, desc0)
+            else:
+                number, desc = number0 + j, f"{desc0}_b{b:g}"
+                final = study_dir / series_folder_name(number, desc)
+            extra = {**extra0, "SeriesDescription": desc}
+            if layout == "one_series":
+                extra["DiffusionBValue"] = float(b)
+                extra["SeriesInstanceUID"] = _uid(study["uid_seed"], "series", number, desc)
+            files = write_series(
+                dwi[b],
+                affine,
+                tmp_root / f"b{j}",
+                study=study,
+                series_number=number,
+                description=f"{desc}|b={b:g}",  # seeds distinct SOP instance UIDs per b-value
+                slope=slope,
+                intercept=intercept,
+                acquisition_time_s=acquisition_time_s + (j if layout == "one_series" else 60.0 * j),
+                extra=extra,
+            )
+            offset = j * len(files) if layout == "one_series" else 0
+            width = max(2, len(str(len(files) * (len(bs) if layout == "one_series" else 1))))
+            final.mkdir(parents=True, exist_ok=True)
+            for k, f in enumerate(files):
+                ds = pydicom.dcmread(f)
+                ds.InstanceNumber = offset + k + 1
+                if layout == "per_b":
+                    ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0C, "IS", str(int(round(b))))
+                ds.save_as(final / f"1-{offset + k + 1:0{width}d}.dcm", enforce_file_format=True)
+            if final not in folders:
+                folders.append(final)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return folders
 
 
 #: Series of the simulated brain study: BraTS key -> (series number, description, extra header).

@@ -11,7 +11,9 @@ its grid. Tissue properties drive every contrast:
   ``R1 = 1/T1 + r1 C(t)``, ``C(t)`` from the Parker AIF and the extended Tofts model per tissue,
 - DWI: b50 and b800 spin-echo EPI images with fat suppression, the ADC fitted from them
   (``ln(S50/S800)/750``) and the b1400 image calculated from the ADC like the scanner's
-  ``CALC_BVAL`` series (``S50 exp(-1350 ADC)``).
+  ``CALC_BVAL`` series (``S50 exp(-1350 ADC)``); the multi-b DWI (b = 50, 400, 800, :data:`DWI_B_VALUES`)
+  is kept too (``ProstatePhantom.dwi``) and written as a DWI series, so an ADC fitted from it can be
+  checked against the ADC map.
 
 Partial volume is exact for signals: each voxel's signal is the fraction-weighted sum of its
 tissues' signals. A smooth multiplicative coil bias, a within-tissue texture and Rician noise are
@@ -74,6 +76,8 @@ PROTOCOL: dict[str, dict[str, float]] = {
     "localizer": {"scale": 1200.0, "noise": 5.0},
 }
 MAX_ADC = 4000.0  # 1e-6 mm^2/s
+#: b-values (s/mm^2) of the multi-b DWI (``ProstatePhantom.dwi``); 50 and 800 are PROTOCOL's b_low and b_mid.
+DWI_B_VALUES = (50.0, 400.0, 800.0)
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ class ProstatePhantom:
         prepared_slices: number of slices of the prepared grid.
         t2w_prepared: T2w on the prepared grid (box-filtered from the fine grid).
         truth: ground truth for the manifest (tissues, lesions, AIF, protocol, geometry, seed).
+        dwi: b-value (s/mm^2, :data:`DWI_B_VALUES`) -> 3D float32 trace-weighted DWI on the acquisition grid
+            (integer values, Rician noise); ``images["adc"]`` is the two-point fit of its b = 50 and 800 images.
     """
 
     seed: Any
@@ -164,6 +170,7 @@ class ProstatePhantom:
     prepared_slices: int
     t2w_prepared: np.ndarray
     truth: dict[str, Any] = field(default_factory=dict)
+    dwi: dict[float, np.ndarray] = field(default_factory=dict)
 
     def prepared(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Volumes on the prepared grid (the acquisition grid restricted to ``prepared_slices``
@@ -301,7 +308,7 @@ def _tissue_tables(
     tissues: dict[str, Tissue], curves: dict[str, np.ndarray], lesion_names: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Per-tissue values of the acquisition-grid channels:
-    ``[dce(t)..., pd, t1_pre, dwi_b50, dwi_b800, prostate, pz, tz, lesion1..k]``."""
+    ``[dce(t)..., pd, t1_pre, dwi_b50, dwi_b800, prostate, pz, tz, lesion1..k, dwi_b400]``."""
     P = PROTOCOL
     table = {}
     for name, t in tissues.items():
@@ -322,7 +329,10 @@ def _tissue_tables(
         organ = 1.0 if name in ("pz", "tz") or name.startswith("lesion") else 0.0
         les = [1.0 if name == ln else 0.0 for ln in lesion_names]
         zones = [1.0 if name == "pz" else 0.0, 1.0 if name == "tz" else 0.0]
-        table[name] = np.concatenate([np.atleast_1d(dce), [pd, t1, b50, b800, organ], zones, les]).astype(np.float32)
+        b400 = b0 * np.exp(-DWI_B_VALUES[1] * t.ADC)
+        table[name] = np.concatenate([np.atleast_1d(dce), [pd, t1, b50, b800, organ], zones, les, [b400]]).astype(
+            np.float32
+        )
     return table
 
 
@@ -432,6 +442,7 @@ def make_prostate_phantom(
     lesion = np.zeros(tuple(grid_shape), np.uint8)
     for i in range(len(lesion_names)):
         lesion[ch[..., T + 7 + i] >= 0.5] = i + 1
+    b400_clean = ch[..., T + 7 + len(lesion_names)] * mult[..., 0]
     del ch
 
     # T2w on its finer grid
@@ -465,6 +476,12 @@ def make_prostate_phantom(
         t2_prep = rician(rng, t2_prep * bias_texture(bias_field, texture, A_prep, shape_p), P["t2w"]["noise"])
         t2_prep_how = "rendered directly on the prepared grid"
 
+    # multi-b DWI: the b50 and b800 images of the ADC map plus b400 (noise drawn last: the other
+    # images stay those of the earlier versions for the same seed)
+    b400 = rician(rng, b400_clean, d["noise"])
+    dwi = {DWI_B_VALUES[0]: quantise(b50), DWI_B_VALUES[1]: quantise(b400), DWI_B_VALUES[2]: quantise(b800)}
+    del b400_clean
+
     affines = {"t2w": A_t2, "dce": A, "localizer": A_loc, "prepared": A_prep}
     for role in ("adc", "pd", "t1_pre", "dwi_highb"):
         affines[role] = A
@@ -495,6 +512,7 @@ def make_prostate_phantom(
             "prostate_center_mm": center.tolist(),
         },
         "units": {"adc": "1e-6 mm^2/s", "signals": "arbitrary (integer, 12-bit)", "times": "s"},
+        "dwi_b_values_s_mm2": list(DWI_B_VALUES),
         "noise_sigma": {k: v["noise"] for k, v in PROTOCOL.items()},
     }
     return ProstatePhantom(
@@ -511,6 +529,7 @@ def make_prostate_phantom(
         prepared_slices=prepared_slices,
         t2w_prepared=t2_prep.astype(np.float32),
         truth=truth,
+        dwi=dwi,
     )
 
 
