@@ -16,8 +16,8 @@ Public API::
   which the ingest uses when a study has no ADC series.
 """
 
-from common.ingest.breast import ingest_breast_study, load_breast_rules, plan_breast_study, prepare_breast_dataset
 from common.ingest.adc import FitADC, FitADCd
+from common.ingest.breast import ingest_breast_study, load_breast_rules, plan_breast_study, prepare_breast_dataset
 from common.ingest.errors import IngestError
 from common.ingest.pipeline import (
     IngestConfig,
