@@ -467,6 +467,11 @@ __all__: Sequence[str] = (
     "read_series_sitk",
     "sitk_to_ras",
     "PROSTATE_SERIES",
+    "BREAST_LAYOUTS",
+    "duke_phase_description",
+    "ordinal",
+    "write_breast_study",
+    "write_dwi_series",
 )
 
 
@@ -579,6 +584,3 @@ def write_breast_study(
             ds.save_as(str(folder / f"{i + 1}-{k + 1:0{max(2, len(str(nz)))}d}.dcm"), enforce_file_format=True)
         shutil.rmtree(tmp)
     return Path(root) / patient_id
-
-
-__all__ = (*__all__, "BREAST_LAYOUTS", "duke_phase_description", "ordinal", "write_breast_study")
