@@ -96,9 +96,16 @@ class ConfigRecord:
         return [k for k, v in self.settings.items() if k in saved and saved[k] != v]
 
     def load_state_dict(self, saved: dict, path: str | os.PathLike | None = None) -> None:
+        where = f"checkpoint {path}" if path else "the checkpoint"
+        foreign = sorted(k for k in saved if k not in self.settings)
+        if foreign:  # e.g. d3m weights given to iterunet: they share only network_size
+            raise ValueError(
+                f"{where}: not weights of this bundle: it records settings this bundle does not have "
+                f"({', '.join(foreign)}; trained by another bundle?); give the model.pt this bundle's training "
+                f"wrote (--ckpt_path)"
+            )
         wrong = self.mismatches(saved)
         if wrong:
-            where = f"checkpoint {path}" if path else "the checkpoint"
             what = "; ".join(f"{k}: the checkpoint has {saved[k]!r}, this run {self.settings[k]!r}" for k in wrong)
             hint = " ".join(f"--{k} {_cli(saved[k])}" for k in wrong)
             raise ValueError(
