@@ -98,7 +98,10 @@ class ConfigRecord:
     def load_state_dict(self, saved: dict, path: str | os.PathLike | None = None) -> None:
         where = f"checkpoint {path}" if path else "the checkpoint"
         foreign = sorted(k for k in saved if k not in self.settings)
-        if foreign:  # e.g. d3m weights given to iterunet: they share only network_size
+        lacking = [k for k in self.settings if k not in saved]
+        # each record lacks settings of the other: another bundle's weights (d3m's given to iterunet share
+        # only network_size); a record that is a subset (older weights, before a setting was recorded) is fine
+        if foreign and lacking:
             raise ValueError(
                 f"{where}: not weights of this bundle: it records settings this bundle does not have "
                 f"({', '.join(foreign)}; trained by another bundle?); give the model.pt this bundle's training "

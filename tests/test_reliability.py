@@ -236,6 +236,12 @@ def test_weights_of_another_bundle_are_named(breast, tmp_path):
     )
     assert "deformation, dual_decoder, input_keys, num_train_timesteps, percentiles, target_key" in msg
     assert not (tmp_path / "out").exists()
+    # a record that is a subset of this bundle's (weights saved before a setting was recorded) still loads
+    from common.bundle import ConfigRecord
+
+    ConfigRecord(network_size="small", temporal=True).load_state_dict({"network_size": "small"})
+    with pytest.raises(ValueError, match="not weights of this bundle"):
+        ConfigRecord(network_size="small", temporal=True).load_state_dict({"network_size": "small", "kappa": 2.0})
 
 
 def test_empty_lesion_mask_warns_once(breast, weights, tmp_path):
