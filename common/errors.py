@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -70,9 +71,68 @@ def _raised_here(exc: BaseException) -> bool:
         return False
 
 
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+_CHAINED = re.compile(
+    r"\n\s*(?:The above exception was the direct cause of the following exception:"
+    r"|During handling of the above exception, another exception occurred:)\s*\n"
+)
+_FRAME = re.compile(r'^\s*File "([^"]+)", line \d+')
+
+
+def _error_class(name: str) -> type | None:
+    """The exception class a traceback's last line names (a builtin, or ``common.<module>.<Class>``)."""
+    import builtins
+    import importlib
+
+    if "." not in name:
+        cls = getattr(builtins, name, None)
+    elif name.startswith("common."):
+        module, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr, None)
+        except ImportError:
+            return None
+    else:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseException) else None
+
+
+def _worker_message(exc: BaseException) -> str | None:
+    """A user error raised in a ``DataLoader`` worker process: torch re-raises it in the main process
+    as ``Caught ValueError in DataLoader worker process 0. Original Traceback ...`` (text, no chain);
+    the innermost traceback of that text is read back: its last frame inside this package and its
+    class one of :data:`USER_ERRORS` give its message, else ``None``."""
+    text = str(exc)
+    if not _WORKER.match(text):
+        return None
+    innermost = _CHAINED.split(text.split("\n", 1)[1])[0]
+    lines = innermost.rstrip().splitlines()
+    frames = [(i, m.group(1)) for i, line in enumerate(lines) if (m := _FRAME.match(line))]
+    if not frames:
+        return None
+    last, filename = frames[-1]
+    try:
+        if not Path(filename).resolve().is_relative_to(_PACKAGE):
+            return None
+    except OSError:
+        return None
+    tail = [ln for ln in lines[last + 1 :] if ln and not ln.startswith((" ", "\t"))]
+    if not tail or ":" not in tail[0]:
+        return None
+    name, _, first = tail[0].partition(":")
+    cls = _error_class(name.strip())
+    if cls is None or not issubclass(cls, USER_ERRORS):
+        return None
+    return " ".join([first.strip(), *tail[1:]]).strip() or name.strip()
+
+
 def user_message(exc: BaseException) -> str | None:
-    """The one-line message for ``exc`` when it is a user error raised by this package, else ``None``."""
+    """The one-line message for ``exc`` when it is a user error raised by this package (also in a
+    ``DataLoader`` worker process), else ``None``."""
     inner = _innermost(exc)
+    worker = _worker_message(inner)
+    if worker is not None:
+        return worker
     if not isinstance(inner, USER_ERRORS) or not _raised_here(inner):
         return None
     return str(inner).strip() or type(inner).__name__

@@ -263,3 +263,45 @@ def test_d3m_without_data_points_at_the_brain_tools(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         brats_case_or_datalist("", tmp_path / "empty", "test")
     assert "prepare_brain.py" in str(e.value) and "prepare_prostatex" not in str(e.value)
+
+
+# --- a user error raised in a DataLoader worker process -------------------------------------------
+
+
+class _Times(torch.utils.data.Dataset):
+    def __init__(self, times):
+        self.times = times
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        from common.transforms.phases import check_times
+
+        return torch.as_tensor(check_times(self.times, "/data/case-7/dce_times.json"))
+
+
+class _Bug(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return {}["missing"]
+
+
+def test_user_error_in_a_dataloader_worker_is_one_line():
+    """torch re-raises a worker's exception as text ("Caught ValueError in DataLoader worker process 0.
+    Original Traceback ..."): the message is read back when the innermost frame is ours; a bug in a
+    worker keeps its traceback."""
+    from common.errors import user_message
+
+    with pytest.raises(ValueError) as e:
+        list(torch.utils.data.DataLoader(_Times([0.0, 85.0, 85.0]), num_workers=1))
+    assert str(e.value).startswith("Caught ValueError in DataLoader worker process 0")
+    assert user_message(e.value) == (
+        "/data/case-7/dce_times.json: DCE times must be strictly increasing; time 2 (85 s) is not after time 1 (85 s)"
+    )
+    with pytest.raises(KeyError) as e:
+        list(torch.utils.data.DataLoader(_Bug(), num_workers=1))
+    assert user_message(e.value) is None
+    assert len(list(torch.utils.data.DataLoader(_Times([0.0, 85.0]), num_workers=1))) == 1
