@@ -241,3 +241,33 @@ def test_series_set_after_a_kill_shows_nothing_and_the_rerun_completes(t1, tmp_p
     assert sorted(p.name for p in dicom.iterdir()) == ["s1", "s2"]
     assert not list(dicom.parent.glob(".tmp-dicom-*"))
     assert len(list((dicom / "s2").glob("*.dcm"))) == SHAPE[2]
+
+
+def test_seg_on_the_t1_grid_of_the_brain_ingest(tmp_path):
+    """The path synthesize.py takes for d3m: a DICOM brain study (pitched 10 degrees) through the
+    brain ingest; a mask on its ``t1n.nii.gz`` grid goes out as a SEG on the source T1 instances and
+    reads back equal, voxel for voxel."""
+    import nibabel as nib
+
+    from common.ingest.brain import ingest_brain_study
+    from common.phantoms.brain import make_brain_phantom
+    from common.phantoms.dicom import write_brain_study
+
+    ph = make_brain_phantom(seed=[0, 1, 0], shape=(24, 28, 20))
+    patient = write_brain_study(ph, tmp_path / "src", "P")
+    manifest = ingest_brain_study(patient, tmp_path / "prepared", "P", register=False)
+    t1n = nib.load(manifest["files"]["t1n"])
+    values = np.asarray(t1n.dataobj)
+    mask = (values > np.percentile(values, 90)).astype(np.uint8)
+    src = read_source_series(patient / manifest["roles"]["t1"]["folder"])
+    path = write_segmentation(
+        mask,
+        t1n.affine,
+        tmp_path / "seg",
+        src,
+        series_number=1003,
+        label="ET",
+        algorithm_name="d3m",
+        algorithm_version="1",
+    )
+    np.testing.assert_array_equal(_seg_on_nifti_grid(path, t1n.affine, mask.shape), mask)
