@@ -459,5 +459,8 @@ def test_resdce_on_prostatex(prostatex_study, tmp_path):
         assert ds.StudyInstanceUID == src_uid and ds.SeriesDescription.startswith(
             f"SYNTHETIC DCE {s['key']} (iterU-Net"
         )
-        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"] and ds.FrameOfReferenceUID == grid[0].FrameOfReferenceUID
+        assert (
+            list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
+            and ds.FrameOfReferenceUID == grid[0].FrameOfReferenceUID
+        )
     assert _listing(prostatex_study) == before  # the real study was only read
