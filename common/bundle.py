@@ -96,9 +96,19 @@ class ConfigRecord:
         return [k for k, v in self.settings.items() if k in saved and saved[k] != v]
 
     def load_state_dict(self, saved: dict, path: str | os.PathLike | None = None) -> None:
+        where = f"checkpoint {path}" if path else "the checkpoint"
+        foreign = sorted(k for k in saved if k not in self.settings)
+        lacking = [k for k in self.settings if k not in saved]
+        # each record lacks settings of the other: another bundle's weights (d3m's given to iterunet share
+        # only network_size); a record that is a subset (older weights, before a setting was recorded) is fine
+        if foreign and lacking:
+            raise ValueError(
+                f"{where}: not weights of this bundle: it records settings this bundle does not have "
+                f"({', '.join(foreign)}; trained by another bundle?); give the model.pt this bundle's training "
+                f"wrote (--ckpt_path)"
+            )
         wrong = self.mismatches(saved)
         if wrong:
-            where = f"checkpoint {path}" if path else "the checkpoint"
             what = "; ".join(f"{k}: the checkpoint has {saved[k]!r}, this run {self.settings[k]!r}" for k in wrong)
             hint = " ".join(f"--{k} {_cli(saved[k])}" for k in wrong)
             raise ValueError(

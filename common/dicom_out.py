@@ -21,9 +21,10 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -38,6 +39,7 @@ from common.io import atomic_folder, atomic_path
 
 __all__ = [
     "RAS_TO_LPS",
+    "SERIES_TAGS",
     "STUDY_TAGS",
     "SourceSeries",
     "atomic_folder",
@@ -49,7 +51,10 @@ __all__ = [
     "series_folder_name",
     "set_geometry",
     "set_pixel_module",
+    "set_series_tags",
+    "series_set",
     "write_derived_series",
+    "write_segmentation",
     "write_slices",
 ]
 
@@ -70,6 +75,19 @@ STUDY_TAGS = (
     "ReferringPhysicianName",
     "FrameOfReferenceUID",
 )
+
+
+#: General Series elements a derived series copies from its source when present and otherwise writes
+#: empty: ``Laterality`` (Type 2C: a paired body part, e.g. a breast) and ``PatientPosition`` (Type 2C,
+#: required in MR images without a Patient Orientation Code Sequence). dciodvfy requires both.
+SERIES_TAGS = ("Laterality", "PatientPosition")
+
+
+def set_series_tags(ds: Dataset, source: "SourceSeries") -> None:
+    """``ds``'s :data:`SERIES_TAGS` from ``source`` (empty where the source lacks one)."""
+    for key in SERIES_TAGS:
+        value = source.series_tags.get(key)
+        setattr(ds, key, "" if value is None else value)
 
 
 def decimal_string(x: float) -> str:
@@ -303,6 +321,7 @@ class SourceSeries:
         normal: (3,) LPS unit slice normal.
         series_number: its SeriesNumber (None when absent).
         charset: its SpecificCharacterSet (the copied names are in it).
+        series_tags: :data:`SERIES_TAGS` keyword -> value, for those its first instance holds.
     """
 
     folder: Path
@@ -314,6 +333,7 @@ class SourceSeries:
     normal: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
     series_number: int | None = None
     charset: str = "ISO_IR 100"
+    series_tags: dict[str, Any] = field(default_factory=dict)
 
     def nearest(self, position_lps: np.ndarray) -> int:
         """Index of the instance whose slice lies nearest to an LPS point (mm) along the normal."""
@@ -330,7 +350,7 @@ def read_source_series(folder: str | os.PathLike, series_uid: str | None = None)
     """
     folder = Path(folder)
     tags = [*STUDY_TAGS, "SeriesInstanceUID", "SeriesNumber", "SOPClassUID", "SOPInstanceUID"]
-    tags += ["ImagePositionPatient", "ImageOrientationPatient", "SpecificCharacterSet"]
+    tags += ["ImagePositionPatient", "ImageOrientationPatient", "SpecificCharacterSet", *SERIES_TAGS]
     found: dict[str, list[tuple[Path, Dataset]]] = {}
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         if path.name.startswith(".") or not path.is_file():
@@ -369,6 +389,7 @@ def read_source_series(folder: str | os.PathLike, series_uid: str | None = None)
         normal=normal,
         series_number=int(number) if number not in (None, "") else None,
         charset=first.get("SpecificCharacterSet") or "ISO_IR 100",
+        series_tags={k: first.get(k) for k in SERIES_TAGS if k in first},
     )
 
 
@@ -436,9 +457,11 @@ def write_derived_series(
     base = Dataset()
     base.SpecificCharacterSet = source.charset
     base.SOPClassUID = MRImageStorage
-    base.ImageType = ["DERIVED", "SECONDARY"]
+    # value 3 (image flavour) is required in MR images; OTHER: no acquisition flavour applies
+    base.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
     for key, value in source.study.items():
         setattr(base, key, value)
+    set_series_tags(base, source)
     base.SeriesDate = base.ContentDate = date
     base.SeriesTime = base.ContentTime = time
     base.Modality = "MR"
@@ -472,3 +495,163 @@ def write_derived_series(
     with atomic_folder(folder) as tmp:
         names = [p.name for p in write_slices(base, stored, geo, tmp, sop_uids, "GADOFREE_SYN", per_slice)]
     return [Path(folder) / n for n in names]
+
+
+@contextmanager
+def series_set(folder: str | os.PathLike) -> Iterator[Path]:
+    """All the DICOM series of one run appear together, or none does.
+
+    Yields a hidden staging folder ``.tmp-<name>-<hex>`` beside ``folder``; the caller writes every
+    series of the run into it (one sub-folder each, e.g. with :func:`write_derived_series` and
+    :func:`write_segmentation`). When the block completes, the staging folder is renamed to
+    ``folder`` in one ``os.rename`` (atomic on one file system): a reader, or a process killed at any
+    moment, sees either every series or none (:func:`common.io.atomic_folder`). An error inside the
+    block removes the staging folder. Staging folders a killed run left behind are removed first, so
+    a rerun after a kill completes; an empty ``folder`` (no series) is replaced.
+
+    Raises:
+        FileExistsError: ``folder`` already holds something (a complete earlier run).
+    """
+    folder = Path(folder)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    with atomic_folder(
+        folder,
+        hint="it holds the DICOM series of an earlier run; remove it or choose another output folder",
+        sweep_stale=True,
+    ) as staging:
+        yield staging
+
+
+def _source_datasets(source: SourceSeries) -> list[Dataset]:
+    """The instances of ``source`` (headers, no pixel data) in its slice order."""
+    by_uid: dict[str, Dataset] = {}
+    for path in sorted(source.folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
+            continue
+        if str(ds.get("SeriesInstanceUID", "")) == source.series_uid:
+            by_uid[str(ds.SOPInstanceUID)] = ds
+    return [by_uid[u] for u in source.sop_instance_uids]
+
+
+def _source_frames(
+    mask: np.ndarray, affine: np.ndarray, sources: Sequence[Dataset], where: str, atol_mm: float
+) -> np.ndarray:
+    """``mask`` (x, y, z) as (n_sources, rows, columns) frames in the order of ``sources``, each frame
+    the mask slice at that instance's position; ``ValueError`` naming ``where`` when the mask is not on
+    the grid of the instances (orientation, pixel spacing, size, or a position off by > ``atol_mm``)."""
+    geo = geometry_from_affine(affine, mask.shape[2])
+    iop = np.asarray(geo["ImageOrientationPatient"], float)
+    spacing = np.asarray(geo["PixelSpacing"], float)
+    frames = np.zeros((len(sources), mask.shape[1], mask.shape[0]), dtype=mask.dtype)
+    used = set()
+    for f, ds in enumerate(sources):
+        problem = ""
+        if (int(ds.Rows), int(ds.Columns)) != (mask.shape[1], mask.shape[0]):
+            problem = f"{ds.Rows}x{ds.Columns} pixels, the mask {mask.shape[1]}x{mask.shape[0]}"
+        elif not np.allclose(np.asarray(ds.ImageOrientationPatient, float), iop, atol=1e-4):
+            problem = "another ImageOrientationPatient"
+        elif not np.allclose(np.asarray(ds.PixelSpacing, float), spacing, atol=1e-4):
+            problem = f"PixelSpacing {list(ds.PixelSpacing)}, the mask {spacing.round(5).tolist()}"
+        else:
+            d = np.linalg.norm(geo["positions"] - np.asarray(ds.ImagePositionPatient, float)[None], axis=1)
+            k = int(np.argmin(d))
+            if d[k] > atol_mm:
+                problem = f"no mask slice within {atol_mm} mm of its position (nearest {d[k]:.3f} mm)"
+            else:
+                frames[f] = mask[:, :, k].T
+                used.add(k)
+        if problem:
+            raise ValueError(
+                f"{where}: the mask is not on the grid of the source instance {ds.SOPInstanceUID}: {problem}"
+            )
+    if len(used) != mask.shape[2]:
+        raise ValueError(f"{where}: the mask has {mask.shape[2]} slices, the source series {len(used)} of them")
+    return frames
+
+
+def write_segmentation(
+    mask: np.ndarray,
+    affine: np.ndarray,
+    folder: str | os.PathLike,
+    source: SourceSeries,
+    *,
+    series_number: int,
+    label: str,
+    algorithm_name: str,
+    algorithm_version: str,
+    description: str | None = None,
+    category: Any = None,
+    property_type: Any = None,
+    manufacturer: str = "gadofree-bundles",
+    atol_mm: float = 0.01,
+) -> Path:
+    """Write a binary label map (x, y, z) as a DICOM Segmentation (SEG, highdicom) of ``source``.
+
+    The SEG has one segment: ``label`` (``SegmentLabel``), segmented property ``category`` /
+    ``property_type`` (SNOMED CT codes; default Morphologically Abnormal Structure / Neoplasm),
+    ``SegmentAlgorithmType AUTOMATIC`` with ``algorithm_name`` / ``algorithm_version`` (family
+    Artificial Intelligence). Its frames lie on the source instances: frame ``f`` is the mask slice at
+    instance ``f``'s position, with the source's orientation and spacing (oblique kept), and
+    references that instance (``ReferencedSeriesSequence`` and per frame ``DerivationImageSequence``);
+    the mask must lie on the grid of ``source`` (its NIfTI, e.g. ``t1n.nii.gz``) within ``atol_mm``,
+    else ``ValueError`` naming ``folder``. Patient, study and frame of reference are the source's.
+    Written atomically as ``<folder>/1-1.dcm`` (``folder`` must not exist).
+
+    Args:
+        mask: (x, y, z) array, voxels > 0.5 in the segment (e.g. ``et_mask.nii.gz``).
+        affine: 4x4 RAS+ affine of ``mask`` (mm).
+        folder: the series folder to create.
+        source: the series segmented (:func:`read_source_series`).
+        series_number: ``SeriesNumber``; description: ``SeriesDescription`` (default
+            ``"SYNTHETIC SEG <label> (<algorithm_name> <algorithm_version>)"``, at most 64 characters).
+
+    Returns:
+        The path of the written SEG file.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"{folder}: a segmentation needs a 3D mask, got shape {mask.shape}")
+    binary = (np.nan_to_num(mask.astype(np.float64)) > 0.5).astype(np.uint8)
+    sources = _source_datasets(source)
+    frames = _source_frames(binary, affine, sources, str(folder), atol_mm)
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=label[:64],
+        segmented_property_category=category or codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=property_type or codes.SCT.Neoplasm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm_name[:64], family=codes.cid7162.ArtificialIntelligence, version=str(algorithm_version)[:64]
+        ),
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment],
+        series_instance_uid=generate_uid(),
+        series_number=int(series_number),
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=algorithm_name[:64],
+        software_versions=f"{algorithm_name} {algorithm_version}"[:64],
+        device_serial_number="none",
+        series_description=(description or f"SYNTHETIC SEG {label} ({algorithm_name} {algorithm_version})")[:64],
+        omit_empty_frames=False,
+    )
+    for key, value in source.series_tags.items():  # not written empty: a SEG needs neither (dciodvfy)
+        if value not in (None, ""):
+            setattr(seg, key, value)
+    seg.ImageComments = "Computed by a research model from other series; not a clinical finding. Research use only."
+    with atomic_folder(folder) as tmp:
+        seg.save_as(tmp / "1-1.dcm", enforce_file_format=True)
+    return Path(folder) / "1-1.dcm"

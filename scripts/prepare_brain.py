@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 
 from common.errors import install as install_error_hook  # noqa: E402
-from common.ingest.brain import brain_settings, prepare_brain_case  # noqa: E402
+from common.ingest.brain import brain_settings, check_out_outside, prepare_brain_case  # noqa: E402
 from common.io import output_folder  # noqa: E402
 
 
@@ -45,6 +45,7 @@ def main(
     max_rotation_deg: float = 20.0,
 ) -> dict:
     output_folder(out, "out")  # a file or read-only folder is named before any work
+    check_out_outside(src, out)  # nested too, not only equal
     srcp = Path(src).expanduser().resolve()
     opt = lambda f: str(srcp / f) if f else None  # noqa: E731
     t1c_path = opt(t1c)

@@ -433,3 +433,86 @@ def test_mask_of_another_shape_stops_before_outputs(tmp_path):
         f"{case / 'lesion_mask.nii.gz'} (lesion_mask): grid (16, 15, 4) differs from {case / 'dce_pre.nii.gz'} "
         "(dce_pre) (16, 16, 4); every volume of a case must be on one grid (re-run the ingest)"
     ), msg
+
+
+# --- scripts/prepare_brain.py (issue 25) ----------------------------------------------------------
+
+
+def _prepare_brain(*args: str):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("GADOFREE_DEBUG", None)
+    cmd = [sys.executable, str(ROOT / "scripts" / "prepare_brain.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _one_line(res) -> str:
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stdout + res.stderr, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("error:")] == [lines[-2]], res.stderr
+    assert lines[-1] == "(set GADOFREE_DEBUG=1 for the full traceback)"
+    return lines[-2][len("error: ") :]
+
+
+def _raw_brain(folder: Path) -> dict[str, str]:
+    """t1/t2/flair NIfTI files of a tiny phantom head; returns name -> digest of every file."""
+    from common.phantoms.brain import make_brain_phantom
+
+    ph = make_brain_phantom(seed=[0, 1, 0], shape=(24, 28, 20))
+    folder.mkdir(parents=True)
+    for name, key in (("t1", "t1n"), ("t2", "t2w"), ("flair", "t2f")):
+        save_nifti(ph.images[key].astype(np.float32), ph.affine, folder / f"{name}.nii.gz")
+    return h.tree_digest(folder)
+
+
+def test_prepare_brain_refuses_an_out_nested_in_src_and_a_text_file_as_t2(tmp_path):
+    src = tmp_path / "study"
+    before = _raw_brain(src)
+    for out in (src, src / "prepared", src / "a" / "b"):
+        msg = _one_line(_prepare_brain("--src", str(src), "--out", str(out)))
+        assert msg.startswith(f"--out {out} lies inside --src {src}: outputs never go into the source folder"), msg
+    (src / "notes.txt").write_text("T2 was not exported\n")
+    msg = _one_line(_prepare_brain("--src", str(src), "--out", str(tmp_path / "out"), "--t2", "notes.txt"))
+    assert msg.startswith(f"t2 file {src / 'notes.txt'}: cannot be read as an image"), msg
+    assert not any((tmp_path / "out").rglob("*-t2w.nii.gz"))
+    (src / "notes.txt").unlink()
+    assert h.tree_digest(src) == before  # the source is never written into
+
+
+def test_a_choice_between_two_t1_series_is_said_on_the_console(tmp_path, caplog):
+    """A second T1 series (flipped, half intensity, fewer slices): the rule picks one and one warning
+    line says which, why, and which was left (not only in the manifest)."""
+    import logging
+
+    import pydicom
+
+    from common.ingest.brain import select_brain_series
+    from common.phantoms.brain import make_brain_phantom
+    from common.phantoms.dicom import series_folder_name, tilted_affine, write_brain_study, write_series
+
+    ph = make_brain_phantom(seed=[0, 1, 0], shape=(24, 28, 20))
+    patient = write_brain_study(ph, tmp_path / "src", "TWO_T1")
+    study_dir = next(patient.iterdir())
+    ds = pydicom.dcmread(next((study_dir / series_folder_name(2, "t1_se_tra")).glob("*.dcm")), stop_before_pixels=True)
+    study = {k: getattr(ds, k) for k in ("PatientID", "StudyDate", "StudyInstanceUID", "FrameOfReferenceUID")}
+    affine = tilted_affine(ph.affine, ph.seg.shape, 10.0)
+    write_series(
+        0.5 * ph.images["t1n"][::-1, :, :12],
+        affine,
+        study_dir / series_folder_name(9, "t1_se_tra_flipped"),
+        study={**study, "StudyDescription": "MR brain", "uid_seed": "TWO_T1|flipped"},
+        series_number=9,
+        description="t1_se_tra_flipped",
+    )
+    with caplog.at_level(logging.WARNING, logger="common.ingest.brain"):
+        sel = select_brain_series(patient)
+    said = [r.getMessage() for r in caplog.records if "T1 series" in r.getMessage()]
+    assert len(said) == 1, said
+    chosen = sel.picked["t1"][0].label
+    assert (
+        said[0].startswith(f"TWO_T1: 2 T1 series: using {chosen!r} (most slices (20)")
+        and "t1_se_tra_flipped" in said[0]
+    )

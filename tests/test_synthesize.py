@@ -192,7 +192,7 @@ def test_resdce_dicom_round_trip(resdce_run, phantom_study):
             assert not [t for t in TYPE2 if t not in ds], files[k].name
             assert ds.SOPClassUID == MRImageStorage == ds.file_meta.MediaStorageSOPClassUID
             assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-            assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.Modality == "MR"
+            assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"] and ds.Modality == "MR"
             assert ds.SeriesDescription.startswith("SYNTHETIC")
             assert (
                 ds.SeriesDescription == f"SYNTHETIC {s['key'].replace('dce_', 'DCE ')} (ResDCE-diff {meta['version']})"
@@ -344,7 +344,7 @@ def test_iterunet_delayed_frames_as_dicom(resdce_run, phantom_study, tmp_path, c
         slope = float(dss[0].RescaleSlope)
         assert np.abs(arr - vol4[..., c]).max() <= slope and vol4[..., c].std() > 100 * slope
         for ds in dss:
-            assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.StudyInstanceUID == study_uid
+            assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"] and ds.StudyInstanceUID == study_uid
             assert ds.SeriesDescription == f"SYNTHETIC DCE {s['key']} (iterU-Net {version})"
             assert f"at {kin['times_s'][2 + c]:g} s after contrast arrival" in ds.DerivationDescription
             assert int(ds.SeriesNumber) == s["series_number"] not in resdce_numbers
@@ -459,5 +459,8 @@ def test_resdce_on_prostatex(prostatex_study, tmp_path):
         assert ds.StudyInstanceUID == src_uid and ds.SeriesDescription.startswith(
             f"SYNTHETIC DCE {s['key']} (iterU-Net"
         )
-        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.FrameOfReferenceUID == grid[0].FrameOfReferenceUID
+        assert (
+            list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
+            and ds.FrameOfReferenceUID == grid[0].FrameOfReferenceUID
+        )
     assert _listing(prostatex_study) == before  # the real study was only read

@@ -139,7 +139,7 @@ def test_d3m_dicom_round_trip(d3m_run, brain_study, brain_phantom):
             missing = [t for t in TYPE1 if t not in ds or ds[t].value in (None, "", b"")]
             assert not missing, (files[k].name, missing)
             assert not [t for t in TYPE2 if t not in ds], files[k].name
-            assert ds.SOPClassUID == MRImageStorage and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+            assert ds.SOPClassUID == MRImageStorage and list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
             assert ds.SeriesDescription == f"SYNTHETIC {labels[s['key']]} (D3M {meta['version']})"
             assert "D3M" in ds.DerivationDescription and meta["version"] in ds.DerivationDescription
             assert "t1n, t2w, t2f" in ds.DerivationDescription and "2 DDIM steps" in ds.DerivationDescription

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-from common.data import HOW_TO_MAKE_DATA, load_datalist
+from common.data.datalist import HOW_TO_MAKE_BRAIN_DATA, case_folder, load_datalist
 
 __all__ = [
     "BRATS_KEYS",
@@ -49,9 +49,7 @@ def brats_entry(
 ) -> dict:
     """``{"id", key: absolute path}`` of one BraTS case folder; a missing required contrast raises
     ``FileNotFoundError`` naming the expected file."""
-    case_dir = Path(case_dir).expanduser().resolve()
-    if not case_dir.is_dir():
-        raise FileNotFoundError(f"case folder {case_dir} does not exist")
+    case_dir = case_folder(case_dir)
     cid = case_dir.name
     entry: dict[str, Any] = {"id": cid}
     for key in (*required, *optional):
@@ -96,10 +94,12 @@ def brats_datalist(
     if (root / "datalist.json").exists():
         return load_datalist(root, section, required_keys, max_cases=max_cases)
     if not root.is_dir():
-        raise FileNotFoundError(f"no dataset at {root}. {HOW_TO_MAKE_DATA}")
+        raise FileNotFoundError(f"no dataset at {root}. {HOW_TO_MAKE_BRAIN_DATA}")
     cases = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob(f"{p.name}-*.nii.gz")))
     if not cases:
-        raise FileNotFoundError(f"{root}: no BraTS case folders (<case>/<case>-t1n.nii.gz ...). {HOW_TO_MAKE_DATA}")
+        raise FileNotFoundError(
+            f"{root}: no BraTS case folders (<case>/<case>-t1n.nii.gz ...). {HOW_TO_MAKE_BRAIN_DATA}"
+        )
     entries = {c: brats_entry(root / c, required_keys) for c in cases}
     split = split_cases(cases, fractions, seed)
     if datalist_file:

@@ -9,13 +9,30 @@ from typing import Sequence
 
 from monai.data import load_decathlon_datalist
 
-__all__ = ["HOW_TO_MAKE_DATA", "case_or_datalist", "load_datalist"]
+__all__ = ["HOW_TO_MAKE_BRAIN_DATA", "HOW_TO_MAKE_DATA", "case_folder", "case_or_datalist", "load_datalist"]
 
 HOW_TO_MAKE_DATA = (
     "Make the phantom data with `make phantoms` (or `python scripts/make_phantoms.py --out data/phantoms`), "
     "or prepare your own DICOM studies with `python scripts/prepare_prostatex.py --src <TCIA root> --out <dir>`, "
     "then pass `--dataset_dir <dir>` to the bundle command."
 )
+#: the same for the brain bundle (d3m): BraTS-layout cases, not the prostate ingest
+HOW_TO_MAKE_BRAIN_DATA = (
+    "Make the brain phantoms with `python scripts/make_phantoms.py --out data/phantoms --kinds brain`, "
+    "use BraTS 2023 case folders (<case>/<case>-t1n.nii.gz ...), or prepare a raw brain study with "
+    "`python scripts/prepare_brain.py --src <study> --out <dir>`, then pass `--dataset_dir <dir>` to the bundle command."
+)
+
+
+def case_folder(case_dir: str | os.PathLike, option: str = "case_dir") -> Path:
+    """``case_dir`` resolved, or ``FileNotFoundError`` naming ``--<option>`` when it does not exist or
+    is a file (not a case folder)."""
+    path = Path(case_dir).expanduser().resolve()
+    if path.is_file():
+        raise FileNotFoundError(f"--{option} {path} is a file, not a case folder (give the folder that holds it)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"--{option} {path}: case folder does not exist")
+    return path
 
 
 def load_datalist(
@@ -83,17 +100,20 @@ def case_or_datalist(
     section: str,
     required_keys: Sequence[str],
 ) -> list[dict]:
-    """Inference input: one prepared case folder (``case_dir``, files ``<key>.nii.gz``) if given,
-    else the ``section`` of the datalist in ``dataset_dir``."""
+    """Inference input: one prepared case folder (``case_dir``, files ``<key>.nii.gz``: every
+    ``*.nii.gz`` of the folder under its name) if given, else the ``section`` of the datalist in
+    ``dataset_dir``. A ``case_dir`` that is a file or does not exist is named (:func:`case_folder`)."""
     if not case_dir:
         return load_datalist(dataset_dir, section, required_keys)
     from common.layout import case_entry
 
-    case_dir = Path(case_dir).expanduser().resolve()
-    if not case_dir.is_dir():
-        raise FileNotFoundError(f"case folder {case_dir} does not exist")
+    case_dir = case_folder(case_dir)
     entry = case_entry(case_dir, case_dir.parent)
     entry = {k: (str(case_dir.parent / v) if k != "id" else v) for k, v in entry.items()}
+    # every other volume of the folder under its name (the breast layout's pre / breast_mask), so the
+    # bundle's grid check and masks see what the datalist of the same folder would give it
+    for f in sorted(case_dir.glob("*.nii.gz")):
+        entry.setdefault(f.name[: -len(".nii.gz")], str(f))
     missing = [k for k in required_keys if k not in entry]
     if missing:
         raise FileNotFoundError(f"case {case_dir}: missing {', '.join(f'{k}.nii.gz' for k in missing)}")

@@ -93,10 +93,25 @@ def case_curves(
     return out
 
 
+_WARNED_EMPTY: set[str] = set()
+
+
 def _lesions(item: dict, key: str | None) -> np.ndarray | None:
+    """The integer lesion label map of ``item[key]``, ``None`` without one. A mask without any voxel
+    > 0 is also ``None``, with one warning naming its file (it gives no lesion rows or curves)."""
     if not key or item.get(key) is None:
         return None
-    return np.rint(as_numpy(item[key])[0]).astype(np.int64)
+    lesions = np.rint(as_numpy(item[key])[0]).astype(np.int64)
+    if not (lesions > 0).any():
+        try:
+            where = source_file(item, key)
+        except KeyError:
+            where = f"{case_id(item, 'id', key)} ({key})"
+        if where not in _WARNED_EMPTY:  # the writer and the metrics both read it: one line per file
+            _WARNED_EMPTY.add(where)
+            logger.warning("%s: the lesion mask has no voxel > 0: no lesion curves or lesion rows for this case", where)
+        return None
+    return lesions
 
 
 class IterUNetWriter:
@@ -288,7 +303,7 @@ class IterUNetMetrics:
             return
         series, pred, label, times = _item(item, out, self.start, self.series_key, self.times_key)
         lesions = _lesions(item, self.lesion_key)
-        if self.lesion_metrics and lesions is None:
+        if self.lesion_metrics and lesions is None and item.get(self.lesion_key) is None:
             raise FileNotFoundError(
                 f"{source_file(item, self.series_key)}: no lesion mask ({self.lesion_key}.nii.gz beside it or "
                 f"in the datalist) for the lesion metrics; add it or pass --lesion_metrics false"

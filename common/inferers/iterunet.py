@@ -101,6 +101,15 @@ class IterUNetChainInferer(Inferer):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        try:
+            whole = not isinstance(start, bool) and int(start) == start
+        except (TypeError, ValueError):
+            whole = False
+        if not whole or int(start) < 1:
+            raise ValueError(
+                f"--start_phase: expected a whole number >= 1 (the index of the last acquired phase the chain "
+                f"starts from; 0 is the pre-contrast frame, which every step needs as its reference), got {start!r}"
+            )
         self.start, self.mode, self.time_input = int(start), mode, time_input
 
     def __call__(self, inputs: torch.Tensor, network, times: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

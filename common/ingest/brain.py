@@ -40,6 +40,7 @@ __all__ = [
     "MOVING",
     "BrainSelection",
     "brain_settings",
+    "check_out_outside",
     "check_same_grid",
     "ingest_brain_study",
     "prepare_brain_case",
@@ -67,8 +68,32 @@ def _is_path(x: Any) -> bool:
     return x is not None and not isinstance(x, sitk.Image)
 
 
-def _read(x: Source) -> sitk.Image:
-    return x if isinstance(x, sitk.Image) else sitk.ReadImage(str(x), sitk.sitkFloat32)
+def _read(x: Source, name: str = "image") -> sitk.Image:
+    """``x`` as a float32 SimpleITK image; a file that is not an image is named in one line."""
+    if isinstance(x, sitk.Image):
+        return x
+    try:
+        return sitk.ReadImage(str(x), sitk.sitkFloat32)
+    except RuntimeError as e:  # SimpleITK's message is a multi-line ITK exception dump
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Unable to determine ImageIO" in ln or "could not" in ln.lower()), "")
+        raise ValueError(
+            f"{name} file {x}: cannot be read as an image (not NIfTI/NRRD/MHA or truncated"
+            f"{': ' + why[:160] if why else ''})"
+        ) from None
+
+
+def check_out_outside(
+    src: str | os.PathLike, out: str | os.PathLike, src_option: str = "src", out_option: str = "out"
+) -> None:
+    """Refuse an output folder equal to or inside the source folder (outputs never go into the
+    source): ``FileExistsError`` naming both options."""
+    srcp, outp = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    if outp == srcp or outp.is_relative_to(srcp):
+        raise FileExistsError(
+            f"--{out_option} {out} lies inside --{src_option} {srcp}: outputs never go into the source folder; "
+            f"choose an --{out_option} outside it"
+        )
 
 
 def prepare_brain_case(
@@ -102,22 +127,22 @@ def prepare_brain_case(
             raise FileNotFoundError(f"{case}: {name} file {f} does not exist")
     d = Path(out) / case
     src_dirs = {Path(f).resolve().parent for f in inputs.values() if _is_path(f)}
-    if d.resolve() in src_dirs:
-        raise FileExistsError(f"{case}: output folder {d} holds the inputs; choose another --out")
+    if any(d.resolve() == sd or d.resolve().is_relative_to(sd) for sd in src_dirs):
+        raise FileExistsError(f"{case}: output folder {d} lies in the folder of the inputs; choose another --out")
     settings = settings or brain_settings()
     if isinstance(t1, sitk.Image):
         fixed = sitk.Cast(t1, sitk.sitkFloat32)
         affine, t1_array = sitk_affine(fixed), sitk_to_array(fixed)
     else:
+        fixed = _read(t1, "t1")
         ref_nib = nib.load(str(t1))
         affine, t1_array = ref_nib.affine, np.asarray(ref_nib.get_fdata(), np.float32)
-        fixed = sitk.ReadImage(str(t1), sitk.sitkFloat32)
     files = {"t1n": save_nifti(t1_array, affine, d / f"{case}-t1n.nii.gz")}
     report: dict[str, Mapping] = {}
     for key, arg in MOVING.items():
         if inputs[arg] is None:
             continue
-        moving = _read(inputs[arg])
+        moving = _read(inputs[arg], arg)
         tx = None
         if register:
             res = register_rigid(fixed, moving, settings, name=f"{case} {arg}", patient=case, series=arg)
@@ -126,7 +151,7 @@ def prepare_brain_case(
         files[key] = save_nifti(arr.astype(np.float32), affine, d / f"{case}-{key}.nii.gz")
     for key in ("seg", "brain_mask"):
         if inputs[key] is not None:
-            arr = sitk_to_array(resample_to(_read(inputs[key]), fixed, None, "nearest"))
+            arr = sitk_to_array(resample_to(_read(inputs[key], key), fixed, None, "nearest"))
             files[key] = save_nifti(np.rint(arr).astype(np.uint8), affine, d / f"{case}-{key}.nii.gz", dtype=np.uint8)
     save_json(
         {
@@ -223,6 +248,11 @@ def select_brain_series(
     for role, items in cands.items():
         (chosen, geom), how = prefer_series(rules.role(role).prefer, items)
         picked[role] = (chosen, geom, roles[id(chosen)][1])
+        if len(items) > 1:  # a choice the user should see, not only in the manifest
+            others = ", ".join(repr(s.label) for s, _ in items if s is not chosen)
+            log.warning(
+                "%s: %d %s series: using %r (%s); not %s", patient, len(items), role.upper(), chosen.label, how, others
+            )
         for s, _ in items:
             if s is chosen:
                 report[id(s)]["status"] = "used"

@@ -24,7 +24,7 @@ from monai.transforms import MapTransform
 from common.dce import detect_arrival, mean_curve, select_phases
 from common.layout import DCE_TIMES
 
-__all__ = ["DCEFramesd", "SelectPhasesd", "read_dce_times"]
+__all__ = ["DCEFramesd", "SelectPhasesd", "check_times", "read_dce_times"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +32,40 @@ logger = logging.getLogger(__name__)
 MIDDLE_AND_LAST = {"early": {"fraction": 0.5}, "late": {"index": -1}}
 
 
+def check_times(times: Sequence[float] | np.ndarray, where: str) -> np.ndarray:
+    """``times`` (seconds) as a float64 array, checked: every time finite and each strictly after the
+    one before (one NaN trains a network to NaN weights; times out of order or repeated name phases
+    wrongly). Raises ``ValueError`` naming ``where`` (the file) and the first bad time."""
+    t = np.asarray(times, dtype=np.float64).ravel()
+    bad = np.flatnonzero(~np.isfinite(t))
+    if bad.size:
+        raise ValueError(f"{where}: DCE times must be finite seconds; time {int(bad[0])} is {t[bad[0]]}")
+    step = np.flatnonzero(np.diff(t) <= 0)
+    if step.size:
+        i = int(step[0]) + 1
+        raise ValueError(
+            f"{where}: DCE times must be strictly increasing; time {i} ({t[i]:g} s) is not after "
+            f"time {i - 1} ({t[i - 1]:g} s)"
+        )
+    return t
+
+
 def read_dce_times(path: str | os.PathLike) -> list[float]:
-    """Time vector (seconds) from a ``dce_times.json`` (``{"times_s": [...]}``) or a bare JSON list."""
-    with open(path) as f:
-        raw = json.load(f)
+    """Time vector (seconds) from a ``dce_times.json`` (``{"times_s": [...]}``) or a bare JSON list;
+    finite and strictly increasing (:func:`check_times`), else ``ValueError`` naming the file."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     times = raw.get("times_s") if isinstance(raw, dict) else raw
     if not isinstance(times, list) or not times:
         raise ValueError(f"{path}: expected {{'times_s': [seconds, ...]}} or a list of seconds")
-    return [float(t) for t in times]
+    try:
+        values = [float(t) for t in times]
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: DCE times must be numbers (seconds), got {times}") from None
+    return check_times(values, str(path)).tolist()
 
 
 def _source_file(x: Any) -> str | None:
@@ -120,6 +146,8 @@ class SelectPhasesd(MapTransform):
             times, origin = d[self.times_key], f"data key {self.times_key!r}"
             if isinstance(times, (str, os.PathLike)):
                 times, origin = read_dce_times(times), str(times)
+            else:
+                times = check_times(times, f"{where} ({origin})")
         else:
             src = _source_file(d[key])
             path = Path(src).parent / self.times_file if src else None
@@ -211,7 +239,7 @@ class DCEFramesd(MapTransform):
         where = _source_file(d[key]) or str(key)
         raw = d.get(self.times_key)
         if isinstance(raw, (list, tuple, np.ndarray, torch.Tensor)):
-            times = np.asarray(raw, dtype=np.float64)
+            times = check_times(raw, f"{where} ({self.times_key})")
         else:
             from pathlib import Path
 
