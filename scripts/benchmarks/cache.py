@@ -175,33 +175,44 @@ def measure(root: Path) -> dict[str, dict[int, dict]]:
 
 
 def rows_from(results: dict[str, dict[int, dict]]) -> list[dict]:
-    """Table rows of :func:`measure`'s results."""
+    """Table rows of :func:`measure`'s results: per setting, the trainer's peak RSS and the process tree's
+    peak PSS at the smallest and largest case count, their growth per added case, and the log's cache line."""
     rows = []
     how = (
         f"d3m train.json, small net, 1 iteration of 2 slices, no validation, {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} "
-        "phantom cases; peak = sum of PSS of the trainer and its 2 DataLoader workers"
+        "phantom cases; trainer = peak RSS of the training process, tree = peak sum of PSS of it and its 2 "
+        "DataLoader workers; first iteration = seconds from the start of the process (2 CPU cores shared with "
+        "other jobs: times are loose)"
     )
     labels = {
-        "auto": f"--cache auto (default) with a {BUDGET_MIB} MiB memory budget (--cache_memory_mib {BUDGET_MIB})",
-        "disk": "--cache auto with --cache_dir (PersistentDataset, first run: only drawn cases written)",
-        "memory": "--cache memory (every case in memory: the former cache_rate 1.0)",
+        "auto": f"d3m training memory, --cache auto (default) with a {BUDGET_MIB} MiB budget (--cache_memory_mib)",
+        "disk": "d3m training memory, --cache auto with --cache_dir (PersistentDataset on disk, first run)",
+        "memory": "d3m training memory, --cache memory (every case in memory, the former cache_rate 1.0 as meant)",
     }
+
+    def growth(key, a, b, n0, n1):
+        return (b[key] - a[key]) / (n1 - n0)
+
     for mode, by_n in results.items():
         ns = sorted(by_n)
-        a, b = by_n[ns[0]], by_n[ns[-1]]
-        per_case = (b["peak_mib"] - a["peak_mib"]) / (ns[-1] - ns[0])
-        value = (
-            f"{ns[0]} cases: {a['peak_mib']:.0f} MiB, first iteration {a['first_iter_s']:.0f} s; "
-            f"{ns[-1]} cases: {b['peak_mib']:.0f} MiB, {b['first_iter_s']:.0f} s; {per_case:+.1f} MiB per added case"
-        )
+        n0, n1 = ns[0], ns[-1]
+        a, b = by_n[n0], by_n[n1]
+        g_rss, g_tree = growth("trainer_rss_mib", a, b, n0, n1), growth("peak_mib", a, b, n0, n1)
+
+        def fmt(r: dict) -> str:
+            return f"trainer {r['trainer_rss_mib']:.0f} MiB, tree {r['peak_mib']:.0f} MiB, first iteration {r['first_iter_s']:.0f} s"
+
+        value = f"{n0} cases: {fmt(a)}; {n1} cases: {fmt(b)}; per added case: trainer {g_rss:+.1f} MiB, tree {g_tree:+.1f} MiB"
         note = how
-        if ns[-1] < 64:
-            est = a["peak_mib"] + per_case * (64 - ns[0])
-            est_t = a["first_iter_s"] + (b["first_iter_s"] - a["first_iter_s"]) / (ns[-1] - ns[0]) * (64 - ns[0])
-            value += f"; 64 cases extrapolated: {est:.0f} MiB, {est_t:.0f} s"
-            note += f"; 64 cases not run (extrapolated linearly from {ns[0]} and {ns[-1]})"
+        if n1 < 64:
+
+            def est(key: str) -> float:
+                return a[key] + growth(key, a, b, n0, n1) * (64 - n0)
+
+            value += f"; 64 cases (extrapolated): trainer {est('trainer_rss_mib'):.0f} MiB, tree {est('peak_mib'):.0f} MiB, first iteration {est('first_iter_s'):.0f} s"
+            note += f"; 64 cases not run (about 13 GiB cached): extrapolated linearly from {n0} and {n1} cases"
         log = b["cache"][0] if b["cache"] else "no cache line in the log"
-        rows.append(_row(labels[mode], value, f"{note}; log: {log}"))
+        rows.append(_row(labels[mode], value, f"{note}; log at {n1} cases: {log}"))
     return rows
 
 
