@@ -45,6 +45,7 @@ __all__ = [
     "CACHE_MODES",
     "DEFAULT_MEMORY_FRACTION",
     "BudgetCacheDataset",
+    "DiskCacheDataset",
     "allow_cached_types",
     "available_memory_bytes",
     "cache_rate_for_budget",
@@ -222,6 +223,19 @@ def allow_cached_types() -> None:
     torch.serialization.add_safe_globals([_reconstruct, np.ndarray, np.dtype, *dtype_classes, *enums])
 
 
+class DiskCacheDataset(PersistentDataset):
+    """MONAI ``PersistentDataset`` whose cached files load with ``torch.load(weights_only=True)`` in every
+    process, DataLoader workers started by ``spawn`` included (:func:`allow_cached_types` before the first read)."""
+
+    _allowed_in: int | None = None
+
+    def _cachecheck(self, item_transformed):
+        if DiskCacheDataset._allowed_in != os.getpid():
+            allow_cached_types()
+            DiskCacheDataset._allowed_in = os.getpid()
+        return super()._cachecheck(item_transformed)
+
+
 def _flat(transform: Callable | Sequence[Callable] | None) -> Compose:
     """``transform`` as one flat ``Compose`` (nested ``Compose`` inlined) so MONAI finds its deterministic part."""
     if transform is None:
@@ -281,8 +295,7 @@ def make_dataset(
         except OSError as e:
             raise OSError(f"--cache_dir {folder}: cannot create the cache folder ({e.strerror or e})") from None
         before = len(list(where.glob("*.pt")))
-        allow_cached_types()
-        ds = PersistentDataset(data=data, transform=comp, cache_dir=where, hash_transform=json_hashing, track_meta=True)
+        ds = DiskCacheDataset(data=data, transform=comp, cache_dir=where, hash_transform=json_hashing, track_meta=True)
         logger.info(
             "%s dataset: %d cases cached on disk in %s (%s; %d files there already, the others written when first drawn), "
             "nothing in memory",
