@@ -22,9 +22,12 @@ caches the transforms *directly* held by the outer ``Compose`` up to the first `
 and a nested ``Compose`` counts as ``Randomizable``: the bundles' ``[@preprocessing] + @train#transforms``
 would otherwise cache nothing at all. One log line per dataset says what is cached where::
 
-    training dataset: 5 of 64 cases cached in memory (204.3 MiB each, 1021 MiB in all; budget 1024 MiB:
-    --cache_memory_mib), 59 run their deterministic part (the first 10 transforms, up to SelectItemsd)
-    each time they are drawn; set --cache_dir DIR to keep them on disk
+    training dataset: 5 of 64 cases cached in memory (204.3 MiB each, 1022 MiB in all; budget 1024.0 MiB:
+    --cache_memory_mib; the first 10 transforms, up to SelectItemsd), 59 run their deterministic part each
+    time they are drawn; set --cache_dir DIR to keep them on disk
+
+The disk cache names a file by the case's entry (file paths, id) and the names of the deterministic
+transforms, not their settings: delete ``cache_dir`` after changing preprocessing settings.
 """
 
 from __future__ import annotations
