@@ -175,6 +175,7 @@ def mixed(tmp_path_factory) -> Path:
     dl["validation"] = []
     dl["test"] = [cases[i] for i in ("BraTS-GLI-00002-000", "BraTS-PED-00001-000")]
     (root / "datalist.json").write_text(json.dumps(dl))
+    assert [it["id"] for it in brats_datalist(root, "all")] == sorted(cases)  # each case once
     return root
 
 

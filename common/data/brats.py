@@ -199,7 +199,8 @@ def brats_datalist(
     max_cases: int | None = None,
 ) -> list[dict]:
     """One section of the BraTS folder ``dataset_dir`` (see the module docstring), absolute paths;
-    ``section`` ``all``: the cases of every section (of the datalist, or of the scanned folder)."""
+    ``section`` ``all``: the cases of every section (of the datalist, each id once, or of the
+    scanned folder)."""
     root = Path(dataset_dir).expanduser().resolve()
     if (root / "datalist.json").exists():
         if section != "all":
@@ -207,7 +208,8 @@ def brats_datalist(
         import json
 
         present = [s for s in SECTIONS if json.loads((root / "datalist.json").read_text()).get(s)]
-        items = [it for s in present for it in load_datalist(root, s, required_keys)]
+        loaded = [it for s in present for it in load_datalist(root, s, required_keys)]
+        items = list({str(it.get("id") or sorted(it.items())): it for it in loaded}.values())
         return items[:max_cases] if max_cases else items
     if not root.is_dir():
         raise FileNotFoundError(f"no dataset at {root}. {HOW_TO_MAKE_DATA}")
