@@ -22,6 +22,7 @@ from common.data.brats import (
     brats_case_or_datalist,
     brats_datalist,
     brats_entry,
+    log_label_sets,
     resolve_label_set,
 )
 from common.errors import user_message
@@ -89,13 +90,9 @@ def test_masks_follow_the_case_label_set_and_labels_outside_stop(tmp_path, caplo
     from monai.transforms import LoadImaged
 
     load = LoadImaged(["t1n", "seg"], ensure_channel_first=True, image_only=True)
-    with caplog.at_level(logging.INFO, logger="common.data.brats"):
-        m = t(load(peds))
-        t(load(peds))
+    m = t(load(peds))
     assert m["et"].eq(1).sum() == 8 and m["et"].eq(-1).sum() == seg.size - 8  # ET = label 1
     assert m["tumour"].sum() == 15  # 1 | 2 | 3 | 4
-    logged = [r.getMessage() for r in caplog.records if "label_set auto" in r.getMessage()]
-    assert len(logged) == 1 and "prefix BraTS-PED-" in logged[0] and "ET labels 1, tumour region 1|2|3|4" in logged[0]
     # the same seg read as GLI: label 4 is outside the set -> one line naming file, labels found and set
     with pytest.raises(ValueError) as e:
         t_gli = BratsMasksd(label_set="brats_gli")
@@ -114,6 +111,14 @@ def test_masks_follow_the_case_label_set_and_labels_outside_stop(tmp_path, caplo
     free = brats_entry(_case(tmp_path / "BraTS-GLI-00003-000", "BraTS-GLI-00003-000", np.where(seg == 3, 1, gli_seg)))
     m = _masks(free, label_set="auto")
     assert m["et"].eq(-1).all() and m["tumour"].sum() == 14
+    # the run's one log line: the label set of each case, counted per set
+    with caplog.at_level(logging.INFO, logger="common.data.brats"):
+        line = log_label_sets([peds, gli, free, {"id": "patient9", "seg": "/x/seg.nii.gz"}], "auto", "training")
+    assert [r.getMessage() for r in caplog.records if r.name == "common.data.brats"] == [line]
+    assert line == (
+        "label_set auto: 4 training case(s): 1 x brats_gli (ET 3, tumour 1|2|3; no BraTS 2023 prefix), "
+        "2 x brats_gli (ET 3, tumour 1|2|3; prefix BraTS-GLI-), 1 x brats_peds (ET 1, tumour 1|2|3|4; prefix BraTS-PED-)"
+    )
 
 
 def test_case_folders_as_shipped(tmp_path):
@@ -188,7 +193,11 @@ def test_d3m_trains_and_evaluates_with_et_free_and_peds_cases(mixed, tmp_path):
     assert all(not (seg_of(c) == 3).any() for c in ("BraTS-GLI-00002-000", "BraTS-GLI-00003-000"))
     models, out = tmp_path / "models", tmp_path / "eval"
     data = ("--dataset_dir", str(mixed), "--label_set", "auto")
-    h.train(CONFIGS, models, "--val_interval", "0", *data, *TINY, runner=h.bundle_here)
+    run = h.train(CONFIGS, models, "--val_interval", "0", *data, *TINY, runner=h.bundle_here)
+    assert (
+        "label_set auto: 5 training case(s): 4 x brats_gli (ET 3, tumour 1|2|3; prefix BraTS-GLI-), "
+        "1 x brats_peds (ET 1, tumour 1|2|3|4; prefix BraTS-PED-)"
+    ) in run.stdout + run.stderr
     state = h.final_checkpoint(models, 2)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     steps = ("--network_size", "small", "--num_inference_steps", "2", "--write_deformation", "false")

@@ -45,6 +45,7 @@ __all__ = [
     "brats_datalist",
     "brats_entry",
     "label_set_of",
+    "log_label_sets",
     "resolve_label_set",
     "split_cases",
 ]
@@ -197,10 +198,38 @@ def brats_datalist(
     seed: int = 0,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     max_cases: int | None = None,
+    label_set: str | None = None,
 ) -> list[dict]:
     """One section of the BraTS folder ``dataset_dir`` (see the module docstring), absolute paths;
     ``section`` ``all``: the cases of every section (of the datalist, each id once, or of the
-    scanned folder)."""
+    scanned folder). With ``label_set``, the label set of the section's cases is logged in one line
+    (:func:`log_label_sets`)."""
+    items = _brats_datalist(dataset_dir, section, required_keys, datalist_file, seed, fractions, max_cases)
+    if label_set is not None:
+        log_label_sets(items, label_set, section)
+    return items
+
+
+def log_label_sets(items: Sequence[Mapping], label_set: str, what: str = "", seg_key: str = "seg") -> str:
+    """Log (INFO) and return one line: the label set each case of ``items`` gets, counted per set
+    (``auto``: from the BraTS 2023 prefix of its seg file name, else of its id)."""
+    counts: dict[tuple[str, str | None], int] = {}
+    for it in items:
+        key = resolve_label_set(label_set, it.get(seg_key), it.get("id"))
+        counts[key] = counts.get(key, 0) + 1
+    parts = [
+        f"{n} x {name} (ET {'|'.join(map(str, LABEL_SETS[name].et))}, tumour "
+        f"{'|'.join(map(str, LABEL_SETS[name].tumour))}; "
+        + (f"prefix {prefix}" if prefix else ("no BraTS 2023 prefix" if _check_label_set(label_set) == AUTO else "set"))
+        + ")"
+        for (name, prefix), n in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+    ]
+    line = f"label_set {label_set}: {len(items)} {what + ' ' if what else ''}case(s): " + ", ".join(parts)
+    logger.info(line)
+    return line
+
+
+def _brats_datalist(dataset_dir, section, required_keys, datalist_file, seed, fractions, max_cases) -> list[dict]:
     root = Path(dataset_dir).expanduser().resolve()
     if (root / "datalist.json").exists():
         if section != "all":
@@ -244,11 +273,13 @@ def brats_case_or_datalist(
     datalist_file=None,
     target_key: str = "t1c",
     seg_key: str = "seg",
+    label_set: str | None = None,
 ) -> list[dict]:
     """Inference input: one BraTS case folder if ``case_dir`` is given, else a datalist section.
 
     A case without its ``target_key`` (a BraSyn test case missing T1c) is synthesised, not scored:
-    its seg, if any, is left out (the ET mask is scored together with the T1c it belongs to)."""
+    its seg, if any, is left out (the ET mask is scored together with the T1c it belongs to). With
+    ``label_set``, the label sets of the cases with a seg are logged in one line."""
     items = (
         [brats_entry(case_dir, required_keys)]
         if case_dir
@@ -260,6 +291,9 @@ def brats_case_or_datalist(
             logger.info("case %s has no %s: synthesised; its %s is not scored", it.get("id"), target_key, seg_key)
             it = {k: v for k, v in it.items() if k != seg_key}
         out.append(it)
+    with_seg = [it for it in out if it.get(seg_key)]
+    if label_set is not None and with_seg:
+        log_label_sets(with_seg, label_set, "scored", seg_key)
     return out
 
 
@@ -272,8 +306,9 @@ class BratsMasksd(MapTransform):
 
     Args:
         label_set: ``brats_gli`` (ET 3, tumour 1|2|3), ``brats_peds`` (ET 1, tumour 1|2|3|4) or
-            ``auto`` (per case from the BraTS 2023 prefix of the seg file name or the case id; each
-            distinct choice is logged once per transform, i.e. once per run).
+            ``auto`` (per case from the BraTS 2023 prefix of the seg file name or the case id, as
+            :func:`log_label_sets` reports it once per run from the datalist; each distinct choice
+            is also logged at DEBUG level, once per transform and process).
         et_labels, tumour_labels: override the label set's ET labels / tumour region (``None``: from
             ``label_set``; the released D3M code used 2, oedema, as ET).
         require_et: a seg without any ET voxel raises ``ValueError`` naming the file (off by default).
@@ -316,7 +351,7 @@ class BratsMasksd(MapTransform):
                 if self.label_set != AUTO
                 else (f"label_set auto: prefix {prefix}" if prefix else "label_set auto: no BraTS 2023 prefix")
             )
-            logger.info(
+            logger.debug(
                 "%s -> %s; ET labels %s, tumour region %s (first case: %s)",
                 why,
                 ls.describe(),
