@@ -16,7 +16,7 @@ CONFIGS = ROOT / "bundles" / "d3m" / "configs"
 TINY = [*h.SMALL, *h.TINY_VAL, "--spatial_size", "[64,64]", "--batch_size", "4", "--slices_per_volume", "2"]
 # blocks that must be the same text in train.json and inference.json
 SHARED_BLOCKS = (
-    "input_keys target_key seg_key et_labels tumour_labels percentiles dual_decoder "
+    "input_keys target_key seg_key label_set et_labels tumour_labels percentiles dual_decoder "
     "deformation network_def checkpoint_record scheduler num_train_timesteps preprocessing"
 ).split()
 
@@ -35,7 +35,8 @@ def test_configs_parse_and_share_their_blocks():
     )
     train_cfg, infer_cfg = (json.loads((CONFIGS / f).read_text()) for f in ("train.json", "inference.json"))
     assert (
-        train_cfg["et_labels"] == [3]
+        train_cfg["label_set"] == infer_cfg["label_set"] == "brats_gli"
+        and train_cfg["et_labels"] is None  # from the label set unless overridden
         and train_cfg["lr"] == 8e-5
         and infer_cfg["num_inference_steps"] == 250
         and infer_cfg["eta"] == 0

@@ -195,7 +195,8 @@ def test_brats_reader_split_and_bad_inputs(tmp_path):
     assert set(torch.unique(m["et"]).tolist()) == {-1.0, 1.0} and m["et"].eq(1).sum() == 8
     assert m["tumour"].sum() == 9 and m["brain"].sum() == (d["t1n"] > 0).sum()
     with pytest.raises(ValueError, match=f"{c}-seg.nii.gz.*no enhancing"):
-        BratsMasksd(et_labels=[4])(d)
+        BratsMasksd(et_labels=[4], require_et=True)(d)
+    assert BratsMasksd(et_labels=[4])(d)["et"].eq(-1).all()  # ET-free is allowed by default: all -1
     # contrasts on different grids
     _write(root / c / f"{c}-t2w.nii.gz", rng.random((6, 6, 4)), np.diag([2.0, 1, 1, 1]))
     d = LoadImaged(["t1n", "t2w"], ensure_channel_first=True, image_only=True)(train[0])
@@ -203,7 +204,7 @@ def test_brats_reader_split_and_bad_inputs(tmp_path):
         CheckSameGridd(["t2w"], "t1n", hint="scripts/prepare_brain.py")(d)
     # a missing contrast names the expected file
     (root / c / f"{c}-t2f.nii.gz").unlink()
-    with pytest.raises(FileNotFoundError, match=f"missing contrast t2f.*{c}-t2f.nii.gz"):
+    with pytest.raises(FileNotFoundError, match=f"missing input t2f.*{c}-t2f.nii.gz"):
         brats_datalist(root, "training")
 
 

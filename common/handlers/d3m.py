@@ -8,6 +8,7 @@ import numpy as np
 from common.handlers.metrics import SynthesisMetrics
 from common.handlers.writer import SynthesisWriter, as_numpy, case_id, loaded_files, source_file
 from common.io import save_nifti
+from common.metrics.masks import EMPTY_TRUTH_CONVENTION, dice_et, mask_figures, voxel_ml
 
 __all__ = ["D3MMetrics", "D3MWriter", "dice"]
 
@@ -49,58 +50,87 @@ class D3MWriter(SynthesisWriter):
 
 
 def dice(pred: np.ndarray, true: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    s = pred.sum() + true.sum()
-    return float(2.0 * np.logical_and(pred, true).sum() / s) if s else 1.0
+    """Dice of two boolean masks; an empty truth: 1.0 when the prediction is empty too, else 0.0
+    (:func:`common.metrics.dice_et`, the BraTS convention)."""
+    return dice_et(pred, true)
+
+
+MASK_KEYS = ("dice_et", "false_ml", "missed_ml", "true_ml", "pred_ml")
+
+
+def summarize_mask_rows(rows: list[dict]) -> dict:
+    """Means of :data:`MASK_KEYS` over the cases with a true ET (``with_et``) and, apart, over the
+    ET-free cases (``et_free``: their ``dice_et`` is the fraction predicted empty, their
+    ``false_ml`` the false-enhancement volume); each with its ``n``; plus the ``convention``."""
+    out: dict = {"convention": EMPTY_TRUTH_CONVENTION}
+    for group, keep in (("with_et", 0), ("et_free", 1)):
+        sel = [r for r in rows if int(r["et_free"]) == keep]
+        out[group] = {"n": len(sel), **{k: float(np.mean([r[k] for r in sel])) for k in MASK_KEYS if sel}}
+    return out
 
 
 class D3MMetrics(SynthesisMetrics):
     """:class:`common.handlers.SynthesisMetrics` on T1c (PSNR, SSIM, MAE, whole image and in each
     of ``mask_keys``, with the T1n-copy baseline and paired Wilcoxon tests), plus the ET-mask figures
-    per case in ``mask_metrics.csv`` and appended to ``summary.md``: ``dice_et``, ``false_ml``
-    (predicted ET outside the true ET, mL) and ``missed_ml`` (true ET not predicted, mL)."""
+    per case in ``mask_metrics.csv`` (:func:`common.metrics.mask_figures`: ``dice_et``, ``false_ml``
+    = predicted ET outside the true ET in mL, ``missed_ml``, ``true_ml``, ``pred_ml``, ``et_free``,
+    and ``tumour_ml``, the volume of the case's tumour region) and their means in ``summary.md`` /
+    ``summary.json`` (``mask``), cases with a true ET and ET-free cases counted apart. An ET-free
+    case's Dice follows the BraTS convention (:data:`common.metrics.EMPTY_TRUTH_CONVENTION`); its
+    ``false_ml`` is the false-enhancement volume."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, tumour_key: str = "tumour", **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.tumour_key = tumour_key
         self.mask_rows: list[dict] = []
 
     def on_iteration(self, engine) -> None:
         super().on_iteration(engine)
-        from common.handlers.writer import as_numpy, case_id
-
         for item, out in zip(engine.state.batch, engine.state.output):
             if out.get("et_mask") is None or out.get("label_mask") is None:
                 continue
             p, t = as_numpy(out["et_mask"])[0] > 0.5, as_numpy(out["label_mask"])[0] > 0.5
             aff = np.asarray(getattr(item.get(self.geometry_key), "affine", np.eye(4)), dtype=np.float64)
-            ml = abs(np.linalg.det(aff[:3, :3])) / 1000.0
-            self.mask_rows.append(
-                {
-                    "case": case_id(item, self.id_key, self.geometry_key),
-                    "method": self.method,
-                    "dice_et": dice(p, t),
-                    "false_ml": float(np.logical_and(p, ~t).sum() * ml),
-                    "missed_ml": float(np.logical_and(~p, t).sum() * ml),
-                    "true_ml": float(t.sum() * ml),
-                }
+            tum = item.get(self.tumour_key)
+            row = {"case": case_id(item, self.id_key, self.geometry_key), "method": self.method}
+            row.update(mask_figures(p, t, aff))
+            row["tumour_ml"] = (
+                float((as_numpy(tum)[0] > 0.5).sum() * voxel_ml(aff)) if tum is not None else float("nan")
             )
+            self.mask_rows.append(row)
 
     def on_completed(self, engine) -> None:
         super().on_completed(engine)
         if not self.mask_rows:
             return
-        from common.io import atomic_path
+        from common.io import atomic_path, save_json
         from common.metrics import format_table, write_case_csv
 
         write_case_csv(self.mask_rows, self.output_dir / "mask_metrics.csv")
-        keys = ("dice_et", "false_ml", "missed_ml", "true_ml")
-        mean = {k: float(np.mean([r[k] for r in self.mask_rows])) for k in keys}
-        self.summary["mask"] = mean
-        table = format_table([{"method": self.method, "n": len(self.mask_rows), **{k: f"{mean[k]:.4g}" for k in keys}}])
+        summary = summarize_mask_rows(self.mask_rows)
+        self.summary["mask"] = summary
+        table = format_table(
+            [
+                {
+                    "method": self.method,
+                    "cases": label,
+                    "n": summary[g]["n"],
+                    **{k: f"{summary[g].get(k, float('nan')):.4g}" for k in MASK_KEYS},
+                }
+                for g, label in (("with_et", "with ET"), ("et_free", "ET-free"))
+                if summary[g]["n"]
+            ]
+        )
         md = self.output_dir / "summary.md"
-        text = (
-            (md.read_text() if md.exists() else "") + "\n\nEnhancing-tumour mask (mean over cases)\n\n" + table + "\n"
+        text = (md.read_text() if md.exists() else "") + (
+            "\n\nEnhancing-tumour mask (mean over cases; ET-free cases apart: their false_ml is the "
+            f"false-enhancement volume; {EMPTY_TRUTH_CONVENTION})\n\n" + table + "\n"
         )
         with atomic_path(md) as tmp:
             tmp.write_text(text)
+        js = self.output_dir / "summary.json"
+        if js.exists():
+            import json
+
+            save_json({**json.loads(js.read_text()), "mask": summary}, js)
         print(table)

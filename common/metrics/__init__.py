@@ -6,6 +6,7 @@
 
 from .image import gms_map, gmsd, mae, psnr, ssim, ssim_map
 from .kinetic import curve_spearman, dtw_distance, enhancement_error, enhancement_errors, kinetic_curve, mean_in_mask
+from .masks import EMPTY_TRUTH_CONVENTION, dice_et, mask_figures, voxel_ml
 from .perceptual import LPIPS, FIDScore, LPIPSLoss, lpips_state_dict_keys
 from .stats import (
     format_table,
@@ -23,6 +24,10 @@ __all__ = [
     "ssim",
     "ssim_map",
     "mae",
+    "dice_et",
+    "mask_figures",
+    "voxel_ml",
+    "EMPTY_TRUTH_CONVENTION",
     "gmsd",
     "gms_map",
     "mean_in_mask",

@@ -58,6 +58,15 @@ from common.phantoms.shapes import (
 CONTRASTS = ("t1n", "t1c", "t2w", "t2f")
 BRATS_KEYS = (*CONTRASTS, "seg")
 LABELS = {"necrosis": 1, "oedema": 2, "enhancing": 3}
+#: Label of each phantom tumour compartment per BraTS 2023 label set (``brats_gli``: GLI, MET, SSA,
+#: MEN: 1 NETC, 2 SNFH, 3 ET; ``brats_peds``: 1 ET, 2 NET, 3 CC, 4 ED; the phantom's fluid-filled
+#: core is the PEDs cystic component, it has no separate non-enhancing tumour, label 2).
+PHANTOM_LABELS = {
+    "brats_gli": LABELS,
+    "brats_peds": {"necrosis": 3, "oedema": 4, "enhancing": 1},
+}
+#: BraTS 2023 case-name prefix of each label set's phantom cases.
+PHANTOM_PREFIX = {"brats_gli": "BraTS-GLI", "brats_peds": "BraTS-PED"}
 TEMPLATE_FILES = {
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
@@ -204,6 +213,8 @@ def make_brain_phantom(
     spacing: Sequence[float] | None = None,
     fov_mm: Sequence[float] = DEFAULT_FOV_MM,
     deformation_mm: float = 3.0,
+    label_set: str = "brats_gli",
+    enhancing: bool = True,
 ) -> BrainPhantom:
     """Render one brain tumour subject.
 
@@ -213,7 +224,16 @@ def make_brain_phantom(
         spacing: voxel size (mm); default ``fov_mm / shape``.
         fov_mm: field of view when ``spacing`` is not given.
         deformation_mm: RMS of the smooth random displacement field (per component).
+        label_set: labels of ``seg``: ``brats_gli`` (1 necrosis, 2 oedema, 3 enhancing) or
+            ``brats_peds`` (1 enhancing, 3 the core as cystic component, 4 oedema): :data:`PHANTOM_LABELS`.
+        enhancing: ``False``: a tumour without enhancing tumour (a low-grade glioma): the rim is
+            non-enhancing tumour with the core's tissue (no contrast uptake; labelled as the core),
+            the seg has no ET voxel. The random draws are the same, so the geometry matches the
+            enhancing subject of the same seed.
     """
+    enhancing_tumour = bool(enhancing)
+    if label_set not in PHANTOM_LABELS:
+        raise ValueError(f"label_set {label_set!r}: choose one of {sorted(PHANTOM_LABELS)}")
     rng = np.random.default_rng(seed)
     maps = mni_tissue_maps()
     shape = tuple(int(s) for s in shape)
@@ -278,6 +298,8 @@ def make_brain_phantom(
     tissue = gm + wm
     necrosis = s_core * b
     enhancing = (s_act - s_core) * b
+    if not enhancing_tumour:
+        necrosis, enhancing = s_act * b, np.zeros_like(enhancing)
     oed = (s_oed - s_act) * tissue
     gm, wm = gm * (1 - s_oed), wm * (1 - s_oed)  # oedema replaces grey and white matter, not CSF
     csf, choroid, vessel = csf * (1 - s_act), choroid * (1 - s_act), vessel * (1 - s_act)
@@ -321,9 +343,9 @@ def make_brain_phantom(
         img = quantise(rician(rng, sig[..., j] * mult, sigma), hi=32767)
         images[name] = np.where(brain, img, 0.0).astype(np.float32)
     tum = np.stack([necrosis, oed, enhancing], axis=-1)
-    seg = np.where((tum.sum(-1) >= 0.5 * np.maximum(total, 1e-6)) & brain, np.argmax(tum, axis=-1) + 1, 0).astype(
-        np.uint8
-    )
+    lab = PHANTOM_LABELS[label_set]
+    lut = np.array([0, lab["necrosis"], lab["oedema"], lab["enhancing"]], np.uint8)
+    seg = lut[np.where((tum.sum(-1) >= 0.5 * np.maximum(total, 1e-6)) & brain, np.argmax(tum, axis=-1) + 1, 0)]
     truth = {
         "seed": seed if isinstance(seed, (int, np.integer)) else list(seed),
         "template": "MNI152 2009a symmetric GM/WM probability maps and T1 template (nilearn package data)",
@@ -336,7 +358,9 @@ def make_brain_phantom(
             "active": active.describe(),
             "core": core.describe(),
             "oedema": oedema.describe(),
-            "labels": LABELS,
+            "labels": dict(lab),
+            "label_set": label_set,
+            "enhancing": enhancing_tumour,
         },
         "deformation": {
             "rotation_deg": angles.tolist(),
@@ -349,9 +373,9 @@ def make_brain_phantom(
     return BrainPhantom(seed=seed, images=images, seg=seg, affine=A, fractions=fr, truth=truth)
 
 
-def brats_name(i: int) -> str:
-    """BraTS 2023 glioma case name ``BraTS-GLI-<5 digits>-000``."""
-    return f"BraTS-GLI-{i:05d}-000"
+def brats_name(i: int, label_set: str = "brats_gli") -> str:
+    """BraTS 2023 case name ``BraTS-GLI-<5 digits>-000`` (``BraTS-PED-...`` for ``brats_peds``)."""
+    return f"{PHANTOM_PREFIX[label_set]}-{i:05d}-000"
 
 
 def write_brain_case(ph: BrainPhantom, root: str | os.PathLike, case: str) -> dict[str, Path]:
@@ -367,15 +391,17 @@ def write_brain_case(ph: BrainPhantom, root: str | os.PathLike, case: str) -> di
             "source": "phantom",
             "kind": "brain",
             "ground_truth": ph.truth,
-            "label_voxels": {str(k): int((ph.seg == k).sum()) for k in range(4)},
+            "label_voxels": {str(k): int((ph.seg == k).sum()) for k in range(5)},
         },
         d / "manifest.json",
     )
     return out
 
 
-def _write_brain_subject(root: Path, case: str, seed: Any, dicom: bool = False, **kwargs) -> str:
-    ph = make_brain_phantom(seed=seed, **kwargs)
+def _write_brain_subject(
+    root: Path, case: str, seed: Any, options: dict | None = None, dicom: bool = False, **kwargs
+) -> str:
+    ph = make_brain_phantom(seed=seed, **(options or {}), **kwargs)
     write_brain_case(ph, root, case)
     if dicom:
         from common.phantoms.dicom import write_brain_study
@@ -391,6 +417,8 @@ def write_brain_phantoms(
     progress: bool = True,
     workers: int = 1,
     dicom: bool = False,
+    peds_cases: Sequence[int] = (),
+    et_free_cases: Sequence[int] = (),
     **kwargs,
 ) -> dict[str, Any]:
     """Make ``n`` cases ``BraTS-GLI-00000-000``... under ``<out>/brain`` and ``<out>/brain/datalist.json``;
@@ -398,12 +426,23 @@ def write_brain_phantoms(
     an oblique grid: :func:`common.phantoms.dicom.write_brain_study`), the input of
     ``scripts/synthesize.py --bundle d3m``.
 
-    Case ``i`` uses the seed ``[seed, 1, i]``; ``kwargs`` go to :func:`make_brain_phantom`.
+    Case ``i`` uses the seed ``[seed, 1, i]``; ``kwargs`` go to :func:`make_brain_phantom`. Cases whose
+    index is in ``peds_cases`` carry BraTS-PEDs labels and are named ``BraTS-PED-<i>-000``; those in
+    ``et_free_cases`` have no enhancing tumour (no ET voxel in their seg).
     """
     from common.phantoms import map_subjects
 
     root = Path(out) / "brain"
-    jobs = [(root, brats_name(i), [seed, 1, i]) for i in range(n)]
+    peds, et_free = {int(i) for i in peds_cases}, {int(i) for i in et_free_cases}
+    jobs = [
+        (
+            root,
+            brats_name(i, "brats_peds" if i in peds else "brats_gli"),
+            [seed, 1, i],
+            {"label_set": "brats_peds" if i in peds else "brats_gli", "enhancing": i not in et_free},
+        )
+        for i in range(n)
+    ]
     make = functools.partial(_write_brain_subject, dicom=dicom, **kwargs)
     cases = map_subjects(make, jobs, workers, "brain phantoms", progress)
     split = split_ids(cases)
