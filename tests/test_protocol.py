@@ -93,6 +93,32 @@ def test_per_slice_scoring_equals_hand_computed_slice_means(tmp_path):
     assert "Group tests" in (tmp_path / "summary.md").read_text()
 
 
+def test_synthesis_metrics_handler_takes_the_papers_protocol(tmp_path):
+    from types import SimpleNamespace
+
+    from common.handlers.metrics import SynthesisMetrics
+
+    p, t = _volume()
+    organ = np.zeros((1, *t.shape[1:]))
+    organ[0, 2:10, 2:10, 2:] = 1.0  # slices 2 and 3
+    item = {"id": "c1", "organ_mask": organ}
+    out = {"label": t, "pred": p, "baseline_copy": t + 2 * (p - t)}
+    handler = SynthesisMetrics(
+        tmp_path, ["late"], baselines=["copy"], mask_keys=(), protocol="paper", bundle="ressrdiff",
+        metrics=("mae",), slice_mask_key="organ_mask",
+    )  # fmt: skip
+    engine = SimpleNamespace(state=SimpleNamespace(batch=[item], output=[out]))
+    handler.on_iteration(engine)
+    handler.on_completed(engine)
+    assert sorted({r["slice"] for r in handler.rows}) == [2, 3]
+    lo, hi = np.percentile(t[0], (0.5, 99.5))
+    s = handler.summary["summary"]["model/late/whole"]["mae"]
+    assert s["n"] == 2 and s["mean"] == pytest.approx((20 + 40) / 2 / (hi - lo))
+    assert handler.summary["protocol"]["statistics"] == "kruskal_dunn" and "group_tests" in handler.summary
+    with pytest.raises(ValueError, match="--protocol paper needs the bundle"):
+        SynthesisMetrics(tmp_path, ["late"], protocol="paper")
+
+
 # ---------------------------------------------------------------- statistics
 
 A, B, C = [1.0, 2.0, 2.0, 3.0], [2.0, 4.0, 5.0, 5.0], [6.0, 7.0, 7.0, 8.0]
