@@ -87,9 +87,11 @@ def test_train_both_stages_infer_evaluate(phantoms, tmp_path):
     lesions = nib.load(phantoms / cid / "lesion_mask.nii.gz").get_fdata()
     copy1 = next(r for r in kin_rows if r["method"] == "copy_forward" and r["case"] == f"{cid}/lesion1")
     m = dce[lesions == 1].mean(0)
+    sigma = dce[..., 1].std()  # TI-norm: the first post-contrast frame's std over the whole volume
     assert float(copy1["enh_err_t365s"]) == pytest.approx(
-        (m[1] - m[5]) ** 2, rel=1e-4
-    )  # squared error of the mean lesion intensity
+        ((m[1] - m[5]) / sigma) ** 2, rel=1e-4
+    )  # squared error of the mean lesion intensity, in TI-norm units (the paper's)
+    assert float(copy1["enh_err_raw"]) == pytest.approx(np.mean([(m[1] - m[k]) ** 2 for k in (2, 3, 4, 5)]), rel=1e-4)
     summary = json.loads((out / "kinetics_summary.json").read_text())
     assert set(summary["wilcoxon"]) == {"iterunet vs copy_forward", "iterunet vs linear"}
     assert sum(map(sum, summary["confusion"]["copy_forward"])) == len({r["case"] for r in kin_rows})

@@ -31,11 +31,11 @@ def test_configs_parse_with_the_documented_ids():
         evaluate=["datalist", "postprocessing"],
     )
     p = h.parser(CONFIGS, "train.json", network_size="small")
-    # the paper's schedule: kappa = 2, p = 0.3, kappa * sqrt(eta_1) = 0.04, sqrt(eta_T) = 0.99, T = 15
+    # the paper's schedule: kappa = 2, p = 0.3, kappa * sqrt(eta_1) = 0.04, beta_T = eta_T = 0.9999, T = 15
     sched = p.get_parsed_content("scheduler")
     assert sched.num_train_timesteps == 15 and sched.kappa == 2.0
     assert float(sched.sqrt_etas[0]) * sched.kappa == pytest.approx(0.04)
-    assert float(sched.sqrt_etas[-1]) == pytest.approx(0.99)
+    assert float(sched.sqrt_etas[-1]) == pytest.approx(0.9999**0.5, rel=1e-12)
     net = p.get_parsed_content("network_def")
     assert net.in_channels == 2 and net.out_channels == 1
     p = h.parser(CONFIGS, "inference.json", "evaluate.json", network_size="small")

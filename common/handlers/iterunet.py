@@ -30,7 +30,16 @@ from common.handlers.writer import as_numpy, case_id, loaded_files, source_file
 from common.inferers.iterunet import copy_forward, linear_extrapolation
 from common.io import atomic_path, save_figure, save_json, save_nifti
 from common.metrics import format_table, paired_wilcoxon, summarize, write_case_csv
-from common.metrics.kinetic import KINETIC_THRESHOLD, curve_spearman, dtw_distance, enhancement_error, kinetic_type
+from common.metrics.kinetic import (
+    KINETIC_THRESHOLD,
+    curve_spearman,
+    dtw_distance,
+    enhancement_error,
+    kinetic_type,
+    tinorm,
+    tinorm_enhancement_error,
+    tinorm_stats,
+)
 from common.visualize import best_slice, synthesis_panel
 
 logger = logging.getLogger(__name__)
@@ -252,6 +261,13 @@ class IterUNetMetrics:
     mean, ``scc`` Spearman and ``dtw`` DTW distance of the whole curve against the real one, ``type_agree``
     1/0; with Wilcoxon tests and a curve-type confusion matrix per method).
 
+    Units of the lesion metrics (the paper's): ``enh_err*``, ``scc`` and ``dtw`` are computed on
+    TI-normalised intensities, ``(x - mu) / sigma`` with the case's TI-norm statistics (the ones the
+    bundle's ``TINormd`` stored under ``<series_key>_tinorm``; else recomputed from the series with
+    ``tinorm_ref_index`` / ``tinorm_mask_key``, :func:`common.metrics.kinetic.tinorm_stats`).
+    The raw-unit figures of earlier versions (input intensity units) are kept as ``enh_err_raw`` and
+    ``dtw_raw`` (SCC is the same in both units).
+
     Args:
         lesion_metrics: ask for the lesion metrics; then a case without ``lesion_key`` is an error
             naming its series file.
@@ -271,7 +287,10 @@ class IterUNetMetrics:
         lesion_metrics: bool = True,
         curve_threshold: float = KINETIC_THRESHOLD,
         curve_relative_to: str = "signal",
+        tinorm_ref_index: int = 1,
+        tinorm_mask_key: str | None = None,
     ) -> None:
+        self.tinorm_ref_index, self.tinorm_mask_key = int(tinorm_ref_index), tinorm_mask_key
         self.output_dir, self.start, self.method = Path(output_dir), int(start), method
         self.series_key, self.times_key, self.lesion_key, self.breast_key = (
             series_key,
@@ -327,20 +346,36 @@ class IterUNetMetrics:
             return
         curves = case_curves(series, pred, label, times, self.start, lesions, self.threshold, self.relative_to)
         key = {self.method: "model", "copy_forward": "copy_forward", "linear": "linear"}
+        mu, sigma = self.tinorm_stats(item, out, series)
         for lab, entry in curves.items():
             m = lesions == int(lab)
             real = entry["real"]
             for name, p in methods.items():
                 c = entry[key[name]]
                 row = {"case": f"{cid}/lesion{lab}", "method": name}
-                errs = {f"enh_err_{n}": enhancement_error(p[s], label[s], m) for s, n in enumerate(names)}
+                errs = {
+                    f"enh_err_{n}": tinorm_enhancement_error(p[s], label[s], m, mu, sigma) for s, n in enumerate(names)
+                }
                 row.update(errs)
                 row["enh_err"] = float(np.mean(list(errs.values())))
-                row["scc"] = curve_spearman(c["curve"], real["curve"])
-                row["dtw"] = dtw_distance(c["curve"], real["curve"])
+                row["scc"] = curve_spearman(tinorm(c["curve"], mu, sigma), tinorm(real["curve"], mu, sigma))
+                row["dtw"] = dtw_distance(tinorm(c["curve"], mu, sigma), tinorm(real["curve"], mu, sigma))
+                row["enh_err_raw"] = float(np.mean([enhancement_error(p[s], label[s], m) for s in range(len(names))]))
+                row["dtw_raw"] = dtw_distance(c["curve"], real["curve"])
                 row["type_agree"] = float(c["kinetic_type"] == real["kinetic_type"])
                 row["type_real"], row["type_pred"] = real["kinetic_type"], c["kinetic_type"]
                 self.kinetic_rows.append(row)
+
+    def tinorm_stats(self, item: dict, out: dict, series: np.ndarray) -> tuple[float, float]:
+        """The case's TI-norm ``(mean, std)``: as stored by ``TINormd`` (``<series_key>_tinorm`` in the
+        output or the batch), else recomputed from ``series`` (input units) by the same rule."""
+        stats = out.get(f"{self.series_key}_tinorm") or item.get(f"{self.series_key}_tinorm")
+        if isinstance(stats, dict) and "mean" in stats and "std" in stats:
+            return float(as_numpy(stats["mean"]).ravel()[0]), float(as_numpy(stats["std"]).ravel()[0])
+        mask = None
+        if self.tinorm_mask_key and item.get(self.tinorm_mask_key) is not None:
+            mask = as_numpy(item[self.tinorm_mask_key])[0] > 0.5
+        return tinorm_stats(series, self.tinorm_ref_index, mask)
 
     def on_completed(self, engine: Engine) -> None:
         if not self.rows:

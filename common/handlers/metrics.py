@@ -12,6 +12,15 @@ PSNR/SSIM use ``data_range = 1`` (:func:`channel_ranges`). A phase's figures the
 that phase alone: a method that synthesises two phases and one that synthesises three score a
 shared phase identically, and figures are comparable between cases. The enhancement metrics
 (``enh_rel_err``, ``enh_corr``) do not depend on the scale at all.
+
+Evaluation protocol (``common.metrics.protocols``): ``protocol="ours"`` (default) scores each case as
+one 3D volume (``scoring="volume"``) and tests the model against each baseline with a paired Wilcoxon
+test; ``protocol="paper"`` with the bundle's name takes the paper's scoring and statistics from
+:data:`common.metrics.protocols.PAPER_PROTOCOLS` (e.g. Res-SRDiff: per 2D slice, Shapiro-Wilk ->
+Kruskal-Wallis + Dunn/Bonferroni or ANOVA + Tukey). With ``scoring="slice"`` every scored axial slice
+(last axis) is one row (column ``slice``) and mean +- std run over all slices of all cases; which
+slices are scored is :func:`scored_slices`. The intensity normalisation is the same per-case map in
+both scorings.
 """
 
 from __future__ import annotations
@@ -38,11 +47,15 @@ from common.metrics import (
     summarize,
     write_case_csv,
 )
+from common.metrics.protocols import resolve_protocol
+from common.metrics.stats import group_comparison
 
 logger = logging.getLogger(__name__)
 
 
 METRICS = {"psnr": psnr, "ssim": ssim, "mae": mae, "gmsd": gmsd}
+BODY_THRESHOLD = 0.05
+MIN_BODY_FRACTION = 0.01
 
 
 def target_range(target: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
@@ -69,8 +82,12 @@ def score_case(
     percentiles: tuple[float, float] = (0.5, 99.5),
     metrics: Sequence[str] = ("psnr", "ssim", "mae"),
     whole_image_metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]] | None = None,
+    scoring: str = "volume",
+    slice_mask: np.ndarray | None = None,
+    body_threshold: float = BODY_THRESHOLD,
+    min_body_fraction: float = MIN_BODY_FRACTION,
 ) -> list[dict]:
-    """Metrics of one prediction against its target.
+    """Metrics of one prediction against its target, over the whole volume or per 2D slice.
 
     Args:
         pred, target: (C, H, W, D) in the same (original) units.
@@ -85,16 +102,26 @@ def score_case(
             of predicted and true enhancement (nan when the prediction has no enhancement).
         whole_image_metrics: name -> ``f(pred, target)`` on one normalised (H, W, D) channel, scored
             on the whole image only (e.g. LPIPS, see :func:`lpips_metric`).
+        scoring: ``volume`` (one row per phase and region over the whole volume) or ``slice`` (one
+            row per phase, region and scored axial slice, with its index in ``"slice"``; the slices
+            are :func:`scored_slices` of the normalised target, and a region is scored on the slices
+            where its mask has a voxel). The normalisation is the per-case map in both.
+        slice_mask, body_threshold, min_body_fraction: the slice rule of :func:`scored_slices`.
 
     Returns:
-        rows ``{"phase", "region", "psnr", "ssim", "mae"[, "enh_rel_err", "enh_corr"]}``.
+        rows ``{"phase", "region"[, "slice"], "psnr", "ssim", "mae"[, "enh_rel_err", "enh_corr"]}``.
     """
+    if scoring not in ("volume", "slice"):
+        raise ValueError(f"--scoring: expected 'volume' or 'slice', got {scoring!r}")
     lo, scale = channel_ranges(target, percentiles)
     t = (target - lo) / scale
     p = (pred - lo) / scale
     r = None if reference is None else (reference - lo) / scale
     regions: dict[str, np.ndarray | None] = {"whole": None}
     regions.update({k: m.astype(bool) for k, m in masks.items() if m is not None and np.any(m)})
+    if scoring == "slice":
+        zs = scored_slices(t, slice_mask, body_threshold, min_body_fraction)
+        return _score_slices(p, t, r, regions, names, metrics, whole_image_metrics, zs)
     rows = []
     for c, name in enumerate(names):
         for region, mask in regions.items():
@@ -107,6 +134,62 @@ def score_case(
             if r is not None:
                 row.update(enhancement_scores(p[c] - r[c], t[c] - r[c], mask))
             rows.append(row)
+    return rows
+
+
+def scored_slices(
+    target: np.ndarray,
+    slice_mask: np.ndarray | None = None,
+    body_threshold: float = BODY_THRESHOLD,
+    min_body_fraction: float = MIN_BODY_FRACTION,
+) -> list[int]:
+    """The axial slices (last axis) that per-slice scoring counts: slices outside the body or organ
+    are excluded, as the papers that score per slice do.
+
+    Rule: with ``slice_mask`` (H, W, D) (e.g. the organ or brain mask), a slice is scored when the
+    mask has at least one voxel in it. Without one, a voxel is *body* when the normalised target (any
+    phase; 0 and 1 are the target's 0.5th and 99.5th percentiles) exceeds ``body_threshold`` (0.05:
+    5 % of that range), and a slice is scored when at least ``min_body_fraction`` (0.01) of its
+    voxels are body; air-only slices at the ends of the stack are left out.
+
+    Args:
+        target: normalised target (C, H, W, D) or (H, W, D).
+
+    Returns:
+        the scored slice indices, increasing.
+    """
+    t = np.asarray(target)
+    t = t if t.ndim == 4 else t[None]
+    if slice_mask is not None:
+        m = np.asarray(slice_mask).astype(bool)
+        if m.shape != t.shape[1:]:
+            raise ValueError(f"slice mask shape {m.shape} differs from the image's {t.shape[1:]}")
+        return [int(z) for z in np.nonzero(m.any(axis=(0, 1)))[0]]
+    body = (t > body_threshold).any(axis=0)
+    return [int(z) for z in np.nonzero(body.mean(axis=(0, 1)) >= min_body_fraction)[0]]
+
+
+def _score_slices(p, t, r, regions, names, metrics, whole_image_metrics, zs) -> list[dict]:
+    """Per-slice rows of :func:`score_case` (normalised (C, H, W, D) arrays, scored slices ``zs``)."""
+    rows = []
+    for c, name in enumerate(names):
+        pc, tc = np.moveaxis(p[c], -1, 0)[:, None], np.moveaxis(t[c], -1, 0)[:, None]  # (D, 1, H, W)
+        for region, mask in regions.items():
+            zr = zs if mask is None else [z for z in zs if mask[..., z].any()]
+            if not zr:
+                continue
+            mz = None if mask is None else np.moveaxis(mask, -1, 0)[zr][:, None]
+            vals = {m: np.atleast_1d(METRICS[m](pc[zr], tc[zr], data_range=1.0, mask=mz)) for m in metrics}
+            for i, z in enumerate(zr):
+                row = {"phase": name, "region": region, "slice": int(z)}
+                row.update({m: float(v[i]) for m, v in vals.items()})
+                if mask is None:
+                    for m, fn in (whole_image_metrics or {}).items():
+                        row[m] = float(fn(p[c][..., z : z + 1], t[c][..., z : z + 1]))
+                if r is not None:
+                    ms = None if mask is None else mask[..., z]
+                    row.update(enhancement_scores(p[c][..., z] - r[c][..., z], t[c][..., z] - r[c][..., z], ms))
+                rows.append(row)
     return rows
 
 
@@ -156,6 +239,12 @@ class SynthesisMetrics:
         metrics: image metrics to compute (see :func:`score_case`); ``lpips`` (whole image) needs
             ``lpips_weights``, a local LPIPS file (AlexNet, as the paper, or VGG16).
         lpips_weights: path of the LPIPS weights (only with ``lpips`` in ``metrics``).
+        protocol: ``ours`` (default: volume scoring, paired Wilcoxon) or ``paper`` (the scoring and
+            statistics of ``bundle``'s paper, :data:`common.metrics.protocols.PAPER_PROTOCOLS`).
+        bundle: the bundle's name (``resdce``, ``dcediff``, ``ressrdiff``, ``d3m``, ``iterunet``).
+        scoring, statistics: override the protocol's ``volume|slice`` and ``wilcoxon|kruskal_dunn``.
+        slice_mask_key: with slice scoring, the datalist mask whose slices are scored (e.g.
+            ``"organ_mask"``); ``None``: the body rule of :func:`scored_slices`.
     """
 
     def __init__(
@@ -170,7 +259,14 @@ class SynthesisMetrics:
         geometry_key: str = "image",
         metrics: Sequence[str] = ("psnr", "ssim", "mae"),
         lpips_weights: str | os.PathLike | None = None,
+        protocol: str = "ours",
+        bundle: str | None = None,
+        scoring: str | None = None,
+        statistics: str | None = None,
+        slice_mask_key: str | None = None,
     ) -> None:
+        self.protocol = resolve_protocol(protocol, bundle, scoring, statistics)
+        self.slice_mask_key = slice_mask_key
         unknown = [m for m in metrics if m not in METRICS and m != "lpips"]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; choose from {sorted([*METRICS, 'lpips'])}")
@@ -207,6 +303,11 @@ class SynthesisMetrics:
             masks = {k: as_numpy(item[k])[0] > 0.5 for k in self.mask_keys if item.get(k) is not None}
             ref = self._lookup(out, item, self.enhancement_reference) if self.enhancement_reference else None
             ref = None if ref is None else as_numpy(ref)
+            slice_mask = None
+            if self.protocol["scoring"] == "slice" and self.slice_mask_key:
+                if item.get(self.slice_mask_key) is None:
+                    raise KeyError(f"{cid}: --slice_mask_key {self.slice_mask_key!r} is not in the case's data")
+                slice_mask = as_numpy(item[self.slice_mask_key])[0] > 0.5
             methods = {
                 self.method: out["pred"],
                 **({f"{self.method}_first_draw": out["pred_first"]} if out.get("pred_first") is not None else {}),
@@ -225,6 +326,8 @@ class SynthesisMetrics:
                     ref,
                     metrics=self.metrics,
                     whole_image_metrics=self.whole_image_metrics,
+                    scoring=self.protocol["scoring"],
+                    slice_mask=slice_mask,
                 ):
                     self.rows.append({"case": cid, "method": name, **row})
 
@@ -237,7 +340,7 @@ class SynthesisMetrics:
         if not self.rows:
             logger.warning("no case had a target: nothing to evaluate")
             return
-        self.summary = report(self.rows, self.output_dir, self.method, self.baselines)
+        self.summary = report(self.rows, self.output_dir, self.method, self.baselines, self.protocol)
 
 
 @contextlib.contextmanager
@@ -269,16 +372,37 @@ def merge_rows(earlier: list[dict], rows: list[dict]) -> tuple[list[dict], list[
     return kept + list(rows), sorted(before - now), sorted(before & now)
 
 
-def report(rows: list[dict], output_dir: str | os.PathLike, method: str, baselines: Sequence[str]) -> dict:
+def report(
+    rows: list[dict],
+    output_dir: str | os.PathLike,
+    method: str,
+    baselines: Sequence[str],
+    protocol: Mapping[str, str] | None = None,
+) -> dict:
     """Write metrics.csv / summary.{csv,md,json} and print the model-vs-baseline table; return the summary.
 
     An existing ``metrics.csv`` in ``output_dir`` (an evaluation of other cases into the same folder)
     is merged, under a lock, with this one's rows (:func:`merge_rows`), and the summary covers all
-    cases; what was kept and replaced is logged."""
+    cases; what was kept and replaced is logged. Earlier rows of the other scoring (per slice vs per
+    volume) are not merged: they are replaced, with a warning.
+
+    ``protocol`` (:func:`common.metrics.protocols.resolve_protocol`; default ours) is recorded in
+    summary.json. The paired Wilcoxon tests (pairs: the same case, and in slice scoring the same
+    slice) are always written under ``"wilcoxon"``; with ``statistics="kruskal_dunn"`` the group
+    comparison of all methods per phase, region and metric
+    (:func:`common.metrics.stats.group_comparison`) is added under ``"group_tests"`` and to summary.md."""
     output_dir = Path(output_dir)
+    protocol = dict(protocol) if protocol is not None else resolve_protocol()
     with _locked(output_dir):
         if (output_dir / "metrics.csv").is_file():
-            rows, kept, replaced = merge_rows(read_case_csv(output_dir / "metrics.csv"), rows)
+            earlier = read_case_csv(output_dir / "metrics.csv")
+            if earlier and rows and (any("slice" in r for r in earlier) != any("slice" in r for r in rows)):
+                logger.warning(
+                    "%s: the earlier evaluation in this folder used the other scoring (per slice / per volume): replaced",
+                    output_dir / "metrics.csv",
+                )
+                earlier = []
+            rows, kept, replaced = merge_rows(earlier, rows)
             if kept:
                 logger.warning(
                     "%s: kept %d case(s) of an earlier evaluation in this folder (%s)%s",
@@ -287,10 +411,17 @@ def report(rows: list[dict], output_dir: str | os.PathLike, method: str, baselin
                     ", ".join(kept),
                     f"; re-scored {', '.join(replaced)}" if replaced else "",
                 )
-        return _report(rows, output_dir, method, baselines)
+        return _report(rows, output_dir, method, baselines, protocol)
 
 
-def _report(rows: list[dict], output_dir: Path, method: str, baselines: Sequence[str]) -> dict:
+def _unit(r: Mapping) -> str:
+    """The pairing unit of a row: its case, and its slice in slice scoring."""
+    return f"{r['case']}/z{int(float(r['slice']))}" if r.get("slice") not in (None, "") else str(r["case"])
+
+
+def _report(
+    rows: list[dict], output_dir: Path, method: str, baselines: Sequence[str], protocol: Mapping[str, str]
+) -> dict:
     metric_names = [
         k for k in ("psnr", "ssim", "mae", "gmsd", "lpips", "enh_rel_err", "enh_corr") if any(k in r for r in rows)
     ]
@@ -316,23 +447,64 @@ def _report(rows: list[dict], output_dir: Path, method: str, baselines: Sequence
         for phase, region in {(r["phase"], r["region"]) for r in rows}:
             a = sorted(
                 (r for r in rows if r["method"] == method and r["phase"] == phase and r["region"] == region),
-                key=lambda r: r["case"],
+                key=_unit,
             )
             c = sorted(
                 (r for r in rows if r["method"] == b and r["phase"] == phase and r["region"] == region),
-                key=lambda r: r["case"],
+                key=_unit,
             )
             if len(a) == len(c) and a:
-                tests[f"{method} vs {b}/{phase}/{region}"] = paired_wilcoxon(a, c, metric_names)
+                a = [{**r, "unit": _unit(r)} for r in a]
+                c = [{**r, "unit": _unit(r)} for r in c]
+                tests[f"{method} vs {b}/{phase}/{region}"] = paired_wilcoxon(a, c, metric_names, case_key="unit")
+    group_tests: dict = {}
+    if protocol.get("statistics") == "kruskal_dunn":
+        for phase, region in sorted({(r["phase"], r["region"]) for r in rows}):
+            sel = [r for r in rows if r["phase"] == phase and r["region"] == region]
+            methods = list(dict.fromkeys(r["method"] for r in sel))
+            group_tests[f"{phase}/{region}"] = {
+                k: group_comparison({m: [v.get(k) for v in sel if v["method"] == m] for m in methods})
+                for k in metric_names
+            }
     table.sort(key=lambda r: (r["phase"], r["region"], r["method"] != method, r["method"]))
     md = format_table(table)
+    md += (
+        f"\n\nProtocol: {protocol.get('protocol')} ({protocol.get('bundle') or 'any bundle'}): "
+        f"scoring {protocol.get('scoring')}, statistics {protocol.get('statistics')}; "
+        f"normalisation {protocol.get('normalisation')}"
+    )
+    if group_tests:
+        md += "\n\n" + _group_lines(group_tests, method)
     (output_dir).mkdir(parents=True, exist_ok=True)
     write_case_csv(table, output_dir / "summary.csv")
     from common.io import atomic_path
 
     with atomic_path(output_dir / "summary.md") as tmp:
         tmp.write_text(md + "\n")
-    save_json({"summary": summary, "wilcoxon": tests}, output_dir / "summary.json")
+    out = {"summary": summary, "wilcoxon": tests, "protocol": dict(protocol)}
+    if group_tests:
+        out["group_tests"] = group_tests
+    save_json(out, output_dir / "summary.json")
     print(md)
     print(f"\nper-case metrics: {output_dir / 'metrics.csv'}\nsummary: {output_dir / 'summary.md'}")
-    return {"summary": summary, "wilcoxon": tests, "table": table}
+    return {**out, "table": table}
+
+
+def _group_lines(group_tests: Mapping[str, Mapping[str, dict]], method: str) -> str:
+    """One markdown line per phase/region and metric: the test, its omnibus p and the adjusted p of
+    the model against every other method."""
+    lines = ["Group tests (Shapiro-Wilk -> ANOVA + Tukey HSD, else Kruskal-Wallis + Dunn/Bonferroni):"]
+    for where, per_metric in group_tests.items():
+        for k, g in per_metric.items():
+            pairs = [
+                f"vs {name.split(' vs ')[1] if name.startswith(method + ' vs ') else name.split(' vs ')[0]} "
+                f"p_adj={v['pvalue_adj']:.3g}"
+                for name, v in g["pairs"].items()
+                if method in name.split(" vs ")
+            ]
+            lines.append(
+                f"- {where} {k}: {g['test']} p={g['omnibus']['pvalue']:.3g}"
+                + (f"; {method} " if pairs else "")
+                + ", ".join(pairs)
+            )
+    return "\n".join(lines)

@@ -2,6 +2,9 @@
 
 * :func:`enhancement_error` -- iterU-Net's lesion enhancement error: the squared difference between the
   mean intensity inside a lesion mask in the prediction and in the target (image units squared).
+* :func:`tinorm_stats`, :func:`tinorm`, :func:`tinorm_enhancement_error` -- the same error on
+  TI-normalised intensities (iterU-Net's units: the case's series centred and scaled by the mean and
+  standard deviation of its first post-contrast frame), the units of the paper's figures.
 * :func:`kinetic_curve` -- the mean intensity inside a mask at every time point of a DCE series.
 * :func:`curve_spearman` -- Spearman rank correlation between a predicted and a true kinetic curve.
 * :func:`dtw_distance` -- classic dynamic time warping distance between two curves.
@@ -25,6 +28,9 @@ __all__ = [
     "mean_in_mask",
     "enhancement_error",
     "enhancement_errors",
+    "tinorm_stats",
+    "tinorm",
+    "tinorm_enhancement_error",
     "kinetic_curve",
     "curve_spearman",
     "dtw_distance",
@@ -56,6 +62,50 @@ def enhancement_error(pred: Any, target: Any, mask: Any) -> float:
         The error in image units squared (``nan`` for an empty mask).
     """
     return (mean_in_mask(pred, mask) - mean_in_mask(target, mask)) ** 2
+
+
+def tinorm_stats(series: Any, ref_index: int = 1, mask: Any = None) -> tuple[float, float]:
+    """``(mean, std)`` of TI-norm (iterU-Net eq. 1, :class:`common.transforms.TINormd`, same rule):
+    the mean and population standard deviation (ddof=0) of time point ``ref_index`` (default 1, the
+    first post-contrast frame) of ``series`` (T, *spatial), over the whole frame or inside ``mask``
+    (*spatial). Raises ``ValueError`` for a constant reference frame."""
+    s = _np(series)
+    if not -s.shape[0] <= ref_index < s.shape[0]:
+        raise ValueError(f"tinorm_stats: ref_index {ref_index} out of range for {s.shape[0]} time points")
+    ref = s[ref_index]
+    if mask is not None:
+        ref = ref[_np(mask).reshape(ref.shape) != 0]
+    mean, std = float(ref.mean()), float(ref.std())
+    if not std > 0:
+        raise ValueError(f"tinorm_stats: reference time point {ref_index} has zero standard deviation")
+    return mean, std
+
+
+def tinorm(x: Any, mean: float, std: float) -> np.ndarray:
+    """TI-normalised intensities ``(x - mean) / std`` (float64), with :func:`tinorm_stats`' ``mean, std``."""
+    return (_np(x) - float(mean)) / float(std)
+
+
+def tinorm_enhancement_error(pred: Any, target: Any, mask: Any, mean: float, std: float) -> float:
+    """iterU-Net's lesion enhancement error in the paper's units (TI-normalised intensities):
+
+    .. math::
+
+        e = \\Big(\\overline{\\tilde x}_{pred} - \\overline{\\tilde x}_{true}\\Big)^2
+          = \\frac{(\\bar x_{pred} - \\bar x_{true})^2}{\\sigma^2},
+        \\qquad \\tilde x = (x - \\mu) / \\sigma,
+
+    where the bars are means over the lesion mask of one predicted phase and (mu, sigma) the case's
+    TI-norm statistics (:func:`tinorm_stats`: mean and std of the first post-contrast frame). The
+    offset mu cancels; the error is :func:`enhancement_error` divided by sigma^2, dimensionless
+    (squared units of the reference frame's standard deviation).
+
+    Args:
+        pred, target: one phase each, same shape, in the input's (raw) units.
+        mask: binary lesion mask of that shape.
+        mean, std: TI-norm statistics of the case.
+    """
+    return enhancement_error(tinorm(pred, mean, std), tinorm(target, mean, std), mask)
 
 
 def enhancement_errors(pred: Any, target: Any, lesions: Any) -> dict[int, float]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy.stats import wilcoxon
+from scipy.stats import f_oneway, kruskal, norm, rankdata, shapiro, tukey_hsd, wilcoxon
 
 from common.io import atomic_path
 
@@ -28,8 +28,19 @@ __all__ = [
     "summary_rows",
     "write_summary",
     "paired_wilcoxon",
+    "kruskal_wallis",
+    "dunn_test",
+    "anova_tukey",
+    "group_comparison",
+    "STATISTICS",
     "format_table",
 ]
+
+STATISTICS = ("wilcoxon", "kruskal_dunn")
+"""Statistics a report can run: ``wilcoxon`` (paired Wilcoxon of the model against each baseline,
+:func:`paired_wilcoxon`) or ``kruskal_dunn`` (Res-SRDiff's unpaired group comparison of all methods,
+:func:`group_comparison`: Shapiro-Wilk, then Kruskal-Wallis + Dunn/Bonferroni, or one-way ANOVA +
+Tukey HSD when every group is normal)."""
 
 
 def _columns(rows: Iterable[Mapping]) -> list[str]:
@@ -198,6 +209,147 @@ def paired_wilcoxon(
             "median_diff": float(np.median(d)) if d.size else float("nan"),
         }
     return out
+
+
+def _groups(groups: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+    """Finite float64 values per group (NaN / missing left out), groups with no value dropped."""
+    out = {}
+    for name, vals in groups.items():
+        v = np.array([x for x in (_number(x) for x in vals) if x is not None], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if v.size:
+            out[str(name)] = v
+    return out
+
+
+def kruskal_wallis(groups: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Kruskal-Wallis H test (``scipy.stats.kruskal``, tie-corrected) of k >= 2 independent groups.
+
+    .. math::
+
+        H = \\frac{\\frac{12}{N(N+1)} \\sum_i R_i^2 / n_i - 3(N+1)}{1 - \\sum_s (t_s^3 - t_s)/(N^3 - N)}
+
+    with R_i the rank sum of group i in the pooled sample of size N and t_s the size of each group of
+    tied values; p from chi-squared with k - 1 degrees of freedom.
+
+    Returns:
+        ``{"statistic", "pvalue", "df", "n"}`` (``nan`` statistic/p-value with fewer than 2 groups or
+        when all values are equal).
+    """
+    g = _groups(groups)
+    n = int(sum(v.size for v in g.values()))
+    stat = p = float("nan")
+    if len(g) >= 2 and np.ptp(np.concatenate(list(g.values()))) > 0:
+        res = kruskal(*g.values())
+        stat, p = float(res.statistic), float(res.pvalue)
+    return {"statistic": stat, "pvalue": p, "df": max(len(g) - 1, 0), "n": n}
+
+
+def dunn_test(groups: Mapping[str, Sequence[float]], correction: str = "bonferroni") -> dict[str, dict[str, float]]:
+    """Dunn's (1964) all-pairs test after Kruskal-Wallis, tie-corrected, Bonferroni-adjusted.
+
+    All N values are ranked together (ties get their average rank); with mean rank
+    :math:`\\bar R_i` and size :math:`n_i` of group i and :math:`t_s` the size of each group of tied
+    values,
+
+    .. math::
+
+        z_{ij} = \\frac{\\bar R_i - \\bar R_j}
+            {\\sqrt{\\Big(\\frac{N(N+1)}{12} - \\frac{\\sum_s (t_s^3 - t_s)}{12 (N-1)}\\Big)
+            \\Big(\\frac{1}{n_i} + \\frac{1}{n_j}\\Big)}},
+        \\qquad p_{ij} = 2\\,(1 - \\Phi(|z_{ij}|)),
+
+    and the Bonferroni-adjusted ``p_adj = min(1, m p)`` with m = k(k-1)/2 comparisons
+    (``correction="none"``: unadjusted). Two-sided. scipy has no Dunn test; this is the textbook
+    formula (Dunn 1964; Zar, Biostatistical Analysis, 5th ed., sec. 11.5).
+
+    Args:
+        groups: name -> values (independent samples; NaN left out).
+
+    Returns:
+        ``{"A vs B": {"z", "pvalue", "pvalue_adj", "mean_rank_a", "mean_rank_b"}}`` for every pair in
+        the groups' order (z > 0: A ranks higher).
+    """
+    if correction not in ("bonferroni", "none"):
+        raise ValueError(f"dunn_test: correction must be 'bonferroni' or 'none', got {correction!r}")
+    g = _groups(groups)
+    names = list(g)
+    pooled = np.concatenate([g[k] for k in names]) if names else np.zeros(0)
+    n = pooled.size
+    ranks = rankdata(pooled)
+    bounds = np.cumsum([0] + [g[k].size for k in names])
+    mean_rank = {k: float(ranks[bounds[i] : bounds[i + 1]].mean()) for i, k in enumerate(names)}
+    _, ties = np.unique(pooled, return_counts=True)
+    tie_term = float(np.sum(ties.astype(np.float64) ** 3 - ties)) / (12.0 * (n - 1)) if n > 1 else 0.0
+    var = n * (n + 1) / 12.0 - tie_term
+    m = len(names) * (len(names) - 1) // 2
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            se = math.sqrt(var * (1.0 / g[a].size + 1.0 / g[b].size)) if var > 0 else 0.0
+            z = (mean_rank[a] - mean_rank[b]) / se if se > 0 else float("nan")
+            p = float(2.0 * norm.sf(abs(z))) if math.isfinite(z) else float("nan")
+            adj = min(1.0, p * m) if correction == "bonferroni" and math.isfinite(p) else p
+            out[f"{a} vs {b}"] = {
+                "z": float(z),
+                "pvalue": p,
+                "pvalue_adj": adj,
+                "mean_rank_a": mean_rank[a],
+                "mean_rank_b": mean_rank[b],
+            }
+    return out
+
+
+def anova_tukey(groups: Mapping[str, Sequence[float]]) -> dict:
+    """One-way ANOVA (``scipy.stats.f_oneway``) and Tukey's HSD (``scipy.stats.tukey_hsd``) of k >= 2
+    groups: ``{"anova": {"statistic", "pvalue"}, "pairs": {"A vs B": {"diff", "pvalue"}}}`` with
+    ``diff`` = mean(A) - mean(B) and the Tukey-adjusted p-value."""
+    g = _groups(groups)
+    names = list(g)
+    out: dict = {"anova": {"statistic": float("nan"), "pvalue": float("nan")}, "pairs": {}}
+    if len(names) < 2 or any(v.size < 2 for v in g.values()):
+        return out
+    a = f_oneway(*g.values())
+    out["anova"] = {"statistic": float(a.statistic), "pvalue": float(a.pvalue)}
+    t = tukey_hsd(*g.values())
+    for i, x in enumerate(names):
+        for j in range(i + 1, len(names)):
+            out["pairs"][f"{x} vs {names[j]}"] = {
+                "diff": float(g[x].mean() - g[names[j]].mean()),
+                "pvalue": float(t.pvalue[i, j]),
+            }
+    return out
+
+
+def group_comparison(groups: Mapping[str, Sequence[float]], alpha: float = 0.05) -> dict:
+    """Res-SRDiff's statistics for one metric over k methods (independent groups).
+
+    Shapiro-Wilk (``scipy.stats.shapiro``) on every group; when every group has n >= 3 and
+    p >= ``alpha`` (normal), one-way ANOVA + Tukey HSD (:func:`anova_tukey`), otherwise Kruskal-Wallis
+    (:func:`kruskal_wallis`) + Dunn with Bonferroni (:func:`dunn_test`).
+
+    Returns:
+        ``{"normal": bool, "shapiro": {group: p}, "test": "anova_tukey"|"kruskal_dunn",
+        "omnibus": {"statistic", "pvalue"}, "pairs": {"A vs B": {..., "pvalue_adj"}}}``; every pair
+        carries ``pvalue_adj`` (Tukey's or Bonferroni's adjusted p-value).
+    """
+    g = _groups(groups)
+    sw = {}
+    for k, v in g.items():
+        sw[k] = float(shapiro(v).pvalue) if v.size >= 3 and np.ptp(v) > 0 else float("nan")
+    normal = bool(g) and all(math.isfinite(p) and p >= alpha for p in sw.values())
+    if normal and len(g) >= 2:
+        at = anova_tukey(g)
+        pairs = {k: {**v, "pvalue_adj": v["pvalue"]} for k, v in at["pairs"].items()}
+        return {"normal": True, "shapiro": sw, "test": "anova_tukey", "omnibus": at["anova"], "pairs": pairs}
+    kw = kruskal_wallis(g)
+    return {
+        "normal": normal,
+        "shapiro": sw,
+        "test": "kruskal_dunn",
+        "omnibus": {"statistic": kw["statistic"], "pvalue": kw["pvalue"]},
+        "pairs": dunn_test(g),
+    }
 
 
 def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, floatfmt: str = ".4g") -> str:

@@ -15,7 +15,25 @@ import torch
 import torch.nn as nn
 from monai.utils import unsqueeze_right
 
-__all__ = ["ResidualShiftScheduler", "shifting_sqrt_etas"]
+__all__ = ["ResidualShiftScheduler", "shifting_sqrt_etas", "SCHEDULE_PRESETS", "schedule_preset"]
+
+SCHEDULE_PRESETS: dict[str, dict[str, float]] = {
+    # Res-SRDiff (the paper's text): beta_T = 0.9999 for its shifting schedule (ResShift's eta_T),
+    # so sqrt(eta_T) = sqrt(0.9999) = 0.99995; the default of the ressrdiff bundle.
+    "paper": {"sqrt_eta_end": math.sqrt(0.9999)},
+    # ResShift's released code (get_named_eta_schedule, etas_end 0.99): sqrt(eta_T) = 0.99,
+    # eta_T = 0.9801; the value ressrdiff used before and ResDCE-diff uses.
+    "resshift": {"sqrt_eta_end": 0.99},
+}
+
+
+def schedule_preset(name: str) -> dict[str, float]:
+    """The schedule settings of a named preset (:data:`SCHEDULE_PRESETS`: ``paper`` = Res-SRDiff's
+    beta_T = 0.9999, ``resshift`` = ResShift's sqrt(eta_T) = 0.99); ``ValueError`` naming
+    ``--schedule_preset`` for any other name."""
+    if name not in SCHEDULE_PRESETS:
+        raise ValueError(f"--schedule_preset: expected one of {sorted(SCHEDULE_PRESETS)}, got {name!r}")
+    return dict(SCHEDULE_PRESETS[name])
 
 
 def shifting_sqrt_etas(
