@@ -15,6 +15,7 @@ Public API::
 from common.ingest.errors import IngestError
 from common.ingest.pipeline import (
     IngestConfig,
+    case_id,
     find_patients,
     ingest_study,
     prepare_dataset,
@@ -34,6 +35,7 @@ from common.ingest.series import (
 from common.ingest.study import StudySelection, classify_study, parse_tt
 
 __all__ = [
+    "case_id",
     "DEFAULT_RULES_PATH",
     "DicomSeries",
     "IngestConfig",
