@@ -35,6 +35,7 @@ __all__ = [
     "run_bundle",
     "slice_batching",
     "training_epochs",
+    "variant",
     "workflow_files",
 ]
 
@@ -44,8 +45,8 @@ REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 WORKFLOW_FILES = {
     "train": ("train.json",),
     "multi_gpu": ("train.json", "multi_gpu_train.json"),
-    "infer": ("inference.json",),
-    "evaluate": ("inference.json", "evaluate.json"),
+    "infer": ("train.json", "inference.json"),
+    "evaluate": ("train.json", "inference.json", "evaluate.json"),
 }
 CONTRACT = "contract.json"
 INGEST_KINDS = ("prostate", "brain", "breast")
@@ -298,6 +299,27 @@ def read_contract(bundle: str | os.PathLike) -> Contract:
         series_offset=int(data.get("series_offset", 0)),
         no_study=str(data.get("no_study", "")),
     )
+
+
+def variant(obj: Any, **changes: Any) -> Any:
+    """An independent deep copy of a configured object with some of its settings changed, so that one
+    definition serves two uses: validation during training samples with the bundle's ``inferer``
+    (``"$common.bundle.variant(@inferer, num_inference_steps=@val_num_inference_steps, progress=False)"``)
+    instead of a second copy of its config; the copy's sampler and scheduler are its own (sampling sets
+    the scheduler's timesteps, which training must not see).
+
+    Raises:
+        AttributeError: a setting the object does not have (named with the object's class).
+    """
+    import copy
+
+    unknown = [k for k in changes if not hasattr(obj, k)]
+    if unknown:
+        raise AttributeError(f"{type(obj).__name__} has no setting {', '.join(unknown)} to change")
+    out = copy.deepcopy(obj)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

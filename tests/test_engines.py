@@ -209,7 +209,9 @@ def test_bundle_root_and_latest_checkpoint(tmp_path, monkeypatch):
     b = tmp_path / "copied_bundle"
     (b / "configs").mkdir(parents=True)
     (b / "configs" / "metadata.json").write_text("{}")
-    (b / "configs" / "x.json").write_text('{"root": "$common.bundle.bundle_root()", "run": ["$@root"], "imports": ["$import common"]}')
+    (b / "configs" / "x.json").write_text(
+        '{"root": "$common.bundle.bundle_root()", "run": ["$@root"], "imports": ["$import common"]}'
+    )
     wf = create_workflow(config_file=str(b / "configs" / "x.json"), logging_file=False)  # the config file's folder
     assert wf.run() == [str(b)]
     monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", "--config_file", f"{b}/configs/x.json"])

@@ -103,7 +103,7 @@ def _tiny_checkpoint(bundle: str, path: Path) -> Path:
     from monai.bundle import ConfigParser
 
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in ("train.json", "inference.json")])
     p["network_size"], p["device"] = "small", "cpu"
     torch.manual_seed(0)
     net, record = p.get_parsed_content("network_def"), p.get_parsed_content("checkpoint_record")
