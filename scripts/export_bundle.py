@@ -74,7 +74,7 @@ def bundle_dir(name: str) -> Path:
     try:
         return _bundle_dir(name)
     except FileNotFoundError as e:
-        raise SystemExit(f"unknown bundle: {e}") from None
+        raise SystemExit(f"unknown bundle {name!r}: {e}") from None
 
 
 def flatten(files: list[Path]) -> dict:
@@ -401,4 +401,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from common.errors import install as install_error_hook
+
+    install_error_hook()  # a user error ends with one line
     main()

@@ -475,7 +475,7 @@ def synthesize(
     read_options, prepare = INGESTS[contract.ingest]
     cfg = read_options(ingest or {})
     case_id = case_name(study, case_id)
-    reserved = sorted(set(overrides) & set(RESERVED))
+    reserved = sorted(set(overrides) & {*RESERVED, contract.source_id})
     if reserved:
         raise ValueError(f"--{', --'.join(reserved)}: set by synthesize.py from --study / --out; leave them out")
     bundle = contract.name

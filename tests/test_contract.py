@@ -147,6 +147,7 @@ def trained(copied, data, tmp_path_factory) -> Path:
     return models / "model.pt"
 
 
+@pytest.mark.slow
 def test_copied_bundle_runs_everywhere(copied, data, trained, tmp_path):
     from common.phantoms.dicom import write_prostate_study
     from common.phantoms.prostate import make_prostate_phantom
