@@ -7,18 +7,14 @@ ingest, registration, cropping), ``metrics``, ``transforms`` (MONAI dictionary t
 command-line helpers), ``io``, ``dce``, ``layout``, ``device``, ``losses``, ``visualize``.
 
 Sub-modules load on first attribute access (``common.inferers``), so a bundle config needs only
-``"$import common"`` and a light import (e.g. the ingest's worker processes) stays light.
+``"$import common"`` and a light import (e.g. the ingest's worker processes) stays light. Importing it
+changes nothing global: the one-line error hook (:func:`common.errors.install`) is installed by the
+entry points (each script's ``__main__``, each bundle config's ``initialize``).
 """
 
 import importlib
-import sys
-
-from common import errors as _errors
 
 __version__ = "0.1.0"
-
-if _errors._is_bundle_run(sys.argv):  # a bundle run ends a user's mistake with one line (common.errors)
-    _errors.install()
 
 _SUBMODULES = (
     "bundle",

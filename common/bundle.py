@@ -1,39 +1,328 @@
-"""Config and command-line helpers every bundle config calls: where the bundle lies, yes/no
-switches typed on the command line, and the checkpoints a run resumes from or infers with."""
+"""Config and command-line helpers every bundle config calls (where the bundle lies, yes/no switches
+typed on the command line, the checkpoints a run resumes from or infers with), the one way to run a
+bundle from Python (:func:`run_bundle`) and the bundle contract (:func:`read_contract`): what a
+bundle reads and writes, declared in its ``configs/contract.json``, so that the scripts name no bundle."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
+import logging
 import os
 import re
-import sys
+import time
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 __all__ = [
+    "BundleOutput",
+    "BundleRun",
     "ConfigRecord",
+    "Contract",
+    "REPO_BUNDLES",
+    "WORKFLOW_FILES",
+    "bundle_config",
+    "bundle_dir",
     "bundle_root",
     "check_checkpoint",
+    "find_bundles",
     "flag",
     "latest_checkpoint",
     "positive_int",
+    "read_contract",
     "recorded_setting",
+    "run_bundle",
     "slice_batching",
     "training_epochs",
+    "variant",
+    "workflow_files",
 ]
 
+#: the bundles of this repository
+REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+#: the config files each workflow of a bundle stacks, in order (later files override earlier ones)
+WORKFLOW_FILES = {
+    "train": ("train.json",),
+    "multi_gpu": ("train.json", "multi_gpu_train.json"),
+    "infer": ("train.json", "inference.json"),
+    "evaluate": ("train.json", "inference.json", "evaluate.json"),
+}
+CONTRACT = "contract.json"
+INGEST_KINDS = ("prostate", "brain", "breast")
 
-def bundle_root(name: str) -> str:
-    """Absolute path of a bundle folder, independent of the working directory.
 
-    The folder of the ``--config_file`` given to ``python -m monai.bundle run`` wins (its parent's
-    parent, when that holds ``configs/metadata.json``), so a bundle copied out of this repository
-    works where it lies; otherwise ``bundles/<name>`` of the repository this package lives in.
+def bundle_root(default: str | None = None) -> str:
+    """Absolute path of the bundle folder, independent of the working directory.
+
+    A config calls it for its ``bundle_root`` id, which ``--bundle_root <folder>`` (or
+    :func:`run_bundle`, from the config file's location) replaces. Without that override it is the
+    folder of the config file the running MONAI workflow was made from (the ``configs`` folder's
+    parent of ``python -m monai.bundle run ... --config_file <bundle>/configs/train.json``: the
+    ``ConfigWorkflow`` that evaluates the config holds it), so a bundle copied anywhere works where
+    it lies. ``default``: a bundle name of this repository, used only when the config is parsed by a
+    bare ``ConfigParser`` (no workflow, no override).
+
+    Raises:
+        ValueError: none of the three gives a folder.
     """
-    argv = " ".join(sys.argv)
-    for match in re.finditer(r"([^\s'\"\[\],=]+/configs/[^\s'\"\[\],]+\.(?:json|yaml|yml))", argv):
-        root = Path(match.group(1)).expanduser().resolve().parent.parent
-        if (root / "configs" / "metadata.json").exists():
-            return str(root)
-    return str(Path(__file__).resolve().parents[1] / "bundles" / name)
+    from monai.bundle.workflows import ConfigWorkflow
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ConfigWorkflow):
+            root = Path(owner.config_root_path).expanduser().resolve()
+            return str(root.parent if root.name == "configs" else root)
+        frame = frame.f_back
+    if default:
+        return str(REPO_BUNDLES / default)
+    raise ValueError("bundle_root: the config is not run from its file; pass --bundle_root <bundle folder>")
+
+
+def bundle_dir(bundle: str | os.PathLike) -> Path:
+    """A bundle folder from its name (a folder of this repository's ``bundles/``) or its path.
+
+    Raises:
+        FileNotFoundError: no such bundle (the message lists the bundles there are).
+    """
+    text = str(bundle)
+    path = Path(text).expanduser() if (os.sep in text or text.startswith(".")) else REPO_BUNDLES / text
+    if not (path / "configs").is_dir():
+        known = ", ".join(p.name for p in find_bundles())
+        raise FileNotFoundError(f"no bundle {text!r} ({path / 'configs'} does not exist); bundles: {known}")
+    return path.resolve()
+
+
+def find_bundles(root: str | os.PathLike = REPO_BUNDLES) -> list[Path]:
+    """The bundle folders below ``root`` that declare a contract (``configs/contract.json``), sorted by name."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if (p / "configs" / CONTRACT).is_file()) if root.is_dir() else []
+
+
+def workflow_files(bundle: str | os.PathLike, workflow: str) -> list[Path]:
+    """The config files of ``bundle`` that ``workflow`` (a key of :data:`WORKFLOW_FILES`) stacks."""
+    if workflow not in WORKFLOW_FILES:
+        raise ValueError(f"workflow {workflow!r}: one of {list(WORKFLOW_FILES)}")
+    configs = bundle_dir(bundle) / "configs"
+    return [configs / f for f in WORKFLOW_FILES[workflow]]
+
+
+def _root_of(config_files: Sequence[str | os.PathLike]) -> str:
+    first = Path(config_files[0]).expanduser().resolve().parent
+    return str(first.parent if first.name == "configs" else first)
+
+
+def bundle_config(config_files: str | os.PathLike | Sequence[str | os.PathLike], overrides: Mapping | None = None):
+    """A ``monai.bundle.ConfigParser`` of ``config_files`` (stacked in order) with ``overrides`` applied and
+    ``bundle_root`` set from the first file's location (unless overridden)."""
+    from monai.bundle import ConfigParser
+
+    files = [str(f) for f in ([config_files] if isinstance(config_files, (str, os.PathLike)) else config_files)]
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update({"bundle_root": _root_of(files), **dict(overrides or {})})
+    return parser
+
+
+@dataclasses.dataclass
+class BundleRun:
+    """What :func:`run_bundle` ran: its parser (``get_parsed_content`` gives every resolved setting) and
+    the seconds its ``run`` took."""
+
+    parser: Any
+    seconds: float
+
+
+def run_bundle(
+    config_files: str | os.PathLike | Sequence[str | os.PathLike],
+    overrides: Mapping | None = None,
+    run_id: str = "run",
+    workflow_type: str | None = None,
+    dry_run: bool = False,
+) -> BundleRun:
+    """Run a bundle from Python as ``python -m monai.bundle run <run_id> --config_file <files> --<id> <value>``
+    does (MONAI's ``ConfigWorkflow``: initialize, run, finalize), with ``bundle_root`` set from the
+    first config file's location and the caller's logging left as it was (a bundle's ``logging.conf``
+    adds a console handler). ``dry_run``: build the workflow, do not run it (``seconds`` is 0)."""
+    from monai.bundle import create_workflow
+
+    files = [str(f) for f in ([config_files] if isinstance(config_files, (str, os.PathLike)) else config_files)]
+    configs = Path(files[0]).expanduser().resolve().parent
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        wf = create_workflow(
+            config_file=files if len(files) > 1 else files[0],
+            meta_file=str(configs / "metadata.json"),
+            logging_file=str(configs / "logging.conf") if (configs / "logging.conf").is_file() else False,
+            run_id=run_id,
+            workflow_type=workflow_type,
+            **{"bundle_root": _root_of(files), **dict(overrides or {})},
+        )
+        seconds = 0.0
+        if not dry_run:
+            t0 = time.perf_counter()
+            wf.run()
+            seconds = time.perf_counter() - t0
+            wf.finalize()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return BundleRun(wf.parser, seconds)
+
+
+# ---------------------------------------------------------------------------------------- the contract
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleOutput:
+    """One output a bundle writes per case (an entry of ``outputs`` in ``configs/contract.json``).
+
+    Attributes:
+        key: the output's key (``dce_early``, ``t1c``, ``et_mask``); also the stem of ``file`` by default.
+        file: file name in ``<output_dir>/<case>/`` (``<key>.nii.gz``).
+        label: short name for people and the DICOM SeriesDescription (``DCE early``).
+        description: what it is, for the DICOM derivation text (``T1 post-contrast image``).
+        label_map: a label volume (0/1 ...), not intensities (MONAI Label returns it as ``result_key``).
+        std: a ``<key>_std`` file beside it holds the pixel-wise standard deviation over samples, when written.
+        frames: for a 4D file, one series per frame: ``{"file": <JSON beside the output>, "names": <its
+            list of frame names>, "times_s": <its list of all time points, seconds>, "start": <its index of
+            the last acquired time point>, "time_zero": <optional: what time 0 is, e.g. contrast arrival>}``;
+            frame ``c`` is at ``times_s[start + 1 + c]``.
+    """
+
+    key: str
+    file: str
+    label: str
+    description: str
+    label_map: bool = False
+    std: bool = False
+    frames: dict | None = None
+
+    @property
+    def series_description(self) -> str:
+        """``SYNTHETIC <label>`` (the method and version are added by the writer)."""
+        return f"SYNTHETIC {self.label}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Contract:
+    """What a bundle reads and writes (``configs/contract.json``), read by the scripts so none names a bundle.
+
+    Attributes:
+        root: the bundle folder; ``name`` its folder name.
+        ingest: the study ingest whose prepared case it reads (``prostate``, ``brain``, ``breast``), or None
+            (the bundle reads no study, e.g. one volume; ``no_study`` says what to do instead).
+        source_id: the config id that takes one study (``case_dir``: a prepared case folder; ``input_file``: one volume).
+        input_keys: the series the bundle reads from a case.
+        outputs: :class:`BundleOutput` per output (a bundle may write a subset, e.g. per ``target_keys``).
+        study_overrides: config overrides for a case made by the ingest (e.g. which frames to predict).
+        sampler: the sampler's name, or ``@<id>`` of the config id that names it.
+        series_offset: added to the first free DICOM SeriesNumber so two bundles' series do not collide.
+    """
+
+    root: Path
+    ingest: str | None
+    source_id: str
+    input_keys: tuple[str, ...]
+    outputs: tuple[BundleOutput, ...]
+    study_overrides: dict = dataclasses.field(default_factory=dict)
+    sampler: str = "?"
+    series_offset: int = 0
+    no_study: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def output(self, key: str) -> BundleOutput | None:
+        return next((o for o in self.outputs if o.key == key), None)
+
+    @property
+    def label_outputs(self) -> list[str]:
+        return [o.key for o in self.outputs if o.label_map]
+
+
+def read_contract(bundle: str | os.PathLike) -> Contract:
+    """The :class:`Contract` of a bundle (a name of this repository's ``bundles/`` or a folder path).
+
+    Raises:
+        FileNotFoundError: no bundle or no ``configs/contract.json``.
+        ValueError: a contract that is not valid (the message names the file and the entry).
+    """
+    root = bundle_dir(bundle)
+    path = root / "configs" / CONTRACT
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: the bundle declares no contract (what it reads and writes)") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+    def need(d: Mapping, key: str, kind: type, where: str):
+        if not isinstance(d.get(key), kind):
+            raise ValueError(f"{path}: {where}{key} must be a {kind.__name__}, got {d.get(key)!r}")
+        return d[key]
+
+    ingest = data.get("ingest")
+    if ingest is not None and ingest not in INGEST_KINDS:
+        raise ValueError(f"{path}: ingest must be one of {list(INGEST_KINDS)} or null, got {ingest!r}")
+    outputs = []
+    for i, o in enumerate(need(data, "outputs", list, "")):
+        where = f"outputs[{i}]."
+        key = need(o, "key", str, where)
+        frames = o.get("frames")
+        if frames is not None and not all(
+            isinstance(frames.get(k), str) for k in ("file", "names", "times_s", "start")
+        ):
+            raise ValueError(f"{path}: {where}frames needs file, names, times_s and start (strings)")
+        outputs.append(
+            BundleOutput(
+                key=key,
+                file=o.get("file", f"{key}.nii.gz"),
+                label=need(o, "label", str, where),
+                description=o.get("description", o["label"]),
+                label_map=bool(o.get("label_map", False)),
+                std=bool(o.get("std", False)),
+                frames=frames,
+            )
+        )
+    return Contract(
+        root=root,
+        ingest=ingest,
+        source_id=need(data, "source_id", str, ""),
+        input_keys=tuple(need(data, "input_keys", list, "")),
+        outputs=tuple(outputs),
+        study_overrides=dict(data.get("study_overrides", {})),
+        sampler=str(data.get("sampler", "?")),
+        series_offset=int(data.get("series_offset", 0)),
+        no_study=str(data.get("no_study", "")),
+    )
+
+
+def variant(obj: Any, **changes: Any) -> Any:
+    """An independent deep copy of a configured object with some of its settings changed, so that one
+    definition serves two uses: validation during training samples with the bundle's ``inferer``
+    (``"$common.bundle.variant(@inferer, num_inference_steps=@val_num_inference_steps, progress=False)"``)
+    instead of a second copy of its config; the copy's sampler and scheduler are its own (sampling sets
+    the scheduler's timesteps, which training must not see).
+
+    Raises:
+        AttributeError: a setting the object does not have (named with the object's class).
+    """
+    import copy
+
+    unknown = [k for k in changes if not hasattr(obj, k)]
+    if unknown:
+        raise AttributeError(f"{type(obj).__name__} has no setting {', '.join(unknown)} to change")
+    out = copy.deepcopy(obj)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
 
 
 def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_*.pt") -> str:

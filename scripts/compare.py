@@ -24,10 +24,8 @@ values replace the file's common ones.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,15 +33,11 @@ from typing import Any, Mapping, Sequence
 
 import fire
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common.bundle import bundle_config, bundle_dir, find_bundles, read_contract, run_bundle, workflow_files
+from common.errors import install as install_error_hook
+from common.io import atomic_path, output_folder, save_json
+from common.metrics import format_table, paired_wilcoxon, read_case_csv, summarize, write_case_csv
 
-from common.errors import install as install_error_hook  # noqa: E402
-from common.io import atomic_path, output_folder, save_json  # noqa: E402
-from common.metrics import format_table, paired_wilcoxon, read_case_csv, summarize, write_case_csv  # noqa: E402
-
-BUNDLES = ROOT / "bundles"
-EVAL_FILES = ("inference.json", "evaluate.json")
 METRICS = ("psnr", "ssim", "mae", "enh_rel_err", "enh_corr")
 # direction of "better" per metric (for the best method); PSNR decides which method is the reference
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mae": False, "enh_rel_err": False, "enh_corr": True}
@@ -75,7 +69,7 @@ def parse_ckpt(ckpt: str | Mapping | None, methods: Sequence[str]) -> dict[str, 
         pairs = []
         for item in items:
             if "=" not in str(item):
-                raise CompareError(f"--ckpt {item!r}: expected METHOD=PATH (e.g. resdce=models/model.pt)")
+                raise CompareError(f"--ckpt {item!r}: expected METHOD=PATH (e.g. <bundle>=models/model.pt)")
             pairs.append(tuple(s.strip() for s in str(item).split("=", 1)))
     out = {}
     for m, p in pairs:
@@ -113,19 +107,16 @@ def load_budget(budget: str | None, cli: Mapping[str, Any]) -> dict:
     return {"common": spec, "methods": per_method}
 
 
-def _parser(method: str, files: Sequence[str]):
-    from monai.bundle import ConfigParser
-
-    p = ConfigParser()
-    p.read_config([str(BUNDLES / method / "configs" / f) for f in files])
-    return p
+def _parser(method: str, workflow: str):
+    """The bundle's config files of ``workflow`` (:data:`common.bundle.WORKFLOW_FILES`), parsed."""
+    return bundle_config(workflow_files(method, workflow))
 
 
 def split_overrides(method: str, common: Mapping, own: Mapping, source: str) -> tuple[dict, dict]:
     """``(training, inference)`` overrides of ``method``: the common budget goes to training (every key must
     be an id of its ``train.json``; also to inference where that config has it, e.g. ``seed``); each of the
     method's own keys goes to whichever of the two configs defines it (an id of neither is an error)."""
-    train_p, infer_p = _parser(method, ["train.json"]), _parser(method, EVAL_FILES)
+    train_p, infer_p = _parser(method, "train"), _parser(method, "evaluate")
     train, infer = {}, {}
     for k, v in common.items():
         if k not in train_p:
@@ -149,39 +140,10 @@ def split_overrides(method: str, common: Mapping, own: Mapping, source: str) -> 
 # ---------------------------------------------------------------- running the bundles
 
 
-def _workflow(method: str, files: Sequence[str], overrides: Mapping, workflow_type: str):
-    from monai.bundle import create_workflow
-
-    configs = BUNDLES / method / "configs"
-    root_handlers = list(logging.getLogger().handlers)
-    wf = create_workflow(
-        config_file=[str(configs / f) for f in files] if len(files) > 1 else str(configs / files[0]),
-        meta_file=str(configs / "metadata.json"),
-        logging_file=str(configs / "logging.conf"),
-        workflow_type=workflow_type,
-        **overrides,
-    )
-    return wf, root_handlers
-
-
-def _run(wf, root_handlers) -> float:
-    """Run an initialised workflow; its wall time in seconds. The bundle's logging.conf handlers are
-    taken away again afterwards (the next bundle adds its own)."""
-    try:
-        t0 = time.perf_counter()
-        wf.run()
-        dt = time.perf_counter() - t0
-        wf.finalize()
-    finally:
-        logging.getLogger().handlers[:] = root_handlers
-    return dt
-
-
 def train_method(method: str, dataset_dir: Path, models: Path, overrides: Mapping) -> tuple[Path, float]:
     args = {"dataset_dir": str(dataset_dir), "output_dir": str(models), "resume": False, **overrides}
     log(f"{method}: training ({', '.join(f'{k}={v}' for k, v in overrides.items())}) -> {models}")
-    wf, handlers = _workflow(method, ["train.json"], args, "train")
-    dt = _run(wf, handlers)
+    dt = run_bundle(workflow_files(method, "train"), args, workflow_type="train").seconds
     ckpt = models / "model.pt"
     if not ckpt.is_file():
         raise CompareError(f"{method}: training finished without writing {ckpt}")
@@ -200,18 +162,17 @@ def evaluate_method(method: str, dataset_dir: Path, ckpt: Path, out: Path, overr
     }
     if (out / "metrics.csv").is_file():  # an earlier comparison's cases would be merged in: start clean
         (out / "metrics.csv").unlink()
-    wf, handlers = _workflow(method, EVAL_FILES, args, "infer")
-    p = wf.parser
+    p = bundle_config(workflow_files(method, "evaluate"), args)
     n_cases = len(p.get_parsed_content("datalist"))
     info = {
-        "sampler": sampler_name(p),
+        "sampler": sampler_name(method, p),
         "steps": int(p.get_parsed_content("num_inference_steps")),
         "network_size": p.get_parsed_content("network_size"),
         "device": str(p.get_parsed_content("device")),
         "n_test_cases": n_cases,
     }
     log(f"{method}: synthesising {n_cases} test case(s), {info['sampler']} {info['steps']} steps -> {out}")
-    dt = _run(wf, handlers)
+    dt = run_bundle(workflow_files(method, "evaluate"), args, workflow_type="infer").seconds
     info["inference_s"] = dt
     info["s_per_volume"] = dt / max(n_cases, 1)
     log(f"{method}: {dt:.1f} s for {n_cases} case(s) ({info['s_per_volume']:.1f} s per volume, scoring included)")
@@ -220,14 +181,13 @@ def evaluate_method(method: str, dataset_dir: Path, ckpt: Path, out: Path, overr
     return info
 
 
-def sampler_name(parser) -> str:
-    """The sampler a method's inference uses: its ``sampler`` id (DDPM / DDIM), else the class of its
-    ``slice_inferer`` (e.g. ResidualShiftInferer)."""
-    if "sampler" in parser and isinstance(parser.get_parsed_content("sampler"), str):
-        return str(parser.get_parsed_content("sampler")).upper()
-    target = parser["slice_inferer"].get("_target_", "") if "slice_inferer" in parser else ""
-    name = str(target).rsplit(".", 1)[-1].removesuffix("Inferer")
-    return name or "?"
+def sampler_name(method: str, parser) -> str:
+    """The sampler a method's inference uses, as its contract names it (``sampler``: a name, or ``@<id>``
+    of the config id that holds it, e.g. DDPM / DDIM, upper-cased)."""
+    name = read_contract(method).sampler
+    if name.startswith("@"):
+        name = str(parser.get_parsed_content(name[1:])).upper() if name[1:] in parser else "?"
+    return name
 
 
 def trained_iterations(ckpt: Path) -> int | None:
@@ -257,14 +217,14 @@ def check_configured_targets(targets: Mapping[str, Sequence[str]]) -> list[str]:
     overrides) that every method synthesises; the comparison is made on those. A ``CompareError``
     naming each method's phases when no phase is shared. Scores of a shared phase do not depend on
     the other phases a method synthesises (each phase is normalised by its own target,
-    :func:`common.handlers.metrics.channel_ranges`), so e.g. dcediff's two paper phases compare with
-    resdce's three on early and late."""
+    :func:`common.handlers.metrics.channel_ranges`), so e.g. a method with two phases compares with
+    one with three on the two they share."""
     shared = _shared_phases(targets)
     if not shared:
         desc = "; ".join(f"{m}: {', '.join(t)}" for m, t in targets.items())
         raise CompareError(
             f"the methods are configured to synthesise no common phase (target_keys: {desc}); a comparison "
-            'needs at least one, e.g. in the budget file: "methods": {"dcediff": {"target_keys": ["dce_early", "dce_late"]}}'
+            'needs at least one, e.g. in the budget file: "methods": {"<method>": {"target_keys": ["dce_early", "dce_late"]}}'
         )
     return shared
 
@@ -311,7 +271,7 @@ def check_same_targets(rows_by_method: Mapping[str, list[dict]], sources: Mappin
                     + (f" (only {m}: {', '.join(only_b)})" if only_b else "")
                     + (
                         "; configure the bundles to read the same target_keys (e.g. in the budget: "
-                        '"methods": {"dcediff": {"target_keys": ["dce_onset", "dce_early", "dce_late"]}})'
+                        '"methods": {"<method>": {"target_keys": ["dce_onset", "dce_early", "dce_late"]}})'
                         if field == "phase"
                         else "; run every method on the same --dataset_dir and test section"
                     )
@@ -493,7 +453,7 @@ def write_panels(
 
 def main(
     dataset_dir: str = "data/phantoms/prostate/prepared",
-    methods: str | Sequence[str] = "resdce,dcediff",
+    methods: str | Sequence[str] | None = None,
     out: str = "compare_output",
     budget: str | None = None,
     num_iterations: int | None = None,
@@ -510,7 +470,8 @@ def main(
 
     Args:
         dataset_dir: prepared cases + datalist.json (every method reads them; scored on the ``test`` section).
-        methods: bundle names, comma-separated (folders of ``bundles/``).
+        methods: bundle names, comma-separated (folders of ``bundles/``, or bundle folders); default: the
+            methods of the ``--budget`` file.
         out: ``<out>/<method>/models``, ``<out>/<method>/eval``, ``<out>/comparison.{md,csv,json}``, ``<out>/<case>.png``.
         budget: JSON file of training settings (common) and per-method overrides (see the module docstring).
         num_iterations, batch_size, patch_size, seed, lr, network_size: common settings over the file's.
@@ -519,15 +480,21 @@ def main(
         panel_phase: the phase the panels show (the first phase when the methods do not have it).
     """
     t_start = time.time()
-    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    if methods is None and budget and Path(budget).is_file():
+        try:
+            methods = list(json.loads(Path(budget).read_text()).get("methods", {}))
+        except (ValueError, AttributeError):
+            methods = None  # load_budget names the problem
+    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods or []) if m.strip()]
+    known = [p.name for p in find_bundles()]
     if not methods:
-        raise CompareError("--methods: name at least one bundle (e.g. resdce,dcediff)")
+        raise CompareError(f"--methods: name at least one bundle (bundles: {', '.join(known)})")
     for m in methods:
-        if not (BUNDLES / m / "configs" / "train.json").is_file():
-            known = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "train.json").is_file())
-            raise CompareError(
-                f"--methods: no bundle {m!r} (bundles/{m}/configs/train.json); bundles: {', '.join(known)}"
-            )
+        try:
+            bundle_dir(m)
+            read_contract(m)
+        except FileNotFoundError as e:
+            raise CompareError(f"--methods: {e}") from None
     data = Path(dataset_dir).expanduser().resolve()
     if not (data / "datalist.json").is_file():
         raise CompareError(f"--dataset_dir {dataset_dir}: no datalist.json there (make one with `make phantoms`)")
@@ -556,7 +523,7 @@ def main(
         plans[m] = ({**train_o, **dev}, {**infer_o, **dev})
     targets = {}
     for m in methods:
-        p = _parser(m, EVAL_FILES)
+        p = _parser(m, "evaluate")
         for k, v in plans[m][1].items():
             p[k] = v
         targets[m] = p.get_parsed_content("target_keys")
@@ -599,7 +566,7 @@ def main(
         {"header": header, "methods": info, "budget": spec, "cases": cases, "table": table}, out_dir / "comparison.json"
     )
     phase = panel_phase if panel_phase in compared else compared[0]
-    inputs = list(dict.fromkeys(k for m in methods for k in _parser(m, EVAL_FILES)["input_keys"]))
+    inputs = list(dict.fromkeys(k for m in methods for k in _parser(m, "evaluate")["input_keys"]))
     panels = write_panels(out_dir, data, evals, cases, phase, inputs)
     print(markdown(table, header))
     log(f"table: {out_dir / 'comparison.md'} (.csv, .json); panels: {', '.join(str(p) for p in panels)}")

@@ -73,7 +73,7 @@ def main(
     print(f"[demo] synthesising the held-out subjects ({num_inference_steps} steps) -> {eval_dir}")
     bundle_run(
         "evaluating",
-        config_file=[str(BUNDLE / "inference.json"), str(BUNDLE / "evaluate.json")],
+        config_file=[str(BUNDLE / "train.json"), str(BUNDLE / "inference.json"), str(BUNDLE / "evaluate.json")],
         logging_file=str(BUNDLE / "logging.conf"),
         ckpt_path=str(models / "model.pt"),
         output_dir=str(eval_dir),

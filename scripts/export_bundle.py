@@ -37,6 +37,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from common.bundle import WORKFLOW_FILES, find_bundles
+from common.bundle import bundle_dir as _bundle_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
 PACKAGE = "common"
@@ -63,13 +66,23 @@ _FROM_IMPORT = re.compile(rf"^(\s*)from {PACKAGE}(\.|\s)", re.M)
 
 
 def bundle_names() -> list[str]:
-    return sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
+    return [p.name for p in find_bundles(BUNDLES)]
 
 
 def bundle_dir(name: str) -> Path:
-    if name not in bundle_names():
-        raise SystemExit(f"unknown bundle {name!r}: {BUNDLES} has {', '.join(bundle_names())}")
-    return BUNDLES / name
+    """A bundle folder of ``bundles/`` by name, or any bundle folder by path."""
+    try:
+        return _bundle_dir(name)
+    except FileNotFoundError as e:
+        raise SystemExit(f"unknown bundle {name!r}: {e}") from None
+
+
+def flatten(files: list[Path]) -> dict:
+    """One standalone config of stacked config ``files`` (later files override earlier ones, ``+`` keys
+    append, ``a#b`` keys set nested values: as ``monai.bundle`` stacks them), for tools that read one file."""
+    from monai.bundle import ConfigParser
+
+    return ConfigParser.load_config_files([str(f) for f in files])
 
 
 def _strings(node):
@@ -323,9 +336,14 @@ def export(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "configs").mkdir()
+    stacked = {files[-1]: files for files in WORKFLOW_FILES.values() if len(files) > 1}
     for f in sorted((src / "configs").iterdir()):
-        if f.suffix == ".json" and f.name != "metadata.json":
-            config = rewrite_config(json.loads(f.read_text()))
+        if f.suffix == ".json" and f.name not in ("metadata.json", "contract.json"):
+            if f.name == "inference.json":  # standalone, as the Model Zoo, MONAI Label and MONAI Deploy read it
+                config = flatten([src / "configs" / n for n in stacked.get(f.name, (f.name,))])
+            else:
+                config = json.loads(f.read_text())
+            config = rewrite_config(config)
             if f.name == "inference.json":  # e.g. iterunet's models/recursive/model.pt
                 config["ckpt_path"] = EXPORTED_CKPT_PATH
             text = json.dumps(config, indent=4) + "\n"
@@ -383,4 +401,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from common.errors import install as install_error_hook
+
+    install_error_hook()  # a user error ends with one line
     main()

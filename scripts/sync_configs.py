@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Write the config blocks that several bundles share from their one source, ``common/bundle_blocks.json``.
 
-Every bundle's ``train.json`` / ``inference.json`` stands alone (the card's command, MONAI Label, MONAI
-Deploy and the Model Zoo read one bundle's files and nothing else), so a block that five bundles use
-(the trainer, the resume and checkpoint handlers, the data loaders, the multi-GPU samplers ...) is
-*present* in each of them, but it is *written* once: in ``common/bundle_blocks.json``, under a name.
+Within a bundle each setting is written once (``train.json`` complete, the other files overlays);
+across bundles a block that five bundles use (the trainer, the resume and checkpoint handlers, the data
+loaders, the multi-GPU samplers ...) is *present* in each bundle (a bundle folder is self-contained:
+the card's command, MONAI Label, MONAI Deploy and the Model Zoo read its files and nothing else), but
+it is *written* once: in ``common/bundle_blocks.json``, under a name.
 A bundle marks each copy with MONAI's description key, ``"_desc_": "shared:<name>"`` (MONAI ignores
 ``_desc_`` when it builds the object), and this script fills every marked block from the source:
 
@@ -29,10 +30,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common.io import atomic_path
 
-from common.io import atomic_path  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKS = ROOT / "common" / "bundle_blocks.json"
 CONFIG_FILES = ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json")

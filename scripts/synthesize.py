@@ -25,13 +25,12 @@ Steps:
    ``<out>/<bundle>/<case>/dicom/<n>.000000-SYNTHETIC <phase> (<method> <version>)/1-01.dcm ...``,
    and ``<out>/<bundle>/<case>/synthesis.json`` (what was written, from what).
 
-Bundles: ``resdce`` and ``dcediff`` (DCE phases from the case's other series); ``iterunet`` (the delayed
-frames of the case's 4D DCE series from its pre-contrast and start frames: every frame of
-``dce_synth.nii.gz`` becomes a series ``SYNTHETIC DCE t<seconds>s ...``, seconds after contrast arrival;
-defaults :data:`BUNDLE_DEFAULTS`, the prostate overrides of ``bundles/iterunet/docs/README.md``).
-``d3m`` (the T1 post-contrast as ``SYNTHETIC T1c ...`` and the predicted enhancing-tumour mask as
-``SYNTHETIC ET mask ...``, 1 = ET, both on the T1 grid; plus ``T1c std`` with ``--num_samples`` > 1).
-``ressrdiff`` is refused with the reason (:data:`REFUSED`: one volume, not a study).
+Which bundles it runs, and what it writes, comes from each bundle's ``configs/contract.json``
+(:func:`common.bundle.read_contract`): the ingest its cases need (``prostate``, ``brain``; a bundle with
+none is refused with the contract's reason), the overrides for an ingested study (``study_overrides``),
+and its outputs: every output file the run wrote becomes a series ``SYNTHETIC <label> (<method>
+<version>)`` (a ``<key>_std`` file, written with ``--num_samples`` > 1, one more), a 4D output one series
+per frame (named and timed by the JSON file its ``frames`` entry names), a label map stays 0/1.
 
 The source study folder is only read: an ``--out`` inside it is refused, and so is an output
 folder that already holds DICOM series of an earlier run. The series that the synthesis grid came
@@ -48,27 +47,20 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common.dicom_out import read_source_series, series_folder_name, write_derived_series  # noqa: E402
-from common.errors import DEBUG_ENV, user_message  # noqa: E402
-from common.errors import install as install_error_hook  # noqa: E402
-from common.ingest import IngestError, ingest_study  # noqa: E402
-from common.ingest.brain import MAX_ROTATION_DEG, MAX_TRANSLATION_MM  # noqa: E402
-from common.io import load_nifti, output_folder, save_json  # noqa: E402
-from common.layout import MANIFEST  # noqa: E402
+from common.bundle import Contract, read_contract, run_bundle, workflow_files
+from common.dicom_out import read_source_series, series_folder_name, write_derived_series
+from common.errors import DEBUG_ENV, user_message
+from common.errors import install as install_error_hook
+from common.ingest import IngestError, ingest_study
+from common.ingest import case_id as clean_case_id
+from common.ingest.brain import MAX_ROTATION_DEG, MAX_TRANSLATION_MM
+from common.io import load_nifti, output_folder, save_json
+from common.layout import MANIFEST
 
 log = logging.getLogger("synthesize")
 
-#: bundles whose inference reads a prepared case made by an ingest of this script: a prostate case for the
-#: DCE bundles (iterunet: the delayed frames of the case's 4D DCE series, predicted from its pre and start
-#: frames), a BraTS-layout brain case for d3m (:data:`BRAIN_BUNDLES`).
-SUPPORTED = ("resdce", "dcediff", "iterunet", "d3m")
-#: bundles that read a brain study (:func:`common.ingest.brain.ingest_brain_study`).
-BRAIN_BUNDLES = ("d3m",)
 #: ``--ingest_<option>`` of the brain ingest: option -> (type, default, meaning).
 BRAIN_INGEST_OPTIONS = {
     "rules": (str, None, "series-to-role rules JSON (default common/ingest/brain_rules.json)"),
@@ -78,14 +70,6 @@ BRAIN_INGEST_OPTIONS = {
     "brain_mask": (str, None, "a brain mask NIfTI in the T1's scanner space (default: T1 > 0, not skull-stripped)"),
     "overwrite": (bool, False, "ingest again even if the prepared case exists"),
 }
-#: bundles that exist but whose input this ingest cannot make, with the reason (one line each).
-REFUSED = {
-    "ressrdiff": "ressrdiff super-resolves one volume, not a study: run the bundle on a NIfTI file "
-    "(bundles/ressrdiff/docs/README.md)",
-}
-#: iterunet on a prepared prostate case (bundles/iterunet/docs/README.md): frames picked by their offsets after
-#: contrast arrival, the organ mask as curve region; any of them can be overridden (``--frame_offsets_s ...``).
-BUNDLE_DEFAULTS = {"iterunet": {"frame_offsets_s": [85, 155, 225, 295, 365], "mask_keys": ["organ_mask"]}}
 #: bundle ids this script sets itself.
 RESERVED = ("case_dir", "output_dir", "dataset_dir")
 INGEST_PREFIX = "ingest_"
@@ -167,7 +151,10 @@ def brain_ingest_options(options: dict[str, Any]) -> dict[str, Any]:
 def ingest_config(options: dict[str, Any]):
     """The :class:`common.ingest.IngestConfig` of ``--ingest_<option>`` values (``prepare_prostatex``'s
     options and conversions; ``native`` defaults to False here: only the reference grid is needed)."""
-    from scripts.prepare_prostatex import OPTIONS, parse_options
+    try:
+        from scripts.prepare_prostatex import OPTIONS, parse_options
+    except ModuleNotFoundError:  # run as a file (scripts/ is sys.path[0]), not as python -m scripts.synthesize
+        from prepare_prostatex import OPTIONS, parse_options
 
     known = sorted(o.name for o in OPTIONS if o.target in ("config", "registration"))
     unknown = sorted(set(options) - set(known))
@@ -204,12 +191,10 @@ def check_folders(study: Path, out: Path) -> tuple[Path, Path]:
 def case_name(study: Path, case_id: str | None = None) -> str:
     """The case folder name the ingest gives the study (``case_id`` or the folder's name, cleaned as the
     ingest cleans it); a TCIA study folder (series folders right below it) is named ``<patient>_<study>``."""
-    from common.ingest.pipeline import _clean_id
-
     if case_id is None:
         is_study = any(next(d.glob("*.dcm"), None) for d in study.iterdir() if d.is_dir())
         case_id = f"{study.parent.name}_{study.name}" if is_study else study.name
-    return _clean_id(case_id)
+    return clean_case_id(case_id)
 
 
 def _plain(obj: Any) -> Any:
@@ -271,63 +256,48 @@ def prepare_brain(study: Path, prepared: Path, case_id: str, options: dict[str, 
     return case, manifest
 
 
-def bundle_metadata(bundle: str) -> dict[str, Any]:
+def bundle_metadata(contract: Contract) -> dict[str, Any]:
     """The bundle's ``configs/metadata.json`` (name, version, task ...)."""
-    path = ROOT / "bundles" / bundle / "configs" / "metadata.json"
+    path = contract.root / "configs" / "metadata.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path}: cannot read the bundle metadata ({e})") from None
 
 
-def preflight(bundle: str, overrides: dict[str, Any]) -> str:
+#: settings of the inference config the DICOM headers name (those the config defines)
+SETTINGS = ("ckpt_path", "input_keys", "num_inference_steps", "num_samples", "chain_mode")
+
+
+def preflight(contract: Contract, overrides: dict[str, Any]) -> str:
     """Before the study is ingested: resolve ``device`` and ``ckpt_path`` with the overrides, check the
     device (:func:`common.device.get_device`) and the weights (present, readable, trained with these
     settings: :func:`common.bundle.check_checkpoint`). Returns the checkpoint path."""
-    from monai.bundle import ConfigParser
-
     from common.bundle import check_checkpoint
     from common.device import get_device
 
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
-    parser.update(dict(overrides))
+    parser = run_bundle(workflow_files(contract.root, "infer"), overrides, dry_run=True).parser
     get_device(parser.get_parsed_content("device"))
     record = parser.get_parsed_content("checkpoint_record") if "checkpoint_record" in parser else None
     return check_checkpoint(parser.get_parsed_content("ckpt_path"), record)
 
 
-def run_inference(bundle: str, case: Path, output_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Run ``bundles/<bundle>/configs/inference.json`` (``evaluating``) on one prepared case folder.
+def run_inference(contract: Contract, case: Path, output_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Run the bundle's inference (``evaluating``, :func:`common.bundle.run_bundle`) on one prepared case folder.
 
     Returns:
-        The resolved settings the DICOM headers name: ``ckpt_path``; for the phase bundles ``input_keys``,
-        ``target_keys``, ``num_inference_steps``; for d3m ``input_keys``, ``target_key``,
-        ``num_inference_steps``, ``num_samples``; for iterunet ``series_key``, ``start_phase`` and ``chain_mode``.
+        The resolved :data:`SETTINGS` the DICOM headers name (those the config defines).
     """
-    from monai.bundle.scripts import create_workflow
+    run = run_bundle(
+        workflow_files(contract.root, "infer"),
+        {contract.source_id: str(case), "output_dir": str(output_dir), **overrides},
+        run_id="evaluating",
+    )
+    return {k: run.parser.get_parsed_content(k) for k in SETTINGS if k in run.parser}
 
-    configs = ROOT / "bundles" / bundle / "configs"
-    root = logging.getLogger()
-    root_handlers, root_level = list(root.handlers), root.level
-    try:
-        wf = create_workflow(
-            config_file=str(configs / "inference.json"),
-            meta_file=str(configs / "metadata.json"),
-            run_id="evaluating",
-            case_dir=str(case),
-            output_dir=str(output_dir),
-            **overrides,
-        )
-        wf.run()
-        keys = ("input_keys", "target_keys", "target_key", "num_inference_steps", "series_key", "start_phase")
-        keys += ("chain_mode", "num_samples")
-        settings = {k: wf.parser.get_parsed_content(k) for k in ("ckpt_path", *keys) if k in wf.parser}
-        wf.finalize()
-    finally:  # the bundle's logging.conf adds a console handler: leave the caller's logging as it was
-        root.handlers[:] = root_handlers
-        root.setLevel(root_level)
-    return settings
+
+#: ingest kind of a contract -> (its options from ``--ingest_<option>`` values, the function that prepares a case)
+INGESTS = {"prostate": (ingest_config, prepare_case), "brain": (brain_ingest_options, prepare_brain)}
 
 
 def grid_source_series(manifest: dict[str, Any]):
@@ -354,95 +324,68 @@ def grid_source_series(manifest: dict[str, Any]):
     return read_source_series(source / label.split("#")[0], uid)
 
 
-def phase_label(key: str) -> str:
-    """``"dce_early"`` -> ``"DCE early"``."""
-    head, _, tail = key.partition("_")
-    return f"{head.upper()} {tail.replace('_', ' ')}".strip() if tail else key.upper()
-
-
-def first_free_series_number(manifest: dict[str, Any], bundle: str) -> int:
-    """``100 * (largest source SeriesNumber // 100 + 1) + 1``, plus ``10 x`` the bundle's place in
-    :data:`SUPPORTED` (resdce 101..., dcediff 111... for a study numbered below 100)."""
+def first_free_series_number(manifest: dict[str, Any], contract: Contract) -> int:
+    """``100 * (largest source SeriesNumber // 100 + 1) + 1``, plus the contract's ``series_offset``
+    (e.g. 0 and 10 for two bundles: 101... and 111... for a study numbered below 100)."""
     numbers = [int(r["series_number"]) for r in manifest.get("series", []) if r.get("series_number") is not None]
-    base = 100 * (max(numbers, default=0) // 100 + 1) + 1
-    return base + 10 * (SUPPORTED.index(bundle) if bundle in SUPPORTED else 0)
+    return 100 * (max(numbers, default=0) // 100 + 1) + 1 + contract.series_offset
 
 
-def _std_entries(outputs: list[dict[str, Any]], case_out: Path, over: Callable[[dict], str]) -> list[dict[str, Any]]:
-    """The ``<key>_std`` entries of :func:`synthetic_outputs` for each of ``outputs`` whose
-    ``<key>_std.nii.gz`` was written (``--num_samples`` > 1); ``over(entry)`` completes the text
-    "pixel-wise standard deviation ..." of that entry's std."""
-    return [
-        {
-            **o,
-            "key": f"{o['key']}_std",
-            "label": f"{o['label']} std",
-            "nifti": case_out / f"{o['key']}_std.nii.gz",
-            "what": f"pixel-wise standard deviation {over(o)}",
-        }
-        for o in outputs
-        if (case_out / f"{o['key']}_std.nii.gz").exists()
-    ]
+def synthetic_outputs(case_out: Path, contract: Contract, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the bundle wrote for the case, one entry per DICOM series to write, in the contract's order:
+    ``key``, ``label`` (for the SeriesDescription), ``nifti``, ``frame`` (index along the 4th axis of a 4D
+    file, else None), ``what`` (the derivation's subject) and ``how`` (its method details).
 
-
-def synthetic_outputs(case_out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """What the bundle wrote for the case, one entry per DICOM series to write: ``key``, ``label`` (for the
-    SeriesDescription), ``nifti``, ``frame`` (index along the 4th axis of a 4D file, else None), ``what``
-    (the derivation's subject) and ``how`` (its method details).
-
-    Phase bundles: ``<key>.nii.gz`` of every target key and ``<key>_std.nii.gz`` where ``--num_samples`` > 1
-    wrote one. iterunet: each frame of ``dce_synth.nii.gz``, named by ``kinetics.json``'s predicted phases
-    (``t<seconds>s``, seconds after contrast arrival). d3m: ``<target_key>.nii.gz`` (T1c), its ``_std`` where
-    written, and ``et_mask.nii.gz`` (the predicted enhancing-tumour mask, 0/1).
+    Every contract output whose file exists, then its ``<key>_std`` file where written (``--num_samples`` > 1);
+    a 4D output (``frames``) gives one entry per frame, named and timed by the JSON file beside it.
     """
     ckpt = Path(str(settings["ckpt_path"])).name
-    if "target_key" in settings:
-        key = settings["target_key"]
-        label = "T1c" if key == "t1c" else key
-        how = (
-            f"from {', '.join(settings['input_keys'])}; checkpoint {ckpt}, {settings['num_inference_steps']} DDIM steps"
-        )
-        out = [{"key": key, "label": label, "nifti": case_out / f"{key}.nii.gz", "what": "T1 post-contrast image"}]
-        n = settings.get("num_samples")
-        out += _std_entries(out, case_out, lambda o: f"over {n} samples of the T1 post-contrast")
-        if (case_out / "et_mask.nii.gz").exists():
-            what = "enhancing-tumour mask (1 = enhancing tumour, 0 = not; predicted jointly with the T1c)"
-            out.append({"key": "et_mask", "label": "ET mask", "nifti": case_out / "et_mask.nii.gz", "what": what})
-        return [{**o, "frame": None, "how": how} for o in out]
-    if "target_keys" in settings:
-        how = f"from {', '.join(settings['input_keys'])}; checkpoint {ckpt}, {settings['num_inference_steps']} sampling steps"
-        out = []
-        for key in settings["target_keys"]:
-            label = phase_label(key)
-            out.append({"key": key, "label": label, "nifti": case_out / f"{key}.nii.gz", "frame": None, "what": label})
-        out += _std_entries(out, case_out, lambda o: f"over the samples of the {o['label']}")
-        for o in out:
-            o["how"] = how
-        return out
-    kinetics = json.loads((case_out / "kinetics.json").read_text())
-    times, start = kinetics["times_s"], int(kinetics["start_phase"])
-    acquired = ", ".join(f"{t:g} s" for t in times[: start + 1])
-    how = (
-        f"from the acquired DCE frames at {acquired} after contrast arrival ({settings.get('chain_mode', '')} chain, "
-        f"start phase {start}); checkpoint {ckpt}"
-    )
-    return [
-        {
-            "key": name,
-            "label": f"DCE {name}",
-            "nifti": case_out / "dce_synth.nii.gz",
-            "frame": c,
-            "what": f"DCE frame at {times[start + 1 + c]:g} s after contrast arrival",
-            "how": how,
-        }
-        for c, name in enumerate(kinetics["predicted_phases"])
-    ]
+    steps = settings.get("num_inference_steps")
+    how = f"from {', '.join(settings.get('input_keys') or contract.input_keys)}; checkpoint {ckpt}"
+    how += f", {steps} sampling steps" if steps is not None else ""
+    out: list[dict[str, Any]] = []
+    for o in contract.outputs:
+        nifti = case_out / o.file
+        if not nifti.exists():
+            continue
+        if o.frames is not None:
+            info = json.loads((case_out / o.frames["file"]).read_text())
+            times, start = info[o.frames["times_s"]], int(info[o.frames["start"]])
+            acquired = ", ".join(f"{t:g} s" for t in times[: start + 1])
+            chain = f"{settings['chain_mode']} chain, " if settings.get("chain_mode") else ""
+            zero = f" after {o.frames['time_zero']}" if o.frames.get("time_zero") else ""
+            how_f = f"from the acquired frames at {acquired}{zero} ({chain}start phase {start}); checkpoint {ckpt}"
+            for c, name in enumerate(info[o.frames["names"]]):
+                what = f"{o.description} at {times[start + 1 + c]:g} s"
+                what += f" after {o.frames['time_zero']}" if o.frames.get("time_zero") else ""
+                out.append(
+                    {"key": name, "label": f"{o.label} {name}", "nifti": nifti, "frame": c, "what": what, "how": how_f}
+                )
+            continue
+        entry = {"key": o.key, "label": o.label, "nifti": nifti, "frame": None, "what": o.description, "how": how}
+        out.append(entry)
+    for o in contract.outputs:  # the std files after every output (--num_samples > 1)
+        nifti = case_out / o.file
+        std = nifti.with_name(o.file.replace(".nii", "_std.nii", 1))
+        if o.std and std.exists():
+            n = settings.get("num_samples")
+            over = f"over {n} samples" if n else "over the samples"
+            out.append(
+                {
+                    **next(e for e in out if e["key"] == o.key),
+                    "key": f"{o.key}_std",
+                    "label": f"{o.label} std",
+                    "nifti": std,
+                    "what": f"pixel-wise standard deviation {over} of the {o.description}",
+                }
+            )
+    return out
 
 
 def write_dicom(
     case_out: Path,
     manifest: dict[str, Any],
-    bundle: str,
+    contract: Contract,
     meta: dict[str, Any],
     settings: dict[str, Any],
     first_series_number: int,
@@ -450,10 +393,11 @@ def write_dicom(
     """Write every output of :func:`synthetic_outputs` as a DICOM series in ``<case_out>/dicom/``, numbered
     from ``first_series_number``."""
     source = grid_source_series(manifest)
+    bundle = contract.name
     method, version = meta.get("name", bundle), meta.get("version", "?")
     written = []
     volumes: dict[Path, tuple] = {}
-    for i, o in enumerate(synthetic_outputs(case_out, settings)):
+    for i, o in enumerate(synthetic_outputs(case_out, contract, settings)):
         key, label, nifti = o["key"], o["label"], o["nifti"]
         if nifti not in volumes:
             volumes[nifti] = load_nifti(nifti)
@@ -504,7 +448,7 @@ def synthesize(
 
     Args:
         study: a TCIA patient or study folder (only read).
-        bundle: one of :data:`SUPPORTED`.
+        bundle: a bundle name (a folder of ``bundles/``) or a bundle folder whose contract declares an ingest.
         out: output root (outside ``study``).
         case_id: case name (default: :func:`case_name`).
         first_series_number: SeriesNumber of the first synthetic series (default:
@@ -516,36 +460,41 @@ def synthesize(
     Returns:
         The summary also written as ``<out>/<bundle>/<case>/synthesis.json``.
     """
-    if bundle in REFUSED:
-        raise ValueError(f"--bundle {bundle}: not supported by synthesize.py: {REFUSED[bundle]}")
-    if bundle not in SUPPORTED:
+    contract = read_contract(bundle)
+    if contract.ingest is None:
         raise ValueError(
-            f"--bundle {bundle!r}: synthesize.py supports {list(SUPPORTED)} (bundles that read a case its ingest makes)"
+            f"--bundle {bundle}: reads no study (its configs/contract.json declares no ingest): {contract.no_study}"
         )
-    overrides = {**BUNDLE_DEFAULTS.get(bundle, {}), **overrides}
+    if contract.ingest not in INGESTS:
+        raise ValueError(
+            f"--bundle {bundle}: its contract asks for the {contract.ingest!r} ingest, which this version of "
+            f"synthesize.py does not have (it has {sorted(INGESTS)})"
+        )
+    overrides = {**contract.study_overrides, **overrides}
     study, out = check_folders(Path(study), Path(out))
-    brain = bundle in BRAIN_BUNDLES
-    cfg = brain_ingest_options(ingest or {}) if brain else ingest_config(ingest or {})
+    read_options, prepare = INGESTS[contract.ingest]
+    cfg = read_options(ingest or {})
     case_id = case_name(study, case_id)
-    reserved = sorted(set(overrides) & set(RESERVED))
+    reserved = sorted(set(overrides) & {*RESERVED, contract.source_id})
     if reserved:
         raise ValueError(f"--{', --'.join(reserved)}: set by synthesize.py from --study / --out; leave them out")
+    bundle = contract.name
     case_out = out / bundle / case_id
     dicom_dir = case_out / "dicom"
     if dicom_dir.exists() and any(dicom_dir.iterdir()):
         raise FileExistsError(
             f"{dicom_dir} already holds DICOM series of an earlier run: remove it or choose another --out"
         )
-    meta = bundle_metadata(bundle)
-    preflight(bundle, overrides)
+    meta = bundle_metadata(contract)
+    preflight(contract, overrides)
     t0 = time.perf_counter()
-    case, manifest = (prepare_brain if brain else prepare_case)(study, out / "prepared", case_id, cfg)
+    case, manifest = prepare(study, out / "prepared", case_id, cfg)
     t_ingest = time.perf_counter()
-    settings = run_inference(bundle, case, out / bundle, overrides)
+    settings = run_inference(contract, case, out / bundle, overrides)
     t_infer = time.perf_counter()
     if first_series_number is None:
-        first_series_number = first_free_series_number(manifest, bundle)
-    series = write_dicom(case_out, manifest, bundle, meta, settings, int(first_series_number))
+        first_series_number = first_free_series_number(manifest, contract)
+    series = write_dicom(case_out, manifest, contract, meta, settings, int(first_series_number))
     summary = {
         "study": str(study),
         "prepared_case": str(case),
@@ -573,12 +522,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Every other --<id> <value> is an override of the bundle's inference config "
         "(e.g. --ckpt_path model.pt --num_inference_steps 4 --device cpu); --ingest_<option> <value> "
         "sets an option of the ingest: of scripts/prepare_prostatex.py for a prostate study (e.g. "
-        "--ingest_crop_size 160,160,16), of the brain ingest for d3m ("
+        "--ingest_crop_size 160,160,16), of the brain ingest ("
         + ", ".join(f"--{INGEST_PREFIX}{k}" for k in BRAIN_INGEST_OPTIONS)
         + ").",
     )
     parser.add_argument("--study", required=True, help="TCIA patient or study folder (only read)")
-    parser.add_argument("--bundle", required=True, help=f"one of {', '.join(SUPPORTED)}")
+    parser.add_argument(
+        "--bundle", required=True, help="bundle name or folder (its configs/contract.json declares an ingest)"
+    )
     parser.add_argument("--out", required=True, help="output folder (outside the study folder)")
     parser.add_argument("--case_id", default=None, help="case name (default: the patient folder's name)")
     parser.add_argument("--first_series_number", type=int, default=None, help="SeriesNumber of the first series")

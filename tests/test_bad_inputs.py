@@ -44,7 +44,7 @@ def _case(root: Path, cid: str = "case-0", adc_affine=None) -> Path:
 def test_misaligned_input_is_named_before_any_work(tmp_path, adc_affine, what):
     case = _case(tmp_path, adc_affine=adc_affine)
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / "resdce" / "configs" / "inference.json"))
+    p.read_config([str(ROOT / "bundles" / "resdce" / "configs" / f) for f in ("train.json", "inference.json")])
     p["case_dir"] = str(case)
     pre = p.get_parsed_content("preprocessing")
     item = p.get_parsed_content("datalist")[0]
@@ -112,7 +112,8 @@ def _raised(parser: ConfigParser, id_: str) -> str:
 
 def _parser(bundle: str, file: str = "inference.json", **overrides) -> ConfigParser:
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / bundle / "configs" / file))
+    files = ["train.json", file] if file == "inference.json" else [file]  # inference.json stacks on train.json
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in files])
     for k, v in overrides.items():
         p[k] = v
     return p
@@ -244,7 +245,7 @@ def test_bundle_run_ends_with_one_line_and_debug_shows_the_traceback(tmp_path):
         "monai.bundle",
         "run",
         "--config_file",
-        str(ROOT / "bundles/resdce/configs/inference.json"),
+        str([str(ROOT / "bundles/resdce/configs" / f) for f in ("train.json", "inference.json")]),
     ]
     cmd += ["--device", "cuda:7", "--output_dir", str(tmp_path / "out")]
     env = dict(os.environ, OMP_NUM_THREADS="1")

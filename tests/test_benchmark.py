@@ -120,7 +120,8 @@ def _config_params(bundle: str, config: str = "inference.json", **overrides) -> 
     from monai.bundle import ConfigParser
 
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / bundle / "configs" / config))
+    files = ["train.json", config] if config == "inference.json" else [config]  # inference.json stacks on train.json
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in files])
     for k, v in overrides.items():
         p[k] = v
     return C.n_params(p.get_parsed_content("network_def"))

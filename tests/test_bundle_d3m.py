@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "d3m" / "configs"
 TINY = [*h.SMALL, *h.TINY_VAL, "--spatial_size", "[64,64]", "--batch_size", "4", "--slices_per_volume", "2"]
-# blocks that must be the same text in train.json and inference.json
+# blocks defined once, in train.json (inference.json stacks on it)
 SHARED_BLOCKS = (
     "input_keys target_key seg_key label_set et_labels tumour_labels percentiles dual_decoder "
     "deformation network_def checkpoint_record scheduler num_train_timesteps preprocessing"
@@ -33,13 +33,13 @@ def test_configs_parse_and_share_their_blocks():
         evaluate=["postprocessing"],
         shared=SHARED_BLOCKS,
     )
-    train_cfg, infer_cfg = (json.loads((CONFIGS / f).read_text()) for f in ("train.json", "inference.json"))
+    train_cfg = json.loads((CONFIGS / "train.json").read_text())
     assert (
         train_cfg["label_set"] == infer_cfg["label_set"] == "brats_gli"
         and train_cfg["et_labels"] is None  # from the label set unless overridden
         and train_cfg["lr"] == 8e-5
-        and infer_cfg["num_inference_steps"] == 250
-        and infer_cfg["eta"] == 0
+        and h.parser(CONFIGS, "train.json", "inference.json")["num_inference_steps"] == 250
+        and h.parser(CONFIGS, "train.json", "inference.json")["eta"] == 0
     )
     s = h.parser(CONFIGS, "train.json").get_parsed_content("scheduler")
     assert s.alphas_cumprod.dtype == torch.float64 and s.prediction_type == "v_prediction"
@@ -117,7 +117,14 @@ def test_bad_inputs_are_named(phantoms, tmp_path):
     torch.save({"model": {}}, tmp_path / "none.pt")  # a readable checkpoint: the missing contrast is found first
     data = ("--case_dir", str(case), "--network_size", "small")
     with pytest.raises(Exception) as e:
-        h.evaluate(CONFIGS, tmp_path / "none.pt", tmp_path / "o", *data, files=["inference.json"], runner=h.bundle_here)
+        h.evaluate(
+            CONFIGS,
+            tmp_path / "none.pt",
+            tmp_path / "o",
+            *data,
+            files=["train.json", "inference.json"],
+            runner=h.bundle_here,
+        )
     assert f"{case.name}-t2f.nii.gz" in str(e.value) + repr(e.value.__cause__)
 
 

@@ -104,7 +104,7 @@ def test_configs_parse_with_the_documented_ids(phantoms):
         ],
         more=[
             (
-                ["inference.json"],
+                ["train.json", "inference.json"],
                 [
                     "evaluating",
                     "run",
@@ -154,7 +154,7 @@ def test_configs_parse_with_the_documented_ids(phantoms):
     # phase_source "prepared" reads dce_early/dce_late files instead of selecting from the 4D series
     # (+ the same-grid check, the copy_pre baseline copied and repeated, the DCE pre-contrast scaled)
     for source, n_transforms, selected in (("dce", 12, True), ("prepared", 11, False)):
-        p = h.parser(CONFIGS, "inference.json", phase_source=source, dataset_dir=str(phantoms))
+        p = h.parser(CONFIGS, "train.json", "inference.json", phase_source=source, dataset_dir=str(phantoms))
         pre = p.get_parsed_content("preprocessing")
         assert (
             len(pre.transforms) == n_transforms
@@ -162,7 +162,7 @@ def test_configs_parse_with_the_documented_ids(phantoms):
         )
         item = pre(p.get_parsed_content("datalist")[0])
         assert tuple(item["image"].shape[:1]) == (4,) and tuple(item["label"].shape[:1]) == (2,)
-    p = h.parser(CONFIGS, "inference.json", sampler="ddim", num_inference_steps=50)
+    p = h.parser(CONFIGS, "train.json", "inference.json", sampler="ddim", num_inference_steps=50)
     assert [int(t) for t in p.get_parsed_content("slice_inferer#scheduler").timesteps[:3]] == [999, 979, 959]
     assert p.get_parsed_content("slice_inferer").noise_level_range[1] == 1.0
 

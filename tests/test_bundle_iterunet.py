@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "iterunet" / "configs"
-# blocks that must be the same text in train.json and inference.json
+# blocks defined once, in train.json (inference.json stacks on it)
 SHARED_BLOCKS = (
     "series_key mask_keys grid_keys start_phase frame_offsets_s tinorm_ref_index tinorm_mask_key "
     "time_input temporal chain_mode patch_size roi_size network_def network checkpoint_record preprocessing "
@@ -144,7 +144,7 @@ def _raises(fn, exc_type, pattern: str):
 
 
 def _preprocessing():
-    return h.parser(CONFIGS, "inference.json", network_size="small").get_parsed_content("preprocessing")
+    return h.parser(CONFIGS, "train.json", "inference.json", network_size="small").get_parsed_content("preprocessing")
 
 
 def test_bad_inputs_name_the_file(phantoms, tmp_path):
@@ -193,7 +193,15 @@ def test_runs_on_the_real_prostatex_series(prepared_prostatex, tmp_path):
     out = tmp_path / "out"
     offsets = ("--frame_offsets_s", "[85,155,225,295,365]", "--mask_keys", "['organ_mask']", "--progress", "false")
     data = ("--case_dir", str(case), "--network_size", "small")
-    h.evaluate(CONFIGS, tmp_path / "model.pt", out, *data, *offsets, files=["inference.json"], runner=h.bundle_here)
+    h.evaluate(
+        CONFIGS,
+        tmp_path / "model.pt",
+        out,
+        *data,
+        *offsets,
+        files=["train.json", "inference.json"],
+        runner=h.bundle_here,
+    )
     src = nib.load(case / "dce.nii.gz")
     img = nib.load(out / case.name / "dce_synth.nii.gz")
     assert img.shape[:3] == src.shape[:3] and np.array_equal(img.affine, src.affine)

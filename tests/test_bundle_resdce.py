@@ -73,7 +73,7 @@ def test_inference_without_weights_or_data_says_what_to_do(tmp_path):
         "run",
         "evaluating",
         "--config_file",
-        str(CONFIGS / "inference.json"),
+        str([str(CONFIGS / "train.json"), str(CONFIGS / "inference.json")]),
         "--dataset_dir",
         str(tmp_path),
         "--ckpt_path",

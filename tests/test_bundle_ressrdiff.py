@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "ressrdiff" / "configs"
-INFER = "inference.json"
+INFER = "inference.json"  # stacked on train.json (files=[*TRAIN_FIRST, ...])
 TINY = [*h.SMALL, "--batch_size", "4", "--warmup_iterations", "1"]
 
 
@@ -38,7 +38,7 @@ def test_configs_parse_with_the_documented_ids():
     assert float(sched.sqrt_etas[-1]) == pytest.approx(0.9999**0.5, rel=1e-12)
     net = p.get_parsed_content("network_def")
     assert net.in_channels == 2 and net.out_channels == 1
-    p = h.parser(CONFIGS, "inference.json", "evaluate.json", network_size="small")
+    p = h.parser(CONFIGS, "train.json", "inference.json", "evaluate.json", network_size="small")
     assert p["num_inference_steps"] == 4 and p["baseline_interpolators"] == ["bicubic", "nearest"]
     sampler = p.get_parsed_content("slice_inferer")
     sampler.scheduler.set_timesteps(4)
@@ -115,7 +115,7 @@ def test_train_infer_evaluate_with_baselines(volumes, tmp_path):
     lr_file.parent.mkdir()
     nib.save(nib.Nifti1Image(res_lr.lr, res_lr.lr_affine), lr_file)
     real = ("--input_file", str(lr_file), "--simulate_lr", "false", "--network_size", "small")
-    h.evaluate(CONFIGS, ckpt, tmp_path / "real", *real, files=[INFER])
+    h.evaluate(CONFIGS, ckpt, tmp_path / "real", *real, files=["train.json", INFER])
     up = nib.load(tmp_path / "real" / "t2w_lr" / "sr.nii.gz")
     affine, shape = high_resolution_grid(nib.load(lr_file).affine, res_lr.lr.shape, (3, 3, 2))
     assert up.shape == shape == (66, 66, 18)
@@ -136,7 +136,9 @@ def test_train_infer_evaluate_with_baselines(volumes, tmp_path):
     )
     on_hr = ("--dataset_dir", str(paired), "--simulate_lr", "false", "--lr_reference_key", "hr")
     steps = ("--network_size", "small", "--num_inference_steps", "1")
-    h.evaluate(CONFIGS, ckpt, tmp_path / "paired_out", *on_hr, *steps, files=[INFER], runner=h.bundle_here)
+    h.evaluate(
+        CONFIGS, ckpt, tmp_path / "paired_out", *on_hr, *steps, files=["train.json", INFER], runner=h.bundle_here
+    )
     on_ref = nib.load(tmp_path / "paired_out" / "pair" / "sr.nii.gz")
     assert on_ref.shape == hr.shape
     np.testing.assert_array_equal(on_ref.affine, hr.affine)

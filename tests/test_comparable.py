@@ -27,7 +27,7 @@ def prepared(tmp_path_factory) -> Path:
 
 def _case(bundle: str, case_dir: Path, **overrides) -> dict:
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in ("train.json", "inference.json")])
     p["case_dir"] = str(case_dir)
     for k, v in overrides.items():
         p[k] = v

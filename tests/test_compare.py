@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import helpers as h
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from common.metrics import read_case_csv  # noqa: E402
 from scripts import compare as C  # noqa: E402
@@ -178,7 +176,12 @@ def test_budget_settings_are_checked(data, tmp_path):
     with pytest.raises(C.CompareError, match=r"budget.json: methods.dcediff.no_such_setting is a setting of neither"):
         C.main(dataset_dir=str(data), out=str(tmp_path / "o"), budget=_budget(tmp_path, spec))
     with pytest.raises(C.CompareError, match=r"--ckpt dcediff=.*: no such file"):
-        C.main(dataset_dir=str(data), out=str(tmp_path / "o"), ckpt=f"dcediff={tmp_path / 'none.pt'}")
+        C.main(
+            dataset_dir=str(data),
+            methods="resdce,dcediff",
+            out=str(tmp_path / "o"),
+            ckpt=f"dcediff={tmp_path / 'none.pt'}",
+        )
 
 
 def _rows(method: str, values: dict, cases=("a", "b", "c"), phase="dce_early", region="whole") -> list[dict]:

@@ -1,8 +1,10 @@
 """Every bundle's configs follow one pattern (checked for each folder in ``bundles/``, new ones included).
 
-- ``train.json`` and ``inference.json`` each stand alone (the card's command and MONAI Label read one
-  file), so the blocks both need appear once in each: the ids they share are identical, except the
-  few that name a run's own files; the network and the schedule they build are the same.
+- ``train.json`` is the complete training config (the card's command runs it alone);
+  ``inference.json``, ``evaluate.json`` and ``multi_gpu_train.json`` are overlays stacked on it
+  (``common.bundle.WORKFLOW_FILES``) that state only what differs: no ``(id, value)`` is defined in two
+  config files of a bundle, and the network, the schedule, the preprocessing and the checkpoint record
+  are defined in ``train.json`` alone. ``scripts/export_bundle.py`` flattens them for the Model Zoo.
 - No id is defined twice in one file; ``run`` is a reference to ``training`` / ``evaluating``.
 - ``multi_gpu_train.json`` never addresses a list entry by position (``train#handlers#2``): handlers
   switch themselves off with ``"_disabled_": "@is_not_rank0"``.
@@ -26,9 +28,10 @@ BUNDLES = sorted(
     for p in (ROOT / "bundles").iterdir()
     if (p / "configs" / "train.json").exists() and (p / "configs" / "inference.json").exists()
 )
+CONFIG_FILES = ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json")
+#: defined once, in train.json: what makes the weights mean what they mean, and what reads a case
+TRAIN_ONLY = ("network_def", "preprocessing", "checkpoint_record", "initialize")
 RANK0_HANDLERS = {"CheckpointSaver", "AtomicCheckpointSaver", "StatsHandler", "TensorBoardStatsHandler"}
-#: ids that legitimately differ between a training and an inference run
-RUN_SPECIFIC = {"imports", "output_dir", "ckpt_path", "run", "sampler", "baseline_interpolators", "network_size"}
 
 
 def _load(path: Path, dup: list) -> dict:
@@ -52,15 +55,43 @@ def test_all_bundles_found():
     assert {"resdce", "dcediff", "ressrdiff"} <= set(BUNDLES)
 
 
+def leaves(node, prefix: str = "") -> list[tuple[str, str]]:
+    """``(id, value as JSON)`` of every leaf of a config file (a scalar or a list); ``a#b`` keys are ids,
+    ``+key`` merges into ``key``."""
+    if isinstance(node, dict) and node:
+        out = []
+        for k, v in node.items():
+            key = k[1:] if k.startswith("+") and not prefix else k
+            out += leaves(v, f"{prefix}#{key}" if prefix else key)
+        return out
+    return [(prefix, json.dumps(node))]  # a list is one setting: an overlay replaces it whole
+
+
+def repeated_settings(bundle: str) -> dict[tuple[str, str], list[str]]:
+    """``(id, value)`` defined in more than one config file of ``bundle`` -> those files."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for name in CONFIG_FILES:
+        path = ROOT / "bundles" / bundle / "configs" / name
+        if path.exists():
+            for leaf in set(leaves(json.loads(path.read_text()))):
+                where.setdefault(leaf, []).append(name)
+    return {k: v for k, v in where.items() if len(v) > 1}
+
+
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_shared_blocks_identical_in_train_and_inference(bundle):
+def test_each_setting_is_written_once(bundle):
+    """No (id, value) in two config files of a bundle; train.json alone defines the shared blocks."""
     train, infer = _configs(bundle)
-    shared = [k for k in train if k in infer and k not in RUN_SPECIFIC]
-    differ = [k for k in shared if train[k] != infer[k]]
-    assert not differ, f"{bundle}: train.json and inference.json disagree on {differ}"
-    for key in ("network_def", "preprocessing"):
-        assert key in shared, f"{bundle}: {key} must be defined in both train.json and inference.json"
-    for cfg, name in ((train, "train.json"), (infer, "inference.json")):
+    twice = repeated_settings(bundle)
+    assert not twice, f"{bundle}: defined in two config files: {sorted(twice.items())[:10]}"
+    for key in TRAIN_ONLY:
+        assert key in train and key not in infer, f"{bundle}: {key} belongs in train.json only"
+    for name in CONFIG_FILES[1:]:
+        path = ROOT / "bundles" / bundle / "configs" / name
+        assert not (set(json.loads(path.read_text())) & {"imports", "bundle_root"}), f"{path}: use +imports"
+    p = ConfigParser()
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in ("train.json", "inference.json")])
+    for cfg, name in ((train, "train.json"), (p.get(), "inference.json")):
         assert not any(
             k.endswith("_scheduler")
             and k != "scheduler"
@@ -68,14 +99,25 @@ def test_shared_blocks_identical_in_train_and_inference(bundle):
             and cfg[k].get("_target_") == cfg.get("scheduler", {}).get("_target_")
             for k in cfg
         ), f"{bundle}/{name}: a second copy of the schedule"
-        assert cfg["preprocessing"].get("_target_") == "Compose", f"{bundle}/{name}: preprocessing is not a Compose"
-    assert infer["postprocessing"].get("_target_") == "Compose", f"{bundle}: postprocessing is not a Compose"
+    assert train["preprocessing"].get("_target_") == "Compose", f"{bundle}: preprocessing is not a Compose"
+    assert p["postprocessing"].get("_target_") == "Compose", f"{bundle}: postprocessing is not a Compose"
     assert train["run"] == "@training" and infer["run"] == "@evaluating"
+
+
+def test_a_repeated_setting_is_found(tmp_path):
+    assert leaves({"a": {"b": [1, {"c": 2}], "g": None}, "+d": ["x"], "e#f": 3}) == [
+        ("a#b", '[1, {"c": 2}]'),
+        ("a#g", "null"),
+        ("d", '["x"]'),
+        ("e#f", "3"),
+    ]
+    (tmp_path / "bundles" / "b" / "configs").mkdir(parents=True)
 
 
 def _build(bundle: str, file: str):
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / bundle / "configs" / file))
+    files = ["train.json", file] if file != "train.json" else [file]  # inference.json stacks on train.json
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in files])
     p["network_size"] = "small"
     p["device"] = "cpu"
     net = p.get_parsed_content("network_def")
@@ -188,19 +230,19 @@ def test_the_network_preset_travels_with_the_weights(bundle, tmp_path):
     from common.bundle import check_checkpoint
 
     train, infer = _configs(bundle)
-    assert train["checkpoint_record"] == infer["checkpoint_record"], f"{bundle}: two checkpoint records"
+    assert "checkpoint_record" in train and "checkpoint_record" not in infer, f"{bundle}: two checkpoint records"
     assert "recorded_setting(@ckpt_path, 'network_size'" in infer["network_size"]
     assert any("check_checkpoint(@ckpt_path, @checkpoint_record)" in s for s in infer["evaluating"])
-    assert any("check_checkpoint(@resume_path, @checkpoint_record)" in s for s in train["training"])
+    assert any("check_checkpoint(@resume_path, @checkpoint_record)" in s for s in train["train"]["steps"])
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in ("train.json", "inference.json")])
     p["device"] = "cpu"
     record = p.get_parsed_content("checkpoint_record").state_dict()
     assert record["network_size"] == "small" and len(record) >= 3
     ckpt = tmp_path / "model.pt"
     torch.save({"model": {}, "config": dict(record, network_size="paper")}, ckpt)
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in ("train.json", "inference.json")])
     p.update({"device": "cpu", "ckpt_path": str(ckpt)})
     assert p.get_parsed_content("network_size") == "paper"
     assert check_checkpoint(ckpt, p.get_parsed_content("checkpoint_record")) == str(ckpt)

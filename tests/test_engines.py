@@ -204,13 +204,20 @@ def test_datalist_errors_and_case_folder(tmp_path):
 
 
 def test_bundle_root_and_latest_checkpoint(tmp_path, monkeypatch):
+    from monai.bundle import create_workflow
+
     b = tmp_path / "copied_bundle"
     (b / "configs").mkdir(parents=True)
     (b / "configs" / "metadata.json").write_text("{}")
-    monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", "--config_file", f"['{b}/configs/inference.json','x']"])
-    assert bundle_root("resdce") == str(b)
-    monkeypatch.setattr(sys, "argv", ["pytest"])
-    assert bundle_root("resdce").endswith("bundles/resdce")
+    (b / "configs" / "x.json").write_text(
+        '{"root": "$common.bundle.bundle_root()", "run": ["$@root"], "imports": ["$import common"]}'
+    )
+    wf = create_workflow(config_file=str(b / "configs" / "x.json"), logging_file=False)  # the config file's folder
+    assert wf.run() == [str(b)]
+    monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", "--config_file", f"{b}/configs/x.json"])
+    assert bundle_root("resdce").endswith("bundles/resdce")  # a bare parse: the default, never a regex over argv
+    with pytest.raises(ValueError, match="pass --bundle_root"):
+        bundle_root()
     assert latest_checkpoint(tmp_path / "none") == ""
     for n in (2, 10, 3):
         torch.save({"trainer": {"iteration": n}}, tmp_path / f"checkpoint_epoch={n}.pt")

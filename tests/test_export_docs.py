@@ -9,15 +9,13 @@ this repository is ``$REPO/<path>`` with ``<path>`` existing in this checkout.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from scripts.export_bundle import DOCS_NOTE, bundle_names, export, rewrite_docs, walk
 
-from scripts.export_bundle import DOCS_NOTE, bundle_names, export, rewrite_docs, walk  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 _PATH_END = ".,;:)`'\""
 

@@ -57,7 +57,7 @@ def random_checkpoint(bundle: str, path: Path, seed: int = 0) -> Path:
     from monai.bundle import ConfigParser
 
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in ("train.json", "inference.json")])
     p.update({"network_size": "small", "ckpt_path": str(path)})
     torch.manual_seed(seed)
     net = p.get_parsed_content("network_def")
@@ -149,7 +149,7 @@ def infer(
 
 def direct(bundle: str, out: Path, ckpt: Path, *source: str) -> None:
     """The bundle's own inference on the same study (``monai.bundle run evaluating``)."""
-    config = str(ROOT / "bundles" / bundle / "configs" / "inference.json")
+    config = str([str(ROOT / "bundles" / bundle / "configs" / f) for f in ("train.json", "inference.json")])
     extra = [x for k, v in EXTRA.get(bundle, {}).items() for x in (f"--{k}", v)]
     extra += ["--num_inference_steps", STEPS] if bundle in DIFFUSION else []
     args = ["--output_dir", str(out), "--ckpt_path", str(ckpt), *extra, *source]

@@ -29,7 +29,7 @@ INFERENCE_JSON = Path(__file__).resolve().parents[1] / "bundles" / "dcediff" / "
 def _bundle(**overrides) -> ConfigParser:
     """dcediff's inference.json (the schedules are declared there, shared byte for byte with train.json)."""
     p = ConfigParser()
-    p.read_config(str(INFERENCE_JSON))
+    p.read_config([str(INFERENCE_JSON.with_name("train.json")), str(INFERENCE_JSON)])
     p.update({"device": "cpu", **overrides})
     return p
 

@@ -80,12 +80,12 @@ def test_real_study_prepared_then_sampled_on_the_t1_grid(tmp_path):
     check_same_grid(res["files"])
     src = nib.load(STUDY / "t1.nii.gz")
     # untrained small network from the bundle's own config: geometry and plumbing, not quality
-    p = parser(CONFIGS, "inference.json", network_size="small")
+    p = parser(CONFIGS, "train.json", "inference.json", network_size="small")
     ckpt = tmp_path / "model.pt"
     torch.save(p.get_parsed_content("network_def").state_dict(), ckpt)
     out = tmp_path / "out"
     case = ("--case_dir", str(tmp_path / "brain" / "TCGA-FG-6692"), "--network_size", "small")
     settings = ("--num_inference_steps", "2", "--device", "cpu")
-    evaluate(CONFIGS, ckpt, out, *case, *settings, files=["inference.json"], runner=bundle_here)
+    evaluate(CONFIGS, ckpt, out, *case, *settings, files=["train.json", "inference.json"], runner=bundle_here)
     assert_same_grid(out / "TCGA-FG-6692" / "t1c.nii.gz", src)
     assert np.array_equal(nib.load(out / "TCGA-FG-6692" / "et_mask.nii.gz").affine, src.affine)

@@ -21,7 +21,6 @@ import torch
 from pydicom.uid import MRImageStorage
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import helpers as h  # noqa: E402
 
@@ -104,7 +103,7 @@ def _tiny_checkpoint(bundle: str, path: Path) -> Path:
     from monai.bundle import ConfigParser
 
     p = ConfigParser()
-    p.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    p.read_config([str(ROOT / "bundles" / bundle / "configs" / f) for f in ("train.json", "inference.json")])
     p["network_size"], p["device"] = "small", "cpu"
     torch.manual_seed(0)
     net, record = p.get_parsed_content("network_def"), p.get_parsed_content("checkpoint_record")
@@ -279,9 +278,9 @@ def test_cli_dcediff_and_refusals(resdce_run, phantom_study, checkpoints, tmp_pa
     assert not (tmp_path / "z").exists()
     with pytest.raises(ValueError, match=r"unknown ingest option\(s\) \['ingest_seed'\]"):
         synthesize(phantom_study, "resdce", tmp_path / "z", ingest={"seed": 1})
-    with pytest.raises(ValueError, match="ressrdiff: not supported by synthesize.py: ressrdiff super-resolves one"):
+    with pytest.raises(ValueError, match="ressrdiff: reads no study .*: it super-resolves one volume"):
         synthesize(phantom_study, "ressrdiff", tmp_path / "x")
-    with pytest.raises(ValueError, match=r"supports \['resdce', 'dcediff', 'iterunet', 'd3m'\]"):
+    with pytest.raises(FileNotFoundError, match=r"no bundle 'nosuch' .*; bundles: d3m, dcediff"):
         synthesize(phantom_study, "nosuch", tmp_path / "x")
     with pytest.raises(ValueError, match="set by synthesize.py"):
         synthesize(phantom_study, "resdce", tmp_path / "y", output_dir=str(tmp_path), ingest={"crop_size": CROP})
@@ -330,7 +329,7 @@ def test_iterunet_delayed_frames_as_dicom(resdce_run, phantom_study, tmp_path, c
     case_out = out / "iterunet" / "P000"
     kin = json.loads((case_out / "kinetics.json").read_text())
     assert [s["key"] for s in summary["series"]] == kin["predicted_phases"] and len(kin["predicted_phases"]) == 2
-    assert summary["overrides"]["mask_keys"] == ["organ_mask"]  # the prostate defaults of BUNDLE_DEFAULTS
+    assert summary["overrides"]["mask_keys"] == ["organ_mask"]  # the study_overrides of its contract
     vol4, aff = load_nifti(case_out / "dce_synth.nii.gz")
     assert vol4.shape == (40, 40, 4, 2)
     version = json.loads((ROOT / "bundles" / "iterunet" / "configs" / "metadata.json").read_text())["version"]

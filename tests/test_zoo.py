@@ -88,6 +88,13 @@ def forward_args(inputs: dict) -> dict:
     return args
 
 
+def infer_files(configs: Path) -> list[str]:
+    """The inference config files of a bundle: this repository's ``inference.json`` is an overlay stacked
+    on ``train.json``; an exported bundle's is standalone (flattened), read alone as the Model Zoo reads it."""
+    names = ["train.json", "inference.json"] if configs.is_relative_to(ROOT / "bundles") else ["inference.json"]
+    return [str(configs / n) for n in names]
+
+
 def check_network(configs: Path, overrides: dict | None = None) -> dict:
     """The network of ``inference.json`` run on the input ``metadata.json`` declares: the output must
     have the declared channels, dtype and the input's spatial size; then MONAI's own
@@ -100,7 +107,7 @@ def check_network(configs: Path, overrides: dict | None = None) -> dict:
     overrides = {**TINY, "ckpt_path": "", **(overrides or {})}
     overrides.pop("num_workers")
     parser = ConfigParser()
-    parser.read_config(str(configs / "inference.json"))
+    parser.read_config(infer_files(configs))
     parser.update(overrides)
     net = parser.get_parsed_content("network_def").eval()
     image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
@@ -116,7 +123,7 @@ def check_network(configs: Path, overrides: dict | None = None) -> dict:
         verify_net_in_out(
             net_id="network_def",
             meta_file=str(configs / "metadata.json"),
-            config_file=str(configs / "inference.json"),
+            config_file=infer_files(configs),
             device="cpu",
             n=2,
             extra_forward_args=extra,
@@ -142,7 +149,7 @@ def run_workflows(configs: Path, dataset_dir: Path, out: Path, bundle: str, ckpt
         ("infer", "inference.json", infer, out / "eval"),
     ):
         wf = ConfigWorkflow(
-            config_file=str(configs / file),
+            config_file=str(configs / file) if file == "train.json" else infer_files(configs),
             workflow_type=kind,
             dataset_dir=str(dataset_dir),
             output_dir=str(output_dir),
@@ -306,7 +313,7 @@ def test_metadata_is_the_zoo_format_and_lists_the_packages_the_code_imports(bund
     assert all(re.fullmatch(r"\d+(\.\d+)+\S*", v) for v in meta["required_packages_version"].values())
     fmt = meta["network_data_format"]
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    parser.read_config(infer_files(ROOT / "bundles" / bundle / "configs"))
     parser["network_size"] = "small"
     assert fmt["inputs"]["image"]["num_channels"] == parser.get_parsed_content("network_def#in_channels")
     assert fmt["inputs"]["image"]["dtype"] == "float32" and "post_processed_outputs" in fmt

@@ -21,6 +21,7 @@ from common.ingest.breast import ingest_breast_study, load_breast_rules, plan_br
 from common.ingest.errors import IngestError
 from common.ingest.pipeline import (
     IngestConfig,
+    case_id,
     find_patients,
     ingest_study,
     prepare_dataset,
@@ -40,6 +41,7 @@ from common.ingest.series import (
 from common.ingest.study import StudySelection, classify_study, parse_tt
 
 __all__ = [
+    "case_id",
     "DEFAULT_RULES_PATH",
     "DicomSeries",
     "FitADC",

@@ -205,8 +205,13 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     )
 
 
-def _clean_id(name: str) -> str:
+def case_id(name: str) -> str:
+    """The case folder name the ingest gives ``name``: runs of characters other than letters, digits,
+    ``.``, ``_``, ``-`` become ``_`` (``"a b"`` -> ``"a_b"``), leading/trailing ``.``/``_`` go; ``"case"`` if empty."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+
+
+_clean_id = case_id
 
 
 def _grid(img: sitk.Image) -> dict[str, Any]:

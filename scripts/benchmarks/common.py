@@ -23,7 +23,9 @@ BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 
 def bundle_parser(
-    bundle: str, config: str | Sequence[str] = "inference.json", overrides: Mapping[str, Any] | None = None
+    bundle: str,
+    config: str | Sequence[str] = ("train.json", "inference.json"),
+    overrides: Mapping[str, Any] | None = None,
 ):
     """A ``monai.bundle.ConfigParser`` of ``bundles/<bundle>/configs/<config>`` with ``overrides`` applied.
 
@@ -47,7 +49,10 @@ def bundle_parser(
 
 
 def bundle_objects(
-    bundle: str, *ids: str, config: str | Sequence[str] = "inference.json", overrides: Mapping[str, Any] | None = None
+    bundle: str,
+    *ids: str,
+    config: str | Sequence[str] = ("train.json", "inference.json"),
+    overrides: Mapping[str, Any] | None = None,
 ) -> list:
     """The parsed objects ``ids`` (e.g. ``"network"``, ``"inferer"``, ``"train#inferer"``) of one
     :func:`bundle_parser`, in order. Objects referencing each other share instances (``inferer``'s

@@ -168,7 +168,7 @@ def record(
     t0 = time.perf_counter()
     bundle_run(
         "evaluating",
-        config_file=[str(configs / "inference.json"), str(configs / "evaluate.json")],
+        config_file=[str(configs / "train.json"), str(configs / "inference.json"), str(configs / "evaluate.json")],
         logging_file=str(configs / "logging.conf"),
         dataset_dir=str(data),
         network_size="small",

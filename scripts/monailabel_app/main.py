@@ -1,4 +1,5 @@
-"""MONAI Label app serving this repository's synthesis bundles (``--conf models resdce,dcediff,ressrdiff,d3m,iterunet``).
+"""MONAI Label app serving this repository's synthesis bundles (``--conf models <name>,<name>,...``: every
+bundle folder of ``bundles/`` with a ``configs/contract.json``, or a bundle folder's path).
 
 Start it with ``serve.py`` beside this file (``monailabel start_server`` plus one compatibility fix,
 see README.md). Each bundle's config ids can be overridden with ``--conf <bundle>.<id> <value>``,
@@ -14,21 +15,24 @@ from fastapi import HTTPException
 from lib.infers import BundleSynthesisTask, CheckpointError, StudyError, bundle_overrides
 from monailabel.interfaces.app import MONAILabelApp
 
-logger = logging.getLogger(__name__)
+from common.bundle import find_bundles
 
-# the bundles whose inference takes one study (a case folder or one volume) and writes with a known writer
-SUPPORTED = ("resdce", "dcediff", "ressrdiff", "d3m", "iterunet")
+logger = logging.getLogger(__name__)
 
 
 class GadofreeApp(MONAILabelApp):
     """Infer tasks only (synthesis has no labels to train on): one :class:`BundleSynthesisTask` per
-    bundle named in ``--conf models`` (comma-separated, default ``resdce``)."""
+    bundle named in ``--conf models`` (comma-separated names of ``bundles/`` or bundle folders; default: the
+    first bundle there). A bundle is served when its ``configs/contract.json`` says what it reads and writes."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
-        self.models = [m.strip() for m in conf.get("models", "resdce").split(",") if m.strip()]
-        unknown = [m for m in self.models if m not in SUPPORTED]
-        if unknown:
-            raise ValueError(f"--conf models: {', '.join(unknown)} not served by this app (choose from {SUPPORTED})")
+        known = [p.name for p in find_bundles()]
+        self.models = [m.strip() for m in conf.get("models", known[0] if known else "").split(",") if m.strip()]
+        unknown = [m for m in self.models if os.sep not in m and m not in known]
+        if unknown or not self.models:
+            raise ValueError(
+                f"--conf models: {', '.join(unknown) or 'none'} not served by this app (choose from {known})"
+            )
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -39,7 +43,10 @@ class GadofreeApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, BundleSynthesisTask]:
-        return {m: BundleSynthesisTask(m, overrides=bundle_overrides(self.conf, m)) for m in self.models}
+        tasks = [
+            BundleSynthesisTask(m, overrides=bundle_overrides(self.conf, os.path.basename(m))) for m in self.models
+        ]
+        return {t.name: t for t in tasks}
 
     def init_trainers(self) -> dict:
         return {}

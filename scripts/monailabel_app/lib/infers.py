@@ -1,7 +1,8 @@
 """A MONAI Label infer task that runs one of this repository's bundles on a single study.
 
-Everything the model does comes from the bundle's own ``configs/inference.json`` through
-:class:`monai.bundle.ConfigParser`: the case (its ``datalist`` expression), ``preprocessing``,
+Everything the model does comes from the bundle's own inference config
+(:func:`common.bundle.bundle_config` of its ``infer`` files) and its ``configs/contract.json``
+(:func:`common.bundle.read_contract`: the config id that takes a study, the label outputs): the case (its ``datalist`` expression), ``preprocessing``,
 ``network_def`` and its checkpoint, ``prepare_batch`` (where the config has one), ``inferer``,
 ``postprocessing`` and the output channels and geometry (read from the config's writer handler,
 :class:`OutputLayout`). This module only maps MONAI Label's request onto those pieces.
@@ -20,20 +21,14 @@ from typing import Any, Callable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from common.bundle import bundle_root, check_checkpoint
+from common.bundle import bundle_config, check_checkpoint, read_contract, workflow_files
 from common.handlers.writer import as_numpy, source_file
 from common.io import save_nifti
 
 logger = logging.getLogger(__name__)
-
-# config ids through which a bundle's inference.json takes one study: a prepared case folder, or one volume
-SOURCE_IDS = ("case_dir", "input_file")
-# post-processed label outputs a request may ask for instead of the image (``params={"result_key": "et_mask"}``)
-LABEL_OUTPUTS = ("et_mask",)
 
 
 class OutputLayout:
@@ -180,7 +175,7 @@ class BundleSynthesisTask(BasicInferTask):
     enhancing-tumour mask instead (uint8, same affine); every d3m answer's params give its volume.
 
     Args:
-        bundle: a bundle name (``resdce``, ``dcediff``, ``ressrdiff``, ``d3m``, ``iterunet``) or the path of a
+        bundle: a bundle name (a folder of ``bundles/`` with a ``configs/contract.json``) or the path of a
             bundle folder.
         overrides: config ids and values, as ``--<id> <value>`` on the bundle's command line
             (e.g. ``{"ckpt_path": ..., "num_inference_steps": 4}``).
@@ -190,21 +185,27 @@ class BundleSynthesisTask(BasicInferTask):
     def __init__(
         self, bundle: str | os.PathLike, overrides: Mapping[str, Any] | None = None, description: str | None = None
     ) -> None:
-        self.bundle_dir = Path(bundle) if os.sep in str(bundle) else Path(bundle_root(str(bundle)))
-        self.name = self.bundle_dir.name
-        self.config_file = self.bundle_dir / "configs" / "inference.json"
-        if not self.config_file.is_file():
-            raise FileNotFoundError(f"{self.name}: no bundle config at {self.config_file}")
+        self.contract = read_contract(bundle)
+        self.bundle_dir = self.contract.root
+        self.name = self.contract.name
+        self.config_files = workflow_files(self.bundle_dir, "infer")
+        self.config_file = self.config_files[-1]
+        missing = [str(f) for f in self.config_files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.name}: no bundle config at {', '.join(missing)}")
         self.overrides = dict(overrides or {})
         self.bundle_config = self.parser()
-        self.source_id = next((k for k in SOURCE_IDS if k in self.bundle_config), None)
-        if self.source_id is None:
-            raise ValueError(f"{self.config_file}: defines none of {SOURCE_IDS}, so it cannot take a single study")
+        self.source_id = self.contract.source_id
+        if self.source_id not in self.bundle_config:
+            raise ValueError(
+                f"{self.config_file}: does not define {self.source_id!r}, the id through which its contract "
+                "says it takes a single study"
+            )
         self.output_writer = self.bundle_config.get_parsed_content(self._writer_id())
         self.layout = OutputLayout(self.output_writer)
         self.output_names = self.layout.static_names  # None: per case (a predicted time series)
         self.geometry_key = self.layout.geometry_key
-        self.label_outputs = [k for k in LABEL_OUTPUTS if self._writes(k)]
+        self.label_outputs = self.contract.label_outputs  # label maps a request may ask for (``result_key``)
         self.prepare_batch = (
             self.bundle_config.get_parsed_content("prepare_batch") if "prepare_batch" in self.bundle_config else None
         )
@@ -232,18 +233,9 @@ class BundleSynthesisTask(BasicInferTask):
             return ", ".join(self.output_names)
         return f"the time points after start_phase {self.output_writer.start} (per case, t<seconds>s)"
 
-    def _writes(self, key: str) -> bool:
-        """Whether the bundle's writer saves the post-processed ``key`` (D3M's ``et_mask``)."""
-        from common.handlers.d3m import D3MWriter
-
-        return key == "et_mask" and isinstance(self.output_writer, D3MWriter)
-
-    def parser(self, **extra: Any) -> ConfigParser:
-        """The bundle's inference config with the app's overrides and ``extra`` applied."""
-        p = ConfigParser()
-        p.read_config(str(self.config_file))
-        p.update({**self.overrides, **extra})
-        return p
+    def parser(self, **extra: Any):
+        """The bundle's inference config (a ``monai.bundle.ConfigParser``) with the app's overrides and ``extra``."""
+        return bundle_config(self.config_files, {**self.overrides, **extra})
 
     def _writer_id(self) -> str:
         """The config id of the handler that writes the outputs: the one whose class has ``write_case``
