@@ -267,3 +267,18 @@ def test_ressrdiff_schedule_ends_at_the_papers_beta_T_and_keeps_resshift_as_a_pr
     new = tmp_path / "new.pt"
     torch.save({"model": {}, "config": record.state_dict()}, new)
     assert check_checkpoint(new, record) == str(new)
+
+
+@pytest.mark.parametrize("bundle", ["resdce", "dcediff", "ressrdiff"])
+def test_evaluate_config_selects_the_papers_protocol(bundle):
+    """``--protocol paper`` on the evaluation stack gives the handler the paper's scoring and statistics
+    (:data:`PAPER_PROTOCOLS`); the default stays ours."""
+    from common.bundle import bundle_config, workflow_files
+    from common.handlers import SynthesisMetrics
+
+    files = workflow_files(ROOT / "bundles" / bundle, "evaluate")
+    for protocol, expected in (("ours", resolve_protocol("ours", bundle)), ("paper", PAPER_PROTOCOLS[bundle])):
+        p = bundle_config(files, {"protocol": protocol, "device": "cpu", "network_size": "small"})
+        (handler,) = [x for x in p.get_parsed_content("handlers") if isinstance(x, SynthesisMetrics)]
+        assert handler.protocol == resolve_protocol(protocol, bundle)
+        assert handler.protocol["scoring"] == expected["scoring"]
