@@ -309,6 +309,21 @@ def _check_weights(path: Path) -> None:
         raise SystemExit(f"--weights {path}: not a checkpoint (a dict of state dicts), a {type(state).__name__}")
 
 
+def _check_record(bundle: Path, path: Path) -> None:
+    """The settings recorded with the weights (``checkpoint_record``) against the bundle's inference
+    config: weights of another bundle, or trained with settings the export would not reproduce, are
+    refused in one line naming the file and the settings (:func:`common.bundle.check_checkpoint`)."""
+    from common.bundle import bundle_config, check_checkpoint, workflow_files
+
+    parser = bundle_config(workflow_files(bundle, "infer"), {"ckpt_path": str(path), "device": "cpu"})
+    if "checkpoint_record" not in parser.get("", {}):
+        return
+    try:
+        check_checkpoint(path, parser.get_parsed_content("checkpoint_record"))
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"--weights {path}: {e}") from None
+
+
 def export(
     name: str,
     out: str | Path,
@@ -329,6 +344,7 @@ def export(
     weights = Path(weights).resolve() if weights is not None else None
     if weights is not None:
         _check_weights(weights)
+        _check_record(src, weights)
     meta = json.loads((src / "configs" / "metadata.json").read_text())
     missing = sorted(set(required_packages(src)) - set(meta.get("required_packages_version", {})))
     if missing:

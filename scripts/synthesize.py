@@ -30,10 +30,13 @@ Which bundles it runs, and what it writes, comes from each bundle's ``configs/co
 none is refused with the contract's reason), the overrides for an ingested study (``study_overrides``),
 and its outputs: every output file the run wrote becomes a series ``SYNTHETIC <label> (<method>
 <version>)`` (a ``<key>_std`` file, written with ``--num_samples`` > 1, one more), a 4D output one series
-per frame (named and timed by the JSON file its ``frames`` entry names), a label map stays 0/1.
+per frame (named and timed by the JSON file its ``frames`` entry names), a label map (``label_map``) a
+DICOM Segmentation (SEG, :func:`common.dicom_out.write_segmentation`) referencing the source series.
+The series of one run appear together or not at all (:func:`common.dicom_out.series_set`): a run
+killed while writing leaves no series, and the rerun completes.
 
 The source study folder is only read: an ``--out`` inside it is refused, and so is an output
-folder that already holds DICOM series of an earlier run. The series that the synthesis grid came
+folder that already holds the DICOM series of a complete earlier run. The series that the synthesis grid came
 from (the ingest's reference grid: the DCE time point used as pre-contrast input, by default; the T1
 of a brain study) gives the patient/study tags, the frame of reference and the ``SourceImageSequence``.
 """
@@ -50,7 +53,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.bundle import Contract, read_contract, run_bundle, workflow_files
-from common.dicom_out import read_source_series, series_folder_name, write_derived_series
+from common.dicom_out import (
+    read_source_series,
+    series_folder_name,
+    series_set,
+    write_derived_series,
+    write_segmentation,
+)
 from common.errors import DEBUG_ENV, user_message
 from common.errors import install as install_error_hook
 from common.ingest import IngestError, ingest_study
@@ -393,46 +402,84 @@ def write_dicom(
     """Write every output of :func:`synthetic_outputs` as a DICOM series in ``<case_out>/dicom/``, numbered
     from ``first_series_number``."""
     source = grid_source_series(manifest)
-    bundle = contract.name
-    method, version = meta.get("name", bundle), meta.get("version", "?")
     written = []
     volumes: dict[Path, tuple] = {}
-    for i, o in enumerate(synthetic_outputs(case_out, contract, settings)):
-        key, label, nifti = o["key"], o["label"], o["nifti"]
-        if nifti not in volumes:
-            volumes[nifti] = load_nifti(nifti)
-        volume, affine = volumes[nifti]
-        if o["frame"] is not None:
-            volume = volume[..., o["frame"]]
-        number = first_series_number + i
-        description = f"SYNTHETIC {label} ({method} {version})"[:64]
-        derivation = (
-            f"{o['what']} synthesised by {method} {version} (MONAI bundle {bundle}: {meta.get('task', '')}) "
-            f"{o['how']}; on the grid of series {source.series_number} ({source.folder.name}). {SYNTHETIC_NOTE}"
-        )
-        folder = case_out / "dicom" / series_folder_name(number, description)
-        files = write_derived_series(
+    outputs = synthetic_outputs(case_out, contract, settings)
+    label_maps = set(contract.label_outputs)
+    with series_set(case_out / "dicom") as staging:
+        for i, o in enumerate(outputs):
+            written.append(
+                _write_one(o, i, staging, case_out, volumes, source, contract, meta, first_series_number, label_maps)
+            )
+    return written
+
+
+def _write_one(
+    o: dict[str, Any],
+    i: int,
+    staging: Path,
+    case_out: Path,
+    volumes: dict[Path, tuple],
+    source,
+    contract: Contract,
+    meta: dict[str, Any],
+    first_series_number: int,
+    label_maps: set[str],
+) -> dict[str, Any]:
+    """One output of :func:`synthetic_outputs` as a DICOM series in ``staging`` (a label map as DICOM SEG)."""
+    bundle = contract.name
+    method, version = meta.get("name", bundle), meta.get("version", "?")
+    key, label, nifti = o["key"], o["label"], o["nifti"]
+    if nifti not in volumes:
+        volumes[nifti] = load_nifti(nifti)
+    volume, affine = volumes[nifti]
+    if o["frame"] is not None:
+        volume = volume[..., o["frame"]]
+    number = first_series_number + i
+    description = f"SYNTHETIC {label} ({method} {version})"[:64]
+    derivation = (
+        f"{o['what']} synthesised by {method} {version} (MONAI bundle {bundle}: {meta.get('task', '')}) "
+        f"{o['how']}; on the grid of series {source.series_number} ({source.folder.name}). {SYNTHETIC_NOTE}"
+    )
+    name = series_folder_name(number, description)
+    if key in label_maps:  # a label map goes out as a DICOM Segmentation of the source series
+        write_segmentation(
             volume,
             affine,
-            folder,
+            staging / name,
             source,
             series_number=number,
+            label=o["label"],
+            algorithm_name=method,
+            algorithm_version=str(version),
             description=description,
-            derivation=derivation,
-            software=f"{bundle} {version}",
         )
-        written.append(
-            {
-                "key": key,
-                "nifti": str(nifti),
-                "frame": o["frame"],
-                "folder": str(folder),
-                "series_number": number,
-                "n_files": len(files),
-            }
+        n_files, modality = 1, "SEG"
+    else:
+        n_files = len(
+            write_derived_series(
+                volume,
+                affine,
+                staging / name,
+                source,
+                series_number=number,
+                description=description,
+                derivation=derivation,
+                software=f"{bundle} {version}",
+            )
         )
-        log.info("%s: %d files in %s", key, len(files), folder)
-    return written
+        modality = "MR"
+    folder = case_out / "dicom" / name
+    log.info("%s: %d %s file(s) in %s", key, n_files, modality, folder)
+    return {
+        "key": key,
+        "nifti": str(nifti),
+        "frame": o["frame"],
+        "folder": str(folder),
+        "series_number": number,
+        "n_files": n_files,
+        "modality": modality,
+    }
 
 
 def synthesize(

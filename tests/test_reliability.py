@@ -244,6 +244,31 @@ def test_weights_of_another_bundle_are_named(breast, tmp_path):
         ConfigRecord(network_size="small", temporal=True).load_state_dict({"network_size": "small", "kappa": 2.0})
 
 
+def test_export_refuses_weights_of_another_bundle(tmp_path):
+    """``scripts/export_bundle.py iterunet --weights <d3m checkpoint>``: exit 1 with one line naming the
+    weights and the settings iterunet does not have; nothing exported (was: rc 0, then a traceback)."""
+    record = {"network_size": "small", "dual_decoder": True, "deformation": True, "target_key": "t1c"}
+    ckpt = tmp_path / "d3m_model.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "config": record}, ckpt)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("GADOFREE_DEBUG", None)
+    cmd = [
+        sys.executable,
+        "scripts/export_bundle.py",
+        "iterunet",
+        "--out",
+        str(tmp_path / "dist"),
+        "--weights",
+        str(ckpt),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert res.returncode == 1 and "Traceback" not in res.stdout + res.stderr, res.stderr[-3000:]
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith(f"--weights {ckpt}: ") and "not weights of this bundle" in line
+    assert "deformation, dual_decoder, target_key" in line
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
 def test_empty_lesion_mask_warns_once(breast, weights, tmp_path):
     case = _copy(breast, tmp_path / "data") / "breast-001"
     img = nib.load(case / "lesion_mask.nii.gz")

@@ -116,10 +116,29 @@ def test_d3m_dicom_round_trip(d3m_run, brain_study, brain_phantom):
     assert [s["key"] for s in summary["series"]] == ["t1c", "et_mask"]
     labels = {"t1c": "T1c", "et_mask": "ET mask"}
     sop_uids, series_uids = [], set()
+    assert [s["modality"] for s in summary["series"]] == ["MR", "SEG"]
     for s in summary["series"]:
         folder, (vol, aff) = Path(s["folder"]), load_nifti(s["nifti"])
         assert folder.parent == out / "d3m" / "BRAIN03" / "dicom"
         files = sorted(folder.glob("*.dcm"))
+        if s["key"] == "et_mask":  # a DICOM SEG of the source T1, equal to the NIfTI mask voxel for voxel
+            from test_dicom_seg import _seg_on_nifti_grid
+
+            assert len(files) == 1 and np.abs(aff - t1_affine).max() < 1e-4
+            np.testing.assert_array_equal(_seg_on_nifti_grid(files[0], aff, vol.shape), vol)
+            ds = pydicom.dcmread(files[0])
+            assert ds.Modality == "SEG" and ds.SeriesDescription == f"SYNTHETIC ET mask (D3M {meta['version']})"
+            (segment,) = ds.SegmentSequence
+            assert segment.SegmentAlgorithmType == "AUTOMATIC"
+            assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == meta["version"]
+            refs = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+            assert {r.ReferencedSOPInstanceUID for r in refs} == t1_uids  # it references the source T1
+            for tag in STUDY_TAGS:
+                assert ds.get(tag) == next(iter(src.values())).get(tag, ""), tag
+            assert int(ds.SeriesNumber) == s["series_number"] and str(ds.SeriesInstanceUID) not in src_series
+            sop_uids.append(str(ds.SOPInstanceUID))
+            series_uids.add(str(ds.SeriesInstanceUID))
+            continue
         assert len(files) == vol.shape[2] == brain_phantom.seg.shape[2]
         assert vol.shape == brain_phantom.seg.shape
         assert np.abs(aff - t1_affine).max() < 1e-4  # the NIfTI output lies on the source T1 grid
@@ -130,10 +149,7 @@ def test_d3m_dicom_round_trip(d3m_run, brain_study, brain_phantom):
         dss = [pydicom.dcmread(f) for f in files]
         slope = float(dss[0].RescaleSlope)
         assert np.abs(arr - vol).max() <= slope
-        if s["key"] == "et_mask":
-            assert slope == 1.0 and set(np.unique(arr)) <= {0.0, 1.0} and np.array_equal(arr, vol)
-        else:
-            assert 0 < slope < (vol.max() - min(vol.min(), 0)) / 1000
+        assert 0 < slope < (vol.max() - min(vol.min(), 0)) / 1000
         geo = geometry_from_affine(aff, vol.shape[2])
         for k, ds in enumerate(dss):
             missing = [t for t in TYPE1 if t not in ds or ds[t].value in (None, "", b"")]
@@ -142,7 +158,7 @@ def test_d3m_dicom_round_trip(d3m_run, brain_study, brain_phantom):
             assert ds.SOPClassUID == MRImageStorage and list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
             assert ds.SeriesDescription == f"SYNTHETIC {labels[s['key']]} (D3M {meta['version']})"
             assert "D3M" in ds.DerivationDescription and meta["version"] in ds.DerivationDescription
-            assert "t1n, t2w, t2f" in ds.DerivationDescription and "2 DDIM steps" in ds.DerivationDescription
+            assert "t1n, t2w, t2f" in ds.DerivationDescription and "2 sampling steps" in ds.DerivationDescription
             np.testing.assert_allclose(np.asarray(ds.ImagePositionPatient, float), geo["positions"][k], atol=1e-4)
             np.testing.assert_allclose(
                 np.asarray(ds.ImageOrientationPatient, float), geo["ImageOrientationPatient"], atol=1e-6
