@@ -256,9 +256,16 @@ def test_d3m_on_tcga_as_dicom(d3m_ckpt, tmp_path):
     assert {r: v["description"] for r, v in manifest["roles"].items()} == {k: v[1] for k, v in names.items()}
     shape = nib.load(TCGA / "t1.nii.gz").shape
     for s in summary["series"]:
-        arr, aff = _read_back(Path(s["folder"]))
         vol, aff_nii = load_nifti(s["nifti"])
         ds = pydicom.dcmread(sorted(Path(s["folder"]).glob("*.dcm"))[0])
+        if s["modality"] == "SEG":  # the ET mask: a DICOM SEG equal to the NIfTI mask on the T1 grid
+            from test_dicom_seg import _seg_on_nifti_grid
+
+            assert np.abs(aff_nii - t1_affine).max() < 1e-4
+            np.testing.assert_array_equal(_seg_on_nifti_grid(Path(ds.filename), aff_nii, vol.shape), vol)
+            assert ds.StudyInstanceUID == study["StudyInstanceUID"] and ds.PatientID == "TCGA-FG-6692"
+            continue
+        arr, aff = _read_back(Path(s["folder"]))
         assert arr.shape == vol.shape == shape
         assert np.abs(aff - t1_affine).max() < 1e-4 and np.abs(aff_nii - t1_affine).max() < 1e-4
         assert np.abs(arr - vol).max() <= float(ds.RescaleSlope)
