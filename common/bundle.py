@@ -219,6 +219,7 @@ class Contract:
         outputs: :class:`BundleOutput` per output (a bundle may write a subset, e.g. per ``target_keys``).
         study_overrides: config overrides for a case made by the ingest (e.g. which frames to predict).
         sampler: the sampler's name, or ``@<id>`` of the config id that names it.
+        steps_name: what ``num_inference_steps`` counts, for the DICOM derivation text (``DDIM steps``).
         series_offset: added to the first free DICOM SeriesNumber so two bundles' series do not collide.
     """
 
@@ -229,6 +230,7 @@ class Contract:
     outputs: tuple[BundleOutput, ...]
     study_overrides: dict = dataclasses.field(default_factory=dict)
     sampler: str = "?"
+    steps_name: str = "sampling steps"
     series_offset: int = 0
     no_study: str = ""
 
@@ -296,6 +298,7 @@ def read_contract(bundle: str | os.PathLike) -> Contract:
         outputs=tuple(outputs),
         study_overrides=dict(data.get("study_overrides", {})),
         sampler=str(data.get("sampler", "?")),
+        steps_name=str(data.get("steps_name", "sampling steps")),
         series_offset=int(data.get("series_offset", 0)),
         no_study=str(data.get("no_study", "")),
     )

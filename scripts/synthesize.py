@@ -351,7 +351,7 @@ def synthetic_outputs(case_out: Path, contract: Contract, settings: dict[str, An
     ckpt = Path(str(settings["ckpt_path"])).name
     steps = settings.get("num_inference_steps")
     how = f"from {', '.join(settings.get('input_keys') or contract.input_keys)}; checkpoint {ckpt}"
-    how += f", {steps} sampling steps" if steps is not None else ""
+    how += f", {steps} {contract.steps_name}" if steps is not None else ""
     out: list[dict[str, Any]] = []
     for o in contract.outputs:
         nifti = case_out / o.file

@@ -194,3 +194,32 @@ def test_copied_bundle_runs_everywhere(copied, data, trained, tmp_path):
     ref = nib.load(case / "dce_pre.nii.gz")
     assert params["channels"] == ["dce_onset", "dce_early", "dce_late"] and task.label_outputs == []
     assert img.shape == (*ref.shape[:3], 3) and np.allclose(img.affine, ref.affine)
+
+
+def test_variant_is_an_independent_copy_with_settings_changed():
+    from types import SimpleNamespace
+
+    from common.bundle import variant
+
+    inner = SimpleNamespace(timesteps=[1, 2])
+    obj = SimpleNamespace(num_inference_steps=15, progress=True, sampler=inner)
+    v = variant(obj, num_inference_steps=2, progress=False)
+    assert (v.num_inference_steps, v.progress, obj.num_inference_steps, obj.progress) == (2, False, 15, True)
+    assert v.sampler is not inner and v.sampler.timesteps == [1, 2]
+    with pytest.raises(AttributeError, match="SimpleNamespace has no setting steps"):
+        variant(obj, steps=3)
+
+
+def test_run_bundle_takes_bundle_root_from_the_config_location(tmp_path):
+    from common.bundle import run_bundle
+
+    b = tmp_path / "anywhere" / "mybundle"
+    (b / "configs").mkdir(parents=True)
+    (b / "configs" / "x.json").write_text(
+        json.dumps(
+            {"imports": ["$import common"], "bundle_root": "$common.bundle.bundle_root()", "run": ["$@bundle_root"]}
+        )
+    )
+    run = run_bundle([b / "configs" / "x.json"], {"output_dir": str(tmp_path)})
+    assert run.parser.get_parsed_content("run") == [str(b)] and run.seconds >= 0
+    assert run_bundle([b / "configs" / "x.json"], {"bundle_root": "/elsewhere"}).parser["bundle_root"] == "/elsewhere"
