@@ -158,7 +158,7 @@ def test_d3m_dicom_round_trip(d3m_run, brain_study, brain_phantom):
             assert ds.SOPClassUID == MRImageStorage and list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
             assert ds.SeriesDescription == f"SYNTHETIC {labels[s['key']]} (D3M {meta['version']})"
             assert "D3M" in ds.DerivationDescription and meta["version"] in ds.DerivationDescription
-            assert "t1n, t2w, t2f" in ds.DerivationDescription and "2 sampling steps" in ds.DerivationDescription
+            assert "t1n, t2w, t2f" in ds.DerivationDescription and "2 DDIM steps" in ds.DerivationDescription
             np.testing.assert_allclose(np.asarray(ds.ImagePositionPatient, float), geo["positions"][k], atol=1e-4)
             np.testing.assert_allclose(
                 np.asarray(ds.ImageOrientationPatient, float), geo["ImageOrientationPatient"], atol=1e-6
