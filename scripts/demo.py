@@ -10,20 +10,17 @@ when available. Usage (``make demo`` runs it with the defaults)::
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import fire
+from monai.bundle import run as bundle_run
+
+from common.errors import install as install_error_hook
+from common.io import output_folder
+from common.phantoms import write_phantoms
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from monai.bundle import run as bundle_run  # noqa: E402
-
-from common.errors import install as install_error_hook  # noqa: E402
-from common.io import output_folder  # noqa: E402
-from common.phantoms import write_phantoms  # noqa: E402
 
 BUNDLE = ROOT / "bundles" / "resdce" / "configs"
 

@@ -16,18 +16,15 @@ series per phase; ``<out>/breast/dicom/multi_phase/``: I-SPY, one multi-phase se
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import fire
+
+from common.errors import install as install_error_hook
+from common.io import output_folder
+from common.phantoms import KINDS, write_phantoms
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import fire  # noqa: E402
-
-from common.errors import install as install_error_hook  # noqa: E402
-from common.io import output_folder  # noqa: E402
-from common.phantoms import KINDS, write_phantoms  # noqa: E402
 
 
 def main(

@@ -18,16 +18,13 @@ Not skull-stripped (that needs model weights): pass ``--brain_mask`` when you ha
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fire
 
-import fire  # noqa: E402
-
-from common.errors import install as install_error_hook  # noqa: E402
-from common.ingest.brain import brain_settings, check_out_outside, prepare_brain_case  # noqa: E402
-from common.io import output_folder  # noqa: E402
+from common.errors import install as install_error_hook
+from common.ingest.brain import brain_settings, check_out_outside, prepare_brain_case
+from common.io import output_folder
 
 
 def main(

@@ -26,17 +26,14 @@ Then: ``python -m monai.bundle run training --config_file bundles/iterunet/confi
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fire
 
-import fire  # noqa: E402
-
-from common.bundle import flag  # noqa: E402
-from common.errors import install as install_error_hook  # noqa: E402
-from common.ingest.breast import prepare_breast_dataset  # noqa: E402
-from common.io import output_folder  # noqa: E402
+from common.bundle import flag
+from common.errors import install as install_error_hook
+from common.ingest.breast import prepare_breast_dataset
+from common.io import output_folder
 
 
 def main(

@@ -160,10 +160,7 @@ def brain_ingest_options(options: dict[str, Any]) -> dict[str, Any]:
 def ingest_config(options: dict[str, Any]):
     """The :class:`common.ingest.IngestConfig` of ``--ingest_<option>`` values (``prepare_prostatex``'s
     options and conversions; ``native`` defaults to False here: only the reference grid is needed)."""
-    try:
-        from scripts.prepare_prostatex import OPTIONS, parse_options
-    except ModuleNotFoundError:  # run as a file (scripts/ is sys.path[0]), not as python -m scripts.synthesize
-        from prepare_prostatex import OPTIONS, parse_options
+    from common.ingest.options import OPTIONS, parse_options
 
     known = sorted(o.name for o in OPTIONS if o.target in ("config", "registration"))
     unknown = sorted(set(options) - set(known))
