@@ -237,7 +237,9 @@ class SynthesisMetrics:
         if not self.rows:
             logger.warning("no case had a target: nothing to evaluate")
             return
-        self.summary = report(self.rows, self.output_dir, self.method, self.baselines)
+        # the network precision the inferer ran at (common.device.resolve_precision), for provenance
+        precision = getattr(getattr(engine, "inferer", None), "precision_used", None)
+        self.summary = report(self.rows, self.output_dir, self.method, self.baselines, precision=precision)
 
 
 @contextlib.contextmanager
@@ -269,8 +271,16 @@ def merge_rows(earlier: list[dict], rows: list[dict]) -> tuple[list[dict], list[
     return kept + list(rows), sorted(before - now), sorted(before & now)
 
 
-def report(rows: list[dict], output_dir: str | os.PathLike, method: str, baselines: Sequence[str]) -> dict:
+def report(
+    rows: list[dict],
+    output_dir: str | os.PathLike,
+    method: str,
+    baselines: Sequence[str],
+    precision: str | None = None,
+) -> dict:
     """Write metrics.csv / summary.{csv,md,json} and print the model-vs-baseline table; return the summary.
+    ``precision`` (e.g. ``"bf16 channels_last"``), when given, is written under the table of
+    ``summary.md`` and as ``"precision"`` in ``summary.json``.
 
     An existing ``metrics.csv`` in ``output_dir`` (an evaluation of other cases into the same folder)
     is merged, under a lock, with this one's rows (:func:`merge_rows`), and the summary covers all
@@ -287,10 +297,12 @@ def report(rows: list[dict], output_dir: str | os.PathLike, method: str, baselin
                     ", ".join(kept),
                     f"; re-scored {', '.join(replaced)}" if replaced else "",
                 )
-        return _report(rows, output_dir, method, baselines)
+        return _report(rows, output_dir, method, baselines, precision)
 
 
-def _report(rows: list[dict], output_dir: Path, method: str, baselines: Sequence[str]) -> dict:
+def _report(
+    rows: list[dict], output_dir: Path, method: str, baselines: Sequence[str], precision: str | None = None
+) -> dict:
     metric_names = [
         k for k in ("psnr", "ssim", "mae", "gmsd", "lpips", "enh_rel_err", "enh_corr") if any(k in r for r in rows)
     ]
@@ -331,8 +343,9 @@ def _report(rows: list[dict], output_dir: Path, method: str, baselines: Sequence
     from common.io import atomic_path
 
     with atomic_path(output_dir / "summary.md") as tmp:
-        tmp.write_text(md + "\n")
-    save_json({"summary": summary, "wilcoxon": tests}, output_dir / "summary.json")
+        tmp.write_text(md + "\n" + (f"\nNetwork precision: {precision}\n" if precision else ""))
+    extra = {"precision": precision} if precision else {}
+    save_json({"summary": summary, "wilcoxon": tests, **extra}, output_dir / "summary.json")
     print(md)
     print(f"\nper-case metrics: {output_dir / 'metrics.csv'}\nsummary: {output_dir / 'summary.md'}")
     return {"summary": summary, "wilcoxon": tests, "table": table}
