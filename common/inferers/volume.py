@@ -94,18 +94,22 @@ class DiffusionVolumeInferer(Inferer):
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         return x, (h, w)
 
-    def sample_slices(self, cond: torch.Tensor, network: Callable) -> torch.Tensor:
-        """Sample (N, C_out, H, W) from 2D conditions (N, C_cond, H, W) once."""
+    def sample_slices(self, cond: torch.Tensor, network: Callable, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample (N, C_out, H, W) from 2D conditions (N, C_cond, H, W) once. ``noise``: the prior
+        noise (N, C_out, H', W') on the padded grid (H', W' >= the padded H, W; cropped to it);
+        ``None`` draws it chunk by chunk."""
         cond, (h, w) = self._pad(cond)
         n = cond.shape[0]
         chunk = n if not self.slice_batch_size or self.slice_batch_size <= 0 else int(self.slice_batch_size)
         outs = []
         for start in range(0, n, chunk):
             c = cond[start : start + chunk]
-            # drawn on the CPU so a seed gives the same prior noise on every device
-            noise = torch.randn((c.shape[0], self.out_channels, *c.shape[2:]), dtype=torch.float32).to(c.device)
+            if noise is not None:
+                eps = noise[start : start + chunk, :, : c.shape[2], : c.shape[3]].to(c.device)
+            else:  # drawn on the CPU so a seed gives the same prior noise on every device
+                eps = torch.randn((c.shape[0], self.out_channels, *c.shape[2:]), dtype=torch.float32).to(c.device)
             out = self.sampler.sample(
-                input_noise=noise, diffusion_model=network, conditioning=c, mode="concat", verbose=self.progress
+                input_noise=eps, diffusion_model=network, conditioning=c, mode="concat", verbose=self.progress
             )
             outs.append(out.float())
         return torch.cat(outs, 0)[..., :h, :w]
