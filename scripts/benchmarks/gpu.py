@@ -65,6 +65,9 @@ SPEC = {
     "iterunet": dict(volume=(128, 128, 32), batch=None, size=None, phantoms=("breast", ""), ddp=[]),
 }
 TINY = dict(volume=(32, 32, 2), batch=2, size=32)
+#: tiny volumes of the bundles whose inferer needs more than 2 slices (D3M's brain: an ellipsoid over
+#: the slices; iterU-Net's 3D windows)
+TINY_VOLUME = {"d3m": (32, 32, 8), "iterunet": (16, 16, 8)}
 
 
 def _sync(device: torch.device) -> None:
@@ -120,8 +123,10 @@ def synthesise(
 ) -> dict:
     """Seconds per sampling step and per volume of the bundle's inferer (``precision auto``)."""
     over = {"network_size": preset, "device": str(device), "precision": "auto", "progress": False}
-    if steps is not None:
+    if steps is not None:  # a few steps (the tiny check): DCE-diff's DDPM runs all 1000, DDIM respaces
         over["num_inference_steps"] = steps
+        if bundle == "dcediff":
+            over["sampler"] = "ddim"
     p = bundle_parser(bundle, "inference.json", over)
     net, inferer = p.get_parsed_content("network").eval(), p.get_parsed_content("inferer")
     if hasattr(inferer, "progress"):
@@ -209,7 +214,7 @@ def check_bundle(bundle: str, device: torch.device, tiny: bool, max_volume_s: fl
         torch.cuda.reset_peak_memory_stats(device)
     train = train_steps(bundle, preset, device, 1 if tiny else 5, spec["batch"], spec["size"])
     train_peak = _peak_mib(device)
-    volume = (16, 16, 8) if tiny and bundle == "iterunet" else spec["volume"]
+    volume = TINY_VOLUME.get(bundle, spec["volume"]) if tiny else spec["volume"]
     synth = synthesise(bundle, preset, device, volume, 2 if tiny and bundle != "iterunet" else None, max_volume_s)
     infer_peak = _peak_mib(device)
     ddp = ddp_step(bundle, preset, ddp_dir / "phantoms", ddp_dir / "runs") if ddp_dir is not None else None
@@ -280,11 +285,10 @@ def main(
             t0 = time.perf_counter()
             try:
                 r = check_bundle(b, dev, tiny, max_volume_s, Path(tmp) if ddp else None)
-                r["volume"] = (
-                    (16, 16, 8) if tiny and b == "iterunet" else {**SPEC[b], **(TINY if tiny else {})}["volume"]
-                )
+                r["volume"] = TINY_VOLUME.get(b, TINY["volume"]) if tiny else SPEC[b]["volume"]
             except Exception as e:  # one bundle's failure is a row, not the end of the check
-                r = {"error": f"{type(e).__name__}: {e}"[:200]}
+                why = " ".join(f"{type(e).__name__}: {e}".split()).replace("|", "/")
+                r = {"error": why[:200]}
             results[b] = r
             print(f"gpu_check: {b} done in {time.perf_counter() - t0:.0f} s", flush=True)
     note = (
