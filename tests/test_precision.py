@@ -140,3 +140,19 @@ def test_bf16_chain_close_to_fp32(bundle, caplog, one_thread):
         with torch.no_grad():
             a, b = net(c, t), PrecisionNetwork(net, torch.bfloat16, True)(c, t)
         assert float((a - b).norm() / a.norm()) < TOLERANCE
+
+
+def test_precision_is_recorded_in_the_summary(tmp_path):
+    import json
+
+    import numpy as np
+
+    from common.handlers.metrics import report, score_case
+
+    target = np.random.default_rng(0).random((1, 12, 12, 2)).astype(np.float32)
+    rows = [{"case": "A", "method": "model", **r} for r in score_case(target + 0.01, target, {}, ["late"])]
+    report(rows, tmp_path / "with", "model", [], precision="bf16 channels_last")
+    assert (tmp_path / "with" / "summary.md").read_text().endswith("\nNetwork precision: bf16 channels_last\n")
+    assert json.loads((tmp_path / "with" / "summary.json").read_text())["precision"] == "bf16 channels_last"
+    report(rows, tmp_path / "without", "model", [])  # unchanged when not given
+    assert "precision" not in (tmp_path / "without" / "summary.md").read_text()
