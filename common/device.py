@@ -121,13 +121,17 @@ class PrecisionNetwork:
     to contiguous float32: the code around the forward (schedulers, warps, the ConvLSTM chain's
     bookkeeping) never sees a reduced dtype. ``dtype=None`` calls ``network`` unchanged.
 
-    The network's own parameters are converted to channels-last once on the first call (values
-    unchanged; only the memory layout of 4D weights changes).
+    With ``channels_last`` the network's own parameters are converted to channels-last here, once
+    (values unchanged; only the memory layout of 4D weights changes; outside inference mode, so a
+    network still being trained keeps trainable parameters).
     """
 
     def __init__(self, network, dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
         self.network, self.dtype, self.channels_last = network, dtype, bool(channels_last)
-        self._converted = False
+        if self.channels_last and isinstance(network, torch.nn.Module):
+            # outside inference mode: the parameters must stay usable for training (validation runs)
+            with torch.inference_mode(False), torch.no_grad():
+                network.to(memory_format=torch.channels_last)
 
     @property
     def label(self) -> str:
@@ -142,9 +146,6 @@ class PrecisionNetwork:
         if self.dtype is None and not self.channels_last:
             return self.network(*args, **kwargs)
         if self.channels_last:
-            if not self._converted and isinstance(self.network, torch.nn.Module):
-                self.network.to(memory_format=torch.channels_last)
-                self._converted = True
             args = tuple(self._layout(a) for a in args)
             kwargs = {k: self._layout(v) for k, v in kwargs.items()}
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -154,7 +155,7 @@ class PrecisionNetwork:
         return _cast_out(out)
 
     def __getattr__(self, name):  # the wrapped network's attributes (e.g. ``spatial_divisor``)
-        if name in ("network", "dtype", "channels_last", "_converted"):
+        if name in ("network", "dtype", "channels_last"):
             raise AttributeError(name)
         return getattr(self.network, name)
 

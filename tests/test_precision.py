@@ -156,3 +156,12 @@ def test_precision_is_recorded_in_the_summary(tmp_path):
     assert json.loads((tmp_path / "with" / "summary.json").read_text())["precision"] == "bf16 channels_last"
     report(rows, tmp_path / "without", "model", [])  # unchanged when not given
     assert "precision" not in (tmp_path / "without" / "summary.md").read_text()
+
+
+def test_channels_last_inside_inference_mode_keeps_the_network_trainable():
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    with torch.inference_mode():
+        PrecisionNetwork(conv, torch.bfloat16, channels_last=True)(torch.randn(1, 2, 6, 6))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_inference()
+    conv(torch.randn(1, 2, 6, 6)).sum().backward()  # training goes on after a validation run
+    assert conv.weight.grad is not None
