@@ -263,7 +263,7 @@ def main(
     device: str = "cuda",
     tiny: bool = False,
     ddp: bool | None = None,
-    max_volume_s: float = 60.0,
+    max_volume_s: float = 40.0,
 ) -> int:
     """Run the check (see the module docstring); returns the exit status."""
     if device.startswith("cuda") and not torch.cuda.is_available():
