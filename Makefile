@@ -11,7 +11,7 @@ PHANTOMS ?= data/phantoms
 # pytest-xdist workers for `make test` (auto: one per core; 0 runs the tests in this process)
 TEST_WORKERS ?= auto
 
-.PHONY: install test lint format demo bench compare clean phantoms
+.PHONY: install test lint format demo bench compare clean phantoms gpu-check
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py --out benchmark.md
+
+# one CUDA GPU: train, synthesise and a 1-process DDP step per bundle, CUDA rows into benchmark.md (< 8 min on an H100)
+gpu-check: $(STAMP)
+	PY=$(PY) scripts/gpu_check.sh --out benchmark.md
 
 # resdce vs dcediff with one budget on the phantoms' test split (about 15 min on 2 CPU cores)
 compare: $(STAMP)

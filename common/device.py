@@ -36,3 +36,133 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
 def amp_enabled(device: str | torch.device | None = None) -> bool:
     """Automatic mixed precision is used on CUDA only (CPU autocast to bf16 is slower for these nets)."""
     return get_device(device).type == "cuda"
+
+
+#: the values of every bundle's ``precision`` setting (``--precision`` on the command line)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN available and the CPU flags ``avx512_bf16``
+    or ``amx_bf16`` in ``/proc/cpuinfo``); without them bf16 autocast is emulated and slower."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cuda_has_bf16() -> bool:
+    """Whether the current CUDA device supports bfloat16 (``torch.cuda.is_bf16_supported()``)."""
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def resolve_precision(precision: str | None, device: str | torch.device | None) -> tuple[torch.dtype | None, bool]:
+    """The autocast dtype and memory layout of a network forward on ``device``.
+
+    ``precision`` is one of :data:`PRECISIONS` (``None`` or ``""`` mean ``"auto"``):
+
+    - ``"fp32"``: no autocast (``None``), contiguous layout;
+    - ``"bf16"`` / ``"fp16"``: autocast to that dtype; channels-last on the CPU (where oneDNN gains from it);
+    - ``"auto"``: on CUDA autocast to bfloat16 where the GPU supports it, else float16 (training then
+      needs a ``GradScaler``, see :func:`needs_grad_scaler`), contiguous; on a CPU with native bfloat16
+      (:func:`cpu_has_native_bf16`) bfloat16 autocast and channels-last; float32 elsewhere.
+
+    Only the network forward runs under the dtype (:class:`PrecisionNetwork` casts its output back to
+    float32); the schedulers' arithmetic stays float32 / float64.
+
+    Returns:
+        (dtype or ``None`` for float32, channels_last).
+
+    Raises:
+        ValueError: naming ``--precision`` for an unknown value.
+    """
+    p = "auto" if precision in (None, "") else str(precision).lower()
+    if p not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device) if device is not None else get_device()
+    if p == "auto":
+        if dev.type == "cuda":
+            return (torch.bfloat16 if cuda_has_bf16() else torch.float16), False
+        if dev.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16, True
+        return None, False
+    dtype = _DTYPES[p]
+    return dtype, dtype is not None and dev.type == "cpu"
+
+
+def precision_name(dtype: torch.dtype | None, channels_last: bool = False) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` (+ ``" channels_last"``): the label logged and written in provenance."""
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return name + (" channels_last" if channels_last else "")
+
+
+def needs_grad_scaler(precision: str | None, device: str | torch.device | None) -> bool:
+    """Training in float16 on CUDA needs a ``GradScaler`` (bfloat16 and float32 do not)."""
+    dtype, _ = resolve_precision(precision, device)
+    return dtype == torch.float16 and torch.device(device if device is not None else get_device()).type == "cuda"
+
+
+def _cast_out(out):
+    if isinstance(out, torch.Tensor):
+        return out.float().contiguous() if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_cast_out(o) for o in out)
+    return out
+
+
+class PrecisionNetwork:
+    """Call ``network`` under autocast to ``dtype`` (on its input's device type), with 4D (N, C, H, W)
+    tensor inputs in channels-last layout when ``channels_last``, and its floating outputs cast back
+    to contiguous float32: the code around the forward (schedulers, warps, the ConvLSTM chain's
+    bookkeeping) never sees a reduced dtype. ``dtype=None`` calls ``network`` unchanged.
+
+    With ``channels_last`` the network's own parameters are converted to channels-last here, once
+    (values unchanged; only the memory layout of 4D weights changes; outside inference mode, so a
+    network still being trained keeps trainable parameters).
+    """
+
+    def __init__(self, network, dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+        self.network, self.dtype, self.channels_last = network, dtype, bool(channels_last)
+        if self.channels_last and isinstance(network, torch.nn.Module):
+            # outside inference mode: the parameters must stay usable for training (validation runs)
+            with torch.inference_mode(False), torch.no_grad():
+                network.to(memory_format=torch.channels_last)
+
+    @property
+    def label(self) -> str:
+        return precision_name(self.dtype, self.channels_last)
+
+    def _layout(self, x):
+        if isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_floating_point():
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def __call__(self, *args, **kwargs):
+        if self.dtype is None and not self.channels_last:
+            return self.network(*args, **kwargs)
+        if self.channels_last:
+            args = tuple(self._layout(a) for a in args)
+            kwargs = {k: self._layout(v) for k, v in kwargs.items()}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device_type = tensors[0].device.type if tensors else "cpu"
+        with torch.autocast(device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.network(*args, **kwargs)
+        return _cast_out(out)
+
+    def __getattr__(self, name):  # the wrapped network's attributes (e.g. ``spatial_divisor``)
+        if name in ("network", "dtype", "channels_last"):
+            raise AttributeError(name)
+        return getattr(self.network, name)
+
+
+def log_precision_once(logger, label: str, device, _seen: set = set()) -> None:  # noqa: B006
+    """Log the chosen precision once per (label, device) in this process."""
+    key = (label, str(device))
+    if key not in _seen:
+        _seen.add(key)
+        logger.info("inference precision: %s on %s", label, device)

@@ -417,6 +417,7 @@ def write_derived_series(
     manufacturer: str = "gadofree-bundles",
     software: str = "gadofree-bundles",
     comments: str = "SYNTHETIC image computed from other series; not an acquired contrast-enhanced scan. Research use only.",
+    precision: str | None = None,
 ) -> list[Path]:
     """Write a synthetic 3D volume (x, y, z) with its RAS+ ``affine`` (4x4, mm) as a derived MR series.
 
@@ -437,6 +438,9 @@ def write_derived_series(
             with ``SYNTHETIC``; at most 64 characters) and ``DerivationDescription``.
         manufacturer, software: ``Manufacturer`` and ``SoftwareVersions``.
         comments: ``ImageComments``.
+        precision: the network precision used (e.g. ``"bf16 channels_last"``, see
+            :func:`common.device.resolve_precision`); when given, ``" Network precision: <precision>."``
+            is appended to ``DerivationDescription``.
 
     Returns:
         The written file paths in slice order (inside ``folder``).
@@ -467,7 +471,7 @@ def write_derived_series(
     base.Modality = "MR"
     base.Manufacturer = manufacturer
     base.SeriesDescription = description
-    base.DerivationDescription = derivation[:1024]
+    base.DerivationDescription = (derivation + (f" Network precision: {precision}." if precision else ""))[:1024]
     base.ImageComments = comments[:10240]
     base.BurnedInAnnotation = "NO"
     base.SoftwareVersions = software

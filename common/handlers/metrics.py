@@ -340,7 +340,11 @@ class SynthesisMetrics:
         if not self.rows:
             logger.warning("no case had a target: nothing to evaluate")
             return
-        self.summary = report(self.rows, self.output_dir, self.method, self.baselines, self.protocol)
+        # the network precision the inferer ran at (common.device.resolve_precision), for provenance
+        precision = getattr(getattr(engine, "inferer", None), "precision_used", None)
+        self.summary = report(
+            self.rows, self.output_dir, self.method, self.baselines, self.protocol, precision=precision
+        )
 
 
 @contextlib.contextmanager
@@ -378,8 +382,11 @@ def report(
     method: str,
     baselines: Sequence[str],
     protocol: Mapping[str, str] | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Write metrics.csv / summary.{csv,md,json} and print the model-vs-baseline table; return the summary.
+    ``precision`` (e.g. ``"bf16 channels_last"``), when given, is written under the table of
+    ``summary.md`` and as ``"precision"`` in ``summary.json``.
 
     An existing ``metrics.csv`` in ``output_dir`` (an evaluation of other cases into the same folder)
     is merged, under a lock, with this one's rows (:func:`merge_rows`), and the summary covers all
@@ -411,7 +418,7 @@ def report(
                     ", ".join(kept),
                     f"; re-scored {', '.join(replaced)}" if replaced else "",
                 )
-        return _report(rows, output_dir, method, baselines, protocol)
+        return _report(rows, output_dir, method, baselines, protocol, precision)
 
 
 def _unit(r: Mapping) -> str:
@@ -420,7 +427,12 @@ def _unit(r: Mapping) -> str:
 
 
 def _report(
-    rows: list[dict], output_dir: Path, method: str, baselines: Sequence[str], protocol: Mapping[str, str]
+    rows: list[dict],
+    output_dir: Path,
+    method: str,
+    baselines: Sequence[str],
+    protocol: Mapping[str, str],
+    precision: str | None = None,
 ) -> dict:
     metric_names = [
         k for k in ("psnr", "ssim", "mae", "gmsd", "lpips", "enh_rel_err", "enh_corr") if any(k in r for r in rows)
@@ -480,10 +492,12 @@ def _report(
     from common.io import atomic_path
 
     with atomic_path(output_dir / "summary.md") as tmp:
-        tmp.write_text(md + "\n")
+        tmp.write_text(md + "\n" + (f"\nNetwork precision: {precision}\n" if precision else ""))
     out = {"summary": summary, "wilcoxon": tests, "protocol": dict(protocol)}
     if group_tests:
         out["group_tests"] = group_tests
+    if precision:
+        out["precision"] = precision
     save_json(out, output_dir / "summary.json")
     print(md)
     print(f"\nper-case metrics: {output_dir / 'metrics.csv'}\nsummary: {output_dir / 'summary.md'}")

@@ -21,16 +21,19 @@ spatial gradients) of u_t; U is in the graph and trained jointly.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import DiffusionInferer
 from monai.networks.blocks import Warp
 from tqdm.auto import tqdm
 
+from common.inferers.volume import DiffusionVolumeInferer
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["D3MInferer", "warp", "x0_eps_from_v"]
+__all__ = ["D3MInferer", "D3MVolumeInferer", "warp", "x0_eps_from_v"]
 
 _WARP = {}
 
@@ -116,3 +119,121 @@ class D3MInferer(DiffusionInferer):
             x_prev, _ = scheduler.step(v, int(t), x, eta=self.eta)
             x = warp(x_prev.to(x.dtype), flow)
         return torch.cat([x, flow.to(x.dtype)], dim=1)
+
+
+def _box(any_rows: torch.Tensor, size: int, k: int) -> tuple[int, int]:
+    """[start, stop) of the True entries of ``any_rows`` grown to a multiple of ``k`` (centred, kept
+    inside [0, size)); the whole axis when the grown box would not fit (the inferer pads it then)."""
+    idx = torch.nonzero(any_rows).flatten()
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    n = -(-(hi - lo) // k) * k
+    if n >= size:
+        return 0, size
+    start = min(max(lo - (n - (hi - lo)) // 2, 0), size - n)
+    return start, start + n
+
+
+class D3MVolumeInferer(DiffusionVolumeInferer):
+    """:class:`~common.inferers.DiffusionVolumeInferer` for D3M that denoises the brain only.
+
+    With ``brain_only``, axial slices without brain are not sampled: they are written as
+    ``background`` (per output channel, network space: T1c 0, i.e. the input's zero for skull-stripped
+    data whose lower percentile is 0; ET mask -1; displacement 0). With ``crop`` as well, the brain
+    slices are cropped in-plane to the brain's bounding box (over all of the volume's brain slices),
+    grown to a multiple of ``spatial_divisor`` and kept inside the image (the whole axis when it does
+    not fit, padded as usual), sampled, and put back on the input grid exactly; outside the box is
+    ``background``.
+
+    The brain is ``brain_mask`` (a keyword of ``__call__``, (B, 1, H, W, D) or (B, H, W, D), nonzero
+    inside; the bundle passes BraTS' brain mask, or the raw T1's support, with MONAI's
+    ``PrepareBatchExtraInput``), else ``inputs[:, brain_channel] > 0``.
+
+    The prior noise is drawn for the whole (padded) volume, (D, C_out, H', W'), once per draw, and
+    each slice / box takes its own part: a slice's noise does not depend on which slices are
+    sampled, so (with DDIM eta = 0) skipping slices leaves every sampled slice's result unchanged.
+
+    Args:
+        brain_only: skip the slices without brain (``False``: the plain full-volume inferer, with the
+            same whole-volume noise).
+        crop: crop the brain slices to the brain's in-plane bounding box (only with ``brain_only``).
+        background: output value per channel outside the brain slices / box.
+        brain_channel: the conditioning channel whose support is the brain when no mask is given (T1).
+        args, kwargs: :class:`~common.inferers.DiffusionVolumeInferer`'s.
+    """
+
+    def __init__(
+        self,
+        *args,
+        brain_only: bool = True,
+        crop: bool = True,
+        background: Sequence[float] = (0.0, -1.0, 0.0, 0.0),
+        brain_channel: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.brain_only, self.crop = bool(brain_only), bool(crop)
+        self.background = [float(v) for v in background]
+        if len(self.background) != self.out_channels:
+            raise ValueError(f"background has {len(self.background)} values for {self.out_channels} output channels")
+        self.brain_channel = int(brain_channel)
+
+    def _brain(self, inputs: torch.Tensor, brain_mask) -> torch.Tensor:
+        if brain_mask is None:
+            return inputs[:, self.brain_channel] > 0
+        m = torch.as_tensor(brain_mask, device=inputs.device)
+        if m.ndim == inputs.ndim:
+            m = m[:, 0]
+        if m.shape != inputs[:, 0].shape:
+            raise ValueError(
+                f"brain mask of shape {tuple(m.shape)} is not on the input's grid {tuple(inputs[:, 0].shape)}"
+            )
+        return m > 0
+
+    def _volume(self, vol: torch.Tensor, brain: torch.Tensor, network: Callable) -> torch.Tensor:
+        """One draw for one volume: vol (C, H, W, D), brain (H, W, D) -> (C_out, H, W, D)."""
+        c, h, w, d = vol.shape
+        k = self.spatial_divisor
+        hp, wp = h + (-h) % k, w + (-w) % k
+        noise = torch.randn((d, self.out_channels, hp, wp), dtype=torch.float32)  # the whole volume's, on the CPU
+        bg = torch.tensor(self.background, dtype=torch.float32, device=vol.device)
+        out = bg.view(-1, 1, 1, 1).expand(self.out_channels, h, w, d).clone()
+        zs = torch.nonzero(brain.flatten(0, 1).any(0)).flatten() if self.brain_only else torch.arange(d)
+        if zs.numel() == 0:
+            return out
+        (r0, r1), (c0, c1) = (0, h), (0, w)
+        if self.brain_only and self.crop:
+            sub = brain[..., zs]
+            r0, r1 = _box(sub.any(-1).any(-1), h, k)
+            c0, c1 = _box(sub.any(-1).any(0), w, k)
+        slices = vol[:, r0:r1, c0:c1][..., zs.to(vol.device)].movedim(-1, 0)  # (Z, C, h', w')
+        eps = noise[zs.cpu(), :, r0:, c0:]
+        pred = self.sample_slices(slices, network, eps)  # (Z, C_out, h', w')
+        out[:, r0:r1, c0:c1, zs.to(vol.device)] = pred.movedim(0, -1).to(out.dtype)
+        return out
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args, brain_mask=None, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        if inputs.ndim != 5:
+            raise ValueError(f"expected a conditioning volume (B, C, H, W, D), got shape {tuple(inputs.shape)}")
+        if not torch.isfinite(inputs).all():
+            raise ValueError("the conditioning volume contains NaN or infinite values")
+        if self.num_inference_steps is not None:
+            self.sampler.scheduler.set_timesteps(int(self.num_inference_steps), device=inputs.device)
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        brain = self._brain(plain, brain_mask.as_tensor() if isinstance(brain_mask, MetaTensor) else brain_mask)
+        network = self.wrap_network(network, inputs.device)
+        devices = [inputs.device] if inputs.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=self.seed is not None), torch.inference_mode():
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            draws = torch.stack(
+                [
+                    torch.stack([self._volume(plain[i], brain[i], network) for i in range(plain.shape[0])])
+                    for _ in range(self.num_samples)
+                ]
+            )
+            mean = draws.mean(0)
+            out = mean if self.num_samples == 1 else torch.cat([mean, draws.std(0), draws[0]], dim=1)
+        out = out.contiguous()
+        if isinstance(inputs, MetaTensor):
+            out = MetaTensor(out.clone()).copy_meta_from(inputs, copy_attr=True)
+        return out

@@ -10,13 +10,14 @@ after contrast arrival, for real series).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
+
+from common.device import PrecisionNetwork, log_precision_once, precision_name, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,11 @@ class IterUNetVolumeInferer(Inferer):
         roi_size: window (X, Y, Z); a dimension larger than the volume is cropped to it.
         start, mode, time_input: as :func:`run_chain` (inference: ``recursive`` or ``direct``).
         sw_batch_size, overlap, blend_mode: ``SlidingWindowInferer``'s.
-        amp: float16 autocast on CUDA (ignored on CPU).
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:func:`common.device.resolve_precision`);
+            the network forward of every chain step runs in it, its output and ConvLSTM state cast back
+            to float32; the layout stays contiguous (3D volumes: no channels-last). The label used
+            is logged once and kept in :attr:`precision_used`.
+        amp: deprecated: ``False`` means ``precision="fp32"``, ``True`` ``"auto"``; ``None`` keeps ``precision``.
         progress: tqdm bar over the windows.
 
     ``__call__(inputs (1, T', *sp), network, times (1, T))`` under ``torch.inference_mode`` returns
@@ -140,14 +145,19 @@ class IterUNetVolumeInferer(Inferer):
         sw_batch_size: int = 1,
         overlap: float = 0.25,
         blend_mode: str = "gaussian",
-        amp: bool = False,
+        precision: str = "auto",
+        amp: bool | None = None,
         progress: bool = False,
     ) -> None:
         super().__init__()
         if mode == "teacher":
             raise ValueError("inference cannot use teacher forcing (it needs the frames it predicts)")
         self.chain = IterUNetChainInferer(start, mode, time_input)
-        self.roi_size, self.amp = [int(r) for r in roi_size], bool(amp)
+        self.roi_size = [int(r) for r in roi_size]
+        if amp is not None:
+            precision = "auto" if amp else "fp32"
+        resolve_precision(precision, "cpu")  # refuse an unknown value now, naming --precision
+        self.precision, self.precision_used = precision, precision_name(None)
         self.sw = dict(
             sw_batch_size=int(sw_batch_size), overlap=float(overlap), mode=blend_mode, progress=bool(progress)
         )
@@ -159,10 +169,12 @@ class IterUNetVolumeInferer(Inferer):
         if times.ndim == 2:
             times = times[0]  # one case per batch: every window shares the case's times
         frames = inputs[:, : self.chain.start + 1]  # only the acquired frames enter the chain
-        cuda = inputs.device.type == "cuda" and self.amp
-        amp = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
-        with torch.inference_mode(), amp:
-            out = sw(frames, lambda patch: self.chain(patch, network, times))
+        dtype, _ = resolve_precision(self.precision, inputs.device)
+        self.precision_used = precision_name(dtype)
+        log_precision_once(logger, self.precision_used, inputs.device)
+        net = PrecisionNetwork(network, dtype, channels_last=False)
+        with torch.inference_mode():
+            out = sw(frames, lambda patch: self.chain(patch, net, times))
         return out.float()
 
 

@@ -1,9 +1,11 @@
 """Run any conditional 2D diffusion sampler over every slice of a 3D volume: all slices of a
-volume in one batch per step, under ``torch.inference_mode`` and CUDA autocast, with optional
-repeated sampling (mean and pixel-wise standard deviation)."""
+volume in one batch per step, under ``torch.inference_mode``, the network forward at the chosen
+``precision`` (:func:`common.device.resolve_precision`), with optional repeated sampling (mean and
+pixel-wise standard deviation)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -12,6 +14,9 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from common.bundle import positive_int
+from common.device import PrecisionNetwork, log_precision_once, precision_name, resolve_precision
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DiffusionVolumeInferer"]
 
@@ -37,7 +42,12 @@ class DiffusionVolumeInferer(Inferer):
             ``[2 C_out, 3 C_out)`` (the figure comparable with single-sample papers).
         slice_batch_size: slices per forward pass; ``None`` or <= 0 means all slices at once.
         spatial_divisor: in-plane padding multiple (2**number of down-samplings of the U-Net).
-        amp: autocast to float16 on CUDA; ignored on CPU.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``, resolved per device by
+            :func:`common.device.resolve_precision`; only the network forward runs in it (its output
+            is cast back to float32, the sampler's arithmetic stays float32 / float64). The label
+            used is logged once and kept in :attr:`precision_used` (e.g. ``"bf16 channels_last"``).
+        amp: deprecated: ``False`` means ``precision="fp32"``, ``True`` ``"auto"``; ``None`` (default)
+            leaves ``precision`` as given.
         seed: seeds all sampling noise in a forked RNG (reproducible outputs, the caller's random
             state untouched); ``None`` draws fresh noise.
         progress: show a progress bar over the reverse steps.
@@ -54,7 +64,8 @@ class DiffusionVolumeInferer(Inferer):
         num_samples: int = 1,
         slice_batch_size: int | None = None,
         spatial_divisor: int = 16,
-        amp: bool = True,
+        precision: str = "auto",
+        amp: bool | None = None,
         seed: int | None = 0,
         progress: bool = True,
     ) -> None:
@@ -67,7 +78,11 @@ class DiffusionVolumeInferer(Inferer):
         self.num_samples = positive_int(num_samples, "num_samples")
         self.slice_batch_size = slice_batch_size
         self.spatial_divisor = int(spatial_divisor)
-        self.amp = amp
+        if amp is not None:
+            precision = "auto" if amp else "fp32"
+        resolve_precision(precision, "cpu")  # refuse an unknown value now, naming --precision
+        self.precision = precision
+        self.precision_used = precision_name(None)
         self.seed = seed
         self.progress = progress
 
@@ -79,22 +94,34 @@ class DiffusionVolumeInferer(Inferer):
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         return x, (h, w)
 
-    def sample_slices(self, cond: torch.Tensor, network: Callable) -> torch.Tensor:
-        """Sample (N, C_out, H, W) from 2D conditions (N, C_cond, H, W) once."""
+    def sample_slices(self, cond: torch.Tensor, network: Callable, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample (N, C_out, H, W) from 2D conditions (N, C_cond, H, W) once. ``noise``: the prior
+        noise (N, C_out, H', W') on the padded grid (H', W' >= the padded H, W; cropped to it);
+        ``None`` draws it chunk by chunk."""
         cond, (h, w) = self._pad(cond)
         n = cond.shape[0]
         chunk = n if not self.slice_batch_size or self.slice_batch_size <= 0 else int(self.slice_batch_size)
         outs = []
         for start in range(0, n, chunk):
             c = cond[start : start + chunk]
-            # drawn on the CPU so a seed gives the same prior noise on every device
-            noise = torch.randn((c.shape[0], self.out_channels, *c.shape[2:]), dtype=torch.float32).to(c.device)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp and c.device.type == "cuda"):
-                out = self.sampler.sample(
-                    input_noise=noise, diffusion_model=network, conditioning=c, mode="concat", verbose=self.progress
-                )
+            if noise is not None:
+                eps = noise[start : start + chunk, :, : c.shape[2], : c.shape[3]].to(c.device)
+            else:  # drawn on the CPU so a seed gives the same prior noise on every device
+                eps = torch.randn((c.shape[0], self.out_channels, *c.shape[2:]), dtype=torch.float32).to(c.device)
+            out = self.sampler.sample(
+                input_noise=eps, diffusion_model=network, conditioning=c, mode="concat", verbose=self.progress
+            )
             outs.append(out.float())
         return torch.cat(outs, 0)[..., :h, :w]
+
+    def wrap_network(self, network: Callable, device: torch.device) -> Callable:
+        """``network`` at this inferer's precision on ``device`` (a :class:`PrecisionNetwork`)."""
+        if network is None or isinstance(network, PrecisionNetwork):
+            return network
+        dtype, channels_last = resolve_precision(self.precision, device)
+        self.precision_used = precision_name(dtype, channels_last)
+        log_precision_once(logger, self.precision_used, device)
+        return PrecisionNetwork(network, dtype, channels_last)
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
         if inputs.ndim != 5:
@@ -104,6 +131,7 @@ class DiffusionVolumeInferer(Inferer):
         if self.num_inference_steps is not None:
             self.sampler.scheduler.set_timesteps(int(self.num_inference_steps), device=inputs.device)
         b, c, h, w, d = inputs.shape
+        network = self.wrap_network(network, inputs.device)
         plain = (
             inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         )  # slices are no longer a batch of cases

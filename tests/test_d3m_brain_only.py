@@ -1,0 +1,128 @@
+"""D3M inference on the brain only (:class:`common.inferers.d3m.D3MVolumeInferer`): slices without
+brain are background, the brain slices are cropped to the brain's box and put back on the input grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from common.inferers.d3m import D3MInferer, D3MVolumeInferer, _box
+from common.networks.d3m import D3MNetwork
+from common.schedulers.sigmoid import SigmoidDDIMScheduler
+
+H, W, D = 48, 40, 6
+BRAIN_SLICES = [1, 2, 4]
+BACKGROUND = torch.tensor([0.0, -1.0, 0.0, 0.0]).view(4, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def case():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = D3MNetwork("small").eval()
+    with torch.no_grad():  # non-zero output layers: a zero-initialised head would make every slice 0
+        for w in net.parameters():
+            if not w.any():
+                w.normal_(0, 0.05)
+    ii, jj = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    ellipse = ((ii - 22) / 9.0) ** 2 + ((jj - 17) / 7.0) ** 2 <= 1  # rows 13..31, cols 10..24
+    brain = torch.zeros(H, W, D, dtype=torch.bool)
+    brain[..., BRAIN_SLICES] = ellipse[..., None]
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, H, W, D, generator=g) * brain  # skull-stripped: t1n > 0 is the brain
+    affine = torch.tensor([[0.0, 0.0, 1.2, -5.0], [-1.0, 0.0, 0.0, 3.0], [0.0, 0.9, 0.0, 7.0], [0, 0, 0, 1.0]])
+    return net, MetaTensor(image, affine=affine), brain
+
+
+def run(net, image, **kw):
+    kw.setdefault("slice_batch_size", 1)  # the same per-slice arithmetic in every run
+    inf = D3MVolumeInferer(
+        D3MInferer(SigmoidDDIMScheduler()),
+        out_channels=4,
+        num_inference_steps=2,
+        spatial_divisor=net.spatial_divisor,
+        precision="fp32",
+        progress=False,
+        **kw,
+    )
+    return inf(image, net)
+
+
+def test_box_grows_to_the_multiple_inside_the_image():
+    rows = torch.zeros(48, dtype=torch.bool)
+    rows[13:32] = True  # 19 rows
+    assert _box(rows, 48, 8) == (11, 35)  # 24 rows, centred
+    assert _box(rows, 48, 16) == (7, 39)
+    rows[:] = False
+    rows[0:3] = True
+    assert _box(rows, 48, 8) == (0, 8)  # kept inside the image
+    rows[40:] = True
+    assert _box(rows, 48, 32) == (0, 48)  # does not fit: the whole axis
+
+
+def test_slice_skipping_keeps_the_full_result_in_the_brain_slices(case):
+    net, image, brain = case
+    full = run(net, image, brain_only=False)
+    skip = run(net, image, brain_only=True, crop=False)
+    assert skip.shape == full.shape == (1, 4, H, W, D)
+    assert torch.equal(skip.affine, image.affine)
+    # inside the brain slices: the full-volume result bit for bit (same seed, per-slice noise)
+    assert torch.equal(skip[..., BRAIN_SLICES], full[..., BRAIN_SLICES])
+    others = [z for z in range(D) if z not in BRAIN_SLICES]
+    assert torch.equal(skip[0][..., others], BACKGROUND[..., None].expand(4, H, W, len(others)))
+    assert not torch.equal(full[0][..., others], skip[0][..., others])  # the full run did sample them
+    # all slices in one batch (the bundle's default): oneDNN picks kernels by batch size, so the sampled
+    # slices agree to float32 rounding only
+    batched = {k: run(net, image, brain_only=k, crop=False, slice_batch_size=0) for k in (False, True)}
+    torch.testing.assert_close(batched[True][..., BRAIN_SLICES], batched[False][..., BRAIN_SLICES], rtol=0, atol=1e-5)
+    # an explicit brain mask gives the same as t1n > 0
+    inf = D3MVolumeInferer(
+        D3MInferer(SigmoidDDIMScheduler()), 4, 2, spatial_divisor=net.spatial_divisor, slice_batch_size=1,
+        precision="fp32", progress=False, crop=False,
+    )  # fmt: skip
+    assert torch.equal(inf(image, net, brain_mask=brain[None, None].float()), skip)
+
+
+def test_cropping_puts_the_box_back_on_the_input_grid(case):
+    net, image, brain = case
+    full = run(net, image, brain_only=False)
+    crop = run(net, image, brain_only=True, crop=True)
+    assert crop.shape == full.shape and torch.equal(crop.affine, image.affine)
+    k = net.spatial_divisor
+    (r0, r1), (c0, c1) = _box(brain.any(-1).any(-1), H, k), _box(brain.any(-1).any(0), W, k)
+    assert (r1 - r0) % k == 0 and (c1 - c0) % k == 0 and r0 <= 13 and r1 >= 32 and c0 <= 10 and c1 >= 25
+    inside = torch.zeros(H, W, dtype=torch.bool)
+    inside[r0:r1, c0:c1] = True
+    out = crop[0]
+    bg = BACKGROUND.expand(4, H, W)
+    for z in range(D):
+        if z not in BRAIN_SLICES:
+            assert torch.equal(out[..., z], bg)
+        else:
+            assert torch.equal(out[:, ~inside, z], bg[:, ~inside])
+    # a local network (one 3x3 convolution, no displacement): 2 steps see 2 pixels, so inside the box
+    # away from a 2-pixel rim the cropped chain is the full-volume chain; the rim sees the box's border
+    local = LocalNet()
+    full, crop = run(local, image, brain_only=False), run(local, image, brain_only=True, crop=True)
+    core = torch.zeros(H, W, dtype=torch.bool)
+    core[r0 + 2 : r1 - 2, c0 + 2 : c1 - 2] = True
+    for z in BRAIN_SLICES:
+        torch.testing.assert_close(crop[0, :, core, z], full[0, :, core, z], rtol=0, atol=1e-5)
+    rim = inside & ~core
+    assert not torch.allclose(crop[0, :2, rim][..., BRAIN_SLICES[0]], full[0, :2, rim][..., BRAIN_SLICES[0]])
+
+
+class LocalNet(torch.nn.Module):
+    """(x (N, 5, H, W), t, abar) -> (N, 4, H, W): a random 3x3 convolution for v, zero displacement."""
+
+    spatial_divisor = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(5, 2, 3, padding=1)
+        torch.nn.init.normal_(self.conv.weight, 0, 0.3, generator=torch.Generator().manual_seed(3))
+
+    def forward(self, x, t, abar):
+        v = self.conv(x)
+        return torch.cat([v, torch.zeros_like(v)], 1)
