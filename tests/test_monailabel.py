@@ -469,3 +469,48 @@ def test_uploads_are_refused_and_leave_no_file(served):
     time.sleep(0.5)
     assert new_files(served, before) == set()
     no_traceback_since(served, start)
+
+
+def test_sigterm_stops_the_server_and_its_workers(tmp_path):
+    """``serve.py ... --workers 2``: the workers start (the pydicom alias applies in them too) and SIGTERM to
+    serve.py ends it and every worker, and the port stops answering."""
+    import psutil
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    app = tmp_path / "app"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    port = free_port()
+    cmd = [sys.executable, str(app / "serve.py"), "start_server", "--app", str(app), "--studies", str(studies)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--conf", "models", "ressrdiff", "--workers", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GADOFREE_SHUTDOWN_GRACE_S="5")
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/info/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+        family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        assert len(family) >= 3  # serve.py and its two uvicorn workers
+        proc.send_signal(15)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in family):
+            assert time.monotonic() < deadline, f"still running after SIGTERM: {family}"
+            time.sleep(0.2)
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(url, timeout=3)
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
