@@ -14,9 +14,12 @@ never edited by hand) and ``models/model.pt`` (``--weights``) or ``large_files.y
 (``--weights_url``; the md5 of ``--weights`` when both are given, or ``--weights_hash``). With both,
 the weights are not copied: the URL is where that file will be downloaded from.
 
-The Model Zoo puts the bundle folder on ``sys.path`` (``python -m monai.bundle run`` from the
-bundle folder does too), so ``$import scripts.common`` finds the vendored copy; ``bundle_root`` is
-the folder holding that ``scripts`` package, wherever the bundle lies.
+``python -m monai.bundle run`` puts the bundle folder (the parent of the configs' folder) on ``sys.path``
+when the workflow runs (``ConfigWorkflow.run``), after ``initialize``, and MONAI evaluates a config's
+``$import`` statements at its first resolved expression; so an exported config has no ``initialize``
+(:func:`defer_initialize`: its expressions open the run lists ``training`` / ``evaluating``) and
+``$import scripts.common`` finds the vendored copy from any working directory. ``bundle_root`` is the
+folder holding that ``scripts`` package, wherever the bundle lies.
 
 The docs' Markdown files are rewritten for the exported folder (:func:`rewrite_docs`): the bundle's own
 paths (``bundles/<b>/configs/...``) become relative to it, ``.venv/bin/python`` becomes ``python``, the
@@ -228,6 +231,22 @@ def rewrite_config(node, key=None):
     return node
 
 
+#: the workflow lists ``monai.bundle run`` runs after putting the bundle folder on ``sys.path``
+RUN_LISTS = ("training", "evaluating")
+
+
+def defer_initialize(config: dict, initialize: list[str]) -> dict:
+    """``config`` without ``initialize`` and with ``initialize`` (the train config's, rewritten) at the start of
+    each of its :data:`RUN_LISTS`: MONAI runs ``initialize`` before it puts the bundle folder on ``sys.path``,
+    and resolving any expression first evaluates every ``$import`` of the config (``scripts.common``), so an
+    ``initialize`` would fail with "No module named 'scripts'" outside the bundle folder."""
+    config = {k: v for k, v in config.items() if k != "initialize"}
+    for key in RUN_LISTS:
+        if isinstance(config.get(key), list):
+            config[key] = [*initialize, *config[key]]
+    return config
+
+
 def rewrite_module(source: str, path: Path) -> str:
     out = _FROM_IMPORT.sub(lambda m: f"{m.group(1)}from {VENDORED}{m.group(2)}", source)
     for node in ast.walk(ast.parse(out)):
@@ -243,9 +262,10 @@ def rewrite_module(source: str, path: Path) -> str:
 REPO_PATHS = ("scripts", "tests", "data", "demo_output", "bundles", "common")
 _NOT_PATH = r"(?<![\w./$@-])"
 DOCS_NOTE = (
-    "> Exported from the gadofree-bundles repository by `scripts/export_bundle.py`. Run the commands from "
-    "this folder (`python -m monai.bundle run` puts it on `sys.path`; the code the configs use is the "
-    "generated copy in `scripts/common/`). `$REPO` stands for a checkout of gadofree-bundles, needed only for "
+    "> Exported from the gadofree-bundles repository by `scripts/export_bundle.py`. The commands run from "
+    "any folder (`python -m monai.bundle run` puts this folder on `sys.path`; the code the configs use is the "
+    "generated copy in `scripts/common/`); relative paths (`--dataset_dir`, `--output_dir`) are the working "
+    "folder's. `$REPO` stands for a checkout of gadofree-bundles, needed only for "
     "what is prefixed with it (data preparation, benchmarks, tests): `export REPO=/path/to/gadofree-bundles`. "
     "The default `dataset_dir` is `../../data/...` from this folder (the repository's layout: `dist/<bundle>` "
     "inside a checkout); elsewhere pass `--dataset_dir`.\n"
@@ -353,13 +373,14 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     (out / "configs").mkdir()
     stacked = {files[-1]: files for files in WORKFLOW_FILES.values() if len(files) > 1}
+    initialize = rewrite_config(json.loads((src / "configs" / "train.json").read_text())).get("initialize", [])
     for f in sorted((src / "configs").iterdir()):
         if f.suffix == ".json" and f.name not in ("metadata.json", "contract.json"):
             if f.name == "inference.json":  # standalone, as the Model Zoo, MONAI Label and MONAI Deploy read it
                 config = flatten([src / "configs" / n for n in stacked.get(f.name, (f.name,))])
             else:
                 config = json.loads(f.read_text())
-            config = rewrite_config(config)
+            config = defer_initialize(rewrite_config(config), initialize)
             if f.name == "inference.json":  # e.g. iterunet's models/recursive/model.pt
                 config["ckpt_path"] = EXPORTED_CKPT_PATH
             text = json.dumps(config, indent=4) + "\n"

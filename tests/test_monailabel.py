@@ -90,9 +90,14 @@ def served(tmp_path_factory):
         conf += ["--conf", f"{b}.num_inference_steps", STEPS] if b in DIFFUSION else []
         conf += [x for k, v in EXTRA.get(b, {}).items() for x in ("--conf", f"{b}.{k}", v)]
     log = tmp / "server.log"
+    server_tmp = tmp / "server_tmp"  # the server's temporary folder (an upload must leave nothing there)
+    server_tmp.mkdir()
+    # the brain case inside the datastore (requests may name only images of the --studies folder)
+    brain = studies / next(p for p in (tmp / "ph" / "brain").iterdir() if p.is_dir()).name
+    shutil.copytree(tmp / "ph" / "brain" / brain.name, brain)
     cmd = [sys.executable, str(app / "serve.py"), "start_server", "--app", str(app), "--studies", str(studies)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), *conf]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TMPDIR=str(server_tmp))
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
@@ -108,8 +113,15 @@ def served(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"MONAI Label server did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
-        brain = next(p for p in (tmp / "ph" / "brain").iterdir() if p.is_dir())
-        yield {"url": url, "case": studies / "phantom-000", "brain": brain, "log": log, "ckpt": ckpt}
+        yield {
+            "url": url,
+            "case": studies / "phantom-000",
+            "brain": brain,
+            "outside": tmp / "ph" / "brain" / brain.name,  # the same case outside the datastore
+            "log": log,
+            "ckpt": ckpt,
+            "tmp": server_tmp,
+        }
     finally:
         proc.terminate()
         try:
@@ -120,14 +132,15 @@ def served(tmp_path_factory):
 
 
 def infer(
-    served: dict, model: str, image: str, output: str = "image", params: dict | None = None
+    served: dict, model: str, image: str, output: str = "image", params: dict | str | None = None
 ) -> tuple[int, bytes] | tuple[int, bytes, str]:
-    """POST /infer/<model>?image=...&output=...; ``params`` go in the form field MONAI Label reads them from.
-    ``(status, body)``; with ``output="all"`` ``(status, body, content type)`` (multipart)."""
+    """POST /infer/<model>?image=...&output=...; ``params`` go in the form field MONAI Label reads them from
+    (a string as it is). ``(status, body)``; with ``output="all"`` ``(status, body, content type)`` (multipart)."""
     import json
 
     query = urllib.parse.urlencode({"image": image, "output": output})
-    form = urllib.parse.urlencode({"params": json.dumps(params or {})}).encode()
+    text = params if isinstance(params, str) else json.dumps(params or {})
+    form = urllib.parse.urlencode({"params": text}).encode()
     req = urllib.request.Request(
         f"{served['url']}/infer/{model}?{query}",
         data=form,
@@ -147,11 +160,11 @@ def infer(
         return e.code, e.read()
 
 
-def direct(bundle: str, out: Path, ckpt: Path, *source: str) -> None:
+def direct(bundle: str, out: Path, ckpt: Path, *source: str, steps: str = STEPS) -> None:
     """The bundle's own inference on the same study (``monai.bundle run evaluating``)."""
     config = str([str(ROOT / "bundles" / bundle / "configs" / f) for f in ("train.json", "inference.json")])
     extra = [x for k, v in EXTRA.get(bundle, {}).items() for x in (f"--{k}", v)]
-    extra += ["--num_inference_steps", STEPS] if bundle in DIFFUSION else []
+    extra += ["--num_inference_steps", steps] if bundle in DIFFUSION else []
     args = ["--output_dir", str(out), "--ckpt_path", str(ckpt), *extra, *source]
     threads = torch.get_num_threads()
     torch.set_num_threads(
@@ -295,7 +308,7 @@ def test_iterunet_over_http_equals_the_bundle(served, tmp_path):
 def test_an_incomplete_case_is_named(served, tmp_path):
     import json
 
-    case = tmp_path / "lonely"
+    case = served["case"].parent / "lonely"  # inside the datastore
     case.mkdir()
     shutil.copy(served["case"] / "t2w.nii.gz", case / "t2w.nii.gz")
     status, body = infer(served, "resdce", str(case / "t2w.nii.gz"))
@@ -308,16 +321,8 @@ def test_an_incomplete_case_is_named(served, tmp_path):
     shutil.copy(served["case"] / "t2w.nii.gz", stray)
     status, body = infer(served, "resdce", str(stray))
     assert status == 400 and "not part of a complete study" in json.loads(body)["detail"]
-    # a file inside a complete case that is none of its series
-    extra = served["case"] / "notes.nii.gz"
-    shutil.copy(served["case"] / "t2w.nii.gz", extra)
-    try:
-        status, body = infer(served, "resdce", str(extra))
-    finally:
-        extra.unlink()
-    assert status == 400, body[-2000:]
-    detail = json.loads(body)["detail"]
-    assert f"{extra} is not a series of the case {served['case']}" in detail and "t2w.nii.gz" in detail
+    stray.unlink()
+    shutil.rmtree(case)
 
 
 def test_missing_weights_are_named(tmp_path, monkeypatch):
@@ -329,3 +334,183 @@ def test_missing_weights_are_named(tmp_path, monkeypatch):
     assert task.output_names == PHASES["resdce"] and task.geometry_key == "dce_pre"
     with pytest.raises(CheckpointError, match=r"no trained weights at .*none\.pt.*--conf resdce\.ckpt_path"):
         task.run_inferer({}, device="cpu")
+
+
+def detail_of(status_body: tuple) -> tuple[int, str]:
+    """``(status, detail)`` of a refused request (FastAPI's ``{"detail": ...}``)."""
+    status, body = status_body[:2]
+    return status, json.loads(body)["detail"]
+
+
+def new_files(served: dict, before: set) -> set:
+    """Files that appeared in the server's temporary folder since ``before`` (result files MONAI Label removes
+    after an answer excluded: only names that are not ``<model>_<result>_...`` results)."""
+    return {p.name for p in served["tmp"].rglob("*") if p.is_file()} - before
+
+
+def no_traceback_since(served: dict, start: int) -> str:
+    text = served["log"].read_text()[start:]
+    assert "Traceback" not in text, text[-3000:]
+    return text
+
+
+def test_requests_may_name_only_images_of_the_datastore(served, tmp_path):
+    """A file the server can read outside --studies is refused (403) and nothing is synthesised."""
+    start = len(served["log"].read_text())
+    before = {p.name for p in served["tmp"].rglob("*") if p.is_file()}
+    outside = served["outside"] / f"{served['outside'].name}-t1n.nii.gz"  # a complete brain case, outside
+    digest = outside.read_bytes()
+    status, detail = detail_of(infer(served, "d3m", str(outside)))
+    assert status == 403, detail
+    studies = served["case"].parent.resolve()
+    assert detail == (
+        f"request image {outside}: outside the app's datastore {studies} "
+        "(requests may name only images of the --studies folder)"
+    )
+    # relative paths that climb out, and a symbolic link inside the studies folder pointing outside
+    rel = os.path.relpath(outside, studies)
+    assert rel.startswith("..")
+    assert detail_of(infer(served, "d3m", rel))[0] == 403
+    link = studies / "link-t1n.nii.gz"
+    link.symlink_to(outside)
+    try:
+        status, detail = detail_of(infer(served, "d3m", str(link)))
+    finally:
+        link.unlink()
+    assert status == 403 and "outside the app's datastore" in detail
+    status, detail = detail_of(infer(served, "resdce", "/etc/hostname"))
+    assert status == 403 and detail.startswith("request image /etc/hostname: outside the app's datastore")
+    # inside, but no such file
+    status, detail = detail_of(infer(served, "resdce", "phantom-000/nope.nii.gz"))
+    assert (
+        status == 404
+        and detail == f"request image phantom-000/nope.nii.gz: no such file in the studies folder {studies}"
+    )
+    assert outside.read_bytes() == digest
+    assert new_files(served, before) == set()  # nothing synthesised
+    no_traceback_since(served, start)
+
+
+def test_request_params_are_honoured_or_refused(served, tmp_path):
+    """num_inference_steps / num_samples of a request are the bundle's ids for that request (the answer equals the
+    bundle run with them); unknown keys, non-objects, bad values, an unknown model and no image: 4xx, one line."""
+    start = len(served["log"].read_text())
+    t2w = str(served["case"] / "t2w.nii.gz")
+    status, body, ctype = infer(served, "resdce", t2w, output="all", params={"num_inference_steps": 1, "device": "cpu"})
+    assert status == 200, body[-2000:]
+    params, image = multipart(body, ctype)
+    assert params["num_inference_steps"] == 1 and params["num_samples"] == 1
+    res = load_result(image, tmp_path / "one_step.nii.gz").get_fdata(dtype=np.float32)
+    direct("resdce", tmp_path / "direct", served["ckpt"]["resdce"], "--case_dir", str(served["case"]), steps="1")
+    for c, name in enumerate(PHASES["resdce"]):
+        want = nib.load(tmp_path / "direct" / "phantom-000" / f"{name}.nii.gz").get_fdata(dtype=np.float32)
+        np.testing.assert_allclose(res[..., c], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    status, body, ctype = infer(served, "resdce", t2w, output="all")  # the served default: 2 steps
+    assert status == 200 and multipart(body, ctype)[0]["num_inference_steps"] == int(STEPS)
+    default = load_result(multipart(body, ctype)[1], tmp_path / "default.nii.gz").get_fdata(dtype=np.float32)
+    assert np.abs(default - res).max() > 1e-3  # the step count changed the answer
+    status, body = infer(served, "resdce", t2w, output="json", params={"num_samples": 2})
+    assert status == 200 and json.loads(body)["num_samples"] == 2
+    refused = {
+        '{"num_inference_steps": 1, "seed": 3, "foo": 1}': (
+            400,
+            "params: 'seed', 'foo' not accepted by resdce (accepted: device, num_inference_steps, num_samples)",
+        ),
+        "not json": (400, "params: not JSON"),
+        "[1, 2]": (400, "params: must be a JSON object, got list [1, 2]"),
+        '{"num_inference_steps": 0}': (400, "params: num_inference_steps must be a positive integer, got 0"),
+        '{"num_samples": "2"}': (400, "params: num_samples must be a positive integer, got '2'"),
+        '{"device": "tpu"}': (400, "params: device must be 'cpu', 'cuda' or 'cuda:<n>', got 'tpu'"),
+    }
+    for text, (code, message) in refused.items():
+        status, detail = detail_of(infer(served, "resdce", t2w, params=text))
+        assert status == code and detail.startswith(message), (text, status, detail)
+    status, detail = detail_of(infer(served, "iterunet", str(served["case"] / "dce.nii.gz"), params={"num_samples": 2}))
+    assert status == 400 and detail == "params: 'num_samples' not accepted by iterunet (accepted: device)"
+    status, detail = detail_of(infer(served, "nosuch", t2w))
+    assert status == 404 and detail == f"unknown model 'nosuch': this app serves {', '.join(sorted(MODELS))}"
+    status, detail = detail_of(infer(served, "resdce", ""))
+    assert status == 400 and detail.startswith("no image: name a series file of the studies folder")
+    log = no_traceback_since(served, start)
+    assert " 500 " not in log
+
+
+def test_uploads_are_refused_and_leave_no_file(served):
+    """MONAI Label writes an upload to a temporary file it removes only after a successful answer; this app
+    refuses uploads before that (400) and nothing is left in the server's temporary folder."""
+    import uuid
+
+    start = len(served["log"].read_text())
+    before = {p.name for p in served["tmp"].rglob("*") if p.is_file()}
+    data = (served["case"] / "t2w.nii.gz").read_bytes()
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{{}}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t2w.nii.gz"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    req = urllib.request.Request(
+        f"{served['url']}/infer/resdce?output=image",
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, answer = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, answer = e.code, e.read()
+    assert status == 400, answer[-2000:]
+    assert json.loads(answer)["detail"].startswith("uploads are not supported by this app")
+    time.sleep(0.5)
+    assert new_files(served, before) == set()
+    no_traceback_since(served, start)
+
+
+def test_sigterm_stops_the_server_and_its_workers(tmp_path):
+    """``serve.py ... --workers 2``: the workers start (the pydicom alias applies in them too) and SIGTERM to
+    serve.py ends it and every worker, and the port stops answering."""
+    import psutil
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    app = tmp_path / "app"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    port = free_port()
+    cmd = [sys.executable, str(app / "serve.py"), "start_server", "--app", str(app), "--studies", str(studies)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--conf", "models", "ressrdiff", "--workers", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GADOFREE_SHUTDOWN_GRACE_S="5")
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/info/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+        family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        assert len(family) >= 3  # serve.py and its two uvicorn workers
+        proc.send_signal(15)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in family):
+            assert time.monotonic() < deadline, f"still running after SIGTERM: {family}"
+            time.sleep(0.2)
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(url, timeout=3)
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

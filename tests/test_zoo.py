@@ -419,3 +419,32 @@ def test_exported_bundle_runs_without_this_repository(bundle, trained, phantoms)
     assert result["network"]["extra"] == extra
     assert Path(result["model"]).is_file()  # trained in the exported copy, into its own output folder
     assert check_outputs(meta, Path(result["eval"]), phantoms / DATA[bundle][0], DATA[bundle][1])
+
+
+def test_exported_bundle_runs_from_any_working_directory(tmp_path):
+    """``python -m monai.bundle run`` of an exported bundle from another folder (the bundle not on PYTHONPATH):
+    the vendored ``scripts.common`` is found (MONAI puts the bundle folder on sys.path when the workflow runs;
+    the export has no ``initialize`` that would import it earlier) and the run goes as far as from inside the
+    folder: here to the bundle's own one-line error for its missing weights, naming its models/model.pt."""
+    out = export_module().export("ressrdiff", tmp_path / "ressrdiff", weights_url="https://example.org/sr.pt")
+    config = json.loads((out / "configs" / "inference.json").read_text())
+    assert "initialize" not in config and config["evaluating"][0] == "$scripts.common.errors.install()"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    site_packages = [p for p in sys.path if p.endswith("site-packages")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(site_packages), OMP_NUM_THREADS="1")
+    env.pop("GADOFREE_DEBUG", None)
+    volume = tmp_path / "t2w.nii.gz"
+    volume.write_bytes(b"")
+    lines = {}
+    for cwd in (elsewhere, out):
+        cmd = [sys.executable, "-S", "-m", "monai.bundle", "run", "evaluating"]
+        cmd += ["--config_file", str(out / "configs" / "inference.json"), "--input_file", str(volume)]
+        cmd += ["--output_dir", str(tmp_path / "sr_out")]
+        run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1, run.stderr[-3000:]
+        assert "No module named 'scripts'" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+        lines[cwd] = [x for x in run.stderr.splitlines() if x.startswith("error:")]
+    assert lines[elsewhere] == lines[out] and len(lines[out]) == 1
+    assert f"no trained weights at {out / 'models' / 'model.pt'}" in lines[out][0]
+    assert volume.read_bytes() == b""

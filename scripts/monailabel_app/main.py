@@ -8,8 +8,10 @@ e.g. ``--conf resdce.ckpt_path /path/model.pt --conf resdce.num_inference_steps 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 
 from fastapi import HTTPException
 from lib.infers import BundleSynthesisTask, CheckpointError, StudyError, bundle_overrides
@@ -57,16 +59,92 @@ class GadofreeApp(MONAILabelApp):
     def init_scoring_methods(self) -> dict:
         return {}
 
+    def study_image(self, image) -> str:
+        """The absolute path of a request's ``image``, which must be a file inside the app's datastore (the
+        ``--studies`` folder, symbolic links resolved): absolute, or relative to that folder.
+
+        Raises:
+            HTTPException: 400 no image, 403 a path outside the studies folder, 404 no such file in it.
+        """
+        studies = Path(self.studies).expanduser().resolve()
+        if not isinstance(image, str) or not image:
+            raise HTTPException(400, "no image: name a series file of the studies folder with ?image=<path>")
+        path = Path(image).expanduser()
+        path = (path if path.is_absolute() else studies / path).resolve()
+        if not path.is_relative_to(studies):
+            raise HTTPException(
+                403,
+                f"request image {image}: outside the app's datastore {studies} "
+                "(requests may name only images of the --studies folder)",
+            )
+        if not path.is_file():
+            raise HTTPException(404, f"request image {image}: no such file in the studies folder {studies}")
+        return str(path)
+
+    def check_request(self, model: str, image: str, session_id: str, params: str) -> dict:
+        """The checks of a ``POST /infer/<model>`` request before MONAI Label reads it: a served ``model``,
+        an ``image`` (or session), ``params`` a JSON object with only the keys the task accepts
+        (:meth:`BundleSynthesisTask.check_params`). Returns the params. Raises HTTPException (4xx, one line)."""
+        if model not in self._infers:
+            raise HTTPException(404, f"unknown model {model!r}: this app serves {', '.join(sorted(self._infers))}")
+        if not image and not session_id:
+            raise HTTPException(400, "no image: name a series file of the studies folder with ?image=<path>")
+        try:
+            p = json.loads(params) if params else {}
+        except ValueError as e:
+            raise HTTPException(400, f'params: not JSON ({e}); send a JSON object, e.g. {{"num_samples": 2}}') from None
+        if not isinstance(p, dict):
+            raise HTTPException(400, f"params: must be a JSON object, got {type(p).__name__} {params[:80]}")
+        try:
+            self._infers[model].check_params(p)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return p
+
     def infer(self, request, datastore=None):
-        """``image`` may also be a series path relative to the studies folder (``<case>/t2w.nii.gz``).
-        A request whose image is not part of a study the bundle reads is answered 400 with the reason,
-        one whose task has no usable weights 500 with the file and the reason."""
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.isabs(image) and os.path.isfile(os.path.join(self.studies, image)):
-            request = {**request, "image": os.path.join(self.studies, image)}
+        """``image`` is a series file inside the studies folder (absolute or relative to it, e.g.
+        ``<case>/t2w.nii.gz``; anything else: 403, :meth:`study_image`). A request whose image is not part of
+        a study the bundle reads is answered 400 with the reason, one whose task has no usable weights 500
+        with the file and the reason."""
+        request = {**request, "image": self.study_image(request.get("image"))}
         try:
             return super().infer(request, datastore)
-        except StudyError as e:
+        except (StudyError, ValueError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
         except CheckpointError as e:
             raise HTTPException(status_code=500, detail=str(e)) from None
+
+
+UPLOAD_REFUSED = (
+    "uploads are not supported by this app (it synthesises only studies of its --studies folder): "
+    "name a series file of that folder with ?image=<path>; the file sent was not kept"
+)
+
+
+def guard_infer_endpoint() -> None:
+    """Check ``POST /infer/<model>`` before MONAI Label's ``run_inference`` reads it (it parses ``params``
+    with a bare ``json.loads`` and writes an uploaded file to a temporary file it removes only after a
+    successful answer): uploads are refused (400, nothing written), then :meth:`GadofreeApp.check_request`.
+    MONAI Label's endpoint calls ``run_inference`` by its module name, so wrapping that name is enough."""
+    import monailabel.endpoints.infer as endpoint
+    from monailabel.interfaces.utils.app import app_instance
+
+    original = endpoint.run_inference
+    if getattr(original, "gadofree_guard", False):
+        return
+
+    def run_inference(
+        background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None
+    ):
+        if file is not None or label is not None:
+            raise HTTPException(400, UPLOAD_REFUSED)
+        instance = app_instance()
+        if isinstance(instance, GadofreeApp):
+            instance.check_request(model, image, session_id, params)
+        return original(background_tasks, model, image, session_id, params, file, label, output)
+
+    run_inference.gadofree_guard = True
+    endpoint.run_inference = run_inference
+
+
+guard_infer_endpoint()

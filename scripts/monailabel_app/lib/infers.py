@@ -254,7 +254,49 @@ class BundleSynthesisTask(BasicInferTask):
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return list(self.bundle_config.get_parsed_content("postprocessing").transforms)
 
+    #: config ids a request's ``params`` may set for this one request (where the bundle has them)
+    REQUEST_CONFIG_IDS = ("num_inference_steps", "num_samples")
+
+    def request_params(self) -> list[str]:
+        """The keys a request's ``params`` may hold: ``device`` (MONAI Label's: ``cpu``, ``cuda``, ``cuda:<n>``),
+        ``result_key`` (where the bundle has label outputs) and the :attr:`REQUEST_CONFIG_IDS` the bundle's
+        config defines (e.g. not iterunet's)."""
+        ids = [i for i in self.REQUEST_CONFIG_IDS if i in self.bundle_config]
+        return ["device", *(["result_key"] if self.label_outputs else []), *ids]
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        """Refuse a request's ``params`` with a key this task does not read or a value it cannot use.
+
+        Raises:
+            ValueError: one line naming the key(s) and what is accepted.
+        """
+        accepted = self.request_params()
+        unknown = [k for k in params if k not in accepted]
+        if unknown:
+            raise ValueError(
+                f"params: {', '.join(map(repr, unknown))} not accepted by {self.name} (accepted: {', '.join(accepted)})"
+            )
+        for key in self.REQUEST_CONFIG_IDS:
+            value = params.get(key)
+            if key in params and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"params: {key} must be a positive integer, got {value!r}")
+        device = params.get("device")
+        if "device" in params and not (
+            isinstance(device, str)
+            and (device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()))
+        ):
+            raise ValueError(f"params: device must be 'cpu', 'cuda' or 'cuda:<n>', got {device!r}")
+        if "result_key" in params and params["result_key"] not in ("image", *self.label_outputs):
+            raise ValueError(
+                f"{self.name}: result_key {params['result_key']!r} is not one of {['image', *self.label_outputs]}"
+            )
+
     def inferer(self, data=None):
+        """The bundle's ``inferer``; with ``num_inference_steps``/``num_samples`` in the request, the one its
+        config builds with those values (the sampler's schedule included, e.g. dcediff's)."""
+        request = {k: data[k] for k in self.REQUEST_CONFIG_IDS if data and k in data and k in self.bundle_config}
+        if request:
+            return self.parser(**request).get_parsed_content("inferer")
         return self.bundle_config.get_parsed_content("inferer")
 
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
@@ -281,7 +323,7 @@ class BundleSynthesisTask(BasicInferTask):
         fixed output), the writer's affine. ``"result_key": "<key>"`` in the request's params (one of the
         task's ``results``, e.g. d3m's ``et_mask``) returns that label volume instead (uint8, same
         affine). ``params``: ``channels``, ``geometry`` (the file whose affine the result has),
-        ``result_key``, for a time series ``times_s`` (the predicted time points) and ``start_phase``, for
+        ``result_key``, ``num_inference_steps`` and ``num_samples`` (where the bundle has them), for a time series ``times_s`` (the predicted time points) and ``start_phase``, for
         each label output its voxel count and volume (``<key>_voxels``, ``<key>_ml``).
         """
         pred = as_numpy(data["pred"])
@@ -290,6 +332,9 @@ class BundleSynthesisTask(BasicInferTask):
         if pred.shape != (len(names), *grid):
             raise ValueError(f"{self.name}: prediction {pred.shape} does not fit {names} on {src} {grid}")
         params: dict[str, Any] = {"bundle": self.name, "channels": names, "geometry": src}
+        for key in self.REQUEST_CONFIG_IDS:  # the values this answer was computed with
+            if key in self.bundle_config:
+                params[key] = data[key] if key in data else self.bundle_config.get_parsed_content(key)
         if self.layout.kind == "time_series":
             start = int(self.output_writer.start)
             params.update(start_phase=start, times_s=self.layout.times(data)[start + 1 :])
