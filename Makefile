@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --out demo_output --phantoms $(PHANTOMS)
 
 bench: $(STAMP)
-	$(PY) scripts/benchmark.py --out benchmark.md
+	$(PY) -m scripts.benchmark --out benchmark.md
 
 # one CUDA GPU: train, synthesise and a 1-process DDP step per bundle, CUDA rows into benchmark.md (< 8 min on an H100)
 gpu-check: $(STAMP)

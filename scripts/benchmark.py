@@ -4,7 +4,7 @@ Rows are added by each part of the project (phantom generation, DICOM ingest, ea
 training and inference). Every row says what was measured, on which device, and how. Timings are
 wall-clock seconds on the machine that runs it; nothing here is asserted by a test.
 
-    python scripts/benchmark.py --out benchmark.md [--only phantoms,ingest,resdce,dcediff,ressrdiff] [--readme README.md]
+    python -m scripts.benchmark --out benchmark.md   # from the repository root [--only phantoms,ingest,resdce,dcediff,ressrdiff] [--readme README.md]
 
 Besides ``out``, the README's table between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is
 rewritten (atomically): the rows of the sections that ran are replaced, every other section's rows
@@ -26,11 +26,14 @@ from typing import Callable
 import fire
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common.device import get_device
 
-from common.device import get_device  # noqa: E402
-from scripts.benchmarks.common import timed  # noqa: E402
+try:
+    from scripts.benchmarks.common import timed
+except ModuleNotFoundError:  # run as a file: the repository root is not on the path
+    sys.exit("run it from the repository root as a module: python -m scripts.benchmark [options]")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED_STUDY = ROOT.parent / "shared" / "data" / "prostatex" / "ProstateX-0218"
 

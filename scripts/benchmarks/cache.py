@@ -10,7 +10,7 @@ from the process start to the log line of iteration 1, the process tree's peak m
 the trainer and its DataLoader workers, sampled every 0.2 s) and the trainer's own peak RSS, and the log lines saying what is cached where.
 
     python -m scripts.benchmarks.cache                     # print the rows
-    python scripts/benchmark.py --only cache --readme README.md
+    python -m scripts.benchmark --only cache --readme README.md
 
 The old default (every case in memory: ``--cache memory``) is run on 8 and 16 cases and extrapolated
 linearly to 64 (64 cases would need about 13 GiB on a machine other jobs share); the row says so.

@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-# run as a script, this folder (holding ``common.py``) would shadow the ``common`` package
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if __package__ in (None, ""):  # run as a file, this folder (holding ``common.py``) would shadow ``common``
+    sys.exit("run it as scripts/gpu_check.sh or, from the repository root, python -m scripts.benchmarks.gpu")
 
 from common.device import precision_name, resolve_precision  # noqa: E402
 from scripts.benchmarks.common import bundle_parser  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BUNDLES = ("resdce", "dcediff", "ressrdiff", "d3m", "iterunet")
 START, END = "<!-- gpu-check:start -->", "<!-- gpu-check:end -->"
