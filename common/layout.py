@@ -17,10 +17,12 @@ Each datalist entry maps these keys to paths relative to the datalist's folder, 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from common.io import save_json
 
@@ -32,6 +34,63 @@ DCE_TIMES = "dce_times.json"
 MANIFEST = "manifest.json"
 DATALIST = "datalist.json"
 SECTIONS = ("training", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseManifest:
+    """What a DICOM ingest wrote to ``<case>/manifest.json``, typed: the source study, the series of the
+    case's grid, and the SeriesNumbers already used in the study (readers need no manifest internals).
+
+    Attributes:
+        source: the study folder the case was ingested from.
+        grid_series: the folder of the DICOM series whose grid the case's volumes share (the DCE time
+            point used as pre-contrast input for a prostate study, the T1 of a brain study), relative
+            to ``source``.
+        grid_series_uid: its SeriesInstanceUID where recorded (a folder may hold several series), else None.
+        series_numbers: every SeriesNumber of the source study.
+        data: the whole manifest.
+    """
+
+    source: Path
+    grid_series: str
+    grid_series_uid: str | None
+    series_numbers: tuple[int, ...]
+    data: Mapping[str, Any]
+
+    @classmethod
+    def read(cls, case_dir: str | os.PathLike) -> CaseManifest:
+        """The manifest of the case folder ``case_dir`` (``ValueError`` naming the file when it lacks the
+        reference grid: a phantom's manifest, or one written by an older ingest)."""
+        path = Path(case_dir) / MANIFEST
+        return cls.from_dict(json.loads(path.read_text()), path)
+
+    @classmethod
+    def from_dict(cls, m: Mapping[str, Any], path: str | os.PathLike = MANIFEST) -> CaseManifest:
+        try:
+            role = m["reference"]["role"]
+            if role == "dce":
+                tp = m["dce"]["series"][m["dce"]["phases"]["pre"]["index"]]
+                label, number = tp["folder"], tp["series_number"]
+                uid = next(
+                    (
+                        r.get("series_uid")
+                        for r in m.get("series", [])
+                        if r.get("folder") == label and r.get("series_number") == number
+                    ),
+                    None,
+                )
+            else:
+                label, uid = m["roles"][role]["folder"], m["roles"][role].get("series_uid")
+            source = Path(m["source"])
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"{path}: not the manifest of a DICOM ingest (no reference grid: {e!r})") from None
+        numbers = tuple(int(r["series_number"]) for r in m.get("series", []) if r.get("series_number") is not None)
+        return cls(source, label.split("#")[0], uid, numbers, m)
+
+    @property
+    def grid_folder(self) -> Path:
+        """The grid series' folder (absolute)."""
+        return self.source / self.grid_series
 
 
 def case_entry(case_dir: str | os.PathLike, root: str | os.PathLike) -> dict[str, str]:

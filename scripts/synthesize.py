@@ -66,7 +66,7 @@ from common.ingest import IngestError, ingest_study
 from common.ingest import case_id as clean_case_id
 from common.ingest.brain import MAX_ROTATION_DEG, MAX_TRANSLATION_MM
 from common.io import load_nifti, output_folder, save_json
-from common.layout import MANIFEST
+from common.layout import MANIFEST, CaseManifest
 
 log = logging.getLogger("synthesize")
 
@@ -307,33 +307,16 @@ INGESTS = {"prostate": (ingest_config, prepare_case), "brain": (brain_ingest_opt
 
 
 def grid_source_series(manifest: dict[str, Any]):
-    """The source series of the case's grid (:class:`common.dicom_out.SourceSeries`).
-
-    The grid is the ingest's reference grid, cropped: the DCE time point used as pre-contrast
-    input (``dce.phases.pre``; all DCE time points share its grid), or the ``reference.role``
-    series when another role was the reference.
-    """
-    source, role = Path(manifest["source"]), manifest["reference"]["role"]
-    if role == "dce":
-        tp = manifest["dce"]["series"][manifest["dce"]["phases"]["pre"]["index"]]
-        label, number = tp["folder"], tp["series_number"]
-        uid = next(
-            (
-                r.get("series_uid")
-                for r in manifest.get("series", [])
-                if r.get("folder") == label and r.get("series_number") == number
-            ),
-            None,
-        )
-    else:
-        label, uid = manifest["roles"][role]["folder"], manifest["roles"][role].get("series_uid")
-    return read_source_series(source / label.split("#")[0], uid)
+    """The source series of the case's grid (:class:`common.dicom_out.SourceSeries`, from
+    :class:`common.layout.CaseManifest`): the ingest's reference grid, cropped."""
+    m = CaseManifest.from_dict(manifest)
+    return read_source_series(m.grid_folder, m.grid_series_uid)
 
 
 def first_free_series_number(manifest: dict[str, Any], contract: Contract) -> int:
     """``100 * (largest source SeriesNumber // 100 + 1) + 1``, plus the contract's ``series_offset``
     (e.g. 0 and 10 for two bundles: 101... and 111... for a study numbered below 100)."""
-    numbers = [int(r["series_number"]) for r in manifest.get("series", []) if r.get("series_number") is not None]
+    numbers = CaseManifest.from_dict(manifest).series_numbers
     return 100 * (max(numbers, default=0) // 100 + 1) + 1 + contract.series_offset
 
 

@@ -223,3 +223,26 @@ def test_run_bundle_takes_bundle_root_from_the_config_location(tmp_path):
     run = run_bundle([b / "configs" / "x.json"], {"output_dir": str(tmp_path)})
     assert run.parser.get_parsed_content("run") == [str(b)] and run.seconds >= 0
     assert run_bundle([b / "configs" / "x.json"], {"bundle_root": "/elsewhere"}).parser["bundle_root"] == "/elsewhere"
+
+
+def test_case_manifest_names_the_grid_series(tmp_path):
+    """:class:`common.layout.CaseManifest`: the series of the case's grid for a prostate (DCE pre frame)
+    and a brain (T1 role) manifest, the study's SeriesNumbers, and one line for a manifest without a grid."""
+    from common.layout import CaseManifest
+
+    dce = {
+        "source": "/studies/P1",
+        "reference": {"role": "dce"},
+        "dce": {
+            "series": [{"folder": "a#1", "series_number": 7}, {"folder": "b", "series_number": 8}],
+            "phases": {"pre": {"index": 1}},
+        },
+        "series": [{"folder": "b", "series_number": 8, "series_uid": "1.2.3"}, {"series_number": 3}, {"x": 1}],
+    }
+    m = CaseManifest.from_dict(dce)
+    assert (m.grid_folder, m.grid_series_uid, m.series_numbers) == (Path("/studies/P1/b"), "1.2.3", (8, 3))
+    brain = {"source": "/s", "reference": {"role": "t1"}, "roles": {"t1": {"folder": "2-t1#x", "series_uid": "9"}}}
+    assert (CaseManifest.from_dict(brain).grid_series, CaseManifest.from_dict(brain).series_numbers) == ("2-t1", ())
+    (tmp_path / "manifest.json").write_text('{"truth": {}}')
+    with pytest.raises(ValueError, match=r"manifest.json: not the manifest of a DICOM ingest"):
+        CaseManifest.read(tmp_path)
