@@ -143,4 +143,5 @@ def consistent_timesteps(scheduler: Scheduler, num_inference_steps: int) -> Sche
             f" got num_inference_steps={n}. Use sampler 'ddim' for fewer steps."
         )
     scheduler.set_timesteps(n)
+    scheduler.consistent_timesteps = True  # DiffusionVolumeInferer re-aligns a copy sampled with another n
     return scheduler

@@ -98,7 +98,7 @@ def test_configs_parse_with_the_documented_ids(phantoms):
             "trained_noise_levels",
             "scheduler",
             "ddim_scheduler",
-            "validate#scheduler",
+            "validate#inferer",
             "train#lr_scheduler",
             "num_parameters",
         ],
@@ -128,7 +128,9 @@ def test_configs_parse_with_the_documented_ids(phantoms):
     net = p.get_parsed_content("network_def", lazy=False)
     assert (net.conv_in.conv.in_channels, net.out[-1].conv.out_channels) == (6, 2)  # [noisy early/late, 4 conditions]
     # the published schedules
-    train_sched, infer = p.get_parsed_content("training_schedule"), p.get_parsed_content("validate#scheduler")
+    validate = p.get_parsed_content("validate#inferer")  # a copy of the inference inferer with its own steps
+    validate.set_timesteps()
+    train_sched, infer = p.get_parsed_content("training_schedule"), validate.sampler.scheduler
     assert (
         train_sched.num_train_timesteps == 2000
         and float(train_sched.betas[0]) == pytest.approx(1e-6)
@@ -146,8 +148,13 @@ def test_configs_parse_with_the_documented_ids(phantoms):
     # the network is only ever told trained levels: (gamma_T of the training schedule, 1], in training and validation
     lo, hi = p.get_parsed_content("trained_noise_levels")
     assert lo == pytest.approx(float(torch.cumprod(1 - train_sched.betas.double(), 0)[-1]), rel=1e-12) and hi == 1.0
-    for inferer in ("train#inferer", "validate#slice_inferer"):
-        assert p.get_parsed_content(inferer).noise_level_range == (lo, hi)
+    assert p.get_parsed_content("train#inferer").noise_level_range == (lo, hi)
+    assert validate.sampler.noise_level_range == (lo, hi)
+    # the inference inferer itself (not the validation copy) keeps its own steps: 1000 DDIM levels here
+    inference = p.get_parsed_content("inferer")
+    inference.set_timesteps()
+    assert inference.sampler.scheduler.timesteps.tolist() == list(range(999, -1, -1))
+    assert validate.sampler.scheduler is not inference.sampler.scheduler
     # the ADC ablation: in_channels follow input_keys
     p["input_keys"] = ["t2w", "pd", "t1_pre"]
     assert p.get_parsed_content("network_def", lazy=False).conv_in.conv.in_channels == 5

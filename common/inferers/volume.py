@@ -123,13 +123,25 @@ class DiffusionVolumeInferer(Inferer):
         log_precision_once(logger, self.precision_used, device)
         return PrecisionNetwork(network, dtype, channels_last)
 
+    def set_timesteps(self, device: torch.device | str | None = None) -> None:
+        """``sampler.scheduler.set_timesteps(num_inference_steps)`` (nothing when it is ``None``); a scheduler
+        made consistent by :func:`common.monai_compat.consistent_timesteps` for another step count (a
+        validation copy of the inference inferer, :func:`common.bundle.variant`) is re-aligned for this one."""
+        if self.num_inference_steps is None:
+            return
+        n, scheduler = int(self.num_inference_steps), self.sampler.scheduler
+        if getattr(scheduler, "consistent_timesteps", False):
+            from common.monai_compat import consistent_timesteps
+
+            consistent_timesteps(scheduler, n)
+        scheduler.set_timesteps(n, device=device)
+
     def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
         if inputs.ndim != 5:
             raise ValueError(f"expected a conditioning volume (B, C, H, W, D), got shape {tuple(inputs.shape)}")
         if not torch.isfinite(inputs).all():
             raise ValueError("the conditioning volume contains NaN or infinite values")
-        if self.num_inference_steps is not None:
-            self.sampler.scheduler.set_timesteps(int(self.num_inference_steps), device=inputs.device)
+        self.set_timesteps(inputs.device)
         b, c, h, w, d = inputs.shape
         network = self.wrap_network(network, inputs.device)
         plain = (
