@@ -170,6 +170,22 @@ def write_datalist(
     return update_datalist(root, case_dirs, fractions, seed, extra)[0]
 
 
+def prepared_cases(root: str | os.PathLike) -> list[Path]:
+    """The case folders below ``root`` that hold a ``manifest.json`` (hidden folders, e.g. a case still
+    being written, left out), sorted."""
+    return sorted(p.parent for p in Path(root).glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
+
+
+def update_datalist_if_any(
+    root: str | os.PathLike, fractions: Sequence[float], seed: int, extra: Mapping[str, object] | None = None
+) -> tuple[Path | None, dict[str, list[str]]]:
+    """:func:`update_datalist` over :func:`prepared_cases` of ``root``; ``(None, {})`` when there is none."""
+    cases = prepared_cases(root)
+    if not cases:
+        return None, {}
+    return update_datalist(root, cases, fractions=fractions, seed=seed, extra=extra)
+
+
 def update_datalist(
     root: str | os.PathLike,
     case_dirs: Iterable[str | os.PathLike] | None = None,

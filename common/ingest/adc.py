@@ -42,7 +42,15 @@ from monai.utils import convert_data_type, convert_to_dst_type
 
 from common.geometry import sitk_to_array
 from common.ingest.errors import IngestError
-from common.ingest.series import DicomSeries, Frame, SeriesGeometry, check_series, parse_b_value, read_frame
+from common.ingest.series import (
+    DicomSeries,
+    Frame,
+    SeriesGeometry,
+    check_series,
+    geometry_key,
+    parse_b_value,
+    read_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -227,17 +235,6 @@ def _file_b_values(s: DicomSeries, patient: str | None) -> list[float]:
     )
 
 
-def _grid_key(g: SeriesGeometry) -> tuple:
-    return (
-        g.rows,
-        g.cols,
-        tuple(np.round(g.row, 3)),
-        tuple(np.round(g.col, 3)),
-        tuple(np.round(g.pixel_spacing, 3)),
-        tuple(np.round(g.positions, 1)),
-    )
-
-
 def plan_adc_fit(
     series: Sequence[DicomSeries], patient: str | None = None, min_b: float = 50.0, max_b: float | None = None
 ) -> AdcPlan:
@@ -286,7 +283,7 @@ def plan_adc_fit(
     used.sort(key=lambda im: im.b)
     ref = used[0]
     for im in used[1:]:
-        if _grid_key(im.geom) != _grid_key(ref.geom):
+        if geometry_key(im.geom) != geometry_key(ref.geom):
             g, r = im.geom, ref.geom
             raise IngestError(
                 f"DWI images at b={im.b:g} lie on another grid than those at b={ref.b:g} ({ref.series.label}): "

@@ -53,7 +53,7 @@ from common.ingest.rules import Rules, load_rules
 from common.ingest.series import DicomSeries, Frame, SeriesGeometry, check_series, read_frame, scan_study
 from common.ingest.study import prefer_series
 from common.io import atomic_folder, save_json, save_nifti
-from common.layout import DATALIST, DCE_TIMES, MANIFEST, update_datalist
+from common.layout import DATALIST, DCE_TIMES, MANIFEST, update_datalist_if_any
 
 log = logging.getLogger(__name__)
 
@@ -769,16 +769,10 @@ def prepare_breast_dataset(
         prepared.append(cid)
     if skip_bad or skipped:
         save_json({"source": str(src_dir), "skipped": skipped}, out / SKIPPED)
-    case_dirs = sorted(p.parent for p in out.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
-    datalist, placed = None, {}
-    if case_dirs:
-        datalist, placed = update_datalist(
-            out,
-            case_dirs,
-            fractions=fractions,
-            seed=seed,
-            extra={"source": str(src_dir), "prepared_by": "common.ingest.breast"},
-        )
+    datalist, placed = update_datalist_if_any(
+        out, fractions, seed, {"source": str(src_dir), "prepared_by": "common.ingest.breast"}
+    )
+    if datalist is not None:
         _breast_entries(out)
     return {
         "prepared": prepared,

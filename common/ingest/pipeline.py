@@ -41,7 +41,7 @@ from common.ingest.rules import Rules, load_rules
 from common.ingest.series import read_frame, scan_study
 from common.ingest.study import ADC_SOURCES, StudySelection, classify_study
 from common.io import atomic_folder, load_nifti, save_json, save_nifti
-from common.layout import DCE_4D, DCE_TIMES, MANIFEST, update_datalist
+from common.layout import DCE_4D, DCE_TIMES, MANIFEST, update_datalist_if_any
 
 log = logging.getLogger(__name__)
 
@@ -977,16 +977,9 @@ def prepare_dataset(
         },
         out / SKIPPED,
     )
-    case_dirs = sorted(p.parent for p in out.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
-    datalist, placed = None, {}
-    if case_dirs:
-        datalist, placed = update_datalist(
-            out,
-            case_dirs,
-            fractions=fractions,
-            seed=seed,
-            extra={"source": str(Path(src).resolve()), "prepared_by": "common.ingest"},
-        )
+    datalist, placed = update_datalist_if_any(
+        out, fractions, seed, {"source": str(Path(src).resolve()), "prepared_by": "common.ingest"}
+    )
     return {
         "prepared": prepared,
         "existing": sorted(existing),

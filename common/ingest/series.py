@@ -580,3 +580,16 @@ def read_frame(frame: Frame, geom: SeriesGeometry, patient: str | None = None, l
             label,
         )
     return img
+
+
+def geometry_key(g: SeriesGeometry) -> tuple:
+    """What makes two series' grids the same: size, row/column directions, pixel spacing and slice
+    positions (rounded to 1e-3 mm / 0.1 mm)."""
+    return (
+        g.rows,
+        g.cols,
+        tuple(np.round(g.row, 3)),
+        tuple(np.round(g.col, 3)),
+        tuple(np.round(g.pixel_spacing, 3)),
+        tuple(np.round(g.positions, 1)),
+    )

@@ -19,7 +19,7 @@ import numpy as np
 from common.ingest.adc import AdcPlan, plan_adc_fit
 from common.ingest.errors import IngestError
 from common.ingest.rules import Rules
-from common.ingest.series import DicomSeries, Frame, SeriesGeometry, check_series, normal_angle_deg
+from common.ingest.series import DicomSeries, Frame, SeriesGeometry, check_series, geometry_key, normal_angle_deg
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,6 @@ class StudySelection:
     @property
     def times_s(self) -> np.ndarray:
         return np.array([tp.time_s for tp in self.dce], dtype=np.float64)
-
-
-def _geom_key(g: SeriesGeometry) -> tuple:
-    return (
-        g.rows,
-        g.cols,
-        tuple(np.round(g.row, 3)),
-        tuple(np.round(g.col, 3)),
-        tuple(np.round(g.pixel_spacing, 3)),
-        tuple(np.round(g.positions, 1)),
-    )
 
 
 def _describe(s: DicomSeries) -> str:
@@ -180,7 +169,7 @@ def classify_study(
     checked: list[tuple[DicomSeries, SeriesGeometry]] = [(s, check_series(s, patient)) for s in dce_series]
     groups: dict[tuple, list[tuple[DicomSeries, SeriesGeometry]]] = {}
     for s, g in checked:
-        groups.setdefault(_geom_key(g), []).append((s, g))
+        groups.setdefault(geometry_key(g), []).append((s, g))
     best = max(groups.values(), key=lambda v: (sum(len(g.frames) for _, g in v), -min(s.number or 0 for s, _ in v)))
     stems = {_TT_RE.sub("", s.description).strip() for s, _ in best}
     bg = best[0][1]
