@@ -225,7 +225,7 @@ def test_d3m_trains_and_evaluates_with_et_free_and_peds_cases(mixed, tmp_path):
     # a renamed PEDs case folder (--case_dir), scored as GLI: one line naming the seg, labels and set
     renamed = tmp_path / "patient1"
     shutil.copytree(mixed / "BraTS-PED-00001-000", renamed)
-    o2, infer = tmp_path / "renamed", ["inference.json"]
+    o2, infer = tmp_path / "renamed", ["train.json", "inference.json"]
     with pytest.raises(Exception) as e:
         h.evaluate(CONFIGS, models / "model.pt", o2, "--case_dir", str(renamed), *steps, runner=h.bundle_here)
     text = user_message(e.value)  # the one line the command prints

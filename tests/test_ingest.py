@@ -911,13 +911,15 @@ def test_cli_defaults_are_ingest_config_defaults():
     import dataclasses
     import inspect
 
+    from common.ingest.options import RENAMED
+
     mod = _cli()
     params = inspect.signature(mod.main).parameters
     assert set(CLI_OPTIONS) <= set(params)
     cfg = IngestConfig()
     for f in dataclasses.fields(IngestConfig):
         if f.name != "registration":
-            name = mod.RENAMED.get(f.name, f.name)
+            name = RENAMED.get(f.name, f.name)
             assert params[name].default == getattr(cfg, f.name), f.name
             assert f.metadata["help"] and f.metadata["help"] in mod.main.__doc__, f.name
     for name in ("max_translation_mm", "max_rotation_deg", "sampling_percentage", "iterations"):

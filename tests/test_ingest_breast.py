@@ -208,7 +208,7 @@ def test_iterunet_trains_and_infers_on_prepared_dicom(breast, tmp_path):
         "[]",
         "--progress",
         "false",
-        files=["inference.json"],
+        files=["train.json", "inference.json"],
         runner=h.bundle_here,
     )
     src = nib.load(case / "dce.nii.gz")

@@ -218,8 +218,8 @@ def test_d3m_preprocessing_clips_to_the_percentiles():
     from common.transforms import ScalePercentilesd
 
     configs = ROOT / "bundles" / "d3m" / "configs"
-    for name in ("train.json", "inference.json"):
-        p = h.parser(configs, name)
+    for names in (("train.json",), ("train.json", "inference.json")):
+        p = h.parser(configs, *names)
         assert p["percentiles"] == [0.5, 99.5]
         (scale,) = [t for t in p.get_parsed_content("preprocessing").transforms if isinstance(t, ScalePercentilesd)]
         x = np.linspace(0.0, 1.0, 1000).reshape(1, 10, 10, 10)
@@ -238,29 +238,31 @@ def test_ressrdiff_schedule_ends_at_the_papers_beta_T_and_keeps_resshift_as_a_pr
     from common.bundle import check_checkpoint
 
     configs = ROOT / "bundles" / "ressrdiff" / "configs"
-    for name in ("train.json", "inference.json"):
-        p = h.parser(configs, name, network_size="small")
+    for names in (("train.json",), ("train.json", "inference.json")):
+        p = h.parser(configs, *names, network_size="small")
         assert p["schedule_preset"] == "paper"
         s = p.get_parsed_content("scheduler")
         assert float(s.sqrt_etas[-1]) == pytest.approx(math.sqrt(0.9999), rel=1e-15)
         assert float(s.etas[-1]) == pytest.approx(0.9999, rel=1e-12)
-        s = h.parser(configs, name, network_size="small", schedule_preset="resshift").get_parsed_content("scheduler")
+        s = h.parser(configs, *names, network_size="small", schedule_preset="resshift").get_parsed_content("scheduler")
         assert float(s.sqrt_etas[-1]) == pytest.approx(0.99, rel=1e-15)
     from common.errors import user_message
 
     with pytest.raises(Exception) as err:  # MONAI wraps it; the user sees the innermost line
-        h.parser(configs, "inference.json", schedule_preset="ddpm").get_parsed_content("sqrt_eta_end")
+        h.parser(configs, "train.json", "inference.json", schedule_preset="ddpm").get_parsed_content("sqrt_eta_end")
     assert "--schedule_preset: expected one of ['paper', 'resshift'], got 'ddpm'" in user_message(err.value)
 
     # weights trained before (recorded sqrt_eta_end 0.99) are refused by default, naming the override,
     # and accepted with it or with the resshift preset
-    record = h.parser(configs, "inference.json", network_size="small").get_parsed_content("checkpoint_record")
+    record = h.parser(configs, "train.json", "inference.json", network_size="small").get_parsed_content(
+        "checkpoint_record"
+    )
     old = tmp_path / "old.pt"
     torch.save({"model": {}, "config": {**record.state_dict(), "sqrt_eta_end": 0.99}}, old)
     with pytest.raises(ValueError, match=r"sqrt_eta_end: the checkpoint has 0\.99.*--sqrt_eta_end 0\.99"):
         check_checkpoint(old, record)
     for override in ({"schedule_preset": "resshift"}, {"sqrt_eta_end": 0.99}):
-        rec = h.parser(configs, "inference.json", network_size="small", **override).get_parsed_content(
+        rec = h.parser(configs, "train.json", "inference.json", network_size="small", **override).get_parsed_content(
             "checkpoint_record"
         )
         assert check_checkpoint(old, rec) == str(old)

@@ -65,7 +65,7 @@ def _copy(breast: Path, dst: Path) -> Path:
 
 
 def _infer(case_or_data: list[str], ckpt: Path, out: Path, *extra: str, debug: bool = False):
-    cfg = str(ITERUNET / "inference.json")
+    cfg = str([str(ITERUNET / "train.json"), str(ITERUNET / "inference.json")])
     return _run(
         "--config_file", cfg, *case_or_data, "--ckpt_path", str(ckpt), "--output_dir", str(out), *extra, debug=debug
     )
@@ -192,7 +192,7 @@ def test_case_dir_reads_pre_and_breast_mask(breast, tmp_path):
     aff = img.affine.copy()
     aff[:3, 3] += 4.0
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), case / "pre.nii.gz")
-    p = h.parser(ITERUNET, "inference.json", case_dir=str(case), network_size="small")
+    p = h.parser(ITERUNET, "train.json", "inference.json", case_dir=str(case), network_size="small")
     pre = p.get_parsed_content("preprocessing")
     with pytest.raises(Exception) as e:
         pre(p.get_parsed_content("datalist")[0])
