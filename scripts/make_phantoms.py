@@ -51,9 +51,9 @@ def main(
         print(__doc__)
         return
     if lesion_coupling is not None:
-        if not isinstance(lesion_coupling, (int, float)) or not 0.0 <= float(lesion_coupling) <= 1.0:
-            raise ValueError(f"--lesion_coupling must be a number in [0, 1], got {lesion_coupling!r}")
-        overrides["prostate_lesion_coupling"] = float(lesion_coupling)
+        from common.phantoms.prostate import check_lesion_coupling
+
+        overrides["prostate_lesion_coupling"] = check_lesion_coupling(lesion_coupling, "--lesion_coupling")
     output_folder(out, "out")  # a file or read-only folder is named before any work
     if isinstance(kinds, str):
         kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())

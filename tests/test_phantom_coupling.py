@@ -15,6 +15,7 @@ from common.phantoms.prostate import (
     LESION_CORE_CHANGE,
     Tissue,
     build_scene,
+    check_lesion_coupling,
     couple_lesion,
     lesion_cellularity,
     make_prostate_phantom,
@@ -60,6 +61,9 @@ def test_couple_lesion_closed_form():
     assert same == t and same_inner == t
     with pytest.raises(ValueError, match="lesion_coupling"):
         couple_lesion(t, 1.5)
+    with pytest.raises(ValueError, match=r"--lesion_coupling must be a number in \[0, 1\], got 'abc'"):
+        check_lesion_coupling("abc", "--lesion_coupling")  # the message make_phantoms.py prints
+    assert check_lesion_coupling(1) == 1.0
     with pytest.raises(ValueError, match="lesion_coupling"):
         make_prostate_phantom(seed=0, lesion_coupling=-0.1, **SMALL["prostate"])
 

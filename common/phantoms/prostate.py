@@ -220,6 +220,17 @@ LESION_CORE_SCALE = 0.6
 LESION_CORE_CHANGE = {"ADC": -0.35, "T2": -0.2, "ktrans": 0.8, "kep": 0.4, "vp": 0.5}
 
 
+def check_lesion_coupling(value: Any, name: str = "lesion_coupling") -> float:
+    """``value`` as a float in [0, 1]; anything else raises ``ValueError`` naming ``name``."""
+    try:
+        c = float(value)
+    except (TypeError, ValueError):
+        c = float("nan")
+    if isinstance(value, bool) or not 0.0 <= c <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return c
+
+
 def lesion_cellularity(adc_mm2_s: float) -> float:
     """Cellularity score ``u = (ADC_max - ADC) / (ADC_max - ADC_min)`` of a lesion ADC within
     :data:`LESION_ADC`, clipped to 0..1 (1 = lowest ADC = most cellular)."""
@@ -248,9 +259,7 @@ def couple_lesion(t: Tissue, coupling: float) -> tuple[Tissue, Tissue]:
     Returns:
         ``(outer, inner)`` tissues; ``coupling = 0`` returns ``t`` unchanged and an identical inner part.
     """
-    c = float(coupling)
-    if not 0.0 <= c <= 1.0:
-        raise ValueError(f"lesion_coupling must lie in [0, 1], got {coupling}")
+    c = check_lesion_coupling(coupling)
     u = lesion_cellularity(t.ADC)
     lerp = lambda a, b: (1.0 - c) * a + c * b  # noqa: E731
     outer = Tissue(
@@ -500,8 +509,7 @@ def make_prostate_phantom(
         )
     if n_dce < 2:
         raise ValueError(f"n_dce must be at least 2, got {n_dce}")
-    if not 0.0 <= float(lesion_coupling) <= 1.0:
-        raise ValueError(f"lesion_coupling must lie in [0, 1], got {lesion_coupling}")
+    lesion_coupling = check_lesion_coupling(lesion_coupling)
     # geometry: prostate centre in scanner coordinates, oblique slice stack around it
     center = np.array([1.5, 18.0, -45.0]) + rng.normal(0, 3.0, 3)
     angle = float(rng.uniform(8.0, 12.0)) if oblique_deg is None else float(oblique_deg)
