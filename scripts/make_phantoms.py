@@ -3,11 +3,14 @@
 Usage::
 
     python scripts/make_phantoms.py --out data/phantoms [--n_prostate 10] [--n_brain 4] [--n_breast 4]
-        [--seed 0] [--kinds prostate,brain] [--dicom False] [--small] [--workers 4]
+        [--seed 0] [--kinds prostate,brain] [--dicom False] [--small] [--workers 4] [--lesion_coupling 1.0]
         [--prostate_grid_shape "(96,96,20)"] [--brain_shape "(64,64,48)"] [--breast_shape "(96,96,24)"]
 
 ``--small`` uses coarse grids (same fields of view) for quick runs; ``--workers`` makes subjects in
-parallel processes (same output for any value). With ``--dicom`` (default) the prostate and brain
+parallel processes (same output for any value). ``--lesion_coupling`` (0..1, default 1) is how
+strongly a prostate lesion's ADC, T2w and kinetics go together and how much its inner part differs
+from its outer part (``common.phantoms.prostate.couple_lesion``; 0: the uncoupled lesions of earlier
+versions, the same arrays for the same seed). With ``--dicom`` (default) the prostate and brain
 phantoms are also written as DICOM studies, and the breast phantoms as DICOM studies in both layouts of
 the public breast DCE collections (``<out>/breast/dicom/series_per_phase/``: Duke-Breast-Cancer-MRI, one
 series per phase; ``<out>/breast/dicom/multi_phase/``: I-SPY, one multi-phase series), the input of
@@ -37,12 +40,17 @@ def main(
     dicom: bool = True,
     small: bool = False,
     workers: int = 1,
+    lesion_coupling: float | None = None,
     **overrides,
 ) -> None:
     """Write the phantoms below ``out`` and print where each kind went."""
     if overrides.pop("help", False) or overrides.pop("h", False):  # **overrides swallows fire's --help
         print(__doc__)
         return
+    if lesion_coupling is not None:
+        from common.phantoms.prostate import check_lesion_coupling
+
+        overrides["prostate_lesion_coupling"] = check_lesion_coupling(lesion_coupling, "--lesion_coupling")
     output_folder(out, "out")  # a file or read-only folder is named before any work
     if isinstance(kinds, str):
         kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())

@@ -15,6 +15,21 @@ its grid. Tissue properties drive every contrast:
   is kept too (``ProstatePhantom.dwi``) and written as a DWI series, so an ADC fitted from it can be
   checked against the ADC map.
 
+Lesions follow their pharmacokinetics the way tumours do (strength ``lesion_coupling``, 0..1,
+default 1; :func:`couple_lesion`). Each lesion's ADC draw ``ADC`` in 0.7-1.0e-3 mm^2/s sets its
+cellularity ``u = (1.0e-3 - ADC) / 0.3e-3`` (0..1, 1 = most cellular), and with ``c = lesion_coupling``
+and ``lerp(a, b) = (1 - c) a + c b`` its independent draws ``X_0`` become::
+
+    T2     = lerp(T2_0,     0.09 - 0.02 u)    Ktrans = lerp(Ktrans_0, 0.30 + 0.30 u)
+    kep    = lerp(kep_0,    1.20 + 1.30 u)    vp     = lerp(vp_0,     0.04 + 0.04 u)
+
+so lower ADC goes with darker T2w, higher Ktrans and earlier, stronger uptake (ADC and Ktrans
+correlate at -1 across lesions when ``c = 1``). A lesion also has an inner part, its shape scaled by
+0.6 about its centre, more cellular than the outer part: ``X_core = X (1 + c d_X)`` with ADC -35 %,
+T2 -20 %, Ktrans +80 %, kep +40 %, vp +50 % at ``c = 1`` (:data:`LESION_CORE_CHANGE`); both parts
+are the lesion in ``lesion_mask``. The coupling adds no random draws: ``lesion_coupling=0`` gives the
+independent, uniform lesions of the earlier versions, the same arrays for the same seed.
+
 Partial volume is exact for signals: each voxel's signal is the fraction-weighted sum of its
 tissues' signals. A smooth multiplicative coil bias, a within-tissue texture and Rician noise are
 added, and images are quantised to integers like scanner data (the ADC in 1e-6 mm^2/s, the
@@ -190,6 +205,88 @@ class ProstatePhantom:
 
 
 # ----------------------------------------------------------------------------------------------
+# lesion coupling
+
+#: Ranges of the independent lesion draws (ADC in mm^2/s, T2 in s, Ktrans and kep in 1/min).
+LESION_ADC = (0.7e-3, 1.0e-3)
+LESION_T2 = (0.07, 0.09)
+LESION_KTRANS = (0.3, 0.6)
+LESION_KEP = (1.2, 2.5)
+LESION_VP = (0.04, 0.08)
+#: Inner part of a coupled lesion: the lesion's shape scaled by this factor about its centre.
+LESION_CORE_SCALE = 0.6
+#: Relative change of the inner part against the outer part at ``lesion_coupling = 1``: ADC and T2
+#: lower (more cellular), Ktrans, kep and vp higher (earlier, stronger uptake).
+LESION_CORE_CHANGE = {"ADC": -0.35, "T2": -0.2, "ktrans": 0.8, "kep": 0.4, "vp": 0.5}
+
+
+def check_lesion_coupling(value: Any, name: str = "lesion_coupling") -> float:
+    """``value`` as a float in [0, 1]; anything else raises ``ValueError`` naming ``name``."""
+    try:
+        c = float(value)
+    except (TypeError, ValueError):
+        c = float("nan")
+    if isinstance(value, bool) or not 0.0 <= c <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return c
+
+
+def lesion_cellularity(adc_mm2_s: float) -> float:
+    """Cellularity score ``u = (ADC_max - ADC) / (ADC_max - ADC_min)`` of a lesion ADC within
+    :data:`LESION_ADC`, clipped to 0..1 (1 = lowest ADC = most cellular)."""
+    lo, hi = LESION_ADC
+    return float(np.clip((hi - adc_mm2_s) / (hi - lo), 0.0, 1.0))
+
+
+def couple_lesion(t: Tissue, coupling: float) -> tuple[Tissue, Tissue]:
+    """Tie a lesion's T2 and kinetics to its ADC the way tumours are, and make its inner part.
+
+    With ``c = coupling`` (0..1), the lesion's cellularity ``u`` (:func:`lesion_cellularity`, from
+    its ADC, which is kept) and ``lerp(a, b) = (1 - c) a + c b``, the outer part (the whole lesion
+    shape) becomes::
+
+        T2     = lerp(T2_0,     0.09 - 0.02 u)     s      (darker on T2w when more cellular)
+        Ktrans = lerp(Ktrans_0, 0.30 + 0.30 u)     1/min  (stronger uptake)
+        kep    = lerp(kep_0,    1.20 + 1.30 u)     1/min  (earlier peak and washout)
+        vp     = lerp(vp_0,     0.04 + 0.04 u)
+
+    (``X_0`` the independent draws, :data:`LESION_T2` etc.; at ``c = 1`` Ktrans, kep and T2 are
+    exact linear functions of the ADC: ADC and Ktrans correlate at -1 across lesions). The inner
+    part (the shape scaled by :data:`LESION_CORE_SCALE`) is more cellular still:
+    ``X_core = X (1 + c d_X)`` with ``d`` = :data:`LESION_CORE_CHANGE` (ADC -35 %, T2 -20 %,
+    Ktrans +80 %, kep +40 %, vp +50 % at ``c = 1``). T1 and PD are those of the outer part.
+
+    Returns:
+        ``(outer, inner)`` tissues; ``coupling = 0`` returns ``t`` unchanged and an identical inner part.
+    """
+    c = check_lesion_coupling(coupling)
+    u = lesion_cellularity(t.ADC)
+    lerp = lambda a, b: (1.0 - c) * a + c * b  # noqa: E731
+    outer = Tissue(
+        T1=t.T1,
+        T2=lerp(t.T2, 0.09 - 0.02 * u),
+        PD=t.PD,
+        ADC=t.ADC,
+        pk=TissuePK(
+            ktrans=lerp(t.pk.ktrans, 0.30 + 0.30 * u),
+            kep=lerp(t.pk.kep, 1.20 + 1.30 * u),
+            vp=lerp(t.pk.vp, 0.04 + 0.04 * u),
+        ),
+        fat=t.fat,
+    )
+    d = {k: 1.0 + c * v for k, v in LESION_CORE_CHANGE.items()}
+    inner = Tissue(
+        T1=outer.T1,
+        T2=outer.T2 * d["T2"],
+        PD=outer.PD,
+        ADC=outer.ADC * d["ADC"],
+        pk=TissuePK(ktrans=outer.pk.ktrans * d["ktrans"], kep=outer.pk.kep * d["kep"], vp=outer.pk.vp * d["vp"]),
+        fat=outer.fat,
+    )
+    return outer, inner
+
+
+# ----------------------------------------------------------------------------------------------
 # anatomy
 
 
@@ -210,9 +307,12 @@ def _sample_lesion_center(
 
 
 def build_scene(
-    rng: np.random.Generator, center: np.ndarray, n_lesions: int | None = None
+    rng: np.random.Generator, center: np.ndarray, n_lesions: int | None = None, lesion_coupling: float = 0.0
 ) -> tuple[Scene, dict[str, Tissue], dict]:
     """Random pelvic anatomy around the prostate centre ``center`` (world mm).
+
+    ``lesion_coupling`` (0..1) ties each lesion's T2, kinetics and inner part to its ADC
+    (:func:`couple_lesion`); 0 leaves the lesions as independent draws with no inner part.
 
     Returns:
         ``(scene, tissues, description)``: the scene, the tissue table including one entry per
@@ -247,9 +347,19 @@ def build_scene(
                 ktrans=float(rng.uniform(0.3, 0.6)), kep=float(rng.uniform(1.2, 2.5)), vp=float(rng.uniform(0.04, 0.08))
             ),
         )
+        entry = {"label": i + 1, "name": name, "zone": zone}
+        if lesion_coupling > 0:
+            # no random draws here: the anatomy and noise of every seed stay those of lesion_coupling=0
+            tissues[name], core = couple_lesion(tissues[name], lesion_coupling)
+            core_shape = Ellipsoid(shp.center, shp.radii * LESION_CORE_SCALE, shp.rotation, shp.bumps, shp.phases)
+            tissues[f"{name}_core"] = core
+            lesion_shapes.append((f"{name}_core", core_shape))
+            entry["coupling"] = float(lesion_coupling)
+            entry["core"] = {"radius_scale": LESION_CORE_SCALE, **core.as_dict()}
         lesion_shapes.append((name, shp))
-        lesions.append({"label": i + 1, "name": name, "zone": zone, **shp.describe(), **tissues[name].as_dict()})
+        lesions.append({**entry, **shp.describe(), **tissues[name].as_dict()})
 
+    # the inner part of a lesion comes before its outer part (higher priority: it takes its voxels)
     items: list[tuple[str, Any, Any]] = [(n, s, prostate) for n, s in lesion_shapes]
     items += [("tz", tz, prostate), ("pz", prostate, None)]
     # rectum posterior to the prostate, bladder superior-anterior
@@ -327,7 +437,7 @@ def _tissue_tables(
         b50 = b0 * np.exp(-d["b_low"] * t.ADC)
         b800 = b0 * np.exp(-d["b_mid"] * t.ADC)
         organ = 1.0 if name in ("pz", "tz") or name.startswith("lesion") else 0.0
-        les = [1.0 if name == ln else 0.0 for ln in lesion_names]
+        les = [1.0 if name in (ln, f"{ln}_core") else 0.0 for ln in lesion_names]
         zones = [1.0 if name == "pz" else 0.0, 1.0 if name == "tz" else 0.0]
         b400 = b0 * np.exp(-DWI_B_VALUES[1] * t.ADC)
         table[name] = np.concatenate([np.atleast_1d(dce), [pd, t1, b50, b800, organ], zones, les, [b400]]).astype(
@@ -374,6 +484,7 @@ def make_prostate_phantom(
     oblique_deg: float | None = None,
     oblique_axis: Sequence[float] = (1.0, 0.4, 0.25),
     n_lesions: int | None = None,
+    lesion_coupling: float = 1.0,
 ) -> ProstatePhantom:
     """Render one prostate subject.
 
@@ -387,6 +498,9 @@ def make_prostate_phantom(
         bolus_arrival_s: AIF bolus arrival; default uniform in 40-50 s.
         oblique_deg: rotation of the slice stack about ``oblique_axis``; default uniform in 8-12 deg.
         n_lesions: number of lesions; default 0, 1 or 2 (probabilities 0.2, 0.5, 0.3).
+        lesion_coupling: 0..1, how strongly a lesion's T2w and kinetics follow its ADC and how much
+            its inner part differs from its outer part (:func:`couple_lesion`); 0 gives the
+            uncoupled lesions of versions before it (the same arrays for the same seed).
     """
     rng = np.random.default_rng(seed)
     if grid_shape[2] < prepared_slices:
@@ -395,6 +509,7 @@ def make_prostate_phantom(
         )
     if n_dce < 2:
         raise ValueError(f"n_dce must be at least 2, got {n_dce}")
+    lesion_coupling = check_lesion_coupling(lesion_coupling)
     # geometry: prostate centre in scanner coordinates, oblique slice stack around it
     center = np.array([1.5, 18.0, -45.0]) + rng.normal(0, 3.0, 3)
     angle = float(rng.uniform(8.0, 12.0)) if oblique_deg is None else float(oblique_deg)
@@ -405,7 +520,7 @@ def make_prostate_phantom(
     loc_dirs = rotation_matrix(oblique_axis, angle) @ SAGITTAL_DICOM
     A_loc = grid_affine((128, 128, 3), (2.0, 2.0, 10.0), loc_dirs, center)
 
-    scene, tissues, desc = build_scene(rng, center, n_lesions)
+    scene, tissues, desc = build_scene(rng, center, n_lesions, lesion_coupling)
     lesion_names = [les["name"] for les in desc["lesions"]]
     arrival = float(rng.uniform(40.0, 50.0)) if bolus_arrival_s is None else float(bolus_arrival_s)
     dt = dce_duration_s / (n_dce - 1)
