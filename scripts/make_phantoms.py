@@ -3,11 +3,11 @@
 Usage::
 
     python scripts/make_phantoms.py --out data/phantoms [--n_prostate 10] [--n_brain 4] [--n_breast 4]
-        [--seed 0] [--kinds prostate,brain] [--dicom False] [--small] [--workers 4] [--lesion_coupling 1.0]
+        [--seed 0] [--kinds prostate,brain] [--dicom False] [--small] [--workers 4] [--lesion_coupling 0]
         [--prostate_grid_shape "(96,96,20)"] [--brain_shape "(64,64,48)"] [--breast_shape "(96,96,24)"]
 
 ``--small`` uses coarse grids (same fields of view) for quick runs; ``--workers`` makes subjects in
-parallel processes (same output for any value). ``--lesion_coupling`` (0..1, default 1) is how
+parallel processes (same output for any value). ``--lesion_coupling`` (0..1, default 0) is how
 strongly a prostate lesion's ADC, T2w and kinetics go together and how much its inner part differs
 from its outer part (``common.phantoms.prostate.couple_lesion``; 0: the uncoupled lesions of earlier
 versions, the same arrays for the same seed). With ``--dicom`` (default) the prostate and brain

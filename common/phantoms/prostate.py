@@ -16,7 +16,7 @@ its grid. Tissue properties drive every contrast:
   checked against the ADC map.
 
 Lesions follow their pharmacokinetics the way tumours do (strength ``lesion_coupling``, 0..1,
-default 1; :func:`couple_lesion`). Each lesion's ADC draw ``ADC`` in 0.7-1.0e-3 mm^2/s sets its
+default 0, the phantoms as before; :func:`couple_lesion`). Each lesion's ADC draw ``ADC`` in 0.7-1.0e-3 mm^2/s sets its
 cellularity ``u = (1.0e-3 - ADC) / 0.3e-3`` (0..1, 1 = most cellular), and with ``c = lesion_coupling``
 and ``lerp(a, b) = (1 - c) a + c b`` its independent draws ``X_0`` become::
 
@@ -484,7 +484,7 @@ def make_prostate_phantom(
     oblique_deg: float | None = None,
     oblique_axis: Sequence[float] = (1.0, 0.4, 0.25),
     n_lesions: int | None = None,
-    lesion_coupling: float = 1.0,
+    lesion_coupling: float = 0.0,
 ) -> ProstatePhantom:
     """Render one prostate subject.
 
