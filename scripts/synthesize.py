@@ -299,7 +299,10 @@ def run_inference(contract: Contract, case: Path, output_dir: Path, overrides: d
         {contract.source_id: str(case), "output_dir": str(output_dir), **overrides},
         run_id="evaluating",
     )
-    return {k: run.parser.get_parsed_content(k) for k in SETTINGS if k in run.parser}
+    settings = {k: run.parser.get_parsed_content(k) for k in SETTINGS if k in run.parser}
+    if "inferer" in run.parser:  # the network precision the inferer ran at (common.device.resolve_precision)
+        settings["precision_used"] = getattr(run.parser.get_parsed_content("inferer"), "precision_used", None)
+    return settings
 
 
 #: ingest kind of a contract -> (its options from ``--ingest_<option>`` values, the function that prepares a case)
@@ -389,7 +392,19 @@ def write_dicom(
     with series_set(case_out / "dicom") as staging:
         for i, o in enumerate(outputs):
             written.append(
-                _write_one(o, i, staging, case_out, volumes, source, contract, meta, first_series_number, label_maps)
+                _write_one(
+                    o,
+                    i,
+                    staging,
+                    case_out,
+                    volumes,
+                    source,
+                    contract,
+                    meta,
+                    first_series_number,
+                    label_maps,
+                    settings.get("precision_used"),
+                )
             )
     return written
 
@@ -405,6 +420,7 @@ def _write_one(
     meta: dict[str, Any],
     first_series_number: int,
     label_maps: set[str],
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """One output of :func:`synthetic_outputs` as a DICOM series in ``staging`` (a label map as DICOM SEG)."""
     bundle = contract.name
@@ -446,6 +462,7 @@ def _write_one(
                 description=description,
                 derivation=derivation,
                 software=f"{bundle} {version}",
+                precision=precision,
             )
         )
         modality = "MR"

@@ -197,6 +197,7 @@ def test_resdce_dicom_round_trip(resdce_run, phantom_study):
                 ds.SeriesDescription == f"SYNTHETIC {s['key'].replace('dce_', 'DCE ')} (ResDCE-diff {meta['version']})"
             )
             assert meta["name"] in ds.DerivationDescription and meta["version"] in ds.DerivationDescription
+            assert ds.DerivationDescription.endswith(f"Network precision: {summary['settings']['precision_used']}.")
             assert int(ds.SeriesNumber) == s["series_number"] and int(ds.SeriesNumber) not in src_numbers
             assert int(ds.InstanceNumber) == k + 1 and (ds.Rows, ds.Columns) == vol.shape[1::-1]
             assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.SamplesPerPixel) == (16, 16, 15, 1)
