@@ -226,6 +226,15 @@ def _assign_times(phases: list[BreastPhase], tags: Sequence[str], patient: str) 
     )
 
 
+def _phase_order(items: list, patterns) -> tuple[list, str]:
+    """Single-phase series ``(series, geometry)`` in phase order, and how it was decided: by the phase
+    number in their descriptions when every one has a distinct number, else by SeriesNumber."""
+    nums = [phase_number(s.description, patterns) for s, _ in items]
+    if all(n is not None for n in nums) and len(set(nums)) == len(nums):
+        return [it for _, it in sorted(zip(nums, items), key=lambda x: x[0])], "phase number in the description"
+    return sorted(items, key=lambda it: _series_number(it[0])), "series number"
+
+
 def plan_breast_study(
     study_dir: str | os.PathLike,
     rules: str | os.PathLike | Mapping[str, Any] | Rules | None = None,
@@ -286,13 +295,7 @@ def plan_breast_study(
     pre, pre_why = prefer_series(rules.role("pre").prefer, pre_single) if pre_single else (None, "")
     if pre_single and post_single:
         layout = "series_per_phase"
-        nums = [phase_number(s.description, patterns) for s, _ in post_single]
-        if all(n is not None for n in nums) and len(set(nums)) == len(nums):
-            posts = [it for _, it in sorted(zip(nums, post_single), key=lambda x: x[0])]
-            order = "phase number in the description"
-        else:
-            posts = sorted(post_single, key=lambda it: _series_number(it[0]))
-            order = "series number"
+        posts, order = _phase_order(post_single, patterns)
         for s, _ in pre_single:
             if s is not pre[0]:
                 note(s, "pre", "ignored", f"ignored: another pre-contrast series was chosen ({pre_why})")
@@ -315,13 +318,8 @@ def plan_breast_study(
                 )
     elif len(dyn_single) >= 2:
         layout = "series_per_phase"
-        nums = [phase_number(s.description, patterns) for s, _ in dyn_single]
-        if all(n is not None for n in nums) and len(set(nums)) == len(nums):
-            chosen = [it for _, it in sorted(zip(nums, dyn_single), key=lambda x: x[0])]
-            order = "phase number in the description (the first is the pre-contrast phase)"
-        else:
-            chosen = sorted(dyn_single, key=lambda it: _series_number(it[0]))
-            order = "series number (the first is the pre-contrast phase)"
+        chosen, order = _phase_order(dyn_single, patterns)
+        order += " (the first is the pre-contrast phase)"
     else:
         seen = "; ".join(f"{s.label!r} ({s.description!r}: {report[id(s)]['reason']})" for s in series[:40])
         raise IngestError(
