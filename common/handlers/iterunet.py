@@ -158,6 +158,11 @@ class IterUNetWriter:
         self.threshold, self.relative_to, self.panel = float(curve_threshold), curve_relative_to, panel
         self.written: list[dict] = []
 
+    def frame_names(self, times_s) -> list[str]:
+        """The names of the predicted frames of a case whose frames are at ``times_s`` (seconds, (T,)):
+        the time points after ``start``, ``t<seconds>s`` (:func:`phase_names`)."""
+        return phase_names(times_s, self.start)
+
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 

@@ -38,10 +38,10 @@ class OutputLayout:
 
     * fixed channels (``common.handlers.SynthesisWriter`` and its subclasses, e.g. ``D3MWriter``):
       ``output_names`` (one per ``pred`` channel), ``geometry_key`` and ``reference_grid(item, src)``;
-    * a predicted time series (``common.handlers.iterunet.IterUNetWriter``): ``series_key`` (the 4D
-      series whose file gives the affine and grid), ``times_key`` (the case's frame times, seconds)
-      and ``start`` (the start phase); the channels are the time points after ``start``, named by
-      ``common.handlers.iterunet.phase_names`` (``t<seconds>s``), so they depend on the case.
+    * a predicted time series (e.g. ``IterUNetWriter``): ``series_key`` (the 4D series whose file gives
+      the affine and grid), ``times_key`` (the case's frame times, seconds), ``start`` (the start
+      phase) and ``frame_names(times_s)`` (the names of the time points after ``start``), so the
+      channels depend on the case.
 
     Args:
         writer: the instantiated writer handler of the bundle's ``handlers``.
@@ -55,12 +55,12 @@ class OutputLayout:
         if hasattr(writer, "output_names") and hasattr(writer, "geometry_key"):
             self.kind = "fixed"
             self.geometry_key = writer.geometry_key
-        elif all(hasattr(writer, a) for a in ("series_key", "times_key", "start")):
+        elif all(hasattr(writer, a) for a in ("series_key", "times_key", "start", "frame_names")):
             self.kind = "time_series"
             self.geometry_key = writer.series_key
         else:
             raise NotImplementedError(
-                f"{type(writer).__name__}: neither output_names/geometry_key nor series_key/times_key/start, "
+                f"{type(writer).__name__}: neither output_names/geometry_key nor series_key/times_key/start/frame_names, "
                 "so this app does not know the output channels and grid"
             )
 
@@ -73,9 +73,7 @@ class OutputLayout:
         """Channel names of one post-processed request."""
         if self.kind == "fixed":
             return list(self.writer.output_names)
-        from common.handlers.iterunet import phase_names
-
-        return phase_names(self.times(data), int(self.writer.start))
+        return list(self.writer.frame_names(self.times(data)))
 
     def times(self, data: Mapping) -> list[float]:
         """The case's frame times in seconds (T,) (time-series writers only)."""
