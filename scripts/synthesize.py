@@ -385,98 +385,68 @@ def write_dicom(
     """Write every output of :func:`synthetic_outputs` as a DICOM series in ``<case_out>/dicom/``, numbered
     from ``first_series_number``."""
     source = grid_source_series(manifest)
-    written = []
-    volumes: dict[Path, tuple] = {}
-    outputs = synthetic_outputs(case_out, contract, settings)
-    label_maps = set(contract.label_outputs)
-    with series_set(case_out / "dicom") as staging:
-        for i, o in enumerate(outputs):
-            written.append(
-                _write_one(
-                    o,
-                    i,
-                    staging,
-                    case_out,
-                    volumes,
-                    source,
-                    contract,
-                    meta,
-                    first_series_number,
-                    label_maps,
-                    settings.get("precision_used"),
-                )
-            )
-    return written
-
-
-def _write_one(
-    o: dict[str, Any],
-    i: int,
-    staging: Path,
-    case_out: Path,
-    volumes: dict[Path, tuple],
-    source,
-    contract: Contract,
-    meta: dict[str, Any],
-    first_series_number: int,
-    label_maps: set[str],
-    precision: str | None = None,
-) -> dict[str, Any]:
-    """One output of :func:`synthetic_outputs` as a DICOM series in ``staging`` (a label map as DICOM SEG)."""
     bundle = contract.name
     method, version = meta.get("name", bundle), meta.get("version", "?")
-    key, label, nifti = o["key"], o["label"], o["nifti"]
-    if nifti not in volumes:
-        volumes[nifti] = load_nifti(nifti)
-    volume, affine = volumes[nifti]
-    if o["frame"] is not None:
-        volume = volume[..., o["frame"]]
-    number = first_series_number + i
-    description = f"SYNTHETIC {label} ({method} {version})"[:64]
-    derivation = (
-        f"{o['what']} synthesised by {method} {version} (MONAI bundle {bundle}: {meta.get('task', '')}) "
-        f"{o['how']}; on the grid of series {source.series_number} ({source.folder.name}). {SYNTHETIC_NOTE}"
-    )
-    name = series_folder_name(number, description)
-    if key in label_maps:  # a label map goes out as a DICOM Segmentation of the source series
-        write_segmentation(
-            volume,
-            affine,
-            staging / name,
-            source,
-            series_number=number,
-            label=o["label"],
-            algorithm_name=method,
-            algorithm_version=str(version),
-            description=description,
-        )
-        n_files, modality = 1, "SEG"
-    else:
-        n_files = len(
-            write_derived_series(
-                volume,
-                affine,
-                staging / name,
-                source,
-                series_number=number,
-                description=description,
-                derivation=derivation,
-                software=f"{bundle} {version}",
-                precision=precision,
+    label_maps, precision = set(contract.label_outputs), settings.get("precision_used")
+    written = []
+    volumes: dict[Path, tuple] = {}
+    with series_set(case_out / "dicom") as staging:  # the run's series appear together or not at all
+        for i, o in enumerate(synthetic_outputs(case_out, contract, settings)):
+            key, label, nifti = o["key"], o["label"], o["nifti"]
+            if nifti not in volumes:
+                volumes[nifti] = load_nifti(nifti)
+            volume, affine = volumes[nifti]
+            if o["frame"] is not None:
+                volume = volume[..., o["frame"]]
+            number = first_series_number + i
+            description = f"SYNTHETIC {label} ({method} {version})"[:64]
+            derivation = (
+                f"{o['what']} synthesised by {method} {version} (MONAI bundle {bundle}: {meta.get('task', '')}) "
+                f"{o['how']}; on the grid of series {source.series_number} ({source.folder.name}). {SYNTHETIC_NOTE}"
             )
-        )
-        modality = "MR"
-    folder = case_out / "dicom" / name
-    log.info("%s: %d %s file(s) in %s", key, n_files, modality, folder)
-    return {
-        "key": key,
-        "nifti": str(nifti),
-        "frame": o["frame"],
-        "folder": str(folder),
-        "series_number": number,
-        "n_files": n_files,
-        "modality": modality,
-    }
+            name = series_folder_name(number, description)
+            if key in label_maps:  # a label map goes out as a DICOM Segmentation of the source series
+                write_segmentation(
+                    volume,
+                    affine,
+                    staging / name,
+                    source,
+                    series_number=number,
+                    label=label,
+                    algorithm_name=method,
+                    algorithm_version=str(version),
+                    description=description,
+                )
+                n_files, modality = 1, "SEG"
+            else:
+                n_files = len(
+                    write_derived_series(
+                        volume,
+                        affine,
+                        staging / name,
+                        source,
+                        series_number=number,
+                        description=description,
+                        derivation=derivation,
+                        software=f"{bundle} {version}",
+                        precision=precision,
+                    )
+                )
+                modality = "MR"
+            folder = case_out / "dicom" / name
+            log.info("%s: %d %s file(s) in %s", key, n_files, modality, folder)
+            written.append(
+                {
+                    "key": key,
+                    "nifti": str(nifti),
+                    "frame": o["frame"],
+                    "folder": str(folder),
+                    "series_number": number,
+                    "n_files": n_files,
+                    "modality": modality,
+                }
+            )
+    return written
 
 
 def synthesize(

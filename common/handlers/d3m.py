@@ -8,9 +8,9 @@ import numpy as np
 from common.handlers.metrics import SynthesisMetrics
 from common.handlers.writer import SynthesisWriter, as_numpy, case_id, loaded_files, source_file
 from common.io import save_nifti
-from common.metrics.masks import EMPTY_TRUTH_CONVENTION, dice_et, mask_figures, voxel_ml
+from common.metrics.masks import EMPTY_TRUTH_CONVENTION, mask_figures, voxel_ml
 
-__all__ = ["D3MMetrics", "D3MWriter", "dice"]
+__all__ = ["D3MMetrics", "D3MWriter"]
 
 
 class D3MWriter(SynthesisWriter):
@@ -47,12 +47,6 @@ class D3MWriter(SynthesisWriter):
         if out.get("label_mask") is not None:
             masks["true ET"] = as_numpy(out["label_mask"])[0][..., z] > 0.5
         return {self.output_names[0]: masks} if masks else None
-
-
-def dice(pred: np.ndarray, true: np.ndarray) -> float:
-    """Dice of two boolean masks; an empty truth: 1.0 when the prediction is empty too, else 0.0
-    (:func:`common.metrics.dice_et`, the BraTS convention)."""
-    return dice_et(pred, true)
 
 
 MASK_KEYS = ("dice_et", "false_ml", "missed_ml", "true_ml", "pred_ml")
