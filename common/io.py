@@ -131,6 +131,20 @@ def output_folder(path: str | os.PathLike, name: str = "output_dir") -> str:
     return str(path)
 
 
+def lossless_dtype(x: np.ndarray, unsigned: bool = False):
+    """The smallest NIfTI storage type that keeps ``x`` exactly: ``np.int16`` when it holds only integers
+    in [-32768, 32767] (with ``unsigned``, ``np.uint16`` first when they are in [0, 65535], as scanner
+    data are), else ``np.float32``."""
+    x = np.asarray(x)
+    if x.size and np.all(x == np.rint(x)):
+        lo, hi = float(x.min()), float(x.max())
+        if unsigned and lo >= 0 and hi <= 65535:
+            return np.uint16
+        if lo >= -32768 and hi <= 32767:
+            return np.int16
+    return np.float32
+
+
 def save_nifti(
     array: np.ndarray,
     affine: np.ndarray,

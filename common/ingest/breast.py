@@ -52,7 +52,7 @@ from common.ingest.register import resample_to
 from common.ingest.rules import Rules, load_rules
 from common.ingest.series import DicomSeries, Frame, SeriesGeometry, check_series, read_frame, scan_study
 from common.ingest.study import prefer_series
-from common.io import atomic_folder, save_json, save_nifti
+from common.io import atomic_folder, lossless_dtype, save_json, save_nifti
 from common.layout import DATALIST, DCE_TIMES, MANIFEST, update_datalist_if_any
 
 log = logging.getLogger(__name__)
@@ -563,16 +563,6 @@ def _mask_for(spec: str | os.PathLike | None, case_id: str, n_cases: int, name: 
 # one study
 
 
-def _storage_dtype(arr: np.ndarray):
-    if np.all(arr == np.rint(arr)):
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo >= 0 and hi <= 65535:
-            return np.uint16
-        if lo >= -32768 and hi <= 32767:
-            return np.int16
-    return np.float32
-
-
 def read_phases(plan: BreastPlan) -> tuple[np.ndarray, np.ndarray, sitk.Image]:
     """Read the planned phases: ``(dce (x, y, z, t) float32, 4x4 RAS+ affine of the pre phase, pre image)``."""
     ref_img = None
@@ -631,7 +621,7 @@ def ingest_breast_study(
     for name, spec in (("breast_mask", breast_mask), ("lesion_mask", lesion_mask)):
         if spec is not None:
             masks[name] = (read_label_image(spec, ref_img, name), str(spec))
-    dtype = _storage_dtype(dce)
+    dtype = lossless_dtype(dce, unsigned=True)
     with atomic_folder(final, overwrite=overwrite, hint="pass --overwrite true to replace it", sweep_stale=True) as tmp:
         files = {"dce": save_nifti(dce, affine, tmp / "dce.nii.gz", dtype=dtype)}
         files["pre"] = save_nifti(dce[..., 0], affine, tmp / "pre.nii.gz", dtype=dtype)

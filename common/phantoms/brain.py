@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from common.io import save_json, save_nifti
+from common.io import lossless_dtype, save_json, save_nifti
 from common.layout import DATALIST, split_ids
 from common.phantoms.pk import (
     HAEMATOCRIT,
@@ -48,7 +48,6 @@ from common.phantoms.shapes import (
     FourierField,
     bias_texture,
     fraction,
-    lossless_dtype,
     quantise,
     random_ellipsoid,
     rician,

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common.io import save_json, save_nifti
+from common.io import lossless_dtype, save_json, save_nifti
 from common.layout import DATALIST, DCE_TIMES, MANIFEST, split_ids
 from common.metrics.kinetic import KINETIC_THRESHOLD, kinetic_type, relative_change  # noqa: F401 (the rule lives there)
 from common.phantoms.pk import HAEMATOCRIT, PARKER, R1_GD_3T, TissuePK, spgr_signal, tissue_curves
@@ -37,7 +37,6 @@ from common.phantoms.shapes import (
     Scene,
     bias_texture,
     grid_affine,
-    lossless_dtype,
     quantise,
     random_ellipsoid,
     render,

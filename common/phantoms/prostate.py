@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from common.dce import mean_curve, select_phases
-from common.io import save_json, save_nifti
+from common.io import lossless_dtype, save_json, save_nifti
 from common.layout import DCE_TIMES, MANIFEST, write_datalist
 from common.phantoms.pk import HAEMATOCRIT, PARKER, R1_GD_3T, TissuePK, spgr_signal, spin_echo_signal, tissue_curves
 from common.phantoms.shapes import (
@@ -58,7 +58,6 @@ from common.phantoms.shapes import (
     Tube,
     bias_texture,
     grid_affine,
-    lossless_dtype,
     quantise,
     random_ellipsoid,
     render,

@@ -462,11 +462,3 @@ def bias_texture(
 def quantise(x: np.ndarray, hi: float = MAX_SIGNAL) -> np.ndarray:
     """Round to integers in ``[0, hi]`` like scanner data (float32 holding integers)."""
     return np.clip(np.rint(x), 0, hi).astype(np.float32)
-
-
-def lossless_dtype(x: np.ndarray):
-    """``np.int16`` when ``x`` holds only integers that fit (lossless storage), else ``np.float32``."""
-    x = np.asarray(x)
-    if x.size and np.all(x == np.rint(x)) and x.min() >= -32768 and x.max() <= 32767:
-        return np.int16
-    return np.float32
