@@ -340,6 +340,19 @@ class SourceSeries:
         return int(np.argmin(np.abs(self.positions_mm - float(np.dot(position_lps, self.normal)))))
 
 
+def _readable_headers(folder: Path, **dcmread_kwargs: Any) -> Iterator[tuple[Path, Dataset]]:
+    """``(path, header)`` of every readable DICOM file in ``folder`` (sorted; hidden and unreadable files
+    skipped, no pixel data)."""
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, **dcmread_kwargs)
+        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
+            continue
+        yield path, ds
+
+
 def read_source_series(folder: str | os.PathLike, series_uid: str | None = None) -> SourceSeries:
     """Read the headers of a source series (``series_uid``, or the folder's only series).
 
@@ -352,13 +365,7 @@ def read_source_series(folder: str | os.PathLike, series_uid: str | None = None)
     tags = [*STUDY_TAGS, "SeriesInstanceUID", "SeriesNumber", "SOPClassUID", "SOPInstanceUID"]
     tags += ["ImagePositionPatient", "ImageOrientationPatient", "SpecificCharacterSet", *SERIES_TAGS]
     found: dict[str, list[tuple[Path, Dataset]]] = {}
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
-            continue
+    for path, ds in _readable_headers(folder, specific_tags=tags):
         if "SOPInstanceUID" in ds:
             found.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
     if series_uid is not None:
@@ -530,13 +537,7 @@ def series_set(folder: str | os.PathLike) -> Iterator[Path]:
 def _source_datasets(source: SourceSeries) -> list[Dataset]:
     """The instances of ``source`` (headers, no pixel data) in its slice order."""
     by_uid: dict[str, Dataset] = {}
-    for path in sorted(source.folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
-            continue
+    for _, ds in _readable_headers(source.folder):
         if str(ds.get("SeriesInstanceUID", "")) == source.series_uid:
             by_uid[str(ds.SOPInstanceUID)] = ds
     return [by_uid[u] for u in source.sop_instance_uids]
