@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a file, this folder (holding ``common.py
     sys.exit("run it as scripts/gpu_check.sh or, from the repository root, python -m scripts.benchmarks.gpu")
 
 from common.device import precision_name, resolve_precision  # noqa: E402
-from scripts.benchmarks.common import bundle_parser  # noqa: E402
+from scripts.benchmarks.common import bundle_parser, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,11 +69,6 @@ TINY = dict(volume=(32, 32, 2), batch=2, size=32)
 #: tiny volumes of the bundles whose inferer needs more than 2 slices (D3M's brain: an ellipsoid over
 #: the slices; iterU-Net's 3D windows)
 TINY_VOLUME = {"d3m": (32, 32, 8), "iterunet": (16, 16, 8)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_mib(device: torch.device) -> float:
@@ -110,13 +105,9 @@ def train_steps(bundle: str, preset: str, device: torch.device, iters: int, batc
         scaler.step(opt)
         scaler.update()
 
-    step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    _sync(device)
-    return {"step_s": (time.perf_counter() - t0) / iters, "how": f"batch {batch} x {size}x{size}"}
+    step()  # warm-up
+    step_s = timed(lambda: [step() for _ in range(iters)], device=device) / iters
+    return {"step_s": step_s, "how": f"batch {batch} x {size}x{size}"}
 
 
 def synthesise(
@@ -155,29 +146,16 @@ def synthesise(
         torch.cuda.reset_peak_memory_stats(device)
     scaled = ""
     if bundle != "iterunet":
-        inferer.num_inference_steps = 1  # one step first: the cost of the whole chain
-        run()  # warm-up (allocations, kernel selection)
-        _sync(device)
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        one = time.perf_counter() - t0
+        inferer.num_inference_steps = 1  # one step first (after a warm-up run): the cost of the whole chain
+        one = timed(run, warmup=1, device=device)
         inferer.num_inference_steps = n_steps
         if one * n_steps > max_volume_s:
             scaled = f"1 step x {n_steps}, not run in full"
             vol = one * n_steps
         else:
-            t0 = time.perf_counter()
-            run()
-            _sync(device)
-            vol = time.perf_counter() - t0
+            vol = timed(run, device=device)
     else:
-        run()
-        _sync(device)
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        vol = time.perf_counter() - t0
+        vol = timed(run, warmup=1, device=device)
     used = getattr(inferer, "precision_used", precision_name(*resolve_precision("auto", device)))
     return {"volume_s": vol, "step_s": vol / n_steps, "steps": n_steps, "scaled": scaled, "precision": used}
 
