@@ -212,28 +212,13 @@ class D3MVolumeInferer(DiffusionVolumeInferer):
         return out
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args, brain_mask=None, **kwargs) -> torch.Tensor:  # type: ignore[override]
-        if inputs.ndim != 5:
-            raise ValueError(f"expected a conditioning volume (B, C, H, W, D), got shape {tuple(inputs.shape)}")
-        if not torch.isfinite(inputs).all():
-            raise ValueError("the conditioning volume contains NaN or infinite values")
-        if self.num_inference_steps is not None:
-            self.sampler.scheduler.set_timesteps(int(self.num_inference_steps), device=inputs.device)
-        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        plain = self.prepare(inputs)
         brain = self._brain(plain, brain_mask.as_tensor() if isinstance(brain_mask, MetaTensor) else brain_mask)
         network = self.wrap_network(network, inputs.device)
-        devices = [inputs.device] if inputs.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=self.seed is not None), torch.inference_mode():
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
-            draws = torch.stack(
-                [
-                    torch.stack([self._volume(plain[i], brain[i], network) for i in range(plain.shape[0])])
-                    for _ in range(self.num_samples)
-                ]
-            )
-            mean = draws.mean(0)
-            out = mean if self.num_samples == 1 else torch.cat([mean, draws.std(0), draws[0]], dim=1)
-        out = out.contiguous()
-        if isinstance(inputs, MetaTensor):
-            out = MetaTensor(out.clone()).copy_meta_from(inputs, copy_attr=True)
-        return out
+        with self.seeded(inputs.device):
+            draws = [
+                torch.stack([self._volume(plain[i], brain[i], network) for i in range(plain.shape[0])])
+                for _ in range(self.num_samples)
+            ]
+            out = self.combine(torch.stack(draws))
+        return self.finish(out, inputs)

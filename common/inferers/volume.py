@@ -5,8 +5,9 @@ pixel-wise standard deviation)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -136,28 +137,46 @@ class DiffusionVolumeInferer(Inferer):
             consistent_timesteps(scheduler, n)
         scheduler.set_timesteps(n, device=device)
 
-    def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+    def prepare(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Check a conditioning volume (B, C, H, W, D) (finite values), set the scheduler's timesteps and
+        return it as a plain tensor (the output gets its metadata back in :meth:`finish`)."""
         if inputs.ndim != 5:
             raise ValueError(f"expected a conditioning volume (B, C, H, W, D), got shape {tuple(inputs.shape)}")
         if not torch.isfinite(inputs).all():
             raise ValueError("the conditioning volume contains NaN or infinite values")
         self.set_timesteps(inputs.device)
-        b, c, h, w, d = inputs.shape
-        network = self.wrap_network(network, inputs.device)
-        plain = (
-            inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        )  # slices are no longer a batch of cases
-        slices = plain.movedim(-1, 1).reshape(b * d, c, h, w)
-        # a forked, seeded RNG makes the prior noise and every reverse step's noise reproducible,
-        # whatever sampler is plugged in, without touching the caller's random state
-        devices = [inputs.device] if inputs.device.type == "cuda" else []
+        return inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+
+    @contextlib.contextmanager
+    def seeded(self, device: torch.device) -> Iterator[None]:
+        """Inference mode in a forked RNG seeded with ``seed`` (when given): the prior noise and every
+        reverse step's noise are reproducible, whatever sampler is plugged in, without touching the
+        caller's random state."""
+        devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=self.seed is not None), torch.inference_mode():
             if self.seed is not None:
                 torch.manual_seed(self.seed)
-            draws = torch.stack([self.sample_slices(slices, network) for _ in range(self.num_samples)])
-            mean = draws.mean(0)
-            out = mean if self.num_samples == 1 else torch.cat([mean, draws.std(0), draws[0]], dim=1)
-        out = out.reshape(b, d, out.shape[1], h, w).movedim(1, -1).contiguous()
-        if isinstance(inputs, MetaTensor):  # keep the input's geometry and (batched) metadata
+            yield
+
+    def combine(self, draws: torch.Tensor) -> torch.Tensor:
+        """``num_samples`` draws (S, N, C, ...) -> their mean (N, C, ...), or with several draws
+        ``[mean, std, first draw]`` along the channels (N, 3C, ...)."""
+        mean = draws.mean(0)
+        return mean if self.num_samples == 1 else torch.cat([mean, draws.std(0), draws[0]], dim=1)
+
+    @staticmethod
+    def finish(out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``out`` contiguous, with the input's geometry and (batched) metadata when it is a MetaTensor."""
+        out = out.contiguous()
+        if isinstance(inputs, MetaTensor):
             out = MetaTensor(out.clone()).copy_meta_from(inputs, copy_attr=True)
         return out
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        plain = self.prepare(inputs)
+        b, c, h, w, d = plain.shape
+        network = self.wrap_network(network, inputs.device)
+        slices = plain.movedim(-1, 1).reshape(b * d, c, h, w)  # slices are no longer a batch of cases
+        with self.seeded(inputs.device):
+            out = self.combine(torch.stack([self.sample_slices(slices, network) for _ in range(self.num_samples)]))
+        return self.finish(out.reshape(b, d, out.shape[1], h, w).movedim(1, -1), inputs)
