@@ -11,7 +11,7 @@ PHANTOMS ?= data/phantoms
 # pytest-xdist workers for `make test` (auto: one per core; 0 runs the tests in this process)
 TEST_WORKERS ?= auto
 
-.PHONY: install test lint format demo bench compare clean phantoms gpu-check
+.PHONY: install test lint format demo bench compare reproduce clean phantoms gpu-check
 
 install: $(STAMP)
 
@@ -56,6 +56,14 @@ compare: $(STAMP)
 	$(PY) scripts/compare.py --dataset_dir $(PHANTOMS)/prostate/prepared --methods resdce,dcediff \
 		--out compare_output --budget scripts/compare_budget.json
 
+# one paper's table beside ours: make reproduce PAPER=resdce DATA=/data/PROSTATEx [BUDGET=smoke] [OUT=dir]
+PAPER ?=
+DATA ?=
+BUDGET ?= paper
+OUT ?= reproduce_output/$(PAPER)
+reproduce: $(STAMP)
+	$(PY) scripts/reproduce.py --paper "$(PAPER)" --data "$(DATA)" --budget $(BUDGET) --out "$(OUT)"
+
 clean:
-	rm -rf $(VENV) demo_output compare_output synth_out dist data/phantoms benchmark.md .pytest_cache build *.egg-info
+	rm -rf $(VENV) demo_output compare_output reproduce_output synth_out dist data/phantoms benchmark.md .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -26,6 +26,7 @@ GENERIC = [
     ROOT / "scripts" / "synthesize.py",
     ROOT / "scripts" / "compare.py",
     ROOT / "scripts" / "export_bundle.py",
+    ROOT / "scripts" / "reproduce.py",
     *sorted((ROOT / "scripts" / "monailabel_app").rglob("*.py")),
 ]
 
