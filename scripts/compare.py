@@ -166,8 +166,7 @@ def evaluate_method(method: str, dataset_dir: Path, ckpt: Path, out: Path, overr
     n_cases = len(p.get_parsed_content("datalist"))
     info = {
         "sampler": sampler_name(method, p),
-        # a method without a sampling chain (e.g. a one-pass network) has no step count
-        "steps": int(p.get_parsed_content("num_inference_steps")) if "num_inference_steps" in p else None,
+        "steps": int(p.get_parsed_content("num_inference_steps") or 1) if "num_inference_steps" in p else 1,
         "network_size": p.get_parsed_content("network_size"),
         "device": str(p.get_parsed_content("device")),
         "n_test_cases": n_cases,

@@ -330,19 +330,22 @@ def evaluate_once(bundle: str, dataset_dir: Path, ckpt: Path, out: Path, overrid
 
 
 def protocol_overrides(spec: Mapping, bundle: str) -> tuple[dict, str]:
-    """``{"protocol": "paper"}`` where the bundle's evaluation has the setting and the paper's protocol is
-    known for it (:data:`PAPER_PROTOCOLS`), and what the table says about it."""
+    """``{"protocol": "paper"}`` where the bundle's evaluation has the setting (it maps ``paper`` to its
+    paper's protocol, :data:`PAPER_PROTOCOLS`, or, for a baseline bundle, to the protocol of the task's
+    paper), and what the report says about it."""
     if spec["protocol"] != "paper":
         return {}, "ours (the paper file asks for it)"
     name = Path(bundle).name
-    has = "protocol" in C._parser(bundle, "evaluate")
-    if has and name in PAPER_PROTOCOLS:
-        pp = PAPER_PROTOCOLS[name]
-        return {
-            "protocol": "paper"
-        }, f"paper (scoring {pp['scoring']}, statistics {pp['statistics']}; {pp['normalisation']})"
-    if name in PAPER_PROTOCOLS:
-        return {}, f"the paper's protocol is ours for this bundle: {PAPER_PROTOCOLS[name]['notes']}"
+    pp = PAPER_PROTOCOLS.get(name)
+    if "protocol" in C._parser(bundle, "evaluate"):
+        what = (
+            f"scoring {pp['scoring']}, statistics {pp['statistics']}; {pp['normalisation']}"
+            if pp
+            else "as its evaluate.json maps it"
+        )
+        return {"protocol": "paper"}, f"paper ({what})"
+    if pp:
+        return {}, f"the paper's protocol is ours for this bundle: {pp['notes']}"
     return {}, "ours (volume scoring): the bundle states no paper protocol"
 
 
