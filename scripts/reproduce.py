@@ -59,6 +59,19 @@ EVAL_MARKER = ".reproduce_eval.json"
 #: figures derived from a run rather than read from a metrics file
 DERIVED = ("n_scored", "speedup", "parameters_M")
 METHOD_KINDS = ("method", "baseline", "trivial baseline", "ablation")
+#: the training ids every bundle has (the baseline bundles too): a budget's common ``train`` settings; the
+#: others go to ``budget.<name>.methods.<id>``, so a baseline bundle is never handed a setting it lacks
+COMMON_BUDGET_IDS = (
+    "num_iterations",
+    "epoch_length",
+    "batch_size",
+    "patch_size",
+    "seed",
+    "lr",
+    "network_size",
+    "num_workers",
+    "val_interval",
+)
 
 
 class ReproduceError(ValueError):
@@ -115,10 +128,21 @@ def check_paper_results(spec: Any, source: str = "paper_results.json") -> dict:
     _need(isinstance(ds.get("layouts"), list) and ds["layouts"], source, "dataset.layouts: a non-empty list")
     for i, lay in enumerate(ds["layouts"]):
         _need(isinstance(lay, dict) and {"name", "match"} <= set(lay), source, f"dataset.layouts[{i}]: name and match")
+        _need(
+            isinstance(lay["match"], str) or (isinstance(lay["match"], list) and lay["match"]),
+            source,
+            f"dataset.layouts[{i}].match: a glob or a list of globs",
+        )
         _need(lay.get("ingest") in (None, *INGEST_KINDS), source, f"dataset.layouts[{i}].ingest: one of {INGEST_KINDS}")
     for b in BUDGETS:
         bud = spec["budget"].get(b)
         _need(isinstance(bud, dict) and isinstance(bud.get("train"), dict), source, f"budget.{b}.train missing")
+        other = [k for k in bud["train"] if k not in COMMON_BUDGET_IDS]
+        _need(
+            not other,
+            source,
+            f"budget.{b}.train.{other[0] if other else ''}: not a setting every bundle has; put it in budget.{b}.methods.<id>",
+        )
     ids = []
     for i, m in enumerate(spec["methods"]):
         _need(isinstance(m, dict) and {"id", "name", "kind"} <= set(m), source, f"methods[{i}]: id, name and kind")
@@ -169,16 +193,21 @@ def load_paper(paper: str) -> tuple[dict, Path]:
 # ---------------------------------------------------------------- data: layout and ingest
 
 
-def _matches(folder: Path, pattern: str) -> bool:
-    return next(iter(folder.glob(pattern)), None) is not None
+def _patterns(lay: Mapping) -> list[str]:
+    return [lay["match"]] if isinstance(lay["match"], str) else list(lay["match"])
+
+
+def _matches(folder: Path, lay: Mapping) -> bool:
+    """Every pattern of the layout's ``match`` (a file name or glob below ``folder``, or a list of them) exists."""
+    return all(next(iter(folder.glob(p)), None) is not None for p in _patterns(lay))
 
 
 def detect_layout(data: Path, layouts: Sequence[Mapping], option: str = "--data") -> dict:
-    """The first of ``layouts`` whose ``match`` (a file name or glob below ``data``) exists."""
+    """The first of ``layouts`` whose ``match`` (file names or globs below ``data``) all exist."""
     for lay in layouts:
-        if _matches(data, lay["match"]):
+        if _matches(data, lay):
             return dict(lay)
-    expected = "; ".join(f"{lay['name']} ({lay['match']})" for lay in layouts)
+    expected = "; ".join(f"{lay['name']} ({' + '.join(_patterns(lay))})" for lay in layouts)
     raise ReproduceError(f"{option} {data}: not a layout this paper reads; expected one of: {expected}")
 
 
@@ -208,11 +237,9 @@ def prepare_data(spec: Mapping, data: Path, out: Path, ingest_options: Mapping, 
     """Where the bundles read the data and how: ``{"dataset_dir", "layout", "overrides", "ingest"}``. The
     ingest options are the layout's, then the budget's (``ingest_options``: e.g. a small crop for ``smoke``),
     then the user's ``--ingest_<option>``."""
-    if not data.is_dir():
-        raise ReproduceError(f"--data {data}: no such folder")
     layouts = spec["dataset"]["layouts"]
     lay = detect_layout(data, layouts)
-    log(f"data: {data} is {lay['name']} (found {lay['match']})")
+    log(f"data: {data} is {lay['name']} (found {' + '.join(_patterns(lay))})")
     res = {"source": str(data), "dataset_dir": data, "layout": lay["name"], "overrides": dict(lay.get("overrides", {}))}
     if lay.get("ingest"):
         options = {
@@ -350,9 +377,16 @@ def protocol_overrides(spec: Mapping, bundle: str) -> tuple[dict, str]:
 
 
 def _rename(rows: list[dict], bundle: str, mid: str) -> list[dict]:
-    """A bundle's rows carry its folder name as ``method``; the table names the method by its id."""
-    names = {bundle: mid, f"{bundle}_first_draw": f"{mid}_first_draw"}
-    return [{**r, "method": names.get(r.get("method"), r.get("method"))} for r in rows]
+    """A bundle's own rows carry its folder name as ``method`` (with a variant's suffix, e.g.
+    ``<bundle>_no_mssdm``, and ``_first_draw``); the report names them by the method's id. Baseline rows
+    keep their names."""
+
+    def name(m: Any) -> Any:
+        if m != bundle and not str(m).startswith(f"{bundle}_"):
+            return m
+        return f"{mid}_first_draw" if str(m).endswith("_first_draw") else mid
+
+    return [{**r, "method": name(r.get("method"))} for r in rows]
 
 
 # ---------------------------------------------------------------- published vs ours
@@ -492,6 +526,8 @@ def main(
     if not data:
         raise ReproduceError("--data: the dataset root is needed (a prepared folder or DICOM studies)")
     spec, home = load_paper(str(paper))
+    if not Path(data).expanduser().is_dir():  # before any folder is made
+        raise ReproduceError(f"--data {data}: no such folder")
     out_dir = Path(out or f"reproduce_output/{paper}").expanduser().resolve()
     output_folder(out_dir, "out")
     log(f"{spec['title']}: budget {budget}, out {out_dir}")
