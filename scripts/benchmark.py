@@ -17,7 +17,6 @@ a ``precision`` (the ``cost`` section) go to a second table with :data:`COST_COL
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -203,10 +202,12 @@ def update_readme(readme: str | Path, rows: list[dict], sections: list[str], mea
 
 def machine() -> str:
     """One line: date (UTC), processor, torch threads and version, default device (and GPU)."""
+    from scripts.benchmarks.common import cpu_model
+
     dev = get_device()
     return (
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}, {platform.processor() or platform.machine()} "
-        f"({os.cpu_count()} cores), {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}, {cpu_model()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"default device {dev}" + (f" ({torch.cuda.get_device_name(0)})" if dev.type == "cuda" else "")
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import platform
 import resource
 import time
 from dataclasses import dataclass, field
@@ -244,6 +245,22 @@ def with_peak_memory(out: dict, device: torch.device) -> dict:
 #: machine) and bfloat16 forced (labelled as such: on a CPU without native bf16 it is emulated)
 COST_PRECISIONS = ("fp32", "auto", "bf16")
 _MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, as ``lscpu`` shows it), its core count and whether it
+    computes bfloat16 natively, e.g. ``"AMD EPYC (2 cores, no native bf16)"``."""
+    import os
+
+    from common.device import cpu_has_native_bf16
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores, {'native' if cpu_has_native_bf16() else 'no native'} bf16)"
 
 
 def quick() -> bool:
