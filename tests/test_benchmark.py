@@ -233,3 +233,27 @@ def test_every_bundle_has_a_cost_case():
             assert case.bundle == name and case.steps >= 1 and case.scale >= 1
     d3m = found["d3m"]("paper", "cpu", False)
     assert d3m.scale == pytest.approx(155 / 4) and d3m.inputs[0] == (1, 3, 240, 240, 4) and d3m.steps == 250
+
+
+def test_precision_quality_compares_two_evaluations(tmp_path):
+    """``precision_quality.compare``: per phase the PSNR / SSIM means of both runs and their difference
+    (whole image, the model's rows only), and the relative L2 of the two syntheses over all cases."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from scripts.benchmarks import precision_quality as Q
+
+    a = np.arange(8, dtype=np.float32).reshape(2, 2, 2) + 1
+    for run, psnr, ssim, vol in (("fp32", 20.0, 0.8, a), ("bf16", 20.05, 0.799, a + 0.1)):
+        (tmp_path / run / "c1").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / run / "c1" / "late.nii.gz")
+        stats = lambda p, s: {"psnr": {"mean": p, "std": 0, "n": 1}, "ssim": {"mean": s, "std": 0, "n": 1}}  # noqa: E731
+        summary = {"m/late/whole": stats(psnr, ssim), "m/late/organ": stats(1.0, 0.1), "copy/late/whole": stats(5, 0.5)}
+        (tmp_path / run / "summary.json").write_text(json.dumps({"summary": summary}))
+    got = Q.compare(tmp_path / "fp32", tmp_path / "bf16", "m")
+    assert set(got) == {"late"}
+    late = got["late"]
+    assert late["psnr_diff"] == pytest.approx(0.05) and late["ssim_diff"] == pytest.approx(-0.001) and late["n"] == 1
+    assert late["rel_l2"] == pytest.approx(0.1 * np.sqrt(8) / np.linalg.norm(a), rel=1e-5)
