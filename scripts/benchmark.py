@@ -9,13 +9,14 @@ wall-clock seconds on the machine that runs it; nothing here is asserted by a te
 Besides ``out``, the README's table between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is
 rewritten (atomically): the rows of the sections that ran are replaced, every other section's rows
 are kept, so ``--only resdce`` refreshes only resdce's rows. Each row carries its section (first
-column); under the table one line per section says when and on what it was measured.
+column); under the table one line per section says when and on what it was measured. Rows that carry
+a ``precision`` (the ``cost`` section) go to a second table with :data:`COST_COLUMNS`;
+``--only cost --quick`` checks that it runs (tiny inputs, README untouched).
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -94,6 +95,11 @@ def discover() -> dict[str, Callable[[Path], list[dict]]]:
 
 
 COLUMNS = ("section", "what", "value", "device", "note")
+#: the second table's columns (rows carrying a ``precision``: ``scripts/benchmarks/cost.py``)
+COST_COLUMNS = (
+    "section", "what", "precision", "s/step", "s/volume", "peak memory", "GFLOP/step", "GFLOP/s",
+    "of matmul peak", "device", "note",
+)  # fmt: skip
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 README = ROOT / "README.md"
 GENERATED = "<!-- written by scripts/benchmark.py (make bench, or --only <sections>): edit there, not here -->"
@@ -103,17 +109,35 @@ def _cell(value) -> str:
     return str(value).replace("\n", " ").replace("|", "\\|")
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table of ``rows`` (dicts with the keys :data:`COLUMNS`; ``|`` in a cell is escaped)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+def table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """Markdown table of ``rows`` (dicts with the keys ``columns``; ``|`` in a cell is escaped)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def is_cost(row: dict) -> bool:
+    """Whether ``row`` belongs to the cost table (:data:`COST_COLUMNS`): it says its precision."""
+    return "precision" in row
+
+
+def tables(rows: list[dict]) -> str:
+    """The main table of ``rows``, then (when any) the cost table of those with a precision."""
+    cost = [r for r in rows if is_cost(r)]
+    text = table([r for r in rows if not is_cost(r)])
+    if cost:
+        text += (
+            "\nInference cost per precision (time per sampling step and per volume, peak memory, FLOPs of one "
+            "step by torch's FlopCounterMode, achieved GFLOP/s against the matmul rate measured in the same "
+            "run in that precision):\n\n" + table(cost, COST_COLUMNS)
+        )
+    return text
 
 
 def parse_block(block: str) -> tuple[list[dict], dict[str, str]]:
     """The rows (dicts with :data:`COLUMNS`) and the per-section "measured on" lines
     (``- `section`: text``) of a README block written by :func:`render_block`."""
-    rows, measured = [], {}
+    rows, measured, columns = [], {}, COLUMNS
     for line in block.splitlines():
         line = line.strip()
         m = re.fullmatch(r"- `([^`]+)`: (.*)", line)
@@ -121,8 +145,11 @@ def parse_block(block: str) -> tuple[list[dict], dict[str, str]]:
             measured[m.group(1)] = m.group(2)
         elif line.startswith("|") and not line.startswith("|---"):
             cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip("|"))]
-            if cells and cells != list(COLUMNS) and len(cells) == len(COLUMNS):
-                rows.append(dict(zip(COLUMNS, cells)))
+            if cells in (list(COLUMNS), list(COST_COLUMNS)):  # a table's header: its rows follow
+                columns = tuple(cells)
+            elif len(cells) == len(columns):
+                row = dict(zip(columns, cells))
+                rows.append(row if columns == COLUMNS else {k: v for k, v in row.items() if v or k == "precision"})
     return rows, measured
 
 
@@ -131,7 +158,7 @@ def render_block(rows: list[dict], measured: dict[str, str]) -> str:
     order = list(dict.fromkeys(r["section"] for r in rows))
     notes = "".join(f"- `{s}`: {measured[s]}\n" for s in order if s in measured)
     # blank lines around the table, so that the marker comments are never read as table rows
-    return GENERATED + "\n\n" + table(rows) + ("\nMeasured (per section):\n\n" + notes if notes else "") + "\n"
+    return GENERATED + "\n\n" + tables(rows) + ("\nMeasured (per section):\n\n" + notes if notes else "") + "\n"
 
 
 def merge_rows(old: list[dict], new: list[dict], sections: list[str]) -> list[dict]:
@@ -175,10 +202,12 @@ def update_readme(readme: str | Path, rows: list[dict], sections: list[str], mea
 
 def machine() -> str:
     """One line: date (UTC), processor, torch threads and version, default device (and GPU)."""
+    from scripts.benchmarks.common import cpu_model
+
     dev = get_device()
     return (
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}, {platform.processor() or platform.machine()} "
-        f"({os.cpu_count()} cores), {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}, {cpu_model()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"default device {dev}" + (f" ({torch.cuda.get_device_name(0)})" if dev.type == "cuda" else "")
     )
 
@@ -206,7 +235,7 @@ def run(
     ok: list[str] = []
 
     def write() -> str:  # after every section, so that what was measured survives a later failure
-        text = header + table(rows)
+        text = header + tables(rows)
         with atomic_path(out) as tmp_path:
             tmp_path.write_text(text)
         return text
@@ -218,7 +247,7 @@ def run(
             try:
                 got = [{**r, "section": name} for r in sections[name](Path(tmp))]
                 rows += got
-                if any(r["value"] != "skipped" for r in got):  # e.g. ingest without the shared study
+                if any(r.get("value") != "skipped" for r in got):  # e.g. ingest without the shared study
                     ok.append(name)
             except Exception as e:  # one failing section (e.g. out of memory) must not lose the others
                 rows.append(
@@ -239,10 +268,15 @@ def run(
     return rows
 
 
-def main(out: str = "benchmark.md", only: str | tuple = "", readme: str = str(README)) -> None:
+def main(out: str = "benchmark.md", only: str | tuple = "", readme: str = str(README), quick: bool = False) -> None:
     """Run the benchmark sections (all by default, or the comma-separated ``only``), write the table
     to ``out`` and replace those sections' rows in ``readme``'s ``<!-- bench:start -->`` block
-    (``--readme ""``: do not touch it)."""
+    (``--readme ""``: do not touch it). ``--quick``: the sections that have one take their quick path
+    (``BENCH_QUICK=1``: the cost table on small networks and tiny inputs, a check that it runs) and the
+    README is left alone."""
+    if quick:
+        os.environ["BENCH_QUICK"] = "1"
+        readme = ""
     sections = discover()
     names = [s for s in (only.split(",") if isinstance(only, str) else only) if s] or list(sections)
     run(sections, names, out, readme or None)

@@ -41,7 +41,7 @@ def readme(tmp_path) -> Path:
 def test_readme_block_has_every_section():
     rows = _readme_rows(ROOT / "README.md")
     assert {r["section"] for r in rows} >= {"phantoms", "ingest", "resdce", "dcediff", "ressrdiff"}
-    assert all(set(r) == set(B.COLUMNS) for r in rows)
+    assert all(set(r) == set(B.COLUMNS) for r in rows if not B.is_cost(r))
     # the README's block is exactly what benchmark.py writes for its rows (parse and render agree)
     text = (ROOT / "README.md").read_text()
     block = text[text.index(B.START) + len(B.START) : text.index(B.END)]
@@ -176,3 +176,84 @@ def test_chain_runs_the_last_k_steps_of_the_bundle_schedule(one_thread):
     chain.run(3)
     assert calls == [3, 3, 3]  # 3 steps, the 3 slices batched
     assert torch.equal(chain.scheduler.timesteps, full) and vol.num_inference_steps == 50
+
+
+def test_flop_count_of_known_layers_is_their_closed_form():
+    """``count_flops`` (torch's FlopCounterMode): a multiply-add is 2 FLOPs, the bias is not counted."""
+    lin = torch.nn.Linear(12, 7)
+    assert C.count_flops(lambda: lin(torch.randn(5, 12))) == 2 * 5 * 12 * 7
+    conv = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1, stride=2)
+    x = torch.randn(2, 3, 10, 10)
+    h_out = w_out = (10 + 2 - 3) // 2 + 1  # 5
+    assert C.count_flops(lambda: conv(x)) == 2 * 2 * 8 * h_out * w_out * 3 * 3 * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast changes the dtype, not the count
+        assert C.count_flops(lambda: lin(torch.randn(5, 12))) == 2 * 5 * 12 * 7
+    assert C.matmul_gflops(torch.float32, n=64, repeat=1) > 0
+
+
+def test_cost_rows_fill_the_new_columns(monkeypatch, one_thread):
+    """The cost table (``--only cost``): per precision (fp32, auto as it resolves here, bf16 forced) the
+    time per step and per volume, FLOPs per step and the achieved rate against the matmul peak; the
+    README block renders it as a second table and reads it back."""
+    monkeypatch.setenv("BENCH_QUICK", "1")
+    case = C.CostCase("resdce", "one 16x16x1 volume, 15 steps", ((1, 3, 16, 16, 1),), 15, 2.0, 1)
+    peaks = {"fp32": 100.0, "bf16": 50.0}
+    rows = C.cost_rows(case, "small", "cpu", peaks)
+    assert [r["precision"].split()[0] for r in rows] == ["fp32", "auto", "bf16"]
+    assert rows[2]["precision"].startswith("bf16 (forced: bf16")
+    for r in rows:
+        assert set(B.COST_COLUMNS) - {"section"} <= set(r)
+        step, vol = float(r["s/step"]), float(r["s/volume"])
+        assert vol == pytest.approx(step * 15 * 2.0, rel=2e-3)  # 15 steps x 2 volumes per measured input
+        rate = float(r["GFLOP/step"]) / step
+        assert float(r["GFLOP/s"]) == pytest.approx(rate, rel=2e-2)
+        used = r["precision"].split("= ")[-1].split(":")[-1].strip().split()[0].rstrip(")")
+        assert r["of matmul peak"] == f"{100 * rate / peaks[used]:.0f} % of {used}"
+    # one step of the chain is one forward of the bundle's network over the volume's slice (FLOPs > 0, all equal)
+    assert len({r["GFLOP/step"] for r in rows}) == 1 and float(rows[0]["GFLOP/step"]) > 0
+    # the second table's header carries the new columns; parse and render agree
+    rows = [{**r, "section": "cost"} for r in rows] + [
+        {"section": "x", "what": "w", "value": "v", "device": "cpu", "note": "n"}
+    ]
+    block = B.render_block(rows, {"cost": "today"})
+    assert "| " + " | ".join(B.COST_COLUMNS) + " |" in block and "| " + " | ".join(B.COLUMNS) + " |" in block
+    parsed, measured = B.parse_block(block)
+    assert measured == {"cost": "today"} and B.render_block(parsed, measured) == block
+    assert sorted(sorted(r.items()) for r in parsed) == sorted(sorted(r.items()) for r in rows)
+
+
+def test_every_bundle_has_a_cost_case():
+    from scripts.benchmarks import cost
+
+    found = cost.cases()
+    assert {"resdce", "dcediff", "ressrdiff", "d3m", "iterunet"} <= set(found)
+    for name, make in found.items():
+        for preset in ("small", "paper"):
+            case = make(preset, "cpu", False)
+            assert case.bundle == name and case.steps >= 1 and case.scale >= 1
+    d3m = found["d3m"]("paper", "cpu", False)
+    assert d3m.scale == pytest.approx(155 / 4) and d3m.inputs[0] == (1, 3, 240, 240, 4) and d3m.steps == 250
+
+
+def test_precision_quality_compares_two_evaluations(tmp_path):
+    """``precision_quality.compare``: per phase the PSNR / SSIM means of both runs and their difference
+    (whole image, the model's rows only), and the relative L2 of the two syntheses over all cases."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from scripts.benchmarks import precision_quality as Q
+
+    a = np.arange(8, dtype=np.float32).reshape(2, 2, 2) + 1
+    for run, psnr, ssim, vol in (("fp32", 20.0, 0.8, a), ("bf16", 20.05, 0.799, a + 0.1)):
+        (tmp_path / run / "c1").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / run / "c1" / "late.nii.gz")
+        stats = lambda p, s: {"psnr": {"mean": p, "std": 0, "n": 1}, "ssim": {"mean": s, "std": 0, "n": 1}}  # noqa: E731
+        summary = {"m/late/whole": stats(psnr, ssim), "m/late/organ": stats(1.0, 0.1), "copy/late/whole": stats(5, 0.5)}
+        (tmp_path / run / "summary.json").write_text(json.dumps({"summary": summary}))
+    got = Q.compare(tmp_path / "fp32", tmp_path / "bf16", "m")
+    assert set(got) == {"late"}
+    late = got["late"]
+    assert late["psnr_diff"] == pytest.approx(0.05) and late["ssim_diff"] == pytest.approx(-0.001) and late["n"] == 1
+    assert late["rel_l2"] == pytest.approx(0.1 * np.sqrt(8) / np.linalg.norm(a), rel=1e-5)

@@ -96,6 +96,9 @@ def test_train_both_stages_infer_evaluate(phantoms, tmp_path):
     assert set(summary["wilcoxon"]) == {"iterunet vs copy_forward", "iterunet vs linear"}
     assert sum(map(sum, summary["confusion"]["copy_forward"])) == len({r["case"] for r in kin_rows})
     assert (out / "summary.md").exists() and not (phantoms / cid / "panel.png").exists()  # inputs untouched
+    # the network precision is recorded (auto: fp32 on a CPU without native bf16; 3D, so no channels-last)
+    precision = json.loads((out / "summary.json").read_text())["precision"]
+    assert precision in ("fp32", "bf16") and (out / "summary.md").read_text().endswith(f"precision: {precision}\n")
 
 
 def test_ablations_run_as_overrides(phantoms, tmp_path):

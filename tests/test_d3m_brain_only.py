@@ -3,6 +3,8 @@ brain are background, the brain slices are cropped to the brain's box and put ba
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -11,6 +13,7 @@ from common.inferers.d3m import D3MInferer, D3MVolumeInferer, _box
 from common.networks.d3m import D3MNetwork
 from common.schedulers.sigmoid import SigmoidDDIMScheduler
 
+ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "d3m" / "configs"
 H, W, D = 48, 40, 6
 BRAIN_SLICES = [1, 2, 4]
 BACKGROUND = torch.tensor([0.0, -1.0, 0.0, 0.0]).view(4, 1, 1)
@@ -126,3 +129,57 @@ class LocalNet(torch.nn.Module):
     def forward(self, x, t, abar):
         v = self.conv(x)
         return torch.cat([v, torch.zeros_like(v)], 1)
+
+
+def test_the_bundle_samples_inside_the_case_brain_mask(case, tmp_path):
+    """The d3m bundle's inference passes the case's ``*-brain_mask.nii.gz`` to the inferer (its
+    ``prepare_batch``): slices holding T1n > 0 but outside the mask are background; the others are
+    the full-volume result (same seed), on the input grid."""
+    import nibabel as nib
+    import numpy as np
+    from helpers import parser
+    from monai.data import list_data_collate
+
+    from common.bundle import variant
+
+    net, image, brain = case
+    affine = image.affine.numpy()
+    cid = "BraTS-GLI-00007-000"
+    folder = tmp_path / cid
+    folder.mkdir()
+    t1n_support = [1, 2, 4]  # the skull-stripped T1n's brain slices (BRAIN_SLICES)
+    mask = brain.clone()
+    mask[..., 4] = False  # the brain mask leaves out slice 4, which holds T1n > 0
+    vols = {k: image[0, i].numpy() * 100 for i, k in enumerate(("t1n", "t2w", "t2f"))}
+    vols["brain_mask"] = mask.numpy().astype(np.uint8)
+    for k, v in vols.items():
+        nib.save(nib.Nifti1Image(v, affine), folder / f"{cid}-{k}.nii.gz")
+    assert all(vols["t1n"][..., z].any() for z in t1n_support)
+    p = parser(
+        ROOT_CONFIGS, "train.json", "inference.json",
+        case_dir=str(folder), network_size="small", device="cpu", precision="fp32", num_inference_steps=2,
+        slice_batch_size=1, progress=False,
+    )  # fmt: skip
+    batch = list_data_collate([p.get_parsed_content("dataset")[0]])
+    x, _, args, kwargs = p.get_parsed_content("prepare_batch")(batch, torch.device("cpu"))
+    assert torch.equal(kwargs["brain_mask"][0, 0].bool(), mask)
+    inferer = p.get_parsed_content("inferer")
+    inferer.progress = False
+    full = variant(inferer, brain_only=False)(x, net)
+    inside = [1, 2]
+    for crop in (False, True):  # the bundle crops too (default): then only the slices' background is exact
+        masked = variant(inferer, crop=crop)(x, net, *args, **kwargs)
+        assert masked.shape == full.shape == (1, 4, H, W, D)
+        assert np.allclose(masked.affine.numpy(), affine)
+        if not crop:
+            assert torch.equal(masked[..., inside], full[..., inside])
+        for z in (0, 3, 4, 5):  # slice 4 holds T1n > 0 but no brain by the mask: background like the empty ones
+            assert torch.equal(masked[0, ..., z], BACKGROUND.expand(4, H, W))
+        assert not any(torch.equal(masked[0, ..., z], BACKGROUND.expand(4, H, W)) for z in inside)
+    assert not torch.equal(full[0, ..., 4], BACKGROUND.expand(4, H, W))
+    # without a mask file the bundle falls back to T1n > 0: slice 4 is sampled again
+    (folder / f"{cid}-brain_mask.nii.gz").unlink()
+    p["case_dir"] = str(folder)
+    batch = list_data_collate([p.get_parsed_content("dataset", lazy=False)[0]])
+    x, _, args, kwargs = p.get_parsed_content("prepare_batch")(batch, torch.device("cpu"))
+    assert torch.equal(kwargs["brain_mask"][0, 0].bool(), image[0, 0] > 0)

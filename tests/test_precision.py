@@ -122,19 +122,27 @@ def one_thread():
 
 
 @pytest.mark.parametrize("bundle", ["resdce", "ressrdiff", "dcediff", "d3m", "iterunet"])
-def test_bf16_chain_close_to_fp32(bundle, caplog, one_thread):
+def test_bf16_and_auto_chains_close_to_fp32(bundle, caplog, one_thread):
+    """bf16 forced and ``auto`` (whatever it resolves to on this machine: fp32 on a CPU without native
+    bf16, then bit for bit the fp32 result) within the stated tolerance of fp32 on a 2-step chain."""
     outs = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "auto"):
         inferer, net, inputs, extra = _inferer_case(bundle, precision)
         with caplog.at_level(logging.INFO):
             outs[precision] = inferer(inputs, net, *extra)
-        assert inferer.precision_used == (
-            "fp32" if precision == "fp32" else "bf16" + (" channels_last" * (bundle != "iterunet"))
-        )
+        dtype, channels_last = resolve_precision(precision, "cpu")
+        assert inferer.precision_used == precision_name(
+            dtype, channels_last and bundle != "iterunet"
+        )  # 3D: no 4D layout
     ref, low = outs["fp32"], outs["bf16"]
     assert low.dtype == torch.float32 and low.shape == ref.shape
     rel = float((low - ref).norm() / ref.norm())
     assert 0 < rel < CHAIN_TOLERANCE.get(bundle, TOLERANCE), f"{bundle}: relative L2 {rel:.2e}"
+    auto = outs["auto"]
+    if resolve_precision("auto", "cpu")[0] is None:
+        assert torch.equal(auto, ref)
+    else:
+        assert float((auto - ref).norm() / ref.norm()) < CHAIN_TOLERANCE.get(bundle, TOLERANCE)
     if bundle == "dcediff":  # one forward of the network itself is within TOLERANCE
         c = torch.randn(4, net.conv_in.conv.in_channels, *inputs.shape[2:4])
         t = torch.full((4,), 0.5)

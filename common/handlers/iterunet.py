@@ -386,7 +386,9 @@ class IterUNetMetrics:
         if not self.rows:
             logger.warning("no case had real phases after the start phase: nothing to evaluate")
             return
-        self.summary = report(self.rows, self.output_dir, self.method, self.BASELINES)
+        # the network precision the inferer ran at, for provenance (as common.handlers.metrics records it)
+        precision = getattr(getattr(engine, "inferer", None), "precision_used", None)
+        self.summary = report(self.rows, self.output_dir, self.method, self.BASELINES, precision=precision)
         if self.kinetic_rows:
             self.summary["kinetics"] = kinetic_report(self.kinetic_rows, self.output_dir, self.method, self.BASELINES)
 

@@ -145,8 +145,10 @@ class D3MVolumeInferer(DiffusionVolumeInferer):
     ``background``.
 
     The brain is ``brain_mask`` (a keyword of ``__call__``, (B, 1, H, W, D) or (B, H, W, D), nonzero
-    inside; the bundle passes BraTS' brain mask, or the raw T1's support, with MONAI's
-    ``PrepareBatchExtraInput``), else ``inputs[:, brain_channel] > 0``.
+    inside; the bundle passes the batch's ``brain`` with MONAI's ``PrepareBatchExtraInput``, its
+    ``prepare_batch``: :class:`common.data.brats.BratsMasksd` makes it from the case's
+    ``*-brain_mask.nii.gz`` when the case has one, else from the raw T1's support), else
+    ``inputs[:, brain_channel] > 0``.
 
     The prior noise is drawn for the whole (padded) volume, (D, C_out, H', W'), once per draw, and
     each slice / box takes its own part: a slice's noise does not depend on which slices are

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import platform
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -235,3 +237,211 @@ def with_peak_memory(out: dict, device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+# --- inference cost per precision: time per step and per volume, peak memory, FLOPs, GFLOP/s vs the matmul peak
+
+#: the precisions of the cost rows: float32, the bundles' default ``auto`` (whatever it resolves to on the
+#: machine) and bfloat16 forced (labelled as such: on a CPU without native bf16 it is emulated)
+COST_PRECISIONS = ("fp32", "auto", "bf16")
+_MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, as ``lscpu`` shows it), its core count and whether it
+    computes bfloat16 natively, e.g. ``"AMD EPYC (2 cores, no native bf16)"``."""
+    import os
+
+    from common.device import cpu_has_native_bf16
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores, {'native' if cpu_has_native_bf16() else 'no native'} bf16)"
+
+
+def quick() -> bool:
+    """Whether the benchmark runs its quick path (``python -m scripts.benchmark --quick``: small networks,
+    tiny inputs, one step; checks that the sections run, the figures mean nothing). An environment
+    variable (``BENCH_QUICK=1``), so that the measuring child processes see it too."""
+    import os
+
+    return os.environ.get("BENCH_QUICK", "") not in ("", "0")
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of ``fn()`` as torch's ``FlopCounterMode`` counts them: matrix products
+    and convolutions (a multiply-add = 2 FLOPs; elementwise operations, normalisations and the
+    schedulers' arithmetic are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, repeat: int = 3, device: str = "cpu") -> float:
+    """The machine's measured matrix-multiply rate in GFLOP/s: best of ``repeat`` ``torch.mm`` of two
+    ``n`` x ``n`` matrices of ``dtype`` (2 n^3 FLOPs each) after one warm-up, with the current thread count."""
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    t = timed(lambda: torch.mm(a, b), repeat=repeat, warmup=1, device=dev)
+    return 2.0 * n**3 / t / 1e9
+
+
+@dataclass
+class CostCase:
+    """One bundle's inference as the cost rows measure it (picklable: it goes to a measuring child).
+
+    Args:
+        bundle: the bundle's folder name; its ``train.json`` + ``inference.json`` build network and inferer.
+        what: the volume in words, e.g. ``"one 160x160x16 volume, 15 steps"``.
+        inputs: shapes of the random inputs of the volume inferer after the network (first the volume
+            (1, C, H, W, D)); a list instead of a shape is passed as a tensor as is (e.g. time points).
+        steps: sampling steps of one volume (the bundle's default).
+        scale: volumes per measured input (e.g. 155 / 4 when 4 of 155 slices are measured).
+        timed_steps: steps run per timed call (the inferer's ``num_inference_steps``) when ``respaced``.
+        respaced: the inferer takes ``num_inference_steps``; otherwise one call runs all ``steps``.
+        overrides: more config overrides (as ``--id value``).
+        repeat: timed calls (the best is kept; a call on a 32-voxel crop warms up first, untimed).
+    """
+
+    bundle: str
+    what: str
+    inputs: tuple
+    steps: int
+    scale: float = 1.0
+    timed_steps: int = 1
+    respaced: bool = True
+    overrides: dict = field(default_factory=dict)
+    repeat: int = 1
+
+
+def measure_cost(case: CostCase, preset: str, device_name: str, precision: str, flops: bool = True) -> dict:
+    """Seconds per sampling step and per volume, FLOPs per step (one network forward over the step's
+    slices or windows; ``flops=False`` skips the count), the precision the inferer used and, on CUDA,
+    the peak memory (``"peak_mib"``), of ``case`` with ``network_size=preset`` at ``precision``."""
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    steps_per_call = case.timed_steps if case.respaced else case.steps
+    extra = dict(case.overrides, precision=precision)
+    if case.respaced:
+        net, inferer = inference_parts(case.bundle, preset, device_name, case.timed_steps, **extra)
+    else:
+        net, inferer = bundle_objects(
+            case.bundle, "network", "inferer", overrides={"network_size": preset, "device": device_name, **extra}
+        )
+    net.eval()
+    g = torch.Generator().manual_seed(0)
+    args = [
+        torch.tensor(s, dtype=torch.float32) if isinstance(s, list) else torch.rand(*s, generator=g)
+        for s in case.inputs
+    ]
+    args = [a.to(device) for a in args]
+    call = lambda: inferer(args[0], net, *args[1:])  # noqa: E731
+    # one-time set-up (kernel selection, lazy initialisation) on a small crop first, untimed
+    small = args[0][(slice(None), slice(None), *(slice(0, 32) for _ in args[0].shape[2:]))]
+    inferer(small, net, *args[1:])
+    t = timed(call, repeat=case.repeat, warmup=warmup_runs(device), device=device)
+    out = {
+        "step_s": t / steps_per_call,
+        "params_m": n_params(net) / 1e6,
+        "precision_used": getattr(inferer, "precision_used", precision),
+    }
+    out["volume_s"] = out["step_s"] * case.steps * case.scale
+    if flops:
+        if case.respaced:
+            inferer.num_inference_steps = 1
+        out["gflop_step"] = count_flops(call) / (1 if case.respaced else case.steps) / 1e9
+    return with_peak_memory(out, device)
+
+
+def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str, float]) -> list[dict]:
+    """The cost-table rows of ``case`` on ``device_name`` (one per precision of :data:`COST_PRECISIONS`),
+    each measured in a fresh process on a CPU (:func:`measure_on`); ``peaks`` = matmul GFLOP/s per
+    precision name (:func:`machine_peak_rows`). FLOPs are counted once (fp32): autocast changes the
+    dtype, not the operations."""
+    out, gflop = [], None
+    for precision in COST_PRECISIONS:
+        if quick():  # in this process: quick checks that it runs, peak memory is not measured
+            res, mem = measure_cost(case, preset, device_name, precision, gflop is None), "not measured (quick)"
+        else:
+            res, mem = measure_on(device_name, measure_cost, case, preset, device_name, precision, gflop is None)
+        gflop = res.get("gflop_step", gflop)
+        used = res["precision_used"]
+        label = {"fp32": "fp32", "auto": f"auto (= {used})", "bf16": f"bf16 (forced: {used})"}[precision]
+        rate = gflop / res["step_s"]
+        peak = peaks.get(used.split()[0])
+        scaled = []
+        if case.respaced and case.timed_steps != case.steps:
+            scaled.append(f"{case.timed_steps} step(s) timed x {case.steps}")
+        if case.scale != 1:
+            scaled.append(f"input measured x {case.scale:g} for the volume")
+        out.append(
+            {
+                "what": f"{case.bundle} inference, {case.what}, {preset} net ({res['params_m']:.1f}M params)",
+                "precision": label,
+                "s/step": f"{res['step_s']:.3g}",
+                "s/volume": f"{res['volume_s']:.4g}",
+                "peak memory": mem.replace(" of the process", ""),
+                "GFLOP/step": f"{gflop:.4g}",
+                "GFLOP/s": f"{rate:.3g}",
+                "of matmul peak": f"{100 * rate / peak:.0f} % of {used.split()[0]}" if peak else "",
+                "device": device_name,
+                "note": "; ".join(scaled) or "run in full",
+            }
+        )
+    return out
+
+
+def machine_peak_rows(device_name: str, n: int | None = None) -> tuple[dict[str, float], list[dict]]:
+    """The measured matmul peak per precision name (fp32, bf16; fp16 on CUDA) and their cost-table rows."""
+    n = n or (256 if quick() else 1024)  # bf16 without native units runs at ~1 GFLOP/s: 2048^3 would take minutes
+    names = ("fp32", "bf16") + (("fp16",) if device_name == "cuda" else ())
+    peaks = {p: matmul_gflops(_MATMUL_DTYPES[p], n, device=device_name) for p in names}
+    rows = [
+        {
+            "what": f"matmul {n}x{n}x{n} (torch.mm), the machine's peak",
+            "precision": p,
+            "GFLOP/s": f"{v:.4g}",
+            "of matmul peak": f"100 % of {p}",
+            "device": device_name,
+            "note": f"{torch.get_num_threads()} torch threads",
+        }
+        for p, v in peaks.items()
+    ]
+    return peaks, rows
+
+
+def volume_cost_case(
+    bundle: str,
+    shape: tuple[int, int, int],
+    channels: int,
+    steps: int,
+    preset: str,
+    device_name: str,
+    quick: bool = False,
+    cpu_slices: Mapping[str, int] | None = None,
+    **overrides,
+) -> CostCase:
+    """The :class:`CostCase` of a slice-wise volume inferer on a (1, ``channels``, *``shape``) volume
+    with ``steps`` sampling steps: on CUDA the whole volume, up to 50 steps timed; on a CPU
+    ``cpu_slices[preset]`` slices (all when absent) scaled to the volume, 2 steps timed for the small
+    network and 1 for the paper-sized one; ``quick``: a 32 x 32 x 2 volume, 1 step (not a measurement)."""
+    h, w, d = shape
+    what = f"one {h}x{w}x{d} volume, {steps} steps"
+    overrides = {"inferer#progress": False, **overrides}
+    if quick:
+        return CostCase(bundle, what, ((1, channels, 32, 32, 2),), steps, 1.0, 1, overrides=overrides)
+    if device_name == "cuda":
+        return CostCase(bundle, what, ((1, channels, h, w, d),), steps, 1.0, min(steps, 50), overrides=overrides)
+    k = (cpu_slices or {}).get(preset, d)
+    small = preset == "small"
+    return CostCase(
+        bundle, what, ((1, channels, h, w, k),), steps, d / k, 2 if small else 1, True, overrides, 1 + small
+    )

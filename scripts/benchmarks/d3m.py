@@ -115,3 +115,14 @@ def rows(tmp: Path) -> list[dict]:
     from scripts.benchmarks.common import per_device
 
     return per_device(_rows) + demo_row()
+
+
+def cost_case(preset: str, device_name: str, quick: bool = False):
+    """The cost table's case (``scripts.benchmarks.cost``): one 240x240x155 volume at the bundle's 250 DDIM
+    steps, brain in every slice (random input > 0); on a CPU 4 slices, scaled."""
+    from scripts.benchmarks.common import bundle_parser, volume_cost_case
+
+    p = bundle_parser("d3m")
+    c, steps = len(p.get_parsed_content("input_keys")), int(p.get_parsed_content("num_inference_steps"))
+    slices = {"small": CPU_SLICES, "paper": CPU_SLICES}
+    return volume_cost_case("d3m", SHAPE, c, steps, preset, device_name, quick, slices)

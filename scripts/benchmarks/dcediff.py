@@ -200,6 +200,21 @@ def rows(tmp: Path, sizes: tuple[str, ...] = ("small", "paper")) -> list[dict]:
     return per_device(_rows, sizes)
 
 
+def cost_case(preset: str, device_name: str, quick: bool = False):
+    """The cost table's case (``scripts.benchmarks.cost``): one 160x160x16 volume with the bundle's default
+    sampler and steps (on a CPU the paper-sized network on 4 of the 16 slices, scaled). The steps are
+    timed with the DDIM sampler (the DDPM chain runs all T steps or none): one step is one forward of the
+    same network on the same slices either way."""
+    from scripts.benchmarks.common import bundle_parser, volume_cost_case
+
+    p = bundle_parser("dcediff")
+    c, steps = len(p.get_parsed_content("input_keys")), int(p.get_parsed_content("num_inference_steps"))
+    sampler = p.get_parsed_content("sampler")
+    case = volume_cost_case("dcediff", SHAPE, c, steps, preset, device_name, quick, {"paper": 4}, sampler="ddim")
+    case.what += f" ({sampler}" + (", steps timed with ddim)" if sampler != "ddim" else ")")
+    return case
+
+
 if __name__ == "__main__":  # python -m scripts.benchmarks.dcediff [small] [paper]
     import tempfile
 

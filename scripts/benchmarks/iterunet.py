@@ -142,6 +142,29 @@ def rows(tmp: Path) -> list[dict]:
     return per_device(_rows) + demo_row()
 
 
+def cost_case(preset: str, device_name: str, quick: bool = False):
+    """The cost table's case (``scripts.benchmarks.cost``): one 128x128x32 breast volume -> its predicted
+    phases, one chain step per phase (a step = one forward per sliding window); on a CPU the paper-sized
+    network on one window, scaled by the window count."""
+    from scripts.benchmarks.common import CostCase, bundle_parser
+
+    start = int(bundle_parser("iterunet").get_parsed_content("start_phase"))
+    steps = len(TIMES) - start - 1
+    what = f"one {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} volume, {steps} chained phases"
+    shape, scale = SHAPE, 1.0
+    if quick:
+        shape = (32, 32, 16)
+    elif preset == "paper" and device_name == "cpu":
+        from monai.data.utils import dense_patch_slices
+        from monai.inferers.utils import _get_scan_interval
+
+        roi = list(bundle_parser("iterunet", overrides={"network_size": preset}).get_parsed_content("roi_size"))
+        shape = tuple(min(r, s) for r, s in zip(roi, SHAPE))
+        scale = float(len(dense_patch_slices(SHAPE, shape, _get_scan_interval(SHAPE, shape, 3, (0.25,) * 3))))
+    return CostCase("iterunet", what, ((1, len(TIMES), *shape), [TIMES]), steps, scale, respaced=False,
+                    overrides={"progress": False})  # fmt: skip
+
+
 if __name__ == "__main__":
     import fire
 

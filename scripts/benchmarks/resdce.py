@@ -154,6 +154,16 @@ def rows(tmp: Path) -> list[dict]:
     return per_device(_rows) + demo_row()
 
 
+def cost_case(preset: str, device_name: str, quick: bool = False):
+    """The cost table's case (``scripts.benchmarks.cost``): one 160x160x16 volume at the bundle's 15 steps
+    (on a CPU the paper-sized network on 4 of the 16 slices, scaled)."""
+    from scripts.benchmarks.common import bundle_parser, volume_cost_case
+
+    p = bundle_parser("resdce")
+    c, steps = len(p.get_parsed_content("input_keys")), int(p.get_parsed_content("num_inference_steps"))
+    return volume_cost_case("resdce", SHAPE, c, steps, preset, device_name, quick, {"paper": 4})
+
+
 if __name__ == "__main__":
     import fire
 

@@ -209,6 +209,19 @@ def rows(tmp: Path) -> list[dict]:
     return per_device(_rows) + phantom_run_row()
 
 
+def cost_case(preset: str, device_name: str, quick: bool = False):
+    """The cost table's case (``scripts.benchmarks.cost``): one 320x320x20 volume at the bundle's 4 steps
+    (on a CPU 4 slices of the small network, 1 of the paper-sized one, scaled)."""
+    from scripts.benchmarks.common import bundle_parser, volume_cost_case
+
+    p = bundle_parser("ressrdiff")
+    c = int(p.get_parsed_content("network_def#in_channels")) - int(p.get_parsed_content("inferer#out_channels"))
+    steps = int(p.get_parsed_content("num_inference_steps"))
+    return volume_cost_case(
+        "ressrdiff", (*SLICE, DEPTH), c, steps, preset, device_name, quick, {"small": 4, "paper": 1}
+    )
+
+
 if __name__ == "__main__":
     import fire
 
