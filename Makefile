@@ -38,7 +38,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 phantoms: $(STAMP)
-	$(PY) scripts/make_phantoms.py --out $(PHANTOMS) --n_prostate 16
+	$(PY) scripts/make_phantoms.py --out $(PHANTOMS) --n_prostate 16 --lesions learnable
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py --out demo_output --phantoms $(PHANTOMS)

@@ -27,3 +27,24 @@ def test_lesion_figures_come_first(tmp_path, capsys):
     assert "PSNR  12.50 dB (copy_pre  10.00)" in lines[0] and "enhancement correlation -0.42" in lines[0]
     assert "enhancement error 0.90" in lines[0]
     assert "where the contrast uptake is (lesion first)" in capsys.readouterr().out
+
+
+def test_demo_refuses_phantoms_with_other_lesions(tmp_path):
+    """Reused phantoms must have the demo's lesion settings (manifest ``ground_truth.lesion_settings``;
+    phantoms of earlier versions have none: ``uncoupled``); cases that are not phantoms pass."""
+    import pytest
+
+    from scripts.demo import check_lesion_settings
+
+    prepared = tmp_path / "prostate" / "prepared"
+    for sid, m in {
+        "a": {"source": "phantom", "ground_truth": {"lesion_settings": {"preset": "learnable"}}},
+        "b": {"source": "dicom"},
+    }.items():
+        (prepared / sid).mkdir(parents=True)
+        (prepared / sid / "manifest.json").write_text(json.dumps(m))
+    check_lesion_settings(prepared, "learnable")
+    (prepared / "c").mkdir()
+    (prepared / "c" / "manifest.json").write_text(json.dumps({"source": "phantom", "ground_truth": {}}))
+    with pytest.raises(ValueError, match=r"c has 'uncoupled' prostate lesions, the demo expects 'learnable'"):
+        check_lesion_settings(prepared, "learnable")

@@ -234,3 +234,50 @@ def test_crop_around_mask_centre_and_full_dims():
     np.testing.assert_array_equal(_np(out), x[:, 3:7, 2:7, :])
     with pytest.raises(ValueError, match="roi_size"):
         CropAroundMaskd("img", roi_size=(4, 5))({"img": x})
+
+
+def test_rand_crop_samples_near_label():
+    """Without a label the crops are MONAI's RandSpatialCropSamplesd's (same seed, same crops); with
+    ``pos=1, neg=0`` every crop's centre voxel lies in the label; the label is not in the outputs."""
+    from monai.transforms import RandSpatialCropSamplesd
+
+    from common.transforms import RandCropSamplesNearLabeld
+
+    img = torch.arange(2 * 40 * 36 * 8, dtype=torch.float32).reshape(2, 40, 36, 8)
+    lab = -img
+    mask = torch.zeros(1, 40, 36, 8)
+    mask[0, 30:33, 4:7, 5] = 1  # 9 voxels on slice 5, near a corner
+    data = {"image": img, "label": lab, "lesion_mask": mask, "id": "a"}
+    ref = RandSpatialCropSamplesd(["image", "label"], [16, 16, 1], num_samples=6, random_size=False)
+    ref.set_random_state(3)
+    no_mask = {k: v for k, v in data.items() if k != "lesion_mask"}
+    for label_key, d in ((None, no_mask), ("lesion_mask", {**data, "lesion_mask": 0 * mask}), ("organ_mask", no_mask)):
+        t = RandCropSamplesNearLabeld(["image", "label"], [16, 16, 1], 6, label_key).set_random_state(3)
+        ref.set_random_state(3)
+        got, want = t(dict(d)), ref({k: v for k, v in d.items() if k != "lesion_mask"})
+        assert len(got) == 6 and all("lesion_mask" not in g for g in got)
+        for g, w in zip(got, want):
+            assert torch.equal(g["image"], w["image"]) and torch.equal(g["label"], w["label"])
+    near = RandCropSamplesNearLabeld(["image", "label"], [16, 16, 1], 6, "lesion_mask", pos=1.0, neg=0.0)
+    out = near.set_random_state(0)(dict(data))
+    for o in out:
+        assert o["image"].shape == (2, 16, 16, 1) and torch.equal(o["label"], -o["image"])
+        # the crop is the box [x0, x0 + 16) x [y0, y0 + 16) of slice 5, clipped to the image: voxel
+        # (x, y) of the crop is image voxel (x0 + x, y0 + y), so its value tells x0, y0 and the slice
+        v = int(o["image"][0, 0, 0, 0])
+        x0, y0, z = v // (36 * 8), (v // 8) % 36, v % 8
+        # centre (x0 + 8, y0 + 8) on a label voxel (x 30-32, y 4-6); y moved to 8, the nearest
+        # centre whose box fits the image
+        assert z == 5 and x0 in (22, 23, 24) and y0 == 0
+    assert len({int(o["image"][0, 0, 0, 0]) // (36 * 8) for o in out}) > 1
+    # indices found once beforehand (FgBgToIndicesd, the cached part of a pipeline): the same crops
+    from monai.transforms import FgBgToIndicesd
+
+    pre = FgBgToIndicesd("lesion_mask")(dict(data))
+    near3 = RandCropSamplesNearLabeld(["image", "label"], [16, 16, 1], 6, "lesion_mask", pos=3.0, neg=1.0)
+    a, b = near3.set_random_state(5)(dict(data)), near3.set_random_state(5)(pre)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b)) and all(
+        sorted(y) == ["id", "image", "label"] for y in b
+    )
+    with pytest.raises(ValueError, match="crop_pos/crop_neg"):
+        RandCropSamplesNearLabeld(["image"], [8, 8, 1], 2, "lesion_mask", pos=0.0, neg=0.0)

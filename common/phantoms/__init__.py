@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 KINDS = ("prostate", "brain", "breast")
+#: Prostate lesion settings (:data:`common.phantoms.prostate.LESION_PRESETS`) of the project's data
+#: set, the one ``make phantoms`` (``scripts/make_phantoms.py``) and ``make demo`` write. The Python
+#: functions keep the uncoupled defaults (``lesion_coupling=0``: the phantoms of earlier versions).
+DEFAULT_LESIONS = "learnable"
 
 #: Size presets for quick runs (tests, CI): same FOVs, coarser grids.
 SMALL: dict[str, dict[str, Any]] = {
@@ -133,4 +137,4 @@ def write_phantoms(
     return written
 
 
-__all__ = ["write_phantoms", "map_subjects", "KINDS", "SMALL"]
+__all__ = ["write_phantoms", "map_subjects", "KINDS", "SMALL", "DEFAULT_LESIONS"]

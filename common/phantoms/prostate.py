@@ -21,14 +21,27 @@ cellularity ``u = (1.0e-3 - ADC) / 0.3e-3`` (0..1, 1 = most cellular), and with 
 and ``lerp(a, b) = (1 - c) a + c b`` its independent draws ``X_0`` become::
 
     T2     = lerp(T2_0,     0.09 - 0.02 u)    Ktrans = lerp(Ktrans_0, 0.30 + 0.30 u)
-    kep    = lerp(kep_0,    1.20 + 1.30 u)    vp     = lerp(vp_0,     0.04 + 0.04 u)
+    kep    = lerp(kep_0,    1.00 + 0.80 u)    vp     = lerp(vp_0,     0.04 + 0.04 u)
 
 so lower ADC goes with darker T2w, higher Ktrans and earlier, stronger uptake (ADC and Ktrans
 correlate at -1 across lesions when ``c = 1``). A lesion also has an inner part, its shape scaled by
 0.6 about its centre, more cellular than the outer part: ``X_core = X (1 + c d_X)`` with ADC -35 %,
-T2 -20 %, Ktrans +80 %, kep +40 %, vp +50 % at ``c = 1`` (:data:`LESION_CORE_CHANGE`); both parts
+T2 -20 %, Ktrans +80 %, kep +20 %, vp +50 % at ``c = 1`` (:data:`LESION_CORE_CHANGE`); both parts
 are the lesion in ``lesion_mask``. The coupling adds no random draws: ``lesion_coupling=0`` gives the
 independent, uniform lesions of the earlier versions, the same arrays for the same seed.
+
+Lesion count and size are parameters too (``lesion_count_p``: probabilities of 0, 1, 2, ... lesions;
+``lesion_radius_mm``: the range of a lesion's mean radius), with named settings in
+:data:`LESION_PRESETS`: ``uncoupled`` (the function defaults: 0-2 lesions of 5-9 mm, coupling 0) and
+``learnable``, the project's data set (``make phantoms``, ``make demo``): coupling 1 and 1-3 lesions of
+7-11 mm. Why the demo needs both: inside an uncoupled lesion the true enhancement already falls
+towards the edge (partial volume with the less enhancing gland) while T2w and ADC rise, and elsewhere
+in the image lower ADC and darker T2w go with *less* uptake (fat and air have ADC 0, muscle is dark
+on T2w), so a model that has seen few lesion voxels predicts less uptake where the lesion is darkest
+and the enhancement correlation inside the lesion comes out negative. Coupled lesions make the
+lesion's own pattern (darker core, stronger uptake) consistent, and larger, more numerous lesions put
+more of them into a short training. The settings are recorded in each case's manifest
+(``ground_truth.lesion_settings``).
 
 Partial volume is exact for signals: each voxel's signal is the fraction-weighted sum of its
 tissues' signals. A smooth multiplicative coil bias, a within-tissue texture and Rician noise are
@@ -206,6 +219,40 @@ class ProstatePhantom:
 # ----------------------------------------------------------------------------------------------
 # lesion coupling
 
+#: Lesion count probabilities (index = number of lesions) and radius range (mm) of the default phantom.
+LESION_COUNT_P = (0.2, 0.5, 0.3)
+LESION_RADIUS_MM = (5.0, 9.0)
+#: Named lesion settings (keyword arguments of :func:`make_prostate_phantom`). ``uncoupled``: the
+#: phantom of the versions before the coupling (the function defaults). ``learnable``: the data set
+#: ``make phantoms`` and ``make demo`` write, lesions a model can learn from T2w, ADC and the
+#: pre-contrast frame: fully coupled, 1-3 lesions per subject (probabilities 0.25, 0.5, 0.25) of
+#: 7-11 mm mean radius (14-22 mm across, the size of clinically significant index lesions).
+LESION_PRESETS: dict[str, dict[str, Any]] = {
+    "uncoupled": {"lesion_coupling": 0.0, "lesion_count_p": LESION_COUNT_P, "lesion_radius_mm": LESION_RADIUS_MM},
+    "learnable": {"lesion_coupling": 1.0, "lesion_count_p": (0.0, 0.25, 0.5, 0.25), "lesion_radius_mm": (7.0, 11.0)},
+}
+
+
+def lesion_preset(name: str, option: str = "lesions") -> dict[str, Any]:
+    """The keyword arguments of :data:`LESION_PRESETS` ``[name]``; an unknown name raises ``ValueError`` naming ``option``."""
+    if name not in LESION_PRESETS:
+        raise ValueError(f"{option} must be one of {sorted(LESION_PRESETS)}, got {name!r}")
+    return dict(LESION_PRESETS[name])
+
+
+def lesion_settings(coupling: float, count_p: Sequence[float], radius_mm: Sequence[float]) -> dict[str, Any]:
+    """The manifest record of the lesion settings (``ground_truth["lesion_settings"]``), with the
+    name of the :data:`LESION_PRESETS` entry they equal (``"custom"`` otherwise)."""
+    rec = {
+        "lesion_coupling": float(coupling),
+        "lesion_count_p": [float(v) for v in count_p],
+        "lesion_radius_mm": [float(v) for v in radius_mm],
+    }
+    same = lambda p: all(np.allclose(np.asarray(p[k], float), rec[k]) for k in rec)  # noqa: E731
+    names = [n for n, p in LESION_PRESETS.items() if len(p["lesion_count_p"]) == len(rec["lesion_count_p"]) and same(p)]
+    return {"preset": names[0] if names else "custom", **rec}
+
+
 #: Ranges of the independent lesion draws (ADC in mm^2/s, T2 in s, Ktrans and kep in 1/min).
 LESION_ADC = (0.7e-3, 1.0e-3)
 LESION_T2 = (0.07, 0.09)
@@ -216,7 +263,7 @@ LESION_VP = (0.04, 0.08)
 LESION_CORE_SCALE = 0.6
 #: Relative change of the inner part against the outer part at ``lesion_coupling = 1``: ADC and T2
 #: lower (more cellular), Ktrans, kep and vp higher (earlier, stronger uptake).
-LESION_CORE_CHANGE = {"ADC": -0.35, "T2": -0.2, "ktrans": 0.8, "kep": 0.4, "vp": 0.5}
+LESION_CORE_CHANGE = {"ADC": -0.35, "T2": -0.2, "ktrans": 0.8, "kep": 0.2, "vp": 0.5}
 
 
 def check_lesion_coupling(value: Any, name: str = "lesion_coupling") -> float:
@@ -228,6 +275,17 @@ def check_lesion_coupling(value: Any, name: str = "lesion_coupling") -> float:
     if isinstance(value, bool) or not 0.0 <= c <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return c
+
+
+def check_lesion_shape(count_p: Sequence[float], radius_mm: Sequence[float]) -> None:
+    """Raise ``ValueError`` naming the parameter unless ``count_p`` are probabilities (>= 0, sum 1)
+    and ``radius_mm`` is a range ``(lo, hi)`` with ``0 < lo <= hi``."""
+    p = np.asarray(count_p, float)
+    if p.ndim != 1 or p.size == 0 or np.any(p < 0) or not np.isclose(p.sum(), 1.0):
+        raise ValueError(f"lesion_count_p must be probabilities of 0, 1, 2, ... lesions summing to 1, got {count_p!r}")
+    r = np.asarray(radius_mm, float)
+    if r.shape != (2,) or not 0 < r[0] <= r[1]:
+        raise ValueError(f"lesion_radius_mm must be a range (lo, hi) in mm with 0 < lo <= hi, got {radius_mm!r}")
 
 
 def lesion_cellularity(adc_mm2_s: float) -> float:
@@ -246,14 +304,14 @@ def couple_lesion(t: Tissue, coupling: float) -> tuple[Tissue, Tissue]:
 
         T2     = lerp(T2_0,     0.09 - 0.02 u)     s      (darker on T2w when more cellular)
         Ktrans = lerp(Ktrans_0, 0.30 + 0.30 u)     1/min  (stronger uptake)
-        kep    = lerp(kep_0,    1.20 + 1.30 u)     1/min  (earlier peak and washout)
+        kep    = lerp(kep_0,    1.00 + 0.80 u)     1/min  (earlier peak and washout)
         vp     = lerp(vp_0,     0.04 + 0.04 u)
 
     (``X_0`` the independent draws, :data:`LESION_T2` etc.; at ``c = 1`` Ktrans, kep and T2 are
     exact linear functions of the ADC: ADC and Ktrans correlate at -1 across lesions). The inner
     part (the shape scaled by :data:`LESION_CORE_SCALE`) is more cellular still:
     ``X_core = X (1 + c d_X)`` with ``d`` = :data:`LESION_CORE_CHANGE` (ADC -35 %, T2 -20 %,
-    Ktrans +80 %, kep +40 %, vp +50 % at ``c = 1``). T1 and PD are those of the outer part.
+    Ktrans +80 %, kep +20 %, vp +50 % at ``c = 1``). T1 and PD are those of the outer part.
 
     Returns:
         ``(outer, inner)`` tissues; ``coupling = 0`` returns ``t`` unchanged and an identical inner part.
@@ -268,7 +326,7 @@ def couple_lesion(t: Tissue, coupling: float) -> tuple[Tissue, Tissue]:
         ADC=t.ADC,
         pk=TissuePK(
             ktrans=lerp(t.pk.ktrans, 0.30 + 0.30 * u),
-            kep=lerp(t.pk.kep, 1.20 + 1.30 * u),
+            kep=lerp(t.pk.kep, 1.00 + 0.80 * u),
             vp=lerp(t.pk.vp, 0.04 + 0.04 * u),
         ),
         fat=t.fat,
@@ -306,12 +364,19 @@ def _sample_lesion_center(
 
 
 def build_scene(
-    rng: np.random.Generator, center: np.ndarray, n_lesions: int | None = None, lesion_coupling: float = 0.0
+    rng: np.random.Generator,
+    center: np.ndarray,
+    n_lesions: int | None = None,
+    lesion_coupling: float = 0.0,
+    lesion_count_p: Sequence[float] = LESION_COUNT_P,
+    lesion_radius_mm: Sequence[float] = LESION_RADIUS_MM,
 ) -> tuple[Scene, dict[str, Tissue], dict]:
     """Random pelvic anatomy around the prostate centre ``center`` (world mm).
 
     ``lesion_coupling`` (0..1) ties each lesion's T2, kinetics and inner part to its ADC
     (:func:`couple_lesion`); 0 leaves the lesions as independent draws with no inner part.
+    Without ``n_lesions`` the number of lesions is drawn with probabilities ``lesion_count_p``
+    (entry k: k lesions); each lesion's mean radius is uniform in ``lesion_radius_mm``.
 
     Returns:
         ``(scene, tissues, description)``: the scene, the tissue table including one entry per
@@ -330,12 +395,14 @@ def build_scene(
     )
     tissues = dict(TISSUES)
     if n_lesions is None:
-        n_lesions = int(rng.choice([0, 1, 2], p=[0.2, 0.5, 0.3]))
+        n_lesions = int(rng.choice(len(lesion_count_p), p=np.asarray(lesion_count_p, float)))
     lesions, lesion_shapes = [], []
     for i in range(n_lesions):
         zone = "PZ" if rng.random() < 0.8 else "TZ"
         lc = _sample_lesion_center(rng, prostate, tz, zone)
-        shp = random_ellipsoid(rng, lc, np.full(3, rng.uniform(5.0, 9.0)), jitter=0.2, bump=0.12, rotate_deg=30)
+        shp = random_ellipsoid(
+            rng, lc, np.full(3, rng.uniform(*lesion_radius_mm)), jitter=0.2, bump=0.12, rotate_deg=30
+        )
         name = f"lesion{i + 1}"
         tissues[name] = Tissue(
             T1=float(rng.uniform(1.45, 1.6)),
@@ -484,6 +551,8 @@ def make_prostate_phantom(
     oblique_axis: Sequence[float] = (1.0, 0.4, 0.25),
     n_lesions: int | None = None,
     lesion_coupling: float = 0.0,
+    lesion_count_p: Sequence[float] = LESION_COUNT_P,
+    lesion_radius_mm: Sequence[float] = LESION_RADIUS_MM,
 ) -> ProstatePhantom:
     """Render one prostate subject.
 
@@ -496,7 +565,9 @@ def make_prostate_phantom(
             (rounded to 0.1 s, the resolution of the ``TT=<t>s`` series descriptions).
         bolus_arrival_s: AIF bolus arrival; default uniform in 40-50 s.
         oblique_deg: rotation of the slice stack about ``oblique_axis``; default uniform in 8-12 deg.
-        n_lesions: number of lesions; default 0, 1 or 2 (probabilities 0.2, 0.5, 0.3).
+        n_lesions: number of lesions; default drawn with probabilities ``lesion_count_p`` (entry k:
+            k lesions; default :data:`LESION_COUNT_P`, 0, 1 or 2 lesions with 0.2, 0.5, 0.3).
+        lesion_radius_mm: range of a lesion's mean radius (default :data:`LESION_RADIUS_MM`, 5-9 mm).
         lesion_coupling: 0..1, how strongly a lesion's T2w and kinetics follow its ADC and how much
             its inner part differs from its outer part (:func:`couple_lesion`); 0 gives the
             uncoupled lesions of versions before it (the same arrays for the same seed).
@@ -509,6 +580,7 @@ def make_prostate_phantom(
     if n_dce < 2:
         raise ValueError(f"n_dce must be at least 2, got {n_dce}")
     lesion_coupling = check_lesion_coupling(lesion_coupling)
+    check_lesion_shape(lesion_count_p, lesion_radius_mm)
     # geometry: prostate centre in scanner coordinates, oblique slice stack around it
     center = np.array([1.5, 18.0, -45.0]) + rng.normal(0, 3.0, 3)
     angle = float(rng.uniform(8.0, 12.0)) if oblique_deg is None else float(oblique_deg)
@@ -519,7 +591,7 @@ def make_prostate_phantom(
     loc_dirs = rotation_matrix(oblique_axis, angle) @ SAGITTAL_DICOM
     A_loc = grid_affine((128, 128, 3), (2.0, 2.0, 10.0), loc_dirs, center)
 
-    scene, tissues, desc = build_scene(rng, center, n_lesions, lesion_coupling)
+    scene, tissues, desc = build_scene(rng, center, n_lesions, lesion_coupling, lesion_count_p, lesion_radius_mm)
     lesion_names = [les["name"] for les in desc["lesions"]]
     arrival = float(rng.uniform(40.0, 50.0)) if bolus_arrival_s is None else float(bolus_arrival_s)
     dt = dce_duration_s / (n_dce - 1)
@@ -601,6 +673,7 @@ def make_prostate_phantom(
         affines[role] = A
     truth = {
         "seed": seed if isinstance(seed, (int, np.integer)) else list(seed),
+        "lesion_settings": lesion_settings(lesion_coupling, lesion_count_p, lesion_radius_mm),
         "tissues": {n: t.as_dict() for n, t in tissues.items()},
         "lesions": desc["lesions"],
         "anatomy": {k: v for k, v in desc.items() if k != "lesions"},

@@ -2,7 +2,7 @@
 around a mask. Input checks live in ``common.transforms.checks``."""
 
 from .checks import CheckImaged, CheckPatchSized, CheckSameGridd, ReadImaged
-from .crop import CropAroundMaskd, box_start, crop_or_pad, mask_centroid
+from .crop import CropAroundMaskd, RandCropSamplesNearLabeld, box_start, crop_or_pad, mask_centroid
 from .degrade import ResampleToReferenced, SimulateLowResolutiond, simulate_low_resolution
 from .intensity import (
     InverseScalePercentilesd,
@@ -39,4 +39,5 @@ __all__ = [
     "mask_centroid",
     "box_start",
     "CropAroundMaskd",
+    "RandCropSamplesNearLabeld",
 ]

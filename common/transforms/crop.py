@@ -13,10 +13,10 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 from monai.config import KeysCollection
-from monai.transforms import BorderPad, InvertibleTransform, MapTransform, SpatialCrop
+from monai.transforms import BorderPad, InvertibleTransform, MapTransform, Randomizable, SpatialCrop
 from monai.utils import TraceKeys
 
-__all__ = ["crop_or_pad", "mask_centroid", "box_start", "CropAroundMaskd"]
+__all__ = ["crop_or_pad", "mask_centroid", "box_start", "CropAroundMaskd", "RandCropSamplesNearLabeld"]
 
 
 def mask_centroid(mask: Any) -> np.ndarray:
@@ -182,3 +182,73 @@ class CropAroundMaskd(MapTransform, InvertibleTransform):
             # the original grid seen from the box starts at -start and has the original size
             d[key] = _crop_pad(d[key], -start, orig, self.pad_value)
         return d
+
+
+class RandCropSamplesNearLabeld(Randomizable, MapTransform):
+    """``num_samples`` random crops of ``roi_size``, a share of them centred on the non-zero voxels of
+    ``label_key`` (MONAI's ``RandCropByPosNegLabeld``: centres drawn from the label's voxels with
+    probability ``pos / (pos + neg)``, else from its zero voxels); uniform random crops (MONAI's
+    ``RandSpatialCropSamplesd``) when ``label_key`` is ``None``, absent from the data or empty.
+
+    Used by training on patches so that small structures (a lesion mask) are in more of the crops;
+    ``label_key`` is cropped with ``keys`` and removed from the output dicts (only ``keys`` and the
+    other entries remain). ``roi_size`` entries of -1 take the whole axis. The label's voxel indices
+    are found on every call unless MONAI's ``FgBgToIndicesd(label_key)`` ran before (in the cached,
+    deterministic part of a pipeline): then its ``<label_key>_fg_indices`` / ``_bg_indices`` are used
+    (the same crops, without the search) and removed from the outputs too.
+
+    Returns:
+        a list of ``num_samples`` dicts, each ``keys`` cropped to ``roi_size``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        roi_size: Sequence[int],
+        num_samples: int,
+        label_key: str | None = None,
+        pos: float = 1.0,
+        neg: float = 1.0,
+    ) -> None:
+        from monai.transforms import RandCropByPosNegLabeld, RandSpatialCropSamplesd
+
+        MapTransform.__init__(self, keys)
+        self.label_key = label_key or None
+        self.uniform = RandSpatialCropSamplesd(self.keys, roi_size, num_samples=num_samples, random_size=False)
+        self.near = None
+        if self.label_key is not None:
+            if pos < 0 or neg < 0 or pos + neg <= 0:
+                raise ValueError(f"crop_pos/crop_neg must be >= 0 and not both 0, got {pos} and {neg}")
+            self.indices = (f"{self.label_key}_fg_indices", f"{self.label_key}_bg_indices")
+            self.near = RandCropByPosNegLabeld(
+                [*self.keys, self.label_key],
+                self.label_key,
+                roi_size,
+                pos=pos,
+                neg=neg,
+                num_samples=num_samples,
+                fg_indices_key=self.indices[0],
+                bg_indices_key=self.indices[1],
+            )
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.uniform.set_random_state(seed, state)
+        if self.near is not None:
+            self.near.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict]:
+        label = None if self.label_key is None else data.get(self.label_key)
+        if label is None or not bool((label != 0).any()):
+            out = self.uniform(data)
+        else:
+            out = self.near(data)
+        if self.label_key is not None:
+            for d in out:
+                for k in (self.label_key, *self.indices):
+                    d.pop(k, None)
+        return out
