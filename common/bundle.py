@@ -262,9 +262,7 @@ class Contract:
         return [o.key for o in self.outputs if o.label_map]
 
 
-def read_contract(
-    bundle: str | os.PathLike, task: str | None = None, overrides: Mapping | None = None
-) -> Contract:
+def read_contract(bundle: str | os.PathLike, task: str | None = None, overrides: Mapping | None = None) -> Contract:
     """The :class:`Contract` of a bundle (a name of this repository's ``bundles/`` or a folder path).
 
     A bundle with several tasks (e.g. one method for prostate DCE, brain T1c and super-resolution) has

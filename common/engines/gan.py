@@ -29,9 +29,11 @@ class Pix2PixIteration:
 
     1. ``fake = G(x)`` (through the trainer's ``inferer``);
     2. discriminator: ``d_loss = (adv(D(x, y), real) + adv(D(x, fake.detach()), fake)) / 2``, a step of
-       ``d_optimizer`` (the paper halves D's objective to slow it relative to G);
-    3. generator (D frozen): ``loss = adv(D(x, fake), real) + l1_weight * mean|fake - y|``, a step of
-       the trainer's ``optimizer``.
+       ``d_optimizer`` (the paper halves D's objective to slow it relative to G); the real and the
+       generated pair go through D in one batch (one forward per backward, as DDP requires), so its
+       batch-norm statistics are those of both;
+    3. generator: ``loss = adv(D(x, fake), real) + l1_weight * mean|fake - y|``, a step of the trainer's
+       ``optimizer`` only (the gradients this pass leaves on D are zeroed before D's next step).
 
     ``adv`` is :class:`monai.losses.PatchAdversarialLoss` (``criterion="bce"``: the paper's log loss)
     on D's last output (the patch logits). ``IterationEvents.LOSS_COMPLETED`` fires before each
@@ -63,6 +65,13 @@ class Pix2PixIteration:
         out = self.discriminator(torch.cat([x, y], dim=1))
         return out[-1] if isinstance(out, (list, tuple)) else out
 
+    def adversarial_loss(self, logits: torch.Tensor, real: bool, for_discriminator: bool) -> torch.Tensor:
+        """:class:`PatchAdversarialLoss` of ``logits``; NaN (with a gradient path) when a logit is not finite,
+        where the BCE criterion would raise, so that ``StopOnNonFiniteLoss`` names the iteration and cases."""
+        if not bool(torch.isfinite(logits).all()):
+            return logits.sum() * float("nan")
+        return self.adversarial(logits, target_is_real=real, for_discriminator=for_discriminator)
+
     def __call__(self, engine: Any, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
@@ -80,20 +89,21 @@ class Pix2PixIteration:
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
         # discriminator step
-        d.requires_grad_(True)
         self.d_optimizer.zero_grad(set_to_none=True)
-        d_real = self.adversarial(self.logits(x, y), target_is_real=True, for_discriminator=True)
-        d_fake = self.adversarial(self.logits(x, fake.detach()), target_is_real=False, for_discriminator=True)
-        d_loss = 0.5 * (d_real + d_fake)
+        # real and generated pairs in one forward (one forward per backward, as DDP expects)
+        real, generated = self.logits(torch.cat([x, x]), torch.cat([y, fake.detach()])).chunk(2)
+        d_loss = 0.5 * (
+            self.adversarial_loss(real, True, for_discriminator=True)
+            + self.adversarial_loss(generated, False, for_discriminator=True)
+        )
         output[Keys.LOSS] = d_loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         d_loss.backward()
         self.d_optimizer.step()
 
-        # generator step (the discriminator frozen, its running statistics still updated)
-        d.requires_grad_(False)
+        # generator step (D's gradients of this pass are discarded: the next D step zeroes them first)
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        g_adv = self.adversarial(self.logits(x, fake), target_is_real=True, for_discriminator=False)
+        g_adv = self.adversarial_loss(self.logits(x, fake), True, for_discriminator=False)
         g_l1 = torch.nn.functional.l1_loss(fake, y)
         loss = g_adv + self.l1_weight * g_l1
         output[Keys.LOSS] = loss
@@ -101,7 +111,6 @@ class Pix2PixIteration:
         loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
-        d.requires_grad_(True)
         output.update(d_loss=d_loss.detach(), g_adv=g_adv.detach(), g_l1=g_l1.detach())
         output[Keys.PRED] = fake.detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
