@@ -284,3 +284,18 @@ def test_dicom_out_and_monai_label_through_the_contract(prostate, prostate_model
     assert params["channels"] == ["dce_onset", "dce_early", "dce_late"] and task.label_outputs == []
     assert img.shape == (*ref.shape[:3], 3) and np.array_equal(img.affine, ref.affine)
     assert task.request_params() == ["device"]  # no steps or samples to set
+
+
+def test_benchmark_section_measures_the_bundles_networks():
+    from scripts.benchmark import discover
+    from scripts.benchmarks import pix2pix as bench
+
+    assert discover()["pix2pix"] is bench.rows  # found by scripts/benchmark.py, no registration needed
+    p = h.parser(CONFIGS, "train.json", network_size="small", device="cpu")
+    g_n, d_n = (
+        sum(t.numel() for t in p.get_parsed_content(i).parameters()) for i in ("network_def", "discriminator_def")
+    )
+    res = bench.measure_inference("small", "cpu", shape=(24, 24, 2))
+    assert round(res["params_m"] * 1e6) == g_n and res["vol_s"] > 0
+    train = bench.measure_training("small", "cpu", batch=2, iters=1, shape=(32, 32))
+    assert round(train["params_m"] * 1e6) == g_n + d_n and train["ips"] > 0
