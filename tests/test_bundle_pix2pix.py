@@ -299,3 +299,39 @@ def test_benchmark_section_measures_the_bundles_networks():
     assert round(res["params_m"] * 1e6) == g_n and res["vol_s"] > 0
     train = bench.measure_training("small", "cpu", batch=2, iters=1, shape=(32, 32))
     assert round(train["params_m"] * 1e6) == g_n + d_n and train["ips"] > 0
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_each_tasks_contract_agrees_with_the_configs(task):
+    from common.bundle import read_contract
+
+    c = read_contract("pix2pix", task)
+    p = h.parser(CONFIGS, "train.json", "inference.json", task=task, device="cpu")
+    assert (c.task, c.task_id, c.tasks) == (task, "task", tuple(TASKS)) and c.overrides == {"task": task}
+    assert c.source_id in p and c.sampler == "Generator"
+    assert [o.key for o in c.outputs] == p.get_parsed_content("target_keys")
+    assert list(c.input_keys) == p.get_parsed_content("input_keys")  # sr: "lr", made from the one volume it reads
+    assert c.ingest == {"prostate_dce": "prostate", "brain_t1c": "brain", "sr": None}[task]
+
+
+def test_multi_task_contracts_are_read_and_checked(tmp_path):
+    from common.bundle import read_contract
+
+    b = tmp_path / "b"
+    (b / "configs").mkdir(parents=True)
+    one = {"source_id": "case_dir", "input_keys": ["x"], "outputs": [{"key": "y", "label": "Y"}]}
+    spec = {"task_id": "mode", "default_task": "b", "sampler": "S", "tasks": {"a": {**one, "ingest": "brain"}}}
+    spec["tasks"]["b"] = {**one, "ingest": None, "no_study": "one volume", "sampler": "T"}
+    (b / "configs" / "contract.json").write_text(json.dumps(spec))
+    assert (read_contract(b).task, read_contract(b).sampler, read_contract(b).ingest) == ("b", "T", None)
+    a = read_contract(b, overrides={"mode": "a", "other": 1})
+    assert (a.task, a.sampler, a.ingest, a.overrides) == ("a", "S", "brain", {"mode": "a"})
+    with pytest.raises(ValueError, match=r"contract.json: --mode 'c': not one of a, b"):
+        read_contract(b, "c")
+    with pytest.raises(ValueError, match="the bundle has one task, not 'a'"):
+        read_contract("resdce", "a")
+    assert read_contract("resdce").overrides == {} and read_contract("resdce").tasks == ()
+    assert (
+        read_contract("ressrdiff").outputs[0].target == "@volume_key"
+        and read_contract("d3m").outputs[0].target == "t1c"
+    )
