@@ -188,6 +188,12 @@ def test_brain_and_sr_tasks_train_and_infer_on_the_input_grid(tmp_path):
         else:
             h.assert_same_grid(out / cid / "sr.nii.gz", data / cid / "t2w.nii.gz")
         assert (out / cid / "panel.png").stat().st_size > 0
+    # exported in the task its weights record (the exported configs' default)
+    from scripts.export_bundle import export
+
+    exported = export("pix2pix", tmp_path / "dist", weights=tmp_path / "brain_t1c" / "models" / "model.pt")
+    for name in ("train.json", "inference.json"):
+        assert json.loads((exported / "configs" / name).read_text())["task"] == "brain_t1c"
     # weights of one task refused by another before any work, naming the setting to pass
     from common.bundle import check_checkpoint
 
