@@ -50,7 +50,7 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	PY=$(PY) scripts/gpu_check.sh --out benchmark.md
 
-# resdce vs dcediff vs the Pix2Pix baseline with one budget on the phantoms' test split (about 20 min on 2 CPU cores)
+# resdce vs dcediff vs the Pix2Pix baseline with one budget on the phantoms' test split (about 10-20 min on 2 CPU cores)
 compare: $(STAMP)
 	test -f $(PHANTOMS)/prostate/prepared/datalist.json || $(MAKE) phantoms
 	$(PY) scripts/compare.py --dataset_dir $(PHANTOMS)/prostate/prepared --methods resdce,dcediff,pix2pix \
