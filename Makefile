@@ -50,10 +50,10 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	PY=$(PY) scripts/gpu_check.sh --out benchmark.md
 
-# resdce vs dcediff with one budget on the phantoms' test split (about 15 min on 2 CPU cores)
+# resdce vs dcediff vs the Pix2Pix baseline with one budget on the phantoms' test split (about 10-20 min on 2 CPU cores)
 compare: $(STAMP)
 	test -f $(PHANTOMS)/prostate/prepared/datalist.json || $(MAKE) phantoms
-	$(PY) scripts/compare.py --dataset_dir $(PHANTOMS)/prostate/prepared --methods resdce,dcediff \
+	$(PY) scripts/compare.py --dataset_dir $(PHANTOMS)/prostate/prepared --methods resdce,dcediff,pix2pix \
 		--out compare_output --budget scripts/compare_budget.json
 
 # one paper's table beside ours: make reproduce PAPER=resdce DATA=/data/PROSTATEx [BUDGET=smoke] [OUT=dir]

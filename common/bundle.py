@@ -29,6 +29,7 @@ __all__ = [
     "find_bundles",
     "flag",
     "latest_checkpoint",
+    "one_of",
     "positive_int",
     "read_contract",
     "recorded_setting",
@@ -190,6 +191,8 @@ class BundleOutput:
             list of frame names>, "times_s": <its list of all time points, seconds>, "start": <its index of
             the last acquired time point>, "time_zero": <optional: what time 0 is, e.g. contrast arrival>}``;
             frame ``c`` is at ``times_s[start + 1 + c]``.
+        target: the key of this output's ground truth in a case's datalist entry (default ``key``), or
+            ``@<id>``: the config id that holds it (e.g. ``@volume_key`` for a super-resolved volume).
     """
 
     key: str
@@ -199,6 +202,7 @@ class BundleOutput:
     label_map: bool = False
     std: bool = False
     frames: dict | None = None
+    target: str = ""
 
     @property
     def series_description(self) -> str:
@@ -221,6 +225,9 @@ class Contract:
         sampler: the sampler's name, or ``@<id>`` of the config id that names it.
         steps_name: what ``num_inference_steps`` counts, for the DICOM derivation text (``DDIM steps``).
         series_offset: added to the first free DICOM SeriesNumber so two bundles' series do not collide.
+        task, task_id, tasks: for a bundle with several tasks (``"tasks"`` in its contract.json), the task
+            this contract describes, the config id that selects it (``--<task_id> <task>``) and every task's
+            name; ``None``, ``None``, ``()`` for a bundle with one task.
     """
 
     root: Path
@@ -233,10 +240,19 @@ class Contract:
     steps_name: str = "sampling steps"
     series_offset: int = 0
     no_study: str = ""
+    task: str | None = None
+    task_id: str | None = None
+    tasks: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.root.name
+
+    @property
+    def overrides(self) -> dict:
+        """The config overrides that run the bundle in this contract's task (``{task_id: task}``; ``{}``
+        for a bundle with one task)."""
+        return {self.task_id: self.task} if self.task_id and self.task else {}
 
     def output(self, key: str) -> BundleOutput | None:
         return next((o for o in self.outputs if o.key == key), None)
@@ -246,12 +262,20 @@ class Contract:
         return [o.key for o in self.outputs if o.label_map]
 
 
-def read_contract(bundle: str | os.PathLike) -> Contract:
+def read_contract(bundle: str | os.PathLike, task: str | None = None, overrides: Mapping | None = None) -> Contract:
     """The :class:`Contract` of a bundle (a name of this repository's ``bundles/`` or a folder path).
+
+    A bundle with several tasks (e.g. one method for prostate DCE, brain T1c and super-resolution) has
+    in its ``contract.json`` ``"task_id"`` (the config id that selects the task), ``"default_task"``
+    (the config's default) and ``"tasks": {"<task>": {<a contract's entries>}}``; the task's entries
+    are read over the file's top-level ones (shared entries such as ``sampler`` written once).
+    The task is ``task``, else ``overrides[task_id]`` (the overrides a script passes to the bundle,
+    e.g. ``--task brain_t1c``), else ``default_task``; the contract's :attr:`Contract.overrides`
+    then select it when the bundle is run. A bundle with one task takes no ``task``.
 
     Raises:
         FileNotFoundError: no bundle or no ``configs/contract.json``.
-        ValueError: a contract that is not valid (the message names the file and the entry).
+        ValueError: a contract that is not valid, or an unknown task (the message names the file and the entry).
     """
     root = bundle_dir(bundle)
     path = root / "configs" / CONTRACT
@@ -261,6 +285,19 @@ def read_contract(bundle: str | os.PathLike) -> Contract:
         raise FileNotFoundError(f"{path}: the bundle declares no contract (what it reads and writes)") from None
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    task_id, tasks = data.get("task_id"), data.get("tasks")
+    if tasks is None:
+        if task is not None:
+            raise ValueError(f"{path}: the bundle has one task, not {task!r} (its contract has no tasks)")
+    else:
+        if not isinstance(tasks, dict) or not tasks or not isinstance(task_id, str):
+            raise ValueError(f"{path}: tasks must be a non-empty object and task_id a string (the config id)")
+        if task is None and overrides and task_id in overrides:
+            task = str(overrides[task_id])
+        task = data.get("default_task", next(iter(tasks))) if task is None else task
+        if task not in tasks:
+            raise ValueError(f"{path}: --{task_id} {task!r}: not one of {', '.join(tasks)}")
+        data = {**{k: v for k, v in data.items() if k not in ("tasks", "default_task")}, **tasks[task]}
 
     def need(d: Mapping, key: str, kind: type, where: str):
         if not isinstance(d.get(key), kind):
@@ -288,6 +325,7 @@ def read_contract(bundle: str | os.PathLike) -> Contract:
                 label_map=bool(o.get("label_map", False)),
                 std=bool(o.get("std", False)),
                 frames=frames,
+                target=str(o.get("target", key)),
             )
         )
     return Contract(
@@ -301,6 +339,9 @@ def read_contract(bundle: str | os.PathLike) -> Contract:
         steps_name=str(data.get("steps_name", "sampling steps")),
         series_offset=int(data.get("series_offset", 0)),
         no_study=str(data.get("no_study", "")),
+        task=task if tasks is not None else None,
+        task_id=task_id if tasks is not None else None,
+        tasks=tuple(tasks) if tasks is not None else (),
     )
 
 
@@ -484,6 +525,15 @@ def flag(value, name: str = "flag") -> bool:
     if text in _FALSE:
         return False
     raise ValueError(f"{name}: expected true or false, got {value!r}")
+
+
+def one_of(value, choices, name: str):
+    """``value`` when it is one of ``choices`` (e.g. a multi-task bundle's ``--task``), else ``ValueError``
+    naming the setting and the choices (a config would otherwise fail with a bare ``KeyError``)."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"--{name} {value!r}: expected one of {', '.join(map(str, choices))}")
+    return value
 
 
 def positive_int(value, name: str) -> int:

@@ -19,6 +19,12 @@ Budget file (JSON): common training settings (any id of every method's ``train.j
 each key goes to the method's training and/or inference config, whichever defines it (e.g.
 ``{"dcediff": {"sampler": "ddim", "num_inference_steps": 50, "warmup_steps": 20}}``). Command-line
 values replace the file's common ones.
+
+A bundle with several tasks (its contract's ``tasks``, e.g. a baseline for prostate DCE, brain T1c and
+super-resolution) runs in the task whose outputs the other methods also write (``--methods d3m,<it>``:
+its T1c task), or in ``--task``; the task goes to its configs as ``--<task_id> <task>``. The compared
+phases are each method's ``target_keys`` (or ``target_key`` / ``output_name``; else its contract's
+outputs), the panels' targets and inputs come from the first method's inference datalist.
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ from typing import Any, Mapping, Sequence
 
 import fire
 
-from common.bundle import bundle_config, bundle_dir, find_bundles, read_contract, run_bundle, workflow_files
+from common.bundle import (
+    Contract,
+    bundle_config,
+    bundle_dir,
+    find_bundles,
+    read_contract,
+    run_bundle,
+    workflow_files,
+)
 from common.errors import install as install_error_hook
 from common.io import atomic_path, output_folder, save_json
 from common.metrics import format_table, paired_wilcoxon, read_case_csv, summarize, write_case_csv
@@ -112,12 +126,15 @@ def _parser(method: str, workflow: str):
     return bundle_config(workflow_files(method, workflow))
 
 
-def split_overrides(method: str, common: Mapping, own: Mapping, source: str) -> tuple[dict, dict]:
+def split_overrides(
+    method: str, common: Mapping, own: Mapping, source: str, task: Mapping | None = None
+) -> tuple[dict, dict]:
     """``(training, inference)`` overrides of ``method``: the common budget goes to training (every key must
     be an id of its ``train.json``; also to inference where that config has it, e.g. ``seed``); each of the
-    method's own keys goes to whichever of the two configs defines it (an id of neither is an error)."""
+    method's own keys goes to whichever of the two configs defines it (an id of neither is an error).
+    ``task``: the overrides that select a multi-task bundle's task (:attr:`Contract.overrides`), to both."""
     train_p, infer_p = _parser(method, "train"), _parser(method, "evaluate")
-    train, infer = {}, {}
+    train, infer = dict(task or {}), dict(task or {})
     for k, v in common.items():
         if k not in train_p:
             raise CompareError(f"{source}: {k!r} is not a setting of bundles/{method}/configs/train.json")
@@ -179,6 +196,44 @@ def evaluate_method(method: str, dataset_dir: Path, ckpt: Path, out: Path, overr
     if not (out / "metrics.csv").is_file():
         raise CompareError(f"{method}: the evaluation wrote no {out / 'metrics.csv'} (do the test cases have targets?)")
     return info
+
+
+def choose_task(method: str, contracts: Mapping[str, Contract], task: str | None) -> Contract:
+    """The contract ``method`` is compared in: its own for a bundle with one task; for a bundle with several
+    (:attr:`Contract.tasks`), ``task`` when given, else the one task whose outputs every single-task method
+    also writes (else its default task when no method has a single task). A ``CompareError`` names the
+    tasks when none or several fit, or when ``task`` is not one of them."""
+    own = read_contract(method)
+    if not own.tasks:
+        return own
+    if task:
+        if task not in own.tasks:
+            raise CompareError(f"--task {task}: not a task of {method} ({', '.join(own.tasks)})")
+        return read_contract(method, task)
+    others = [c for m, c in contracts.items() if m != method and not c.tasks]
+    if not others:
+        return own
+
+    def keys(c: Contract) -> set[str]:
+        return {o.key for o in c.outputs if not o.label_map}
+
+    fits = [t for t in own.tasks if all(keys(read_contract(method, t)) & keys(o) for o in others)]
+    if len(fits) != 1:
+        raise CompareError(
+            f"{method}: {'no task' if not fits else 'several tasks (' + ', '.join(fits) + ')'} of "
+            f"{', '.join(own.tasks)} writes the outputs of {', '.join(o.name for o in others)}; pass --task <task>"
+        )
+    return read_contract(method, fits[0])
+
+
+def compared_targets(parser, contract: Contract) -> list[str]:
+    """The outputs a method's (parsed, overridden) inference config synthesises and scores: its
+    ``target_keys`` (or ``target_key`` / ``output_name``), else its contract's image outputs."""
+    for key in ("target_keys", "target_key", "output_name"):
+        if key in parser:
+            value = parser.get_parsed_content(key)
+            return [value] if isinstance(value, str) else list(value)
+    return [o.key for o in contract.outputs if not o.label_map]
 
 
 def sampler_name(method: str, parser) -> str:
@@ -413,33 +468,41 @@ def markdown(table: Sequence[Mapping], header: Sequence[str]) -> str:
 
 
 def write_panels(
-    out: Path, dataset_dir: Path, evals: Mapping[str, Path], cases: Sequence[str], phase: str, inputs: Sequence[str]
+    out: Path,
+    entries: Mapping[str, Mapping],
+    evals: Mapping[str, Path],
+    cases: Sequence[str],
+    phase: str,
+    inputs: Sequence[str],
+    target_key: str,
 ) -> list[Path]:
     """``<out>/<case>.png`` per case: the inputs, each method's ``phase``, the target and the error maps
-    (:func:`common.visualize.synthesis_panel`), on the slice with the largest lesion (else organ) area."""
+    (:func:`common.visualize.synthesis_panel`), on the slice with the largest lesion (else organ) area.
+    ``entries``: case id -> its inference datalist entry (series key -> file), where ``target_key`` is
+    the phase's ground truth and ``inputs`` the series shown (those the entry has)."""
     import nibabel as nib
     import numpy as np
 
     from common.visualize import best_slice, synthesis_panel
 
-    def load(path: Path):
+    def load(path) -> np.ndarray:
         return np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
+
+    def file(entry: Mapping, key: str) -> str | None:
+        value = entry.get(key)
+        return value if isinstance(value, str) and Path(value).is_file() else None
 
     written = []
     for cid in cases:
-        case = dataset_dir / cid
-        target = load(case / f"{phase}.nii.gz")
-        mask = next(
-            (
-                load(case / f"{k}.nii.gz") > 0.5
-                for k in ("lesion_mask", "organ_mask")
-                if (case / f"{k}.nii.gz").is_file()
-            ),
-            None,
-        )
+        entry = entries.get(cid, {})
+        if not file(entry, target_key):
+            log(f"panel of {cid}: no {target_key} file in its datalist entry, not drawn")
+            continue
+        target = load(file(entry, target_key))
+        mask = next((load(file(entry, k)) > 0.5 for k in ("lesion_mask", "organ_mask") if file(entry, k)), None)
         z = best_slice(target.shape, mask)
         outputs = {f"{m} {phase}": load(evals[m] / cid / f"{phase}.nii.gz")[..., z] for m in evals}
-        shown = {k: load(case / f"{k}.nii.gz")[..., z] for k in inputs if (case / f"{k}.nii.gz").is_file()}
+        shown = {k: load(file(entry, k))[..., z] for k in inputs if file(entry, k)}
         path = out / f"{cid}.png"
         synthesis_panel(
             path, shown, outputs, {k: target[..., z] for k in outputs}, title=f"{cid}, slice {z}: {', '.join(evals)}"
@@ -465,6 +528,7 @@ def main(
     ckpt: str | None = None,
     device: str | None = None,
     panel_phase: str = "dce_early",
+    task: str | None = None,
 ) -> dict:
     """Train (or take ``--ckpt``), infer and score every method; write the comparison table and panels.
 
@@ -478,6 +542,8 @@ def main(
         ckpt: ``method=PATH,...``: weights to evaluate instead of training that method.
         device: passed to every bundle (default: theirs, CUDA when present).
         panel_phase: the phase the panels show (the first phase when the methods do not have it).
+        task: the task of the methods that have several (their contract's ``tasks``); default: the one
+            whose outputs the other methods write (:func:`choose_task`).
     """
     t_start = time.time()
     if methods is None and budget and Path(budget).is_file():
@@ -489,15 +555,17 @@ def main(
     known = [p.name for p in find_bundles()]
     if not methods:
         raise CompareError(f"--methods: name at least one bundle (bundles: {', '.join(known)})")
+    contracts: dict[str, Contract] = {}
     for m in methods:
         try:
             bundle_dir(m)
-            read_contract(m)
+            contracts[m] = read_contract(m)
         except FileNotFoundError as e:
             raise CompareError(f"--methods: {e}") from None
+    contracts = {m: choose_task(m, contracts, task) for m in methods}
     data = Path(dataset_dir).expanduser().resolve()
-    if not (data / "datalist.json").is_file():
-        raise CompareError(f"--dataset_dir {dataset_dir}: no datalist.json there (make one with `make phantoms`)")
+    if not data.is_dir():
+        raise CompareError(f"--dataset_dir {dataset_dir}: no such folder (make the phantoms with `make phantoms`)")
     out_dir = Path(out).expanduser().resolve()
     output_folder(out_dir, "out")
     ckpts = parse_ckpt(ckpt, methods)
@@ -519,18 +587,21 @@ def main(
     dev = {"device": device} if device else {}
     plans = {}
     for m in methods:
-        train_o, infer_o = split_overrides(m, spec["common"], spec["methods"].get(m, {}), source)
+        train_o, infer_o = split_overrides(
+            m, spec["common"], spec["methods"].get(m, {}), source, contracts[m].overrides
+        )
         plans[m] = ({**train_o, **dev}, {**infer_o, **dev})
     targets = {}
     for m in methods:
         p = _parser(m, "evaluate")
         for k, v in plans[m][1].items():
             p[k] = v
-        targets[m] = p.get_parsed_content("target_keys")
+        targets[m] = compared_targets(p, contracts[m])
     shared = check_configured_targets(targets)
+    tasks = [f"{m}: {c.task}" for m, c in contracts.items() if c.task]
     log(
         f"{len(methods)} method(s) on {data}: {', '.join(methods)}; compared on {', '.join(shared)}; "
-        f"common budget {spec['common']}"
+        f"common budget {spec['common']}" + (f"; task {', '.join(tasks)}" if tasks else "")
     )
 
     info: dict[str, dict] = {}
@@ -550,6 +621,7 @@ def main(
         info[m]["train_iterations"] = trained_iterations(weights)
         info[m]["train_s"] = train_s
         info[m]["ckpt"] = str(weights)
+        info[m]["task"] = contracts[m].task
         rows_by_method[m] = read_case_csv(evals[m] / "metrics.csv")
 
     sources = {m: str(evals[m] / "metrics.csv") for m in methods}
@@ -566,8 +638,16 @@ def main(
         {"header": header, "methods": info, "budget": spec, "cases": cases, "table": table}, out_dir / "comparison.json"
     )
     phase = panel_phase if panel_phase in compared else compared[0]
-    inputs = list(dict.fromkeys(k for m in methods for k in _parser(m, "evaluate")["input_keys"]))
-    panels = write_panels(out_dir, data, evals, cases, phase, inputs)
+    first = bundle_config(
+        workflow_files(methods[0], "evaluate"),
+        {"dataset_dir": str(data), "datalist_section": "test", **plans[methods[0]][1]},
+    )
+    entries = {str(e.get("id")): e for e in first.get_parsed_content("datalist")}
+    target = (contracts[methods[0]].output(phase) or contracts[methods[0]].outputs[0]).target or phase
+    if target.startswith("@"):
+        target = str(first.get_parsed_content(target[1:]))
+    inputs = list(dict.fromkeys(k for m in methods for k in contracts[m].input_keys))
+    panels = write_panels(out_dir, entries, evals, cases, phase, inputs, target)
     print(markdown(table, header))
     log(f"table: {out_dir / 'comparison.md'} (.csv, .json); panels: {', '.join(str(p) for p in panels)}")
     log(f"done in {time.time() - t_start:.0f} s")
@@ -593,7 +673,8 @@ def _header(data: Path, methods, info, cases, spec, notes: Sequence[str]) -> lis
         how = f"trained here in {i['train_s']:.0f} s" if i["train_s"] is not None else f"given weights {i['ckpt']}"
         lines.append(
             f"- {m}: {i['sampler']} sampler, {i['steps']} steps, {i['network_size']} network, {trained} ({how}); "
-            f"inference {i['s_per_volume']:.1f} s per volume ({i['inference_s']:.1f} s for {i['n_test_cases']} case(s), "
+            + (f"task {i['task']}; " if i.get("task") else "")
+            + f"inference {i['s_per_volume']:.1f} s per volume ({i['inference_s']:.1f} s for {i['n_test_cases']} case(s), "
             f"loading and scoring included); overrides {json.dumps(spec['methods'].get(m, {}))}"
         )
     lines += [f"- {n}" for n in notes]

@@ -329,13 +329,16 @@ def _check_weights(path: Path) -> None:
         raise SystemExit(f"--weights {path}: not a checkpoint (a dict of state dicts), a {type(state).__name__}")
 
 
-def _check_record(bundle: Path, path: Path) -> None:
+def _check_record(bundle: Path, path: Path, overrides: dict | None = None) -> None:
     """The settings recorded with the weights (``checkpoint_record``) against the bundle's inference
-    config: weights of another bundle, or trained with settings the export would not reproduce, are
-    refused in one line naming the file and the settings (:func:`common.bundle.check_checkpoint`)."""
+    config (with ``overrides``, e.g. the task of a multi-task bundle): weights of another bundle, or
+    trained with settings the export would not reproduce, are refused in one line naming the file and
+    the settings (:func:`common.bundle.check_checkpoint`)."""
     from common.bundle import bundle_config, check_checkpoint, workflow_files
 
-    parser = bundle_config(workflow_files(bundle, "infer"), {"ckpt_path": str(path), "device": "cpu"})
+    parser = bundle_config(
+        workflow_files(bundle, "infer"), {"ckpt_path": str(path), "device": "cpu", **(overrides or {})}
+    )
     if "checkpoint_record" not in parser.get("", {}):
         return
     try:
@@ -351,9 +354,22 @@ def export(
     weights_url: str | None = None,
     weights_hash: str | None = None,
     hash_type: str = "md5",
+    task: str | None = None,
 ) -> Path:
-    """Write bundle ``name`` as a self-contained Model Zoo bundle to ``out`` (a new or empty folder)."""
+    """Write bundle ``name`` as a self-contained Model Zoo bundle to ``out`` (a new or empty folder).
+
+    A bundle with several tasks (its contract's ``tasks``) is exported in ``task``, else the task its
+    ``--weights`` record, else its default: the exported configs' ``<task_id>`` default is that task."""
+    from common.bundle import read_contract, recorded_setting
+
     src = bundle_dir(name)
+    contract = read_contract(src)
+    if contract.tasks:
+        recorded = recorded_setting(weights, contract.task_id) if weights is not None else None
+        try:
+            contract = read_contract(src, task or recorded or contract.task)
+        except ValueError as e:
+            raise SystemExit(f"--task: {e}") from None
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SystemExit(f"--out {out}: exists and is not an empty folder")
@@ -364,7 +380,7 @@ def export(
     weights = Path(weights).resolve() if weights is not None else None
     if weights is not None:
         _check_weights(weights)
-        _check_record(src, weights)
+        _check_record(src, weights, contract.overrides)
     meta = json.loads((src / "configs" / "metadata.json").read_text())
     missing = sorted(set(required_packages(src)) - set(meta.get("required_packages_version", {})))
     if missing:
@@ -381,6 +397,7 @@ def export(
             else:
                 config = json.loads(f.read_text())
             config = defer_initialize(rewrite_config(config), initialize)
+            config.update({k: v for k, v in contract.overrides.items() if k in config})  # the exported task
             if f.name == "inference.json":  # e.g. iterunet's models/recursive/model.pt
                 config["ckpt_path"] = EXPORTED_CKPT_PATH
             text = json.dumps(config, indent=4) + "\n"
@@ -432,8 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights_url", help="download URL of the weights -> large_files.yml (nothing is downloaded)")
     ap.add_argument("--weights_hash", help="hash of the file at --weights_url, when --weights is not given")
     ap.add_argument("--hash_type", default="md5", help="type of --weights_hash (md5, sha256, ...)")
+    ap.add_argument("--task", help="a multi-task bundle's task (default: the one --weights record, else its default)")
     a = ap.parse_args(argv)
-    out = export(a.bundle, a.out, a.weights, a.weights_url, a.weights_hash, a.hash_type)
+    out = export(a.bundle, a.out, a.weights, a.weights_url, a.weights_hash, a.hash_type, a.task)
     print(f"exported {a.bundle} to {out}")
 
 

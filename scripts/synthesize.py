@@ -474,7 +474,7 @@ def synthesize(
     Returns:
         The summary also written as ``<out>/<bundle>/<case>/synthesis.json``.
     """
-    contract = read_contract(bundle)
+    contract = read_contract(bundle, overrides=overrides)  # a multi-task bundle: the task --<task_id> names
     if contract.ingest is None:
         raise ValueError(
             f"--bundle {bundle}: reads no study (its configs/contract.json declares no ingest): {contract.no_study}"
@@ -484,7 +484,7 @@ def synthesize(
             f"--bundle {bundle}: its contract asks for the {contract.ingest!r} ingest, which this version of "
             f"synthesize.py does not have (it has {sorted(INGESTS)})"
         )
-    overrides = {**contract.study_overrides, **overrides}
+    overrides = {**contract.overrides, **contract.study_overrides, **overrides}
     study, out = check_folders(Path(study), Path(out))
     read_options, prepare = INGESTS[contract.ingest]
     cfg = read_options(ingest or {})

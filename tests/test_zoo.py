@@ -31,7 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
-BUNDLES = ["resdce", "dcediff", "ressrdiff", "iterunet", "d3m"]
+BUNDLES = ["resdce", "dcediff", "ressrdiff", "iterunet", "d3m", "pix2pix"]
 #: the phantom folder each bundle reads, and the input whose grid its outputs carry
 DATA = {
     "resdce": ("prostate/prepared", "{case}/dce_pre.nii.gz"),
@@ -39,6 +39,7 @@ DATA = {
     "ressrdiff": ("prostate/nifti", "{case}/t2w.nii.gz"),
     "iterunet": ("breast", "{case}/pre.nii.gz"),
     "d3m": ("brain", "{case}/{case}-t1n.nii.gz"),
+    "pix2pix": ("prostate/prepared", "{case}/dce_pre.nii.gz"),  # its default task, prostate_dce
 }
 TINY = {"network_size": "small", "num_workers": 0}
 TRAIN = {
@@ -47,6 +48,7 @@ TRAIN = {
     "ressrdiff": {"patch_size": [32, 32], "batch_size": 4, "warmup_iterations": 1},
     "iterunet": {},
     "d3m": {"spatial_size": [64, 64], "batch_size": 4, "slices_per_volume": 2},
+    "pix2pix": {"patch_size": [32, 32], "batch_size": 4},
 }
 INFER = {"dcediff": {"sampler": "ddim"}}
 #: the zoo's required files (ci/verify_bundle.py: necessary and preferred)
@@ -317,8 +319,8 @@ def test_metadata_is_the_zoo_format_and_lists_the_packages_the_code_imports(bund
     parser["network_size"] = "small"
     assert fmt["inputs"]["image"]["num_channels"] == parser.get_parsed_content("network_def#in_channels")
     assert fmt["inputs"]["image"]["dtype"] == "float32" and "post_processed_outputs" in fmt
-    # every diffusion network is told its step; iterU-Net its target time
-    assert {"timesteps"} <= set(fmt["inputs"]) or {"time"} <= set(fmt["inputs"])
+    # every diffusion network is told its step, iterU-Net its target time; Pix2Pix's generator takes the image alone
+    assert set(fmt["inputs"]) - {"image"} == set(EXPECTED_IO[bundle][2])
     assert torch.__version__.startswith(meta["pytorch_version"].split("+")[0])
 
 
@@ -328,6 +330,7 @@ EXPECTED_IO = {  # (input channels, output channels, extra forward arguments)
     "ressrdiff": (2, 1, ["timesteps"]),
     "iterunet": (2, 1, ["time"]),
     "d3m": (5, 4, ["alpha_bar", "timesteps"]),
+    "pix2pix": (3, 3, []),
 }
 
 

@@ -183,7 +183,8 @@ class BundleSynthesisTask(BasicInferTask):
     def __init__(
         self, bundle: str | os.PathLike, overrides: Mapping[str, Any] | None = None, description: str | None = None
     ) -> None:
-        self.contract = read_contract(bundle)
+        # a bundle with several tasks runs the one its overrides name (--conf <bundle>.<task_id> <task>), else its default
+        self.contract = read_contract(bundle, overrides=overrides)
         self.bundle_dir = self.contract.root
         self.name = self.contract.name
         self.config_files = workflow_files(self.bundle_dir, "infer")
@@ -191,7 +192,7 @@ class BundleSynthesisTask(BasicInferTask):
         missing = [str(f) for f in self.config_files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{self.name}: no bundle config at {', '.join(missing)}")
-        self.overrides = dict(overrides or {})
+        self.overrides = {**self.contract.overrides, **dict(overrides or {})}
         self.bundle_config = self.parser()
         self.source_id = self.contract.source_id
         if self.source_id not in self.bundle_config:
