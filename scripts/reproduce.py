@@ -109,8 +109,9 @@ def check_paper_results(spec: Any, source: str = "paper_results.json") -> dict:
     Top level: ``paper`` (id), ``title``, ``dataset`` (``name``, ``where``, ``layouts``: a list of
     ``{"name", "match"[, "ingest", "ingest_options", "overrides"]}``), ``protocol`` (``paper`` or
     ``ours``), ``budget`` (``paper`` and ``smoke``: ``{"train": {...}, "methods": {id: {...}}}``),
-    ``methods`` (``{"id", "name", "kind"[, "bundle", "train", "stages"]}``, ``kind`` one of
-    :data:`METHOD_KINDS`), ``results`` (``{"table", "page", "method", "metric", "value", "std"[, "phase",
+    ``methods`` (``{"id", "name", "kind"[, "bundle", "train", "stages", "not_comparable"]}``, ``kind`` one
+    of :data:`METHOD_KINDS`; ``not_comparable``: why the bundle cannot be scored on this paper's targets,
+    so it is listed as not run), ``results`` (``{"table", "page", "method", "metric", "value", "std"[, "phase",
     "region", "file", "note"]}``; ``value`` a number or ``null`` with a ``note``), ``differences`` (list).
 
     Raises:
@@ -298,12 +299,14 @@ def plan_methods(spec: Mapping, budget: str, available: Sequence[str], with_abla
         bundle = m.get("bundle")
         if m["kind"] == "trivial baseline":
             p["status"] = "baseline"
+        elif bundle and bundle in available and m.get("not_comparable"):
+            p["status"], p["why"] = "not run", m["not_comparable"]
         elif bundle and bundle in available:
             p["status"] = "run" if (m["kind"] != "ablation" or with_ablations) else "not run"
         else:
             p["status"] = "not implemented"
             p["why"] = m.get("why") or (f"no bundle {bundle!r} in bundles/" if bundle else "no implementation here")
-        if p["status"] == "not run":
+        if p["status"] == "not run" and not m.get("not_comparable"):
             p["why"] = "an ablation: pass --with_ablations true to train and score it"
         p["budget"] = dict(spec["budget"][budget].get("methods", {}).get(m["id"], {}))
         plans.append(p)

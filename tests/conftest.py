@@ -18,6 +18,16 @@ PROSTATEX_0218 = SHARED / "data" / "prostatex" / "ProstateX-0218"
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module's tests and fixtures, restored afterwards: the 2-core CI machine
+    runs other tests beside them, and many threads on tiny tensors crawl (nothing is timed in tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prostatex_study() -> Path:
     if not PROSTATEX_0218.exists():

@@ -17,15 +17,6 @@ from scripts import benchmark as B  # noqa: E402
 from scripts.benchmarks import common as C  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the tiny networks (nothing is timed here); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _readme_rows(path: Path) -> list[dict]:
     text = path.read_text()
     return B.parse_block(text[text.index(B.START) : text.index(B.END)])[0]

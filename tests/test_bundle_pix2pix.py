@@ -25,13 +25,7 @@ TASKS = {  # task -> (input channels, output channels)
 TINY = [*h.SMALL, "--batch_size", "2", "--patch_size", "[32,32]", "--val_interval", "0", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread in this process (the 2-core CI machine runs other tests beside this one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -112,15 +112,6 @@ def _inferer_case(bundle: str, precision: str):
 CHAIN_TOLERANCE = {"dcediff": 0.2}
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: this machine's cores are shared, and many threads on tiny tensors crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("bundle", ["resdce", "ressrdiff", "dcediff", "d3m", "iterunet"])
 def test_bf16_and_auto_chains_close_to_fp32(bundle, caplog, one_thread):
     """bf16 forced and ``auto`` (whatever it resolves to on this machine: fp32 on a CPU without native
