@@ -96,6 +96,19 @@ def tiny_phantoms(out: Path, kind: str, n: int, layout: str = "", **overrides) -
     return out / kind / layout if layout else out / kind
 
 
+def tiny_prostate_one_train(out: Path) -> Path:
+    """3 tiny prepared prostate subjects (:func:`tiny_phantoms`) with the first (by id) to train and
+    validate on and the other two held out (``test``); returns the prepared folder."""
+    import json
+
+    prepared = tiny_phantoms(out, "prostate", 3, "prepared")
+    sections = json.loads((prepared / "datalist.json").read_text())
+    cases = sorted((e for k in ("training", "validation", "test") for e in sections[k]), key=lambda e: e["id"])
+    sections.update(training=cases[:1], validation=cases[:1], test=cases[1:])
+    (prepared / "datalist.json").write_text(json.dumps(sections))
+    return prepared
+
+
 def held_out(data: Path) -> list[dict]:
     """The ``test`` section of ``data/datalist.json``."""
     import json

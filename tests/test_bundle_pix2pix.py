@@ -31,12 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def prostate(tmp_path_factory) -> Path:
     """3 tiny prostate subjects: one to train on, two held out."""
-    prepared = h.tiny_phantoms(tmp_path_factory.mktemp("p2p_prostate"), "prostate", 3, "prepared")
-    sections = json.loads((prepared / "datalist.json").read_text())
-    cases = sorted((e for k in ("training", "validation", "test") for e in sections[k]), key=lambda e: e["id"])
-    sections.update(training=cases[:1], validation=cases[:1], test=cases[1:])
-    (prepared / "datalist.json").write_text(json.dumps(sections))
-    return prepared
+    return h.tiny_prostate_one_train(tmp_path_factory.mktemp("p2p_prostate"))
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ BUDGET = {
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """3 tiny phantom subjects: one to train on, two held out (so n = 2 and a paired test)."""
-    prepared = h.tiny_phantoms(tmp_path_factory.mktemp("compare_phantoms"), "prostate", 3, "prepared")
-    sections = json.loads((prepared / "datalist.json").read_text())
-    cases = sorted((e for k in ("training", "validation", "test") for e in sections[k]), key=lambda e: e["id"])
-    sections.update(training=cases[:1], validation=cases[:1], test=cases[1:])
-    (prepared / "datalist.json").write_text(json.dumps(sections))
-    return prepared
+    return h.tiny_prostate_one_train(tmp_path_factory.mktemp("compare_phantoms"))
 
 
 def _budget(tmp_path: Path, spec: dict) -> str:
