@@ -365,13 +365,24 @@ def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str,
     """The cost-table rows of ``case`` on ``device_name`` (one per precision of :data:`COST_PRECISIONS`),
     each measured in a fresh process on a CPU (:func:`measure_on`); ``peaks`` = matmul GFLOP/s per
     precision name (:func:`machine_peak_rows`). FLOPs are counted once (fp32): autocast changes the
-    dtype, not the operations."""
-    out, gflop = [], None
+    dtype, not the operations. Where ``auto`` resolves to fp32 its row reuses the fp32 run; on a CPU
+    without native bf16 the forced-bf16 row is measured for the small network only (emulated bf16 runs
+    6-10x slower than fp32 there; the paper-sized rows would take most of the benchmark's time)."""
+    from common.device import cpu_has_native_bf16, resolve_precision
+
+    out, gflop, measured = [], None, {}
     for precision in COST_PRECISIONS:
-        if quick():  # in this process: quick checks that it runs, peak memory is not measured
+        same = resolve_precision(precision, device_name)[0] is None and "fp32" in measured
+        emulated = precision == "bf16" and device_name == "cpu" and not cpu_has_native_bf16() and preset != "small"
+        if same:  # `auto` is fp32 on this machine: the fp32 run is its figure (measured once)
+            res, mem = measured["fp32"]
+        elif emulated:  # 6-10x fp32 without native bf16 units: the small network's row shows the ratio
+            continue
+        elif quick():  # in this process: quick checks that it runs, peak memory is not measured
             res, mem = measure_cost(case, preset, device_name, precision, gflop is None), "not measured (quick)"
         else:
             res, mem = measure_on(device_name, measure_cost, case, preset, device_name, precision, gflop is None)
+        measured[precision] = (res, mem)
         gflop = res.get("gflop_step", gflop)
         used = res["precision_used"]
         label = {"fp32": "fp32", "auto": f"auto (= {used})", "bf16": f"bf16 (forced: {used})"}[precision]
@@ -382,6 +393,8 @@ def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str,
             scaled.append(f"{case.timed_steps} step(s) timed x {case.steps}")
         if case.scale != 1:
             scaled.append(f"input measured x {case.scale:g} for the volume")
+        if same:
+            scaled.append("the fp32 row's run (auto resolves to fp32 here)")
         out.append(
             {
                 "what": f"{case.bundle} inference, {case.what}, {preset} net ({res['params_m']:.1f}M params)",
