@@ -253,3 +253,21 @@ def tree_digest(folder: Path) -> dict[str, str]:
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
         for p in sorted(folder.rglob("*"))
     }
+
+
+def monailabel_task_class():
+    """The MONAI Label app's ``BundleSynthesisTask``, imported from the app's own folder as MONAI Label
+    loads it (pydicom's SOP class aliases set first, as ``serve.py`` does); skips without monailabel."""
+    import pytest
+
+    pytest.importorskip("monailabel")
+    app = str(ROOT / "scripts" / "monailabel_app")
+    sys.path.insert(0, app)
+    try:
+        from serve import alias_pydicom_sop_class_uids
+
+        alias_pydicom_sop_class_uids()
+        from lib.infers import BundleSynthesisTask
+    finally:
+        sys.path.remove(app)
+    return BundleSynthesisTask

@@ -6,7 +6,6 @@ synthesize.py DICOM out, the MONAI Label task). Budget: about a minute on 2 core
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import helpers as h
@@ -263,15 +262,7 @@ def test_dicom_out_and_monai_label_through_the_contract(prostate, prostate_model
     assert read_contract("pix2pix", overrides={"task": "brain_t1c"}).ingest == "brain"
     assert read_contract("pix2pix").overrides == {"task": "prostate_dce"}
 
-    pytest.importorskip("monailabel")
-    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))  # the app's own folder, as MONAI Label loads it
-    try:
-        from serve import alias_pydicom_sop_class_uids
-
-        alias_pydicom_sop_class_uids()
-        from lib.infers import BundleSynthesisTask
-    finally:
-        sys.path.remove(str(ROOT / "scripts" / "monailabel_app"))
+    BundleSynthesisTask = h.monailabel_task_class()
     task = BundleSynthesisTask("pix2pix", {"ckpt_path": str(prostate_model), "device": "cpu"})
     case = prostate / h.held_out(prostate)[0]["id"]
     path, params = task({"image": str(case / "adc.nii.gz"), "device": "cpu"})

@@ -9,7 +9,6 @@ import ast
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import helpers as h
@@ -174,15 +173,7 @@ def test_copied_bundle_runs_everywhere(copied, data, trained, tmp_path):
     cfg = json.loads((out / "configs" / "inference.json").read_text())
     assert cfg["run"] == "@evaluating" and (out / "models" / "model.pt").is_file()
     # the MONAI Label app's infer task on one series of a prepared case
-    pytest.importorskip("monailabel")
-    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))  # the app's own folder, as MONAI Label loads it
-    try:
-        from serve import alias_pydicom_sop_class_uids
-
-        alias_pydicom_sop_class_uids()
-        from lib.infers import BundleSynthesisTask
-    finally:
-        sys.path.remove(str(ROOT / "scripts" / "monailabel_app"))
+    BundleSynthesisTask = h.monailabel_task_class()
     task = BundleSynthesisTask(COPY, {"ckpt_path": str(trained), "num_inference_steps": 2, "device": "cpu"})
     case = data / h.held_out(data)[0]["id"]
     path, params = task({"image": str(case / "t2w.nii.gz"), "device": "cpu"})
