@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["LPS_TO_RAS", "array_to_sitk", "sitk_affine", "sitk_to_array", "split_affine"]
+__all__ = ["LPS_TO_RAS", "array_to_sitk", "bspline_ready", "sitk_affine", "sitk_to_array", "split_affine"]
 
 #: RAS+ <-> LPS for 4x4 homogeneous affines (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -96,3 +96,22 @@ def array_to_sitk(
     img.SetOrigin(origin)
     img.SetDirection(direction)
     return img
+
+
+def bspline_ready(img: sitk.Image) -> sitk.Image:
+    """``img`` with every axis of exactly 2 voxels grown to 4 by repeating its edge voxels (ITK's
+    ``ZeroFluxNeumannPad``; the origin moves one voxel back along such an axis, so the original
+    voxels keep their physical positions), so that a cubic B-spline interpolator can be evaluated on it.
+
+    ITK's ``BSplineInterpolateImageFunction`` mirrors the support of a point about the axis ends
+    (index ``2 (N - 1) - i`` past the end). The support of a cubic spline reaches 2 voxels beyond the
+    point, so for ``N = 2`` the mirrored index is -1: it reads outside the image and returns whatever
+    memory holds there (NaN or garbage, varying between runs). Axes of 1 voxel (ITK treats them as
+    constant) and of 3 or more are left alone, as is an image without such an axis (returned as is).
+    With the 2 voxels ``a, b`` the padded axis is ``a, a, b, b``: the interpolant still passes through
+    ``a`` and ``b`` at their centres.
+    """
+    short = [1 if n == 2 else 0 for n in img.GetSize()]
+    if not any(short):
+        return img
+    return sitk.ZeroFluxNeumannPad(img, short, short)

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
+from common.geometry import array_to_sitk, sitk_to_array
 from common.transforms.degrade import (
     ResampleToReferenced,
     SimulateLowResolutiond,
@@ -412,3 +413,33 @@ def test_ressrdiff_defaults_bspline_input_and_pads_slices_to_the_network_multipl
     net = p.get_parsed_content("network_def")
     x = torch.cat([slices[0]["image"], slices[0]["label"]])[None].float()
     assert net(x, timesteps=torch.zeros(1, dtype=torch.long)).shape == (1, 1, 24, 24)
+
+
+def test_bspline_on_an_axis_of_two_lr_voxels_interpolates_them():
+    """An LR axis of 2 voxels (4 HR slices, factor 2; here 6 and 3): ITK's cubic B-spline mirrors its
+    support past the end to index -1 and read outside the image (NaN or garbage, varying between
+    runs) until ``bspline_ready`` repeated the edge voxels; now the interpolant passes through the LR
+    samples at their centres, everywhere finite and the same in every run."""
+    from common.geometry import bspline_ready
+    from common.ingest.register import resample_to
+
+    hr, lr_true = _block_image((12, 12, 6), (3, 3, 3), np.random.default_rng(5))
+    assert lr_true.shape == (4, 4, 2)
+    runs = [simulate_low_resolution(hr, OBLIQUE, factors=(3, 3, 3), back_interpolator="bspline") for _ in range(5)]
+    for r in runs:
+        assert np.isfinite(r.upsampled).all() and np.array_equal(r.upsampled, runs[0].upsampled)
+    centres = np.ix_([1, 4, 7, 10], [1, 4, 7, 10], [1, 4])  # HR voxels at the LR centres
+    np.testing.assert_allclose(runs[0].upsampled[centres], lr_true, rtol=0, atol=1e-5)
+    # the pad keeps the grid: the original voxels sit where they were, only 2-voxel axes grow
+    img = array_to_sitk(lr_true, np.diag([1.5, 1.5, 3.0, 1.0]), frame="itk")
+    padded = bspline_ready(img)
+    assert padded.GetSize() == (4, 4, 4)
+    np.testing.assert_allclose(
+        padded.TransformIndexToPhysicalPoint((0, 0, 1)), img.TransformIndexToPhysicalPoint((0, 0, 0)), atol=1e-12
+    )
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(padded)[1:3], sitk.GetArrayFromImage(img))
+    three = array_to_sitk(np.zeros((4, 4, 3), np.float32), np.eye(4), frame="itk")
+    assert bspline_ready(three) is three
+    # the ingest's resampling (registration) takes the same care
+    out = resample_to(img, img, interpolator="bspline")
+    np.testing.assert_allclose(sitk_to_array(out), lr_true, rtol=0, atol=1e-5)

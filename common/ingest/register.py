@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from common.geometry import bspline_ready
 from common.ingest.errors import IngestError
 
 log = logging.getLogger(__name__)
@@ -271,4 +272,6 @@ def resample_to(
     """
     interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}[interpolator]
     tx = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
+    if interp == sitk.sitkBSpline:
+        moving = bspline_ready(moving)  # an axis of 2 voxels would read outside the image
     return sitk.Resample(moving, reference, tx, interp, float(default_value), sitk.sitkFloat32)

@@ -34,7 +34,9 @@ family as ``scipy.ndimage.zoom(order=3)``; it is *not* the Keys cubic-convolutio
 MATLAB ``imresize`` / PIL "bicubic", which gives slightly different numbers. We keep one resampling
 engine (ITK, multithreaded, as in the paper) for every row of the table; cubic B-spline reproduces
 polynomials up to degree 3 in the interior (ITK mirrors at the borders, so a ramp is only exact away
-from them) and, like any interpolating cubic, can overshoot at edges (no clipping is applied).
+from them) and, like any interpolating cubic, can overshoot at edges (no clipping is applied). An
+LR axis of exactly 2 voxels (e.g. 4 slices degraded by 2) is first padded by repeating its edge
+voxels (:func:`common.geometry.bspline_ready`): ITK's mirror boundary would read outside the image.
 
 Anti-aliasing
 -------------
@@ -64,7 +66,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from common.geometry import array_to_sitk, sitk_affine, sitk_to_array, split_affine
+from common.geometry import array_to_sitk, bspline_ready, sitk_affine, sitk_to_array, split_affine
 
 __all__ = [
     "INTERPOLATORS",
@@ -175,7 +177,7 @@ def _resample(img: sitk.Image, size, spacing, origin, direction, interpolator: s
     f.SetDefaultPixelValue(0.0)
     f.SetUseNearestNeighborExtrapolator(True)
     f.SetOutputPixelType(sitk.sitkFloat32)
-    return f.Execute(img)
+    return f.Execute(bspline_ready(img) if _interpolator(interpolator) == sitk.sitkBSpline else img)
 
 
 def resample_to_grid(
