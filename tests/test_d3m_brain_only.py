@@ -167,8 +167,9 @@ def test_the_bundle_samples_inside_the_case_brain_mask(case, tmp_path):
     inferer.progress = False
     full = variant(inferer, brain_only=False)(x, net)
     inside = [1, 2]
-    for crop in (False, True):  # the bundle crops too (default): then only the slices' background is exact
-        masked = variant(inferer, crop=crop)(x, net, *args, **kwargs)
+    assert inferer.brain_only and not inferer.crop  # the bundle's default: the full-volume result, exact
+    for crop in (False, True):  # --crop_to_brain true: faster; then only the slices' background is exact
+        masked = (variant(inferer, crop=True) if crop else inferer)(x, net, *args, **kwargs)
         assert masked.shape == full.shape == (1, 4, H, W, D)
         assert np.allclose(masked.affine.numpy(), affine)
         if not crop:
@@ -183,3 +184,5 @@ def test_the_bundle_samples_inside_the_case_brain_mask(case, tmp_path):
     batch = list_data_collate([p.get_parsed_content("dataset", lazy=False)[0]])
     x, _, args, kwargs = p.get_parsed_content("prepare_batch")(batch, torch.device("cpu"))
     assert torch.equal(kwargs["brain_mask"][0, 0].bool(), image[0, 0] > 0)
+    p["crop_to_brain"] = True  # --crop_to_brain true reaches the inferer
+    assert p.get_parsed_content("inferer", lazy=False).crop

@@ -138,11 +138,19 @@ class D3MVolumeInferer(DiffusionVolumeInferer):
 
     With ``brain_only``, axial slices without brain are not sampled: they are written as
     ``background`` (per output channel, network space: T1c 0, i.e. the input's zero for skull-stripped
-    data whose lower percentile is 0; ET mask -1; displacement 0). With ``crop`` as well, the brain
-    slices are cropped in-plane to the brain's bounding box (over all of the volume's brain slices),
-    grown to a multiple of ``spatial_divisor`` and kept inside the image (the whole axis when it does
-    not fit, padded as usual), sampled, and put back on the input grid exactly; outside the box is
-    ``background``.
+    data whose lower percentile is 0; ET mask -1; displacement 0). Every sampled slice is then the
+    full-volume result (same seed): bit for bit with ``slice_batch_size=1``, to float32 rounding
+    with larger batches (the convolution kernels are chosen by batch size, which skipping changes).
+
+    With ``crop`` as well (off by default), the brain slices are cropped in-plane to the brain's
+    bounding box (over all of the volume's brain slices), grown to a multiple of ``spatial_divisor``
+    and kept inside the image (the whole axis when it does not fit, padded as usual), sampled, and put
+    back on the input grid exactly; outside the box is ``background``. This is faster (the box's
+    share of the slice area) but NOT the full-volume result inside the brain: D3M's network attends
+    over every position of the slice at every level (linear attention, full attention in the middle)
+    and was trained on whole slices padded to 256 x 256, so each step sees the box's edge instead of
+    the background around the brain and the difference grows along the chain. Only a purely local
+    network would agree away from a rim as wide as its receptive field over the chain.
 
     The brain is ``brain_mask`` (a keyword of ``__call__``, (B, 1, H, W, D) or (B, H, W, D), nonzero
     inside; the bundle passes the batch's ``brain`` with MONAI's ``PrepareBatchExtraInput``, its
@@ -157,7 +165,8 @@ class D3MVolumeInferer(DiffusionVolumeInferer):
     Args:
         brain_only: skip the slices without brain (``False``: the plain full-volume inferer, with the
             same whole-volume noise).
-        crop: crop the brain slices to the brain's in-plane bounding box (only with ``brain_only``).
+        crop: crop the brain slices to the brain's in-plane bounding box (only with ``brain_only``;
+            faster, not exact, see above).
         background: output value per channel outside the brain slices / box.
         brain_channel: the conditioning channel whose support is the brain when no mask is given (T1).
         args, kwargs: :class:`~common.inferers.DiffusionVolumeInferer`'s.
@@ -167,7 +176,7 @@ class D3MVolumeInferer(DiffusionVolumeInferer):
         self,
         *args,
         brain_only: bool = True,
-        crop: bool = True,
+        crop: bool = False,
         background: Sequence[float] = (0.0, -1.0, 0.0, 0.0),
         brain_channel: int = 0,
         **kwargs,
