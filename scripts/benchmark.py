@@ -129,7 +129,7 @@ def tables(rows: list[dict]) -> str:
         text += (
             "\nInference cost per precision (time per sampling step and per volume, peak memory, FLOPs of one "
             "step by torch's FlopCounterMode, achieved GFLOP/s against the matmul rate measured in the same "
-            "run in that precision):\n\n" + table(cost, COST_COLUMNS)
+            "run in that precision; emulated bf16 against the fp32 rate):\n\n" + table(cost, COST_COLUMNS)
         )
     return text
 

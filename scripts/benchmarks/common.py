@@ -361,6 +361,12 @@ def measure_cost(case: CostCase, preset: str, device_name: str, precision: str, 
     return with_peak_memory(out, device)
 
 
+def percent(fraction: float) -> str:
+    """A share as the cost table prints it: whole percents from 10 %, two significant digits below."""
+    p = 100 * fraction
+    return f"{p:.0f}" if p >= 10 else f"{p:.2g}"
+
+
 def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str, float]) -> list[dict]:
     """The cost-table rows of ``case`` on ``device_name`` (one per precision of :data:`COST_PRECISIONS`),
     each measured in a fresh process on a CPU (:func:`measure_on`); ``peaks`` = matmul GFLOP/s per
@@ -387,7 +393,11 @@ def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str,
         used = res["precision_used"]
         label = {"fp32": "fp32", "auto": f"auto (= {used})", "bf16": f"bf16 (forced: {used})"}[precision]
         rate = gflop / res["step_s"]
-        peak = peaks.get(used.split()[0])
+        used = used.split()[0]
+        ref = used
+        if ref == "bf16" and device_name == "cpu" and not cpu_has_native_bf16():
+            ref = "fp32"  # emulated bf16 runs on the fp32 units: their rate is its ceiling
+        peak = peaks.get(ref)
         scaled = []
         if case.respaced and case.timed_steps != case.steps:
             scaled.append(f"{case.timed_steps} step(s) timed x {case.steps}")
@@ -404,7 +414,9 @@ def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str,
                 "peak memory": mem.replace(" of the process", ""),
                 "GFLOP/step": f"{gflop:.4g}",
                 "GFLOP/s": f"{rate:.3g}",
-                "of matmul peak": f"{100 * rate / peak:.0f} % of {used.split()[0]}" if peak else "",
+                "of matmul peak": (f"{percent(rate / peak)} % of {ref}" + (" (bf16 emulated)" if ref != used else ""))
+                if peak
+                else "",
                 "device": device_name,
                 "note": "; ".join(scaled) or "run in full",
             }
@@ -413,10 +425,16 @@ def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str,
 
 
 def machine_peak_rows(device_name: str, n: int | None = None) -> tuple[dict[str, float], list[dict]]:
-    """The measured matmul peak per precision name (fp32, bf16; fp16 on CUDA) and their cost-table rows."""
+    """The measured matmul peak per precision name (fp32, bf16; fp16 on CUDA) and their cost-table rows.
+
+    On a CPU without native bf16 the bf16 row is torch.mm's emulated path (about 1 GFLOP/s, far below
+    oneDNN's emulated bf16 convolutions), so :func:`cost_rows` sets bf16 rows against the fp32 peak there."""
     n = n or (256 if quick() else 1024)  # bf16 without native units runs at ~1 GFLOP/s: 2048^3 would take minutes
     names = ("fp32", "bf16") + (("fp16",) if device_name == "cuda" else ())
     peaks = {p: matmul_gflops(_MATMUL_DTYPES[p], n, device=device_name) for p in names}
+    from common.device import cpu_has_native_bf16
+
+    emulated = lambda p: p == "bf16" and device_name == "cpu" and not cpu_has_native_bf16()  # noqa: E731
     rows = [
         {
             "what": f"matmul {n}x{n}x{n} (torch.mm), the machine's peak",
@@ -424,7 +442,8 @@ def machine_peak_rows(device_name: str, n: int | None = None) -> tuple[dict[str,
             "GFLOP/s": f"{v:.4g}",
             "of matmul peak": f"100 % of {p}",
             "device": device_name,
-            "note": f"{torch.get_num_threads()} torch threads",
+            "note": f"{torch.get_num_threads()} torch threads"
+            + ("; emulated (no native bf16): bf16 rows are set against fp32" if emulated(p) else ""),
         }
         for p, v in peaks.items()
     ]

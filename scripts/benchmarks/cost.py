@@ -2,7 +2,8 @@
 benchmark module defines ``cost_case(preset, device_name, quick) -> CostCase``, the time per sampling
 step and per volume in fp32, in ``auto`` (what the bundles run by default; it resolves per machine)
 and in bf16 forced, the peak memory, the FLOPs of one step (torch's ``FlopCounterMode``) and the
-achieved GFLOP/s against the machine's measured matmul rate in the same precision, so that a reader
+achieved GFLOP/s against the machine's measured matmul rate in the same precision (emulated bf16,
+on a CPU without native bf16, against the fp32 rate: it runs on those units), so that a reader
 sees how close each network runs to the limit. The small and the paper-sized networks; with
 ``--quick`` (``BENCH_QUICK=1``) only the small ones on tiny inputs (a check that it runs).
 

@@ -2,12 +2,15 @@
 held-out cases, trained weights) run twice, with ``--precision fp32`` and with another precision
 (``bf16`` forced by default), and the scores compared per target phase: PSNR and SSIM of the
 model's synthesis against the target (mean over the cases, whole image), their difference, and
-the relative L2 distance of the two syntheses themselves.
+the relative L2 distance of the two syntheses themselves. Next to it, the yardstick: the same
+differences between two fp32 runs that differ only in the sampling seed (the bundle's seed, 0 unless
+the overrides set one, and the next; ``--seed_spread false`` skips that third run), i.e. how much the
+score moves by chance alone.
 
     python -m scripts.benchmarks.precision_quality run --bundle <name> --ckpt_path <model.pt> --out <dir> \
-        [--precision bf16] [--overrides "--num_inference_steps 20 --sampler ddim"] [--note "..."]
+        [--precision bf16] [--overrides="--num_inference_steps 20 --sampler ddim"] [--note "..."]
 
-writes ``<dir>/<precision>/`` (the evaluation outputs) and records the comparison in
+writes ``<dir>/<precision>/`` (the evaluation outputs; ``<dir>/fp32_seed1/``) and records the comparison in
 ``bundles/<name>/docs/precision_cpu_run.json``; ``rows`` reports every bundle's record in the
 benchmark table (not re-run by ``make bench``).
 """
@@ -32,6 +35,16 @@ def _evaluate(bundle: str, ckpt_path: str, out: Path, precision: str, overrides:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     return time.perf_counter() - t0
+
+
+def _next_seed(overrides: str) -> str:
+    """``overrides`` with ``--seed`` one higher (the bundles' default seed is 0)."""
+    words = shlex.split(overrides)
+    if "--seed" in words:
+        i = words.index("--seed") + 1
+        words[i] = str(int(words[i]) + 1)
+        return shlex.join(words)
+    return shlex.join([*words, "--seed", "1"])
 
 
 def _volumes(folder: Path, names: set[str]) -> dict[str, Path]:
@@ -78,13 +91,18 @@ def run(
     overrides: str = "",
     note: str = "",
     method: str = "",
+    seed_spread: bool = True,
 ) -> dict:
     """Evaluate ``bundle`` with ``ckpt_path`` in fp32 and in ``precision``, compare, record (see the module doc)."""
     from common.io import save_json
     from scripts.benchmarks.common import cpu_model
 
+    if not isinstance(overrides, str):  # fire reads `--overrides --id v` as a flag followed by other options
+        raise SystemExit('error: --overrides needs its value after "=": --overrides="--id value ..."')
     out_dir = Path(out).resolve()
     secs = {p: _evaluate(bundle, ckpt_path, out_dir / p, p, overrides) for p in ("fp32", precision)}
+    if seed_spread:
+        secs["fp32, next seed"] = _evaluate(bundle, ckpt_path, out_dir / "fp32_seed1", "fp32", _next_seed(overrides))
     summary = json.loads((out_dir / precision / "summary.json").read_text())
     rec = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -96,6 +114,8 @@ def run(
         "seconds": secs,
         "phases": compare(out_dir / "fp32", out_dir / precision, method or bundle),
     }
+    if seed_spread:  # the same differences between two fp32 runs with other seeds: chance alone
+        rec["seed_spread"] = compare(out_dir / "fp32", out_dir / "fp32_seed1", method or bundle)
     save_json(rec, ROOT / "bundles" / bundle / "docs" / RECORD)
     print(json.dumps(rec, indent=1))
     return rec
@@ -103,6 +123,15 @@ def run(
 
 def _cases(n: int) -> str:
     return f"{n} held-out phantom case" + ("s" if n != 1 else "")
+
+
+def _differences(phases: dict) -> str:
+    """Per phase: PSNR and SSIM differences and the relative L2 (where computed), as the table prints them."""
+    return "; ".join(
+        f"{p}: {v['psnr_diff']:+.3f} dB, SSIM {v['ssim_diff']:+.4f}"
+        + (f", rel. L2 {v['rel_l2']:.1e}" if v.get("rel_l2") is not None else "")
+        for p, v in phases.items()
+    )
 
 
 def rows(tmp: Path) -> list[dict]:
@@ -113,11 +142,9 @@ def rows(tmp: Path) -> list[dict]:
     for rec_path in sorted((ROOT / "bundles").glob(f"*/docs/{RECORD}")):
         rec = json.loads(rec_path.read_text())
         ph = rec["phases"]
-        value = "; ".join(
-            f"{p}: {v['psnr_diff']:+.3f} dB, SSIM {v['ssim_diff']:+.4f}"
-            + (f", rel. L2 {v['rel_l2']:.1e}" if v.get("rel_l2") is not None else "")
-            for p, v in ph.items()
-        )
+        value = _differences(ph)
+        if rec.get("seed_spread"):
+            value += f" (fp32 with another seed: {_differences(rec['seed_spread'])})"
         out.append(
             row(
                 f"{rec_path.parts[-3]} {rec['precision']} vs fp32 synthesis, per phase (whole image, "
