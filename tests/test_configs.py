@@ -250,3 +250,33 @@ def test_the_network_preset_travels_with_the_weights(bundle, tmp_path):
     torch.save({"model": {}, "config": dict(record, network_size="paper", **{other: "something else"})}, ckpt)
     with pytest.raises(ValueError, match=rf"{other}: the checkpoint has 'something else'"):
         check_checkpoint(ckpt, p.get_parsed_content("checkpoint_record"))
+
+
+LABEL_CROP_BUNDLES = [
+    b for b in BUNDLES if '"crop_label_key"' in (ROOT / "bundles" / b / "configs" / "train.json").read_text()
+]
+
+
+@pytest.mark.parametrize("bundle", LABEL_CROP_BUNDLES)
+def test_training_crops_can_centre_on_a_label(bundle):
+    """``--crop_label_key lesion_mask --crop_pos 1 --crop_neg 0``: every training crop holds the label
+    (centred on one of its voxels); without a label key the crops are uniform and mostly miss a
+    one-voxel label. The bundles that train on patches share the blocks (``shared:label_crop_*``), so
+    ``scripts/compare.py``'s budget can give every method the same crops."""
+    from monai.transforms import Compose
+
+    assert {"resdce", "dcediff", "pix2pix"} <= set(LABEL_CROP_BUNDLES)
+    mask = torch.zeros(1, 64, 64, 4)
+    mask[0, 40, 21, 2] = 1  # one lesion voxel
+    crops = {}
+    for key in ("lesion_mask", None):
+        p = ConfigParser()
+        p.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
+        p.update({"crop_label_key": key, "crop_pos": 1.0, "crop_neg": 0.0, "patch_size": [16, 16]})
+        p.update({"network_size": "small", "batch_size": 8, "slices_per_volume": 8, "device": "cpu"})
+        t = Compose(p.get_parsed_content("train#transforms")).set_random_state(0)
+        data = {"image": mask.repeat(2, 1, 1, 1), "label": mask.clone(), "id": "c", "lesion_mask": mask.clone()}
+        crops[key] = t(data)
+        assert len(crops[key]) == 8 and all(set(c) == {"image", "label", "id"} for c in crops[key])
+    assert all(c["image"].sum() == 2 and c["label"].sum() == 1 for c in crops["lesion_mask"])
+    assert sum(bool(c["image"].sum()) for c in crops[None]) <= 2  # a 16 x 16 x 1 crop holds it by chance
