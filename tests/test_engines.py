@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -296,3 +297,28 @@ def test_batch_size_is_slices_per_step_and_iterations_are_exact():
     StopAtIteration(4).attach(engine)
     engine.run(range(2), max_epochs=2, epoch_length=2)
     assert engine.state.iteration == 4 and engine.state.epoch == 2
+
+
+def test_a_warm_up_longer_than_a_quarter_of_the_run_is_named(caplog):
+    """DCE-diff's paper warm-up (10,000 iterations) in a 300-iteration run leaves the learning rate at
+    3 % of --lr at the end: the config's ``train#warmup`` warns once, naming the setting, and keeps it."""
+    import logging
+
+    from monai.bundle import ConfigParser
+
+    from common.bundle import warmup_length
+
+    with caplog.at_level(logging.WARNING, logger="common.bundle"):
+        assert warmup_length(10000, 300) == 10000
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "--warmup_steps 10000" in msg and "300 of the run's 300 iterations" in msg and "3 % of" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="common.bundle"):
+        assert warmup_length(50, 300) == 50 and warmup_length(0, 300) == 1
+    assert not caplog.records
+    p = ConfigParser()
+    p.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / "dcediff" / "configs" / "train.json"))
+    p.update({"num_iterations": 300, "warmup_steps": 100, "network_size": "small", "device": "cpu"})
+    sched = p.get_parsed_content("train#lr_scheduler")
+    assert sched.total_iters == 100 and sched.start_factor == pytest.approx(0.01)
