@@ -292,7 +292,8 @@ def _defined(bundle: str, overrides: Mapping) -> dict:
 
 def plan_methods(spec: Mapping, budget: str, available: Sequence[str], with_ablations: bool) -> list[dict]:
     """Every method of the paper's table with its status: ``run`` (a bundle we have), ``baseline`` (scored
-    by the bundles' evaluation), ``not implemented`` or ``not run`` (an ablation without ``--with_ablations``)."""
+    by the bundles' evaluation), ``not implemented`` or ``not run`` (an ablation without ``--with_ablations``,
+    or a bundle that cannot be scored on the paper's targets: ``not_comparable``), with ``why`` where not run."""
     plans = []
     for m in spec["methods"]:
         p = dict(m)
@@ -301,13 +302,13 @@ def plan_methods(spec: Mapping, budget: str, available: Sequence[str], with_abla
             p["status"] = "baseline"
         elif bundle and bundle in available and m.get("not_comparable"):
             p["status"], p["why"] = "not run", m["not_comparable"]
+        elif bundle and bundle in available and m["kind"] == "ablation" and not with_ablations:
+            p["status"], p["why"] = "not run", "an ablation: pass --with_ablations true to train and score it"
         elif bundle and bundle in available:
-            p["status"] = "run" if (m["kind"] != "ablation" or with_ablations) else "not run"
+            p["status"] = "run"
         else:
             p["status"] = "not implemented"
             p["why"] = m.get("why") or (f"no bundle {bundle!r} in bundles/" if bundle else "no implementation here")
-        if p["status"] == "not run" and not m.get("not_comparable"):
-            p["why"] = "an ablation: pass --with_ablations true to train and score it"
         p["budget"] = dict(spec["budget"][budget].get("methods", {}).get(m["id"], {}))
         plans.append(p)
     return plans

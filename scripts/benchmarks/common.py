@@ -361,6 +361,13 @@ def measure_cost(case: CostCase, preset: str, device_name: str, precision: str, 
     return with_peak_memory(out, device)
 
 
+def bf16_emulated(device_name: str) -> bool:
+    """Whether bf16 runs emulated on ``device_name``'s fp32 units (a CPU without native bf16)."""
+    from common.device import cpu_has_native_bf16
+
+    return device_name == "cpu" and not cpu_has_native_bf16()
+
+
 def percent(fraction: float) -> str:
     """A share as the cost table prints it: whole percents from 10 %, two significant digits below."""
     p = 100 * fraction
@@ -374,12 +381,12 @@ def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str,
     dtype, not the operations. Where ``auto`` resolves to fp32 its row reuses the fp32 run; on a CPU
     without native bf16 the forced-bf16 row is measured for the small network only (emulated bf16 runs
     6-10x slower than fp32 there; the paper-sized rows would take most of the benchmark's time)."""
-    from common.device import cpu_has_native_bf16, resolve_precision
+    from common.device import resolve_precision
 
     out, gflop, measured = [], None, {}
     for precision in COST_PRECISIONS:
         same = resolve_precision(precision, device_name)[0] is None and "fp32" in measured
-        emulated = precision == "bf16" and device_name == "cpu" and not cpu_has_native_bf16() and preset != "small"
+        emulated = precision == "bf16" and bf16_emulated(device_name) and preset != "small"
         if same:  # `auto` is fp32 on this machine: the fp32 run is its figure (measured once)
             res, mem = measured["fp32"]
         elif emulated:  # 6-10x fp32 without native bf16 units: the small network's row shows the ratio
@@ -393,10 +400,9 @@ def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str,
         used = res["precision_used"]
         label = {"fp32": "fp32", "auto": f"auto (= {used})", "bf16": f"bf16 (forced: {used})"}[precision]
         rate = gflop / res["step_s"]
-        used = used.split()[0]
-        ref = used
-        if ref == "bf16" and device_name == "cpu" and not cpu_has_native_bf16():
-            ref = "fp32"  # emulated bf16 runs on the fp32 units: their rate is its ceiling
+        dtype = used.split()[0]  # "bf16 channels_last" -> "bf16"
+        # emulated bf16 runs on the fp32 units: their rate is its ceiling
+        ref = "fp32" if dtype == "bf16" and bf16_emulated(device_name) else dtype
         peak = peaks.get(ref)
         scaled = []
         if case.respaced and case.timed_steps != case.steps:
@@ -414,7 +420,7 @@ def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str,
                 "peak memory": mem.replace(" of the process", ""),
                 "GFLOP/step": f"{gflop:.4g}",
                 "GFLOP/s": f"{rate:.3g}",
-                "of matmul peak": (f"{percent(rate / peak)} % of {ref}" + (" (bf16 emulated)" if ref != used else ""))
+                "of matmul peak": (f"{percent(rate / peak)} % of {ref}" + (" (bf16 emulated)" if ref != dtype else ""))
                 if peak
                 else "",
                 "device": device_name,
@@ -432,9 +438,6 @@ def machine_peak_rows(device_name: str, n: int | None = None) -> tuple[dict[str,
     n = n or (256 if quick() else 1024)  # bf16 without native units runs at ~1 GFLOP/s: 2048^3 would take minutes
     names = ("fp32", "bf16") + (("fp16",) if device_name == "cuda" else ())
     peaks = {p: matmul_gflops(_MATMUL_DTYPES[p], n, device=device_name) for p in names}
-    from common.device import cpu_has_native_bf16
-
-    emulated = lambda p: p == "bf16" and device_name == "cpu" and not cpu_has_native_bf16()  # noqa: E731
     rows = [
         {
             "what": f"matmul {n}x{n}x{n} (torch.mm), the machine's peak",
@@ -443,7 +446,11 @@ def machine_peak_rows(device_name: str, n: int | None = None) -> tuple[dict[str,
             "of matmul peak": f"100 % of {p}",
             "device": device_name,
             "note": f"{torch.get_num_threads()} torch threads"
-            + ("; emulated (no native bf16): bf16 rows are set against fp32" if emulated(p) else ""),
+            + (
+                "; emulated (no native bf16): bf16 rows are set against fp32"
+                if p == "bf16" and bf16_emulated(device_name)
+                else ""
+            ),
         }
         for p, v in peaks.items()
     ]

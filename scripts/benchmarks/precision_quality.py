@@ -10,7 +10,7 @@ score moves by chance alone.
     python -m scripts.benchmarks.precision_quality run --bundle <name> --ckpt_path <model.pt> --out <dir> \
         [--precision bf16] [--overrides="--num_inference_steps 20 --sampler ddim"] [--note "..."]
 
-writes ``<dir>/<precision>/`` (the evaluation outputs; ``<dir>/fp32_seed1/``) and records the comparison in
+writes ``<dir>/<precision>/`` (the evaluation outputs; ``<dir>/fp32_next_seed/``) and records the comparison in
 ``bundles/<name>/docs/precision_cpu_run.json``; ``rows`` reports every bundle's record in the
 benchmark table (not re-run by ``make bench``).
 """
@@ -101,8 +101,9 @@ def run(
         raise SystemExit('error: --overrides needs its value after "=": --overrides="--id value ..."')
     out_dir = Path(out).resolve()
     secs = {p: _evaluate(bundle, ckpt_path, out_dir / p, p, overrides) for p in ("fp32", precision)}
+    spread_dir = out_dir / "fp32_next_seed"
     if seed_spread:
-        secs["fp32, next seed"] = _evaluate(bundle, ckpt_path, out_dir / "fp32_seed1", "fp32", _next_seed(overrides))
+        secs["fp32, next seed"] = _evaluate(bundle, ckpt_path, spread_dir, "fp32", _next_seed(overrides))
     summary = json.loads((out_dir / precision / "summary.json").read_text())
     rec = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -115,7 +116,7 @@ def run(
         "phases": compare(out_dir / "fp32", out_dir / precision, method or bundle),
     }
     if seed_spread:  # the same differences between two fp32 runs with other seeds: chance alone
-        rec["seed_spread"] = compare(out_dir / "fp32", out_dir / "fp32_seed1", method or bundle)
+        rec["seed_spread"] = compare(out_dir / "fp32", spread_dir, method or bundle)
     save_json(rec, ROOT / "bundles" / bundle / "docs" / RECORD)
     print(json.dumps(rec, indent=1))
     return rec
