@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import torch
 
 
@@ -41,6 +44,10 @@ def amp_enabled(device: str | torch.device | None = None) -> bool:
 #: the values of every bundle's ``precision`` setting (``--precision`` on the command line)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the reduced precisions ``auto`` may choose, in its order of preference; a bundle's
+#: ``auto_precisions`` narrows them to those whose synthesis was measured within bounds of fp32
+#: (issue 27: 0.1 dB PSNR, 0.002 SSIM; DCE-diff's is ``[]``: ``auto`` is fp32 there)
+AUTO_PRECISIONS = ("bf16", "fp16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -61,16 +68,38 @@ def cuda_has_bf16() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
-def resolve_precision(precision: str | None, device: str | torch.device | None) -> tuple[torch.dtype | None, bool]:
+def check_auto_precisions(auto_precisions: Sequence[str]) -> tuple[str, ...]:
+    """``auto_precisions`` as a tuple of lower-case names, each one of :data:`AUTO_PRECISIONS`.
+
+    Raises:
+        ValueError: naming ``--auto_precisions`` for another value.
+    """
+    if isinstance(auto_precisions, str):
+        auto_precisions = [auto_precisions]
+    names = tuple(str(a).lower() for a in auto_precisions)
+    bad = [a for a in names if a not in AUTO_PRECISIONS]
+    if bad:
+        raise ValueError(
+            f"--auto_precisions {list(auto_precisions)!r}: {', '.join(bad)} is not a reduced precision; "
+            f"use a list of {', '.join(AUTO_PRECISIONS)} (or [] for fp32)"
+        )
+    return names
+
+
+def resolve_precision(
+    precision: str | None, device: str | torch.device | None, auto_precisions: Sequence[str] = AUTO_PRECISIONS
+) -> tuple[torch.dtype | None, bool]:
     """The autocast dtype and memory layout of a network forward on ``device``.
 
     ``precision`` is one of :data:`PRECISIONS` (``None`` or ``""`` mean ``"auto"``):
 
-    - ``"fp32"``: no autocast (``None``), contiguous layout;
+    - ``"fp32"``: no autocast (``None``), contiguous layout; :class:`PrecisionNetwork` then runs the
+      forward in IEEE float32 (:func:`ieee_fp32`: no TF32 on CUDA);
     - ``"bf16"`` / ``"fp16"``: autocast to that dtype; channels-last on the CPU (where oneDNN gains from it);
-    - ``"auto"``: on CUDA autocast to bfloat16 where the GPU supports it, else float16 (training then
-      needs a ``GradScaler``, see :func:`needs_grad_scaler`), contiguous; on a CPU with native bfloat16
-      (:func:`cpu_has_native_bf16`) bfloat16 autocast and channels-last; float32 elsewhere.
+    - ``"auto"``: among ``auto_precisions`` (the bundle's setting; default both): on CUDA autocast to
+      bfloat16 where the GPU supports it, else float16 (training then needs a ``GradScaler``, see
+      :func:`needs_grad_scaler`), contiguous; on a CPU with native bfloat16 (:func:`cpu_has_native_bf16`)
+      bfloat16 autocast and channels-last; float32 elsewhere, and wherever the bundle allows neither.
 
     Only the network forward runs under the dtype (:class:`PrecisionNetwork` casts its output back to
     float32); the schedulers' arithmetic stays float32 / float64.
@@ -79,20 +108,46 @@ def resolve_precision(precision: str | None, device: str | torch.device | None) 
         (dtype or ``None`` for float32, channels_last).
 
     Raises:
-        ValueError: naming ``--precision`` for an unknown value.
+        ValueError: naming ``--precision`` (or ``--auto_precisions``) for an unknown value.
     """
     p = "auto" if precision in (None, "") else str(precision).lower()
     if p not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    allowed = check_auto_precisions(auto_precisions)
     dev = torch.device(device) if device is not None else get_device()
     if p == "auto":
         if dev.type == "cuda":
-            return (torch.bfloat16 if cuda_has_bf16() else torch.float16), False
-        if dev.type == "cpu" and cpu_has_native_bf16():
+            if "bf16" in allowed and cuda_has_bf16():
+                return torch.bfloat16, False
+            return (torch.float16 if "fp16" in allowed else None), False
+        if dev.type == "cpu" and "bf16" in allowed and cpu_has_native_bf16():
             return torch.bfloat16, True
         return None, False
     dtype = _DTYPES[p]
     return dtype, dtype is not None and dev.type == "cpu"
+
+
+#: PyTorch's switches for float32 on CUDA (cuDNN convolutions default to TF32, matmuls to IEEE)
+_FP32_SWITCHES = ("cudnn.conv", "cudnn.rnn", "cuda.matmul")
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """float32 convolutions, RNNs and matmuls in IEEE float32 inside the block, also on CUDA, where
+    PyTorch lets cuDNN convolutions use TF32 by default (a 10-bit mantissa, float16's rounding); the
+    switches (``torch.backends.cudnn.conv.fp32_precision`` etc.) are restored after. No effect on a CPU."""
+    switches = []
+    for name in _FP32_SWITCHES:
+        backend, op = name.split(".")
+        switches.append(getattr(getattr(torch.backends, backend), op))
+    before = [s.fp32_precision for s in switches]
+    try:
+        for s in switches:
+            s.fp32_precision = "ieee"
+        yield
+    finally:
+        for s, b in zip(switches, before):
+            s.fp32_precision = b
 
 
 def precision_name(dtype: torch.dtype | None, channels_last: bool = False) -> str:
@@ -101,9 +156,11 @@ def precision_name(dtype: torch.dtype | None, channels_last: bool = False) -> st
     return name + (" channels_last" if channels_last else "")
 
 
-def needs_grad_scaler(precision: str | None, device: str | torch.device | None) -> bool:
+def needs_grad_scaler(
+    precision: str | None, device: str | torch.device | None, auto_precisions: Sequence[str] = AUTO_PRECISIONS
+) -> bool:
     """Training in float16 on CUDA needs a ``GradScaler`` (bfloat16 and float32 do not)."""
-    dtype, _ = resolve_precision(precision, device)
+    dtype, _ = resolve_precision(precision, device, auto_precisions)
     return dtype == torch.float16 and torch.device(device if device is not None else get_device()).type == "cuda"
 
 
@@ -119,7 +176,8 @@ class PrecisionNetwork:
     """Call ``network`` under autocast to ``dtype`` (on its input's device type), with 4D (N, C, H, W)
     tensor inputs in channels-last layout when ``channels_last``, and its floating outputs cast back
     to contiguous float32: the code around the forward (schedulers, warps, the ConvLSTM chain's
-    bookkeeping) never sees a reduced dtype. ``dtype=None`` calls ``network`` unchanged.
+    bookkeeping) never sees a reduced dtype. ``dtype=None`` calls ``network`` in IEEE float32
+    (:func:`ieee_fp32`: no TF32 on CUDA), its output unchanged.
 
     With ``channels_last`` the network's own parameters are converted to channels-last here, once
     (values unchanged; only the memory layout of 4D weights changes; outside inference mode, so a
@@ -144,7 +202,8 @@ class PrecisionNetwork:
 
     def __call__(self, *args, **kwargs):
         if self.dtype is None and not self.channels_last:
-            return self.network(*args, **kwargs)
+            with ieee_fp32():
+                return self.network(*args, **kwargs)
         if self.channels_last:
             args = tuple(self._layout(a) for a in args)
             kwargs = {k: self._layout(v) for k, v in kwargs.items()}

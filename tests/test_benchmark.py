@@ -272,3 +272,15 @@ def test_precision_quality_seed_spread_run_takes_the_next_seed():
     assert Q._next_seed("") == "--seed 1"
     assert Q._next_seed("--sampler ddim --num_inference_steps 50") == "--sampler ddim --num_inference_steps 50 --seed 1"
     assert Q._next_seed("--seed 7 --case_dir '/a b'") == "--seed 8 --case_dir '/a b'"
+
+
+def test_precision_quality_records_one_file_per_precision():
+    """bf16 (what ``auto`` runs on bf16 hardware) keeps ``precision_cpu_run.json``, another precision gets its
+    own record, and the benchmark rows read every record (DCE-diff's bf16 and fp16 both)."""
+    from scripts.benchmarks import precision_quality as Q
+
+    assert Q.record_name("bf16") == "precision_cpu_run.json"
+    assert Q.record_name("fp16") == "precision_cpu_run_fp16.json"
+    whats = [r["what"] for r in Q.rows(ROOT)]
+    assert any(w.startswith("dcediff bf16 vs fp32") for w in whats)
+    assert any(w.startswith("dcediff fp16 vs fp32") for w in whats)

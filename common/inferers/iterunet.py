@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 
-from common.device import PrecisionNetwork, log_precision_once, precision_name, resolve_precision
+from common.device import (
+    AUTO_PRECISIONS,
+    PrecisionNetwork,
+    check_auto_precisions,
+    log_precision_once,
+    precision_name,
+    resolve_precision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +136,7 @@ class IterUNetVolumeInferer(Inferer):
             the network forward of every chain step runs in it, its output and ConvLSTM state cast back
             to float32; the layout stays contiguous (3D volumes: no channels-last). The label used
             is logged once and kept in :attr:`precision_used`.
+        auto_precisions: the reduced precisions ``"auto"`` may choose (the bundle's setting; ``[]``: fp32).
         amp: deprecated: ``False`` means ``precision="fp32"``, ``True`` ``"auto"``; ``None`` keeps ``precision``.
         progress: tqdm bar over the windows.
 
@@ -146,6 +154,7 @@ class IterUNetVolumeInferer(Inferer):
         overlap: float = 0.25,
         blend_mode: str = "gaussian",
         precision: str = "auto",
+        auto_precisions: Sequence[str] = AUTO_PRECISIONS,
         amp: bool | None = None,
         progress: bool = False,
     ) -> None:
@@ -156,8 +165,9 @@ class IterUNetVolumeInferer(Inferer):
         self.roi_size = [int(r) for r in roi_size]
         if amp is not None:
             precision = "auto" if amp else "fp32"
-        resolve_precision(precision, "cpu")  # refuse an unknown value now, naming --precision
+        resolve_precision(precision, "cpu", auto_precisions)  # refuse an unknown value now, naming the option
         self.precision, self.precision_used = precision, precision_name(None)
+        self.auto_precisions = check_auto_precisions(auto_precisions)
         self.sw = dict(
             sw_batch_size=int(sw_batch_size), overlap=float(overlap), mode=blend_mode, progress=bool(progress)
         )
@@ -169,7 +179,7 @@ class IterUNetVolumeInferer(Inferer):
         if times.ndim == 2:
             times = times[0]  # one case per batch: every window shares the case's times
         frames = inputs[:, : self.chain.start + 1]  # only the acquired frames enter the chain
-        dtype, _ = resolve_precision(self.precision, inputs.device)
+        dtype, _ = resolve_precision(self.precision, inputs.device, self.auto_precisions)
         self.precision_used = precision_name(dtype)
         log_precision_once(logger, self.precision_used, inputs.device)
         net = PrecisionNetwork(network, dtype, channels_last=False)

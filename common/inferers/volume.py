@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,14 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from common.bundle import positive_int
-from common.device import PrecisionNetwork, log_precision_once, precision_name, resolve_precision
+from common.device import (
+    AUTO_PRECISIONS,
+    PrecisionNetwork,
+    check_auto_precisions,
+    log_precision_once,
+    precision_name,
+    resolve_precision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,8 @@ class DiffusionVolumeInferer(Inferer):
             :func:`common.device.resolve_precision`; only the network forward runs in it (its output
             is cast back to float32, the sampler's arithmetic stays float32 / float64). The label
             used is logged once and kept in :attr:`precision_used` (e.g. ``"bf16 channels_last"``).
+        auto_precisions: the reduced precisions ``"auto"`` may choose (the bundle's setting: those its
+            synthesis was measured within bounds of fp32; ``[]``: ``auto`` is fp32 everywhere).
         amp: deprecated: ``False`` means ``precision="fp32"``, ``True`` ``"auto"``; ``None`` (default)
             leaves ``precision`` as given.
         seed: seeds all sampling noise in a forked RNG (reproducible outputs, the caller's random
@@ -66,6 +75,7 @@ class DiffusionVolumeInferer(Inferer):
         slice_batch_size: int | None = None,
         spatial_divisor: int = 16,
         precision: str = "auto",
+        auto_precisions: Sequence[str] = AUTO_PRECISIONS,
         amp: bool | None = None,
         seed: int | None = 0,
         progress: bool = True,
@@ -81,8 +91,8 @@ class DiffusionVolumeInferer(Inferer):
         self.spatial_divisor = int(spatial_divisor)
         if amp is not None:
             precision = "auto" if amp else "fp32"
-        resolve_precision(precision, "cpu")  # refuse an unknown value now, naming --precision
-        self.precision = precision
+        resolve_precision(precision, "cpu", auto_precisions)  # refuse an unknown value now, naming the option
+        self.precision, self.auto_precisions = precision, check_auto_precisions(auto_precisions)
         self.precision_used = precision_name(None)
         self.seed = seed
         self.progress = progress
@@ -119,7 +129,7 @@ class DiffusionVolumeInferer(Inferer):
         """``network`` at this inferer's precision on ``device`` (a :class:`PrecisionNetwork`)."""
         if network is None or isinstance(network, PrecisionNetwork):
             return network
-        dtype, channels_last = resolve_precision(self.precision, device)
+        dtype, channels_last = resolve_precision(self.precision, device, self.auto_precisions)
         self.precision_used = precision_name(dtype, channels_last)
         log_precision_once(logger, self.precision_used, device)
         return PrecisionNetwork(network, dtype, channels_last)

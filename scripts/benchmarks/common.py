@@ -384,8 +384,9 @@ def cost_rows(case: CostCase, preset: str, device_name: str, peaks: Mapping[str,
     from common.device import resolve_precision
 
     out, gflop, measured = [], None, {}
+    allowed = bundle_parser(case.bundle, "train.json").get_parsed_content("auto_precisions")
     for precision in COST_PRECISIONS:
-        same = resolve_precision(precision, device_name)[0] is None and "fp32" in measured
+        same = resolve_precision(precision, device_name, allowed)[0] is None and "fp32" in measured
         emulated = precision == "bf16" and bf16_emulated(device_name) and preset != "small"
         if same:  # `auto` is fp32 on this machine: the fp32 run is its figure (measured once)
             res, mem = measured["fp32"]

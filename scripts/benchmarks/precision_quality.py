@@ -11,8 +11,8 @@ score moves by chance alone.
         [--precision bf16] [--overrides="--num_inference_steps 20 --sampler ddim"] [--note "..."]
 
 writes ``<dir>/<precision>/`` (the evaluation outputs; ``<dir>/fp32_next_seed/``) and records the comparison in
-``bundles/<name>/docs/precision_cpu_run.json``; ``rows`` reports every bundle's record in the
-benchmark table (not re-run by ``make bench``).
+``bundles/<name>/docs/precision_cpu_run.json`` (bf16; ``precision_cpu_run_fp16.json`` for fp16); ``rows``
+reports every bundle's records in the benchmark table (not re-run by ``make bench``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORD = "precision_cpu_run.json"
+
+
+def record_name(precision: str) -> str:
+    """The record's file name in ``docs/``: :data:`RECORD` for bf16 (what ``auto`` runs on bf16 hardware),
+    ``precision_cpu_run_<precision>.json`` for another."""
+    return RECORD if precision == "bf16" else RECORD.replace(".json", f"_{precision}.json")
 
 
 def _evaluate(bundle: str, ckpt_path: str, out: Path, precision: str, overrides: str) -> float:
@@ -117,7 +123,7 @@ def run(
     }
     if seed_spread:  # the same differences between two fp32 runs with other seeds: chance alone
         rec["seed_spread"] = compare(out_dir / "fp32", spread_dir, method or bundle)
-    save_json(rec, ROOT / "bundles" / bundle / "docs" / RECORD)
+    save_json(rec, ROOT / "bundles" / bundle / "docs" / record_name(precision))
     print(json.dumps(rec, indent=1))
     return rec
 
@@ -136,11 +142,11 @@ def _differences(phases: dict) -> str:
 
 
 def rows(tmp: Path) -> list[dict]:
-    """Every bundle's recorded comparison (``bundles/*/docs/precision_cpu_run.json``), not re-run."""
+    """Every bundle's recorded comparisons (``bundles/*/docs/precision_cpu_run*.json``), not re-run."""
     from scripts.benchmarks.common import row
 
     out = []
-    for rec_path in sorted((ROOT / "bundles").glob(f"*/docs/{RECORD}")):
+    for rec_path in sorted((ROOT / "bundles").glob(f"*/docs/{RECORD.replace('.json', '*.json')}")):
         rec = json.loads(rec_path.read_text())
         ph = rec["phases"]
         value = _differences(ph)
