@@ -127,6 +127,29 @@ def resolve_precision(
     return dtype, dtype is not None and dev.type == "cpu"
 
 
+def training_autocast(
+    precision: str | None, device: str | torch.device | None, auto_precisions: Sequence[str] = AUTO_PRECISIONS
+) -> torch.dtype | None:
+    """The autocast dtype of a training step at ``precision`` on ``device`` (``None``: float32).
+
+    MONAI's trainers autocast on CUDA only (``torch.autocast("cuda", **amp_kwargs)`` with a
+    ``GradScaler``: needed for float16, harmless for bfloat16), so training on a CPU is float32 whatever
+    ``precision`` says; on CUDA it is :func:`resolve_precision`'s dtype. The bundles set their trainer's
+    ``amp`` to ``training_autocast(...) is not None`` and its ``amp_kwargs`` with :func:`amp_kwargs`.
+    """
+    dtype, _ = resolve_precision(precision, device, auto_precisions)
+    dev = torch.device(device) if device is not None else get_device()
+    return dtype if dev.type == "cuda" else None
+
+
+def amp_kwargs(
+    precision: str | None, device: str | torch.device | None, auto_precisions: Sequence[str] = AUTO_PRECISIONS
+) -> dict:
+    """A MONAI trainer's ``amp_kwargs``: ``{"dtype": training_autocast(...)}``, float16 (torch's CUDA default)
+    where that is float32, so that ``--amp true`` forced over ``--precision fp32`` keeps the old float16 AMP."""
+    return {"dtype": training_autocast(precision, device, auto_precisions) or torch.float16}
+
+
 #: PyTorch's switches for float32 on CUDA (cuDNN convolutions default to TF32, matmuls to IEEE)
 _FP32_SWITCHES = ("cudnn.conv", "cudnn.rnn", "cuda.matmul")
 
@@ -201,14 +224,15 @@ class PrecisionNetwork:
         return x
 
     def __call__(self, *args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device_type = tensors[0].device.type if tensors else "cpu"
         if self.dtype is None and not self.channels_last:
-            with ieee_fp32():
+            # float32 even inside a caller's autocast (e.g. an evaluator's amp), in IEEE float32
+            with ieee_fp32(), torch.autocast(device_type, enabled=False):
                 return self.network(*args, **kwargs)
         if self.channels_last:
             args = tuple(self._layout(a) for a in args)
             kwargs = {k: self._layout(v) for k, v in kwargs.items()}
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        device_type = tensors[0].device.type if tensors else "cpu"
         with torch.autocast(device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             out = self.network(*args, **kwargs)
         return _cast_out(out)

@@ -76,6 +76,61 @@ def test_bundle_auto_precision_per_device(bundle, monkeypatch):
         assert label == ("fp32" if bundle == "dcediff" else "bf16 channels_last")
 
 
+@pytest.mark.parametrize(
+    "cuda_bf16, device, precision, allowed, expected",
+    [
+        (True, "cuda", "auto", ("bf16", "fp16"), torch.bfloat16),
+        (False, "cuda", "auto", ("bf16", "fp16"), torch.float16),  # + the trainer's GradScaler
+        (True, "cuda", "auto", (), None),  # DCE-diff: float32 training, as Palette's
+        (True, "cuda", "fp32", ("bf16", "fp16"), None),
+        (True, "cuda", "fp16", (), torch.float16),  # forced
+        (True, "cpu", "bf16", ("bf16", "fp16"), None),  # MONAI's trainers autocast on CUDA only
+    ],
+)
+def test_training_autocast_per_device(monkeypatch, cuda_bf16, device, precision, allowed, expected):
+    monkeypatch.setattr(device_mod, "cuda_has_bf16", lambda: cuda_bf16)
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
+    assert device_mod.training_autocast(precision, device, allowed) == expected
+    assert device_mod.amp_kwargs(precision, device, allowed) == {"dtype": expected or torch.float16}
+
+
+@pytest.mark.parametrize("bundle", ["resdce", "ressrdiff", "dcediff", "d3m", "iterunet", "pix2pix"])
+def test_training_and_validation_follow_the_precision(bundle, monkeypatch):
+    """The trainer's ``amp`` / ``amp_kwargs`` come from ``precision`` (and the bundle's ``auto_precisions``);
+    validation leaves the precision to the inferer (the evaluator's own ``amp`` would autocast the whole
+    sampler loop in float16)."""
+    monkeypatch.setattr(device_mod, "cuda_has_bf16", lambda: True)
+    cfg = ROOT / "bundles" / bundle / "configs"
+
+    def get(*ids, **overrides):
+        p = parser(cfg, "train.json", network_size="small", **overrides)
+        return [p.get_parsed_content(i) for i in ids]
+
+    assert get("validate#evaluator#amp", device="cpu") == [False]
+    if bundle == "pix2pix":  # fp32 GAN steps by design (common.engines.gan)
+        assert get("amp", "train#trainer#amp", device="cuda") == [False, False]
+        return
+    assert get("amp", "train#trainer#amp", device="cpu") == [False, False]
+    amp, kwargs = get("amp", "train#trainer#amp_kwargs", device="cuda")
+    assert amp is (bundle != "dcediff") and kwargs == {"dtype": torch.bfloat16 if amp else torch.float16}
+    assert get("amp", device="cuda", precision="fp32") == [False]
+    assert get("amp", "train#trainer#amp_kwargs", device="cuda", precision="fp16") == [True, {"dtype": torch.float16}]
+    if bundle == "iterunet":  # its validation inferer reads the precision too
+        (inferer,) = get("validate#inferer", device="cpu", precision="bf16")
+        assert inferer.precision == "bf16"
+
+
+def test_fp32_forward_inside_a_callers_autocast_stays_float32():
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 8, 8)
+    with torch.no_grad():
+        ref = conv(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(x).dtype == torch.bfloat16  # what the network alone would do there
+            y = PrecisionNetwork(conv)(x)
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+
+
 def test_bad_auto_precisions_names_the_option():
     with pytest.raises(ValueError, match="--auto_precisions .*fp32 is not a reduced precision"):
         resolve_precision("auto", "cpu", ["bf16", "fp32"])

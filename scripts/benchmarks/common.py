@@ -83,15 +83,21 @@ def timed(fn: Callable[[], Any], repeat: int = 1, warmup: int = 0, device: torch
     return best
 
 
-def training_rate(compute_loss: Callable[[], torch.Tensor], optimizer, device: torch.device, n: int) -> dict:
-    """Optimiser steps per second (``"ips"``) of ``n`` training steps, AMP with a gradient scaler on CUDA
-    (as the bundles' trainers run), after one warm-up step; on CUDA also the peak GPU memory
-    (``"peak_mib"``). ``compute_loss()`` runs the forward pass and returns the loss."""
-    cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler(enabled=cuda)
+def training_rate(
+    compute_loss: Callable[[], torch.Tensor], optimizer, device: torch.device, n: int, auto_precisions=None
+) -> dict:
+    """Optimiser steps per second (``"ips"``) of ``n`` training steps, after one warm-up step, under the
+    autocast the bundles' trainers use in ``precision auto`` (:func:`common.device.training_autocast` with
+    ``auto_precisions``, the bundle's setting, default both: bf16 on a GPU with bf16, else fp16, float32
+    on a CPU) and a gradient scaler; on CUDA also the peak GPU memory (``"peak_mib"``).
+    ``compute_loss()`` runs the forward pass and returns the loss."""
+    from common.device import AUTO_PRECISIONS, training_autocast
+
+    dtype = training_autocast("auto", device, AUTO_PRECISIONS if auto_precisions is None else auto_precisions)
+    scaler = torch.amp.GradScaler(enabled=dtype is not None)
 
     def step():
-        with torch.autocast(device.type, enabled=cuda):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = compute_loss()
         optimizer.zero_grad()
         scaler.scale(loss).backward()

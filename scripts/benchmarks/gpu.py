@@ -35,7 +35,7 @@ import torch
 if __package__ in (None, ""):  # run as a file, this folder (holding ``common.py``) would shadow ``common``
     sys.exit("run it as scripts/gpu_check.sh or, from the repository root, python -m scripts.benchmarks.gpu")
 
-from common.device import precision_name, resolve_precision  # noqa: E402
+from common.device import precision_name, resolve_precision, training_autocast  # noqa: E402
 from scripts.benchmarks.common import bundle_parser, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,14 +76,15 @@ def _peak_mib(device: torch.device) -> float:
 
 
 def train_steps(bundle: str, preset: str, device: torch.device, iters: int, batch: int, size: int) -> dict:
-    """Seconds per training step (after one warm-up step) of the bundle's training objects on random batches."""
-    dtype, _ = resolve_precision("auto", device)
+    """Seconds per training step (after one warm-up step) of the bundle's training objects on random batches,
+    under the autocast the bundle's trainer uses in ``precision auto`` (:func:`common.device.training_autocast`)."""
     if bundle == "iterunet":
         from scripts.benchmarks.iterunet import measure_training
 
         r = measure_training(preset, str(device), iters=iters)
-        return {"step_s": 1.0 / r["ips"], "how": "its benchmark section's chain (fp16 AMP on CUDA)"}
+        return {"step_s": 1.0 / r["ips"], "how": "its benchmark section's chain (AMP as its trainer)"}
     p = bundle_parser(bundle, "train.json", {"network_size": preset, "device": str(device)})
+    dtype = training_autocast("auto", device, p.get_parsed_content("auto_precisions"))
     net = p.get_parsed_content("network")
     prep, inferer, loss_fn, opt = (
         p.get_parsed_content(k) for k in ("train#prepare_batch", "train#inferer", "train#loss", "train#optimizer")
