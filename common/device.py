@@ -243,6 +243,33 @@ class PrecisionNetwork:
         return getattr(self.network, name)
 
 
+def check_precision(
+    precision: str | None, auto_precisions: Sequence[str] = AUTO_PRECISIONS
+) -> tuple[str, tuple[str, ...]]:
+    """``(precision, auto_precisions)`` checked when an inferer is built (an unknown value is refused then,
+    naming ``--precision`` or ``--auto_precisions``, not at the first forward)."""
+    resolve_precision(precision, "cpu", auto_precisions)
+    return ("auto" if precision in (None, "") else str(precision)), check_auto_precisions(auto_precisions)
+
+
+def precision_network(
+    network,
+    precision: str | None,
+    device: str | torch.device,
+    auto_precisions: Sequence[str] = AUTO_PRECISIONS,
+    logger=None,
+    channels_last: bool = True,
+) -> PrecisionNetwork:
+    """``network`` wrapped at ``precision`` resolved on ``device`` (:func:`resolve_precision`); the choice
+    (its ``label``, what provenance records) logged once to ``logger``; ``channels_last=False`` keeps the
+    layout contiguous (3D networks)."""
+    dtype, cl = resolve_precision(precision, device, auto_precisions)
+    net = PrecisionNetwork(network, dtype, cl and channels_last)
+    if logger is not None:
+        log_precision_once(logger, net.label, device)
+    return net
+
+
 def log_precision_once(logger, label: str, device, _seen: set = set()) -> None:  # noqa: B006
     """Log the chosen precision once per (label, device) in this process."""
     key = (label, str(device))

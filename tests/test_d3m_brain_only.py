@@ -186,3 +186,30 @@ def test_the_bundle_samples_inside_the_case_brain_mask(case, tmp_path):
     assert torch.equal(kwargs["brain_mask"][0, 0].bool(), image[0, 0] > 0)
     p["crop_to_brain"] = True  # --crop_to_brain true reaches the inferer
     assert p.get_parsed_content("inferer", lazy=False).crop
+
+
+def test_brain_only_timing_covers_the_three_modes(monkeypatch, tmp_path):
+    """``scripts.benchmarks.d3m.measure_brain_only`` times the bundle's inferer in each mode on a phantom
+    (here a tiny one, 1 step) and counts its brain slices; the benchmark row reads the record."""
+    import json
+
+    import numpy as np
+
+    from common.phantoms.brain import make_brain_phantom
+    from scripts.benchmarks import d3m as B
+
+    shape = (32, 32, 12)
+    got = B.measure_brain_only(shape=shape, steps=1, spacing=None)
+    brain = make_brain_phantom(0, shape=shape).images["t1n"] > 0
+    assert got["brain_slices"] == int(brain.any((0, 1)).sum()) < shape[2]  # the head's ends hold no brain
+    assert set(got["seconds"]) == set(B.BRAIN_ONLY_MODES) and all(s > 0 for s in got["seconds"].values())
+    rec = {**got, "date": "2026-12-07", "cpu": "test CPU", "note": ""}
+    rec["seconds"] = {"full volume": 100.0, "brain only (default)": 66.0, "brain only + crop": 30.0}
+    record = tmp_path / "brain_only_cpu_run.json"
+    record.write_text(json.dumps(rec))
+    monkeypatch.setattr(B, "BRAIN_ONLY_RECORD", record)
+    (row,) = B.brain_only_row()
+    assert (
+        row["value"] == "full volume 100 s (1.00x); brain only (default) 66 s (0.66x); brain only + crop 30 s (0.30x)"
+    )
+    assert f"brain in {got['brain_slices']} of 12 slices" in row["what"] and np.isfinite(got["brain_box"]).all()

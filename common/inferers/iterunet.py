@@ -17,14 +17,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 
-from common.device import (
-    AUTO_PRECISIONS,
-    PrecisionNetwork,
-    check_auto_precisions,
-    log_precision_once,
-    precision_name,
-    resolve_precision,
-)
+from common.device import AUTO_PRECISIONS, check_precision, precision_name, precision_network
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +158,8 @@ class IterUNetVolumeInferer(Inferer):
         self.roi_size = [int(r) for r in roi_size]
         if amp is not None:
             precision = "auto" if amp else "fp32"
-        resolve_precision(precision, "cpu", auto_precisions)  # refuse an unknown value now, naming the option
-        self.precision, self.precision_used = precision, precision_name(None)
-        self.auto_precisions = check_auto_precisions(auto_precisions)
+        self.precision, self.auto_precisions = check_precision(precision, auto_precisions)
+        self.precision_used = precision_name(None)
         self.sw = dict(
             sw_batch_size=int(sw_batch_size), overlap=float(overlap), mode=blend_mode, progress=bool(progress)
         )
@@ -179,10 +171,8 @@ class IterUNetVolumeInferer(Inferer):
         if times.ndim == 2:
             times = times[0]  # one case per batch: every window shares the case's times
         frames = inputs[:, : self.chain.start + 1]  # only the acquired frames enter the chain
-        dtype, _ = resolve_precision(self.precision, inputs.device, self.auto_precisions)
-        self.precision_used = precision_name(dtype)
-        log_precision_once(logger, self.precision_used, inputs.device)
-        net = PrecisionNetwork(network, dtype, channels_last=False)
+        net = precision_network(network, self.precision, inputs.device, self.auto_precisions, logger, False)
+        self.precision_used = net.label
         with torch.inference_mode():
             out = sw(frames, lambda patch: self.chain(patch, net, times))
         return out.float()

@@ -15,14 +15,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from common.bundle import positive_int
-from common.device import (
-    AUTO_PRECISIONS,
-    PrecisionNetwork,
-    check_auto_precisions,
-    log_precision_once,
-    precision_name,
-    resolve_precision,
-)
+from common.device import AUTO_PRECISIONS, PrecisionNetwork, check_precision, precision_name, precision_network
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +84,7 @@ class DiffusionVolumeInferer(Inferer):
         self.spatial_divisor = int(spatial_divisor)
         if amp is not None:
             precision = "auto" if amp else "fp32"
-        resolve_precision(precision, "cpu", auto_precisions)  # refuse an unknown value now, naming the option
-        self.precision, self.auto_precisions = precision, check_auto_precisions(auto_precisions)
+        self.precision, self.auto_precisions = check_precision(precision, auto_precisions)
         self.precision_used = precision_name(None)
         self.seed = seed
         self.progress = progress
@@ -129,10 +121,9 @@ class DiffusionVolumeInferer(Inferer):
         """``network`` at this inferer's precision on ``device`` (a :class:`PrecisionNetwork`)."""
         if network is None or isinstance(network, PrecisionNetwork):
             return network
-        dtype, channels_last = resolve_precision(self.precision, device, self.auto_precisions)
-        self.precision_used = precision_name(dtype, channels_last)
-        log_precision_once(logger, self.precision_used, device)
-        return PrecisionNetwork(network, dtype, channels_last)
+        net = precision_network(network, self.precision, device, self.auto_precisions, logger)
+        self.precision_used = net.label
+        return net
 
     def set_timesteps(self, device: torch.device | str | None = None) -> None:
         """``sampler.scheduler.set_timesteps(num_inference_steps)`` (nothing when it is ``None``); a scheduler

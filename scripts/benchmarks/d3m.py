@@ -13,6 +13,13 @@ import torch
 SHAPE = (240, 240, 155)
 CPU_SLICES = 4  # slices of one measured step on a CPU
 DEMO_RECORD = Path(__file__).resolve().parents[2] / "bundles" / "d3m" / "docs" / "demo_cpu_run.json"
+BRAIN_ONLY_RECORD = DEMO_RECORD.with_name("brain_only_cpu_run.json")
+#: the three ways the bundle's inferer covers a volume: --brain_only / --crop_to_brain
+BRAIN_ONLY_MODES = {
+    "full volume": {"brain_only": False},
+    "brain only (default)": {"brain_only": True, "crop_to_brain": False},
+    "brain only + crop": {"brain_only": True, "crop_to_brain": True},
+}
 
 
 def build(preset: str, device_name: str, num_inference_steps: int = 1):
@@ -111,10 +118,85 @@ def demo_row() -> list[dict]:
     ]
 
 
+def measure_brain_only(
+    shape: tuple[int, int, int] = SHAPE,
+    steps: int = 2,
+    preset: str = "small",
+    device_name: str = "cpu",
+    seed: int = 0,
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0),
+) -> dict:
+    """Seconds per volume of the bundle's inferer (``inference.json``, ``steps`` DDIM steps) on one
+    BraTS-sized brain phantom (``make_brain_phantom(shape=shape)``, 1 mm (``spacing``; ``None``: the
+    phantom's field of view over ``shape``), skull-stripped: the brain is
+    ``t1n > 0``) in each of :data:`BRAIN_ONLY_MODES`, after one untimed run on a small crop (kernel
+    selection); also the slices that hold brain and the brain's in-plane box."""
+    import numpy as np
+
+    from common.phantoms.brain import make_brain_phantom
+    from scripts.benchmarks.common import inference_parts, timed
+
+    ph = make_brain_phantom(seed, shape=shape, spacing=spacing)
+    keys = inference_parts("d3m", preset, device_name, steps, "input_keys")[2]
+    vol = np.stack([ph.images[k] / max(float(ph.images[k].max()), 1e-6) for k in keys]).astype(np.float32)
+    cond = torch.from_numpy(vol)[None].to(device_name)
+    brain = ph.images["t1n"] > 0
+    rows_, cols_ = np.nonzero(brain.any(2).any(1))[0], np.nonzero(brain.any(2).any(0))[0]
+    out = {
+        "shape": [int(n) for n in shape],
+        "steps": steps,
+        "preset": preset,
+        "brain_slices": int(brain.any((0, 1)).sum()),
+        "brain_box": [int(rows_[-1] - rows_[0] + 1), int(cols_[-1] - cols_[0] + 1)],
+        "threads": torch.get_num_threads(),
+        "seconds": {},
+    }
+    for mode, overrides in BRAIN_ONLY_MODES.items():
+        net, inferer = inference_parts("d3m", preset, device_name, steps, **overrides)[:2]
+        net.eval()
+        inferer(cond[..., :2], net)  # one-time set-up on 2 slices, untimed
+        out["seconds"][mode] = timed(lambda: inferer(cond, net), device=torch.device(device_name))
+    return out
+
+
+def record_brain_only(note: str = "", **kwargs) -> dict:
+    """Run :func:`measure_brain_only` and write its record (``docs/brain_only_cpu_run.json``)."""
+    import time
+
+    from common.io import save_json
+    from scripts.benchmarks.common import cpu_model
+
+    rec = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "cpu": cpu_model(), "note": note}
+    rec.update(measure_brain_only(**kwargs))
+    save_json(rec, BRAIN_ONLY_RECORD)
+    print(rec)
+    return rec
+
+
+def brain_only_row() -> list[dict]:
+    """The recorded brain-only timing (docs/brain_only_cpu_run.json), not re-run."""
+    from scripts.benchmarks.common import read_record, row
+
+    rec = read_record(BRAIN_ONLY_RECORD)
+    if rec is None:
+        return []
+    secs = rec["seconds"]
+    full = secs["full volume"]
+    value = "; ".join(f"{m} {s:.0f} s ({s / full:.2f}x)" for m, s in secs.items())
+    what = (
+        f"d3m inference per volume, BraTS-sized phantom {'x'.join(map(str, rec['shape']))} (brain in "
+        f"{rec['brain_slices']} of {rec['shape'][2]} slices, box {rec['brain_box'][0]} x {rec['brain_box'][1]}), "
+        f"{rec['steps']} DDIM steps, {rec['preset']} net"
+    )
+    note = f"{rec['cpu']}, {rec['threads']} threads, fp32, {rec['date']}"
+    note += f"; {rec['note']}" if rec.get("note") else ""
+    return [row(what, value, "cpu", note + " (recorded in bundles/d3m/docs/brain_only_cpu_run.json, not re-run here)")]
+
+
 def rows(tmp: Path) -> list[dict]:
     from scripts.benchmarks.common import per_device
 
-    return per_device(_rows) + demo_row()
+    return per_device(_rows) + demo_row() + brain_only_row()
 
 
 def cost_case(preset: str, device_name: str, quick: bool = False):
@@ -126,3 +208,9 @@ def cost_case(preset: str, device_name: str, quick: bool = False):
     c, steps = len(p.get_parsed_content("input_keys")), int(p.get_parsed_content("num_inference_steps"))
     slices = {"small": CPU_SLICES, "paper": CPU_SLICES}
     return volume_cost_case("d3m", SHAPE, c, steps, preset, device_name, quick, slices)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"record_brain_only": record_brain_only})
