@@ -133,13 +133,26 @@ def training_autocast(
     """The autocast dtype of a training step at ``precision`` on ``device`` (``None``: float32).
 
     MONAI's trainers autocast on CUDA only (``torch.autocast("cuda", **amp_kwargs)`` with a
-    ``GradScaler``: needed for float16, harmless for bfloat16), so training on a CPU is float32 whatever
-    ``precision`` says; on CUDA it is :func:`resolve_precision`'s dtype. The bundles set their trainer's
-    ``amp`` to ``training_autocast(...) is not None`` and its ``amp_kwargs`` with :func:`amp_kwargs`.
+    ``GradScaler``: needed for float16, harmless for bfloat16): on CUDA this is :func:`resolve_precision`'s
+    dtype, the bundles set their trainer's ``amp`` to ``training_autocast(...) is not None`` and its
+    ``amp_kwargs`` with :func:`amp_kwargs`; on a CPU it is ``None`` here and the training inferer autocasts
+    instead (:func:`cpu_training_autocast`).
     """
     dtype, _ = resolve_precision(precision, device, auto_precisions)
     dev = torch.device(device) if device is not None else get_device()
     return dtype if dev.type == "cuda" else None
+
+
+def cpu_training_autocast(
+    precision: str | None, device: str | torch.device | None, auto_precisions: Sequence[str] = AUTO_PRECISIONS
+) -> torch.dtype | None:
+    """The autocast dtype of a training step on a CPU (``None`` on CUDA, where the trainer's ``amp`` autocasts,
+    and for float32): :func:`resolve_precision`'s dtype, e.g. bfloat16 for ``auto`` on a CPU with native
+    bfloat16 or for ``--precision bf16``. The bundles wrap their training inferer in
+    :class:`common.inferers.autocast.AutocastInferer` with it."""
+    dtype, _ = resolve_precision(precision, device, auto_precisions)
+    dev = torch.device(device) if device is not None else get_device()
+    return dtype if dev.type == "cpu" else None
 
 
 def amp_kwargs(
@@ -175,7 +188,7 @@ def ieee_fp32() -> Iterator[None]:
 
 def precision_name(dtype: torch.dtype | None, channels_last: bool = False) -> str:
     """``"fp32"``, ``"bf16"`` or ``"fp16"`` (+ ``" channels_last"``): the label logged and written in provenance."""
-    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
     return name + (" channels_last" if channels_last else "")
 
 
@@ -187,11 +200,14 @@ def needs_grad_scaler(
     return dtype == torch.float16 and torch.device(device if device is not None else get_device()).type == "cuda"
 
 
-def _cast_out(out):
+def cast_float32(out):
+    """``out`` (a tensor, or a tuple / list / dict of them) with its floating tensors as contiguous float32."""
     if isinstance(out, torch.Tensor):
         return out.float().contiguous() if out.is_floating_point() else out
     if isinstance(out, (tuple, list)):
-        return type(out)(_cast_out(o) for o in out)
+        return type(out)(cast_float32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: cast_float32(v) for k, v in out.items()}
     return out
 
 
@@ -235,7 +251,7 @@ class PrecisionNetwork:
             kwargs = {k: self._layout(v) for k, v in kwargs.items()}
         with torch.autocast(device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             out = self.network(*args, **kwargs)
-        return _cast_out(out)
+        return cast_float32(out)
 
     def __getattr__(self, name):  # the wrapped network's attributes (e.g. ``spatial_divisor``)
         if name in ("network", "dtype", "channels_last"):
@@ -270,9 +286,9 @@ def precision_network(
     return net
 
 
-def log_precision_once(logger, label: str, device, _seen: set = set()) -> None:  # noqa: B006
-    """Log the chosen precision once per (label, device) in this process."""
-    key = (label, str(device))
+def log_precision_once(logger, label: str, device, what: str = "inference", _seen: set = set()) -> None:  # noqa: B006
+    """Log the chosen precision of ``what`` ("inference", "training") once per (what, label, device) in this process."""
+    key = (what, label, str(device))
     if key not in _seen:
         _seen.add(key)
-        logger.info("inference precision: %s on %s", label, device)
+        logger.info("%s precision: %s on %s", what, label, device)

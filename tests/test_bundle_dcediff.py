@@ -197,9 +197,15 @@ def test_train_resume_infer_evaluate(phantoms, tmp_path):
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
         1e-4 * (0.25 + 0.75 * 2 / 4)
     )  # 1/4 -> 1 over 4 iterations
-    # resume from another working directory: continues at iteration 2 with the warm-up where it was
-    h.assert_restored(h.train(CONFIGS, models, "--val_interval", "5", *common, iterations=3, cwd=tmp_path))
-    assert h.final_checkpoint(models, 3)["lr_scheduler"]["last_epoch"] == 3
+    assert "training precision: fp32 on cpu" in res.stdout + res.stderr  # auto on this CPU
+    # resume from another working directory: continues at iteration 2 with the warm-up where it was; in
+    # bf16 forced (a CPU: the training inferer autocasts, MONAI's amp is CUDA only)
+    res = h.train(CONFIGS, models, "--val_interval", "5", *common, "--precision", "bf16", iterations=3, cwd=tmp_path)
+    h.assert_restored(res)
+    assert "training precision: bf16 on cpu" in res.stdout + res.stderr
+    state = h.final_checkpoint(models, 3)
+    assert state["lr_scheduler"]["last_epoch"] == 3
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
 
     extractor = tmp_path / "extractor.pt"
     torch.jit.save(torch.jit.trace(_TinyExtractor(), torch.rand(2, 3, 16, 16)), str(extractor))

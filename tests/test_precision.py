@@ -285,3 +285,52 @@ def test_channels_last_inside_inference_mode_keeps_the_network_trainable():
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_inference()
     conv(torch.randn(1, 2, 6, 6)).sum().backward()  # training goes on after a validation run
     assert conv.weight.grad is not None
+
+
+def test_cpu_training_autocast_per_device(monkeypatch):
+    """MONAI's trainers autocast on CUDA only; on a CPU the training inferer does (AutocastInferer)."""
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
+    assert device_mod.cpu_training_autocast("auto", "cpu") is None  # this project's CPU: float32
+    assert device_mod.cpu_training_autocast("bf16", "cpu") == torch.bfloat16
+    assert device_mod.cpu_training_autocast("bf16", "cuda") is None  # the trainer's amp does it there
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
+    assert device_mod.cpu_training_autocast("auto", "cpu") == torch.bfloat16
+    assert device_mod.cpu_training_autocast("auto", "cpu", []) is None  # DCE-diff
+
+
+def test_autocast_inferer_runs_the_training_forward_in_the_dtype(caplog):
+    from common.inferers.autocast import AutocastInferer
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    class Inner:
+        scheduler = "the inner inferer's"
+
+        def __call__(self, inputs, network, scale=1.0):
+            return network(inputs) * scale, {"aux": network(inputs)}
+
+    x = torch.randn(1, 2, 6, 6)
+    with caplog.at_level(logging.INFO):
+        pred, aux = AutocastInferer(Inner(), torch.bfloat16)(x, conv, scale=2.0)
+    assert seen == [torch.bfloat16, torch.bfloat16] and pred.dtype == aux["aux"].dtype == torch.float32
+    assert "training precision: bf16 on cpu" in caplog.text
+    ref = conv(x) * 2.0
+    assert 0 < float((pred - ref).norm() / ref.norm()) < TOLERANCE
+    pred.sum().backward()  # gradients reach the float32 parameters
+    assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
+    plain = AutocastInferer(Inner())
+    assert torch.equal(plain(x, conv)[0], conv(x)) and seen[-1] == torch.float32
+    assert plain.scheduler == "the inner inferer's"  # the wrapped inferer's attributes
+
+
+@pytest.mark.parametrize("bundle", ["resdce", "ressrdiff", "dcediff", "d3m", "iterunet"])
+def test_training_inferer_autocasts_on_a_cpu_at_the_precision(bundle, monkeypatch):
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
+    cfg = ROOT / "bundles" / bundle / "configs"
+    for device, precision, expected in (("cpu", "auto", None), ("cpu", "bf16", torch.bfloat16), ("cuda", "bf16", None)):
+        p = parser(cfg, "train.json", network_size="small", device=device, precision=precision)
+        inferer = p.get_parsed_content("train#inferer")
+        assert type(inferer).__name__ == "AutocastInferer" and inferer.dtype == expected
