@@ -470,14 +470,24 @@ def _raw_brain(folder: Path) -> dict[str, str]:
 
 
 def test_prepare_brain_refuses_an_out_nested_in_src_and_a_text_file_as_t2(tmp_path):
+    import re
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from prepare_brain import main  # the command's own function; one run below goes through the command
+    finally:
+        sys.path.pop(0)
     src = tmp_path / "study"
     before = _raw_brain(src)
-    for out in (src, src / "prepared", src / "a" / "b"):
-        msg = _one_line(_prepare_brain("--src", str(src), "--out", str(out)))
-        assert msg.startswith(f"--out {out} lies inside --src {src}: outputs never go into the source folder"), msg
+    msg = _one_line(_prepare_brain("--src", str(src), "--out", str(src / "prepared")))  # one line, exit 1
+    assert msg.startswith(f"--out {src / 'prepared'} lies inside --src {src}: outputs never go into the source folder")
+    for out in (src, src / "a" / "b"):
+        with pytest.raises(Exception, match=re.escape(f"--out {out} lies inside --src {src}: outputs never go into")):
+            main(str(src), str(out))
     (src / "notes.txt").write_text("T2 was not exported\n")
-    msg = _one_line(_prepare_brain("--src", str(src), "--out", str(tmp_path / "out"), "--t2", "notes.txt"))
-    assert msg.startswith(f"t2 file {src / 'notes.txt'}: cannot be read as an image"), msg
+    with pytest.raises(Exception, match=re.escape(f"t2 file {src / 'notes.txt'}: cannot be read as an image")):
+        main(str(src), str(tmp_path / "out"), t2="notes.txt")
     assert not any((tmp_path / "out").rglob("*-t2w.nii.gz"))
     (src / "notes.txt").unlink()
     assert h.tree_digest(src) == before  # the source is never written into

@@ -85,7 +85,9 @@ def test_real_study_prepared_then_sampled_on_the_t1_grid(tmp_path):
     torch.save(p.get_parsed_content("network_def").state_dict(), ckpt)
     out = tmp_path / "out"
     case = ("--case_dir", str(tmp_path / "brain" / "TCGA-FG-6692"), "--network_size", "small")
-    settings = ("--num_inference_steps", "2", "--device", "cpu")
+    # one step (26 slices of 256 x 224: ~25 s a step on one loaded core), cropped to the brain's box: the crop
+    # path on a real grid (test_synthesize_brain runs the default, uncropped one on this study)
+    settings = ("--num_inference_steps", "1", "--crop_to_brain", "true", "--device", "cpu")
     evaluate(CONFIGS, ckpt, out, *case, *settings, files=["train.json", "inference.json"], runner=bundle_here)
     assert_same_grid(out / "TCGA-FG-6692" / "t1c.nii.gz", src)
     assert np.array_equal(nib.load(out / "TCGA-FG-6692" / "et_mask.nii.gz").affine, src.affine)
