@@ -114,8 +114,17 @@ def test_train_infer_evaluate_with_baselines(volumes, tmp_path):
     lr_file = tmp_path / "lr" / "t2w_lr.nii.gz"
     lr_file.parent.mkdir()
     nib.save(nib.Nifti1Image(res_lr.lr, res_lr.lr_affine), lr_file)
-    real = ("--input_file", str(lr_file), "--simulate_lr", "false", "--network_size", "small")
-    h.evaluate(CONFIGS, ckpt, tmp_path / "real", *real, files=["train.json", INFER])
+    real = (
+        "--input_file",
+        str(lr_file),
+        "--simulate_lr",
+        "false",
+        "--network_size",
+        "small",
+        "--num_inference_steps",
+        "1",
+    )
+    h.evaluate(CONFIGS, ckpt, tmp_path / "real", *real, files=["train.json", INFER], runner=h.bundle_here)
     up = nib.load(tmp_path / "real" / "t2w_lr" / "sr.nii.gz")
     affine, shape = high_resolution_grid(nib.load(lr_file).affine, res_lr.lr.shape, (3, 3, 2))
     assert up.shape == shape == (66, 66, 18)
