@@ -307,7 +307,8 @@ def test_metadata_is_the_zoo_format_and_lists_the_packages_the_code_imports(bund
     from monai.bundle import ConfigParser
 
     export = export_module()
-    assert export.bundle_names() == sorted(BUNDLES)
+    # test_contract's bundles/resdce_copy may exist meanwhile (another xdist worker): it is a user's own bundle
+    assert [n for n in export.bundle_names() if not n.endswith("_copy")] == sorted(BUNDLES)
     meta = zoo_checks(ROOT / "bundles" / bundle, weights=False)
     required = export.required_packages(bundle)
     assert sorted(meta["required_packages_version"], key=str.lower) == list(required)
