@@ -222,11 +222,13 @@ def train_two_processes(configs: Path, output_dir: Path, *overrides: str) -> dic
     return final_checkpoint(output_dir, 2)
 
 
-def bundle_here(*args: str) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle *args`` run in this process: the same command-line parsing (fire, as
-    ``monai/bundle/__main__.py``) and the same ``monai.bundle.scripts`` code, without paying ~7 s of
-    interpreter and MONAI start-up per call. Returns stdout/stderr like :func:`bundle`; raises on error.
-    The subprocess form (:func:`bundle`) stays the one each bundle's main test uses."""
+def bundle_here(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle *args`` run in this process (in ``cwd`` when given): the same command-line
+    parsing (fire, as ``monai/bundle/__main__.py``) and the same ``monai.bundle.scripts`` code, without
+    paying ~7 s of interpreter and MONAI start-up per call. Returns stdout/stderr like :func:`bundle`;
+    raises on error. The subprocess form (:func:`bundle`) stays the one each bundle's first training
+    uses (the user's command line, its error hook); lines logged once per process
+    (``common.device.log_precision_once``) may be missing from a run here."""
     import contextlib
     import io
     import logging
@@ -236,8 +238,9 @@ def bundle_here(*args: str) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     root_handlers = list(logging.getLogger().handlers)
+    where = contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with where, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             fire.Fire({"run": scripts.run}, command=list(args))
     finally:  # logging.conf adds a console handler on the (redirected) stdout: take it away again
         logging.getLogger().handlers[:] = root_handlers

@@ -54,7 +54,7 @@ def test_train_infer_evaluate(phantoms, tmp_path):
     assert any(k.startswith("displacement.") for k in state["model"]) and any(
         "mask_up_blocks" in k for k in state["model"]
     )
-    h.evaluate(CONFIGS, models / "model.pt", out, *data, *steps)
+    h.evaluate(CONFIGS, models / "model.pt", out, *data, *steps, runner=h.bundle_here)
     (case,) = h.held_out(phantoms)
     cid = case["id"]
     src = nib.load(phantoms / case["t1n"])

@@ -210,7 +210,10 @@ def test_train_resume_infer_evaluate(phantoms, tmp_path):
     extractor = tmp_path / "extractor.pt"
     torch.jit.save(torch.jit.trace(_TinyExtractor(), torch.rand(2, 3, 16, 16)), str(extractor))
     sampling = ("--sampler", "ddim", "--num_inference_steps", "2", "--fid_extractor_path", str(extractor))
-    h.evaluate(CONFIGS, models / "model.pt", out, "--dataset_dir", str(phantoms), "--network_size", "small", *sampling)
+    h.evaluate(
+        CONFIGS, models / "model.pt", out, "--dataset_dir", str(phantoms), "--network_size", "small", *sampling,
+        runner=h.bundle_here,
+    )  # fmt: skip
     phases = ("dce_early", "dce_late")
     rows = h.check_dce_evaluation(out, phantoms, "dce_pre.nii.gz", phases, {"dcediff", "copy_pre"})
     assert {r["phase"] for r in rows} == set(phases)

@@ -57,8 +57,10 @@ def test_train_both_stages_infer_evaluate(phantoms, tmp_path):
     h.train(CONFIGS, warm, "--val_interval", "2", "--val_max_cases", "1", *common)
     h.final_checkpoint(warm, 2)
     recursive = ("--stage", "recursive", "--init_ckpt", str(warm / "model.pt"), "--val_interval", "0")
-    h.assert_restored(h.train(CONFIGS, rec, *recursive, *common, cwd=tmp_path), warm / "model.pt")
-    h.evaluate(CONFIGS, rec / "model.pt", out, *data, "--network_size", "small", "--progress", "false")
+    h.assert_restored(h.train(CONFIGS, rec, *recursive, *common, cwd=tmp_path, runner=h.bundle_here), warm / "model.pt")
+    h.evaluate(
+        CONFIGS, rec / "model.pt", out, *data, "--network_size", "small", "--progress", "false", runner=h.bundle_here
+    )
     test_ids = [e["id"] for e in h.held_out(phantoms)]
     for cid in test_ids:
         src = nib.load(phantoms / cid / "dce.nii.gz")

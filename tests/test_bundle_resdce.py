@@ -47,7 +47,9 @@ def test_train_resume_infer_evaluate(phantoms, tmp_path):
         assert run.info.status == "FINISHED" and "val_psnr" in run.data.metrics
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
     # resume: same folder, more iterations -> continues from iteration 2, not from 0; run from another folder
-    h.assert_restored(h.train(CONFIGS, models, "--val_interval", "5", *common, iterations=3, cwd=tmp_path))
+    h.assert_restored(
+        h.train(CONFIGS, models, "--val_interval", "5", *common, iterations=3, cwd=tmp_path, runner=h.bundle_here)
+    )
     h.final_checkpoint(models, 3)
     # the network preset travels with the weights: no --network_size needed, a wrong one is named
     assert torch.load(models / "model.pt", weights_only=True)["config"]["network_size"] == "small"
@@ -61,7 +63,7 @@ def test_train_resume_infer_evaluate(phantoms, tmp_path):
         "network_size: the checkpoint has 'small', this run 'paper'" in m and "--network_size small" in m for m in chain
     ), chain
     assert not (tmp_path / "wrong").exists()
-    h.evaluate(CONFIGS, models / "model.pt", out, *data, "--num_inference_steps", "4")
+    h.evaluate(CONFIGS, models / "model.pt", out, *data, "--num_inference_steps", "4", runner=h.bundle_here)
     phases = ("dce_onset", "dce_early", "dce_late")
     h.check_dce_evaluation(out, phantoms, "dce_pre.nii.gz", phases, {"resdce", "copy_pre", "paired_input"})
 

@@ -92,10 +92,12 @@ def test_train_infer_evaluate_with_baselines(volumes, tmp_path):
     h.train(CONFIGS, models, *data, "--val_interval", "2", *h.TINY_VAL, *TINY)
     assert "lr_scheduler" in h.final_checkpoint(models, 2)
     # the same command with more iterations resumes where it stopped (from another working directory)
-    h.assert_restored(h.train(CONFIGS, models, *data, "--val_interval", "0", *TINY, iterations=3, cwd=tmp_path))
+    h.assert_restored(
+        h.train(CONFIGS, models, *data, "--val_interval", "0", *TINY, iterations=3, cwd=tmp_path, runner=h.bundle_here)
+    )
     assert h.final_checkpoint(models, 3)["lr_scheduler"]["last_epoch"] == 3
     ckpt = models / "model.pt"
-    res = h.evaluate(CONFIGS, ckpt, out, *data, "--network_size", "small", cwd=tmp_path)
+    res = h.evaluate(CONFIGS, ckpt, out, *data, "--network_size", "small", cwd=tmp_path, runner=h.bundle_here)
     assert "bicubic" in res.stdout and "ressrdiff" in res.stdout  # the table is printed with the baselines
     (cid,) = [p.name for p in out.iterdir() if p.is_dir()]
     hr = nib.load(volumes / cid / "t2w.nii.gz")
