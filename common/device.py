@@ -86,6 +86,12 @@ def check_auto_precisions(auto_precisions: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def _device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` without :func:`get_device`'s checks (what a precision would be on a
+    CUDA device can be asked on any machine); ``None``: :func:`get_device`'s choice."""
+    return torch.device(device) if device is not None else get_device()
+
+
 def resolve_precision(
     precision: str | None, device: str | torch.device | None, auto_precisions: Sequence[str] = AUTO_PRECISIONS
 ) -> tuple[torch.dtype | None, bool]:
@@ -114,7 +120,7 @@ def resolve_precision(
     if p not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     allowed = check_auto_precisions(auto_precisions)
-    dev = torch.device(device) if device is not None else get_device()
+    dev = _device(device)
     if p == "auto":
         if dev.type == "cuda":
             if "bf16" in allowed and cuda_has_bf16():
@@ -125,6 +131,12 @@ def resolve_precision(
         return None, False
     dtype = _DTYPES[p]
     return dtype, dtype is not None and dev.type == "cpu"
+
+
+def _training_dtype(precision, device, auto_precisions, on: str) -> torch.dtype | None:
+    """:func:`resolve_precision`'s dtype where ``device`` is of type ``on``, else ``None``."""
+    dtype, _ = resolve_precision(precision, device, auto_precisions)
+    return dtype if _device(device).type == on else None
 
 
 def training_autocast(
@@ -138,9 +150,7 @@ def training_autocast(
     ``amp_kwargs`` with :func:`amp_kwargs`; on a CPU it is ``None`` here and the training inferer autocasts
     instead (:func:`cpu_training_autocast`).
     """
-    dtype, _ = resolve_precision(precision, device, auto_precisions)
-    dev = torch.device(device) if device is not None else get_device()
-    return dtype if dev.type == "cuda" else None
+    return _training_dtype(precision, device, auto_precisions, "cuda")
 
 
 def cpu_training_autocast(
@@ -150,9 +160,7 @@ def cpu_training_autocast(
     and for float32): :func:`resolve_precision`'s dtype, e.g. bfloat16 for ``auto`` on a CPU with native
     bfloat16 or for ``--precision bf16``. The bundles wrap their training inferer in
     :class:`common.inferers.autocast.AutocastInferer` with it."""
-    dtype, _ = resolve_precision(precision, device, auto_precisions)
-    dev = torch.device(device) if device is not None else get_device()
-    return dtype if dev.type == "cpu" else None
+    return _training_dtype(precision, device, auto_precisions, "cpu")
 
 
 def amp_kwargs(
@@ -197,7 +205,7 @@ def needs_grad_scaler(
 ) -> bool:
     """Training in float16 on CUDA needs a ``GradScaler`` (bfloat16 and float32 do not)."""
     dtype, _ = resolve_precision(precision, device, auto_precisions)
-    return dtype == torch.float16 and torch.device(device if device is not None else get_device()).type == "cuda"
+    return dtype == torch.float16 and _device(device).type == "cuda"
 
 
 def cast_float32(out):

@@ -134,10 +134,10 @@ def measure_brain_only(
     import numpy as np
 
     from common.phantoms.brain import make_brain_phantom
-    from scripts.benchmarks.common import inference_parts, timed
+    from scripts.benchmarks.common import bundle_parser, inference_parts, timed
 
     ph = make_brain_phantom(seed, shape=shape, spacing=spacing)
-    keys = inference_parts("d3m", preset, device_name, steps, "input_keys")[2]
+    keys = bundle_parser("d3m").get_parsed_content("input_keys")
     vol = np.stack([ph.images[k] / max(float(ph.images[k].max()), 1e-6) for k in keys]).astype(np.float32)
     cond = torch.from_numpy(vol)[None].to(device_name)
     brain = ph.images["t1n"] > 0
@@ -152,7 +152,7 @@ def measure_brain_only(
         "seconds": {},
     }
     for mode, overrides in BRAIN_ONLY_MODES.items():
-        net, inferer = inference_parts("d3m", preset, device_name, steps, **overrides)[:2]
+        net, inferer = inference_parts("d3m", preset, device_name, steps, **overrides)
         net.eval()
         inferer(cond[..., :2], net)  # one-time set-up on 2 slices, untimed
         out["seconds"][mode] = timed(lambda: inferer(cond, net), device=torch.device(device_name))

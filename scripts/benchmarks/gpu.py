@@ -35,8 +35,8 @@ import torch
 if __package__ in (None, ""):  # run as a file, this folder (holding ``common.py``) would shadow ``common``
     sys.exit("run it as scripts/gpu_check.sh or, from the repository root, python -m scripts.benchmarks.gpu")
 
-from common.device import precision_name, resolve_precision, training_autocast  # noqa: E402
-from scripts.benchmarks.common import bundle_parser, timed  # noqa: E402
+from common.device import precision_name, resolve_precision  # noqa: E402
+from scripts.benchmarks.common import bundle_parser, timed, training_rate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,7 +84,6 @@ def train_steps(bundle: str, preset: str, device: torch.device, iters: int, batc
         r = measure_training(preset, str(device), iters=iters)
         return {"step_s": 1.0 / r["ips"], "how": "its benchmark section's chain (AMP as its trainer)"}
     p = bundle_parser(bundle, "train.json", {"network_size": preset, "device": str(device)})
-    dtype = training_autocast("auto", device, p.get_parsed_content("auto_precisions"))
     net = p.get_parsed_content("network")
     prep, inferer, loss_fn, opt = (
         p.get_parsed_content(k) for k in ("train#prepare_batch", "train#inferer", "train#loss", "train#optimizer")
@@ -94,20 +93,13 @@ def train_steps(bundle: str, preset: str, device: torch.device, iters: int, batc
     c_out = {"d3m": 2}.get(bundle) or int(p.get_parsed_content("network_def#out_channels"))
     image = torch.rand(batch, c_in - c_out, size, size, device=device)
     label = torch.rand(batch, c_out, size, size, device=device) * 2 - 1
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
 
-    def step() -> None:
+    def loss() -> torch.Tensor:
         inputs, targets, args, kwargs = prep({"image": image, "label": label}, device, False)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = inferer(inputs, net, *args, **kwargs)
-        loss = loss_fn(out.float(), targets)
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        return loss_fn(inferer(inputs, net, *args, **kwargs).float(), targets)
 
-    step()  # warm-up
-    step_s = timed(lambda: [step() for _ in range(iters)], device=device) / iters
+    # the bundles' training step (autocast as the trainer in `auto`, gradient scaler, one warm-up step)
+    step_s = 1.0 / training_rate(loss, opt, device, iters, p.get_parsed_content("auto_precisions"))["ips"]
     return {"step_s": step_s, "how": f"batch {batch} x {size}x{size}"}
 
 
