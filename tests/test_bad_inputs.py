@@ -471,13 +471,9 @@ def _raw_brain(folder: Path) -> dict[str, str]:
 
 def test_prepare_brain_refuses_an_out_nested_in_src_and_a_text_file_as_t2(tmp_path):
     import re
-    import sys
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from prepare_brain import main  # the command's own function; one run below goes through the command
-    finally:
-        sys.path.pop(0)
+    from scripts.prepare_brain import main  # the command's own function; one run below goes through the command
+
     src = tmp_path / "study"
     before = _raw_brain(src)
     msg = _one_line(_prepare_brain("--src", str(src), "--out", str(src / "prepared")))  # one line, exit 1
